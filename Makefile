@@ -1,0 +1,34 @@
+# Neural Cloud: two commands on a fresh machine.
+#   make up    create .venv, install, start a whole local network, print how to call it
+#   make test  install what the tests need and run them
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: up test install clean lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[market,node,transformers,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: install
+	$(BIN)/aidp-market up
+
+test: install
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/gateway.py
+
+clean:
+	rm -rf .aidp test-artifacts

@@ -1,0 +1,60 @@
+"""Solana ed25519 keys: keypair files and domain-separated signatures.
+
+Nodes sign with the same keypair that holds their Solana identity, so every
+signature carries a domain prefix: a signature made for the node link can never be
+replayed as a receipt signature or as a Solana transaction signature.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+
+LINK_AUTH_DOMAIN = b"AIDP/node-link/auth/v1\x00"
+RECEIPT_DOMAIN = b"AIDP/receipt/v1\x00"
+
+DEFAULT_KEYPAIR_PATH = Path("~/.config/solana/id.json")
+
+
+def load_keypair(path: str | os.PathLike[str]) -> Keypair:
+    """Read a keypair file in solana-keygen's format (JSON array of 64 bytes)."""
+    raw = json.loads(Path(path).expanduser().read_text())
+    if not isinstance(raw, list) or len(raw) != 64:
+        raise ValueError(f"{path}: not a Solana keypair file (expected a JSON array of 64 bytes)")
+    return Keypair.from_bytes(bytes(raw))
+
+
+def save_keypair(keypair: Keypair, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``keypair`` in solana-keygen's format, readable by the owner only."""
+    target = Path(path).expanduser()
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; refusing to overwrite a keypair")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(list(bytes(keypair))))
+    return target
+
+
+def sign(keypair: Keypair, domain: bytes, message: bytes) -> str:
+    """Sign ``domain + message``; returns the base58 signature."""
+    return str(keypair.sign_message(domain + message))
+
+
+def verify(pubkey_b58: str, domain: bytes, message: bytes, signature_b58: str) -> bool:
+    """True when ``signature_b58`` is ``pubkey_b58``'s signature of ``domain + message``.
+
+    Malformed keys or signatures are simply invalid: callers get a bool, never an
+    exception, because the input comes from untrusted peers.
+    """
+    try:
+        pubkey = Pubkey.from_string(pubkey_b58)
+        signature = Signature.from_string(signature_b58)
+    except (ValueError, TypeError):
+        return False
+    return signature.verify(pubkey, domain + message)

@@ -1,0 +1,172 @@
+"""Node link wire messages (WebSocket ``/v1/node/link``, one JSON object per frame).
+
+The node dials out, so no port is opened on operators' machines. Every frame has a
+``type``; :func:`parse_message` turns a frame into the matching model and rejects
+anything else with a ``pydantic.ValidationError``.
+
+Sequence: node ``hello`` → market ``challenge`` → node ``auth`` → market ``welcome``
+(or ``reject``), then ``status`` heartbeats from the node and ``job``/``cancel`` from
+the market, answered by ``chunk``… then ``done`` or ``error``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from protocol.receipt import SignedReceipt
+
+PROTOCOL_VERSION = 1
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelOffer(_Message):
+    id: str
+    sha256: str
+    engine: str
+    quantization: str | None = None
+    context_length: int
+
+
+class GpuInfo(_Message):
+    name: str
+    vram_mb: int
+
+
+class Price(_Message):
+    """AIDP base units per one million tokens."""
+
+    input: int = Field(ge=0)
+    output: int = Field(ge=0)
+
+
+class GpuSample(_Message):
+    name: str
+    util_pct: float
+    memory_used_mb: int
+    temperature_c: float
+    power_w: float
+
+
+class Usage(_Message):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+# ---- node → market -------------------------------------------------------------
+
+
+class Hello(_Message):
+    type: Literal["hello"] = "hello"
+    protocol_version: int = PROTOCOL_VERSION
+    pubkey: str
+    agent_version: str
+    models: list[ModelOffer] = Field(min_length=1)
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    price: Price
+    max_concurrency: int = Field(ge=1)
+    region: str = "local"
+
+
+class Auth(_Message):
+    """ed25519 signature of ``LINK_AUTH_DOMAIN + bytes.fromhex(nonce)``, base58."""
+
+    type: Literal["auth"] = "auth"
+    signature: str
+
+
+class Status(_Message):
+    type: Literal["status"] = "status"
+    running: int = Field(ge=0)
+    queued: int = Field(ge=0)
+    tokens_per_s: float = 0.0
+    kv_cache_usage: float | None = None
+    gpus: list[GpuSample] = Field(default_factory=list)
+
+
+class Chunk(_Message):
+    type: Literal["chunk"] = "chunk"
+    job_id: str
+    text: str
+    token_ids: list[int]
+
+
+class Done(_Message):
+    type: Literal["done"] = "done"
+    job_id: str
+    usage: Usage
+    finish_reason: Literal["stop", "length"]
+    receipt: SignedReceipt
+
+
+class JobError(_Message):
+    type: Literal["error"] = "error"
+    job_id: str
+    code: str
+    message: str
+
+
+# ---- market → node -------------------------------------------------------------
+
+
+class Challenge(_Message):
+    type: Literal["challenge"] = "challenge"
+    nonce: str  # 32 random bytes, hex
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    node_id: str
+    heartbeat_interval: float
+
+
+class Reject(_Message):
+    type: Literal["reject"] = "reject"
+    reason: str
+
+
+class Job(_Message):
+    """One generation. ``request`` is the buyer's OpenAI body (model, messages or prompt,
+    sampling fields). ``continuation_token_ids``/``continuation_text`` are output an
+    earlier node already streamed before failing: the node must continue after them
+    and stream only new tokens; ``max_tokens`` in ``request`` is already reduced."""
+
+    type: Literal["job"] = "job"
+    job_id: str
+    kind: Literal["chat", "completion"]
+    model: str
+    request: dict[str, Any]
+    deadline: float  # unix seconds
+    continuation_token_ids: list[int] = Field(default_factory=list)
+    continuation_text: str = ""
+
+
+class Cancel(_Message):
+    type: Literal["cancel"] = "cancel"
+    job_id: str
+
+
+NodeMessage = Annotated[Union[Hello, Auth, Status, Chunk, Done, JobError], Field(discriminator="type")]
+MarketMessage = Annotated[Union[Challenge, Welcome, Reject, Job, Cancel], Field(discriminator="type")]
+
+_node_adapter: TypeAdapter[Any] = TypeAdapter(NodeMessage)
+_market_adapter: TypeAdapter[Any] = TypeAdapter(MarketMessage)
+
+
+def parse_node_message(raw: str | bytes) -> Hello | Auth | Status | Chunk | Done | JobError:
+    """Parse a frame sent by a node (raises ``pydantic.ValidationError``)."""
+    return _node_adapter.validate_json(raw)
+
+
+def parse_market_message(raw: str | bytes) -> Challenge | Welcome | Reject | Job | Cancel:
+    """Parse a frame sent by the market (raises ``pydantic.ValidationError``)."""
+    return _market_adapter.validate_json(raw)
+
+
+def encode(message: _Message) -> str:
+    return message.model_dump_json()
