@@ -1,0 +1,222 @@
+"""``aidp-market up``: a whole local network on one machine, on embedded defaults.
+
+Starts the local ledger, the market API, a Celery worker and beat (SQLite broker),
+and one CPU node serving SmolLM2 through llama.cpp; creates a demo buyer with an API
+key and credit; prints how to call it. By default the services keep running in the
+background (pids under ``.aidp/run``) and ``aidp-market down`` stops them; with
+``--foreground`` they run until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from market.settings import MarketSettings, get_settings
+
+NODE_MODEL = "SmolLM2-135M-Instruct"
+DEMO_CREDIT = 1_000_000_000  # 1,000 AIDP at 6 decimals
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: list[str]
+    ready_url: str | None  # GET that answers 2xx once the service is ready
+    env: dict[str, str]
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _run_dir(settings: MarketSettings) -> Path:
+    path = settings.data_dir / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def plan_services(settings: MarketSettings, ledger_port: int, node_keypair: Path) -> list[Service]:
+    market_url = f"http://{settings.host}:{settings.port}"
+    ledger_url = f"http://127.0.0.1:{ledger_port}"
+    env = {
+        "AIDP_DATA_DIR": str(settings.data_dir),
+        "AIDP_LEDGER_URL": ledger_url,
+        "AIDP_DATABASE_URL": settings.database_url,
+        "AIDP_BROKER_URL": settings.broker_url,
+        "AIDP_CHALLENGE_WINDOW_S": os.environ.get("AIDP_CHALLENGE_WINDOW_S", "30"),
+    }
+    return [
+        Service(
+            "ledger",
+            [_bin("aidp-ledger"), "serve", "--port", str(ledger_port),
+             "--data-dir", str(settings.data_dir / "ledger")],
+            None,
+            env,
+        ),
+        Service(
+            "market",
+            [_bin("aidp-market"), "serve", "--host", settings.host, "--port", str(settings.port)],
+            f"{market_url}/healthz",
+            env,
+        ),
+        Service("worker", [_bin("aidp-market"), "worker", "--concurrency", "1"], None, env),
+        Service("beat", [_bin("aidp-market"), "beat"], None, env),
+        Service(
+            "node",
+            [_bin("aidp-node"), "run", "--market", market_url, "--keypair", str(node_keypair),
+             "--model", NODE_MODEL, "--engine", "llamacpp"],
+            None,
+            env,
+        ),
+    ]
+
+
+def _start(service: Service, run_dir: Path) -> subprocess.Popen[bytes]:
+    log = open(run_dir / f"{service.name}.log", "ab")  # noqa: SIM115 - owned by the child
+    process = subprocess.Popen(
+        service.argv,
+        env={**os.environ, **service.env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so `down` stops its children too
+    )
+    (run_dir / f"{service.name}.pid").write_text(str(process.pid))
+    return process
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], name: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with code {process.returncode}; see its log")
+        try:
+            if httpx.get(url, timeout=1).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{name} was not ready after {timeout:.0f}s; see its log")
+
+
+def _wait_for_model(market_url: str, api_key: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    headers = {"Authorization": f"Bearer {api_key}"}
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{market_url}/v1/models", headers=headers, timeout=2)
+        if any(m["id"] == NODE_MODEL for m in response.json().get("data", [])):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"no node offered {NODE_MODEL} after {timeout:.0f}s; see node.log")
+
+
+def _create_demo_buyer(market_url: str, settings: MarketSettings) -> str:
+    admin = {"Authorization": f"Bearer {settings.admin_token}"}
+    with httpx.Client(base_url=market_url, headers=admin, timeout=10) as client:
+        account = client.post("/admin/accounts", json={"name": "demo"}).raise_for_status().json()
+        client.post(
+            f"/admin/accounts/{account['id']}/credit",
+            json={"amount": DEMO_CREDIT, "reference": "devnet-demo"},
+        ).raise_for_status()
+        key = client.post(f"/admin/accounts/{account['id']}/keys", json={"name": "demo"})
+        return str(key.raise_for_status().json()["key"])
+
+
+def _print_usage(market_url: str, api_key: str, run_dir: Path) -> None:
+    print(
+        f"""
+Neural Cloud is up.
+  market API   {market_url}/v1          explorer  {market_url}/explorer
+  metrics      {market_url}/metrics     logs      {run_dir}/*.log
+  API key      {api_key}
+
+curl:
+  curl {market_url}/v1/chat/completions \\
+    -H "Authorization: Bearer {api_key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "{NODE_MODEL}", "messages": [{{"role": "user", "content": "Say hello"}}], "max_tokens": 32}}'
+
+Python (pip install openai):
+  from openai import OpenAI
+  client = OpenAI(base_url="{market_url}/v1", api_key="{api_key}")
+  reply = client.chat.completions.create(model="{NODE_MODEL}", max_tokens=32,
+      messages=[{{"role": "user", "content": "Say hello"}}])
+  print(reply.choices[0].message.content)
+
+Stop everything with: .venv/bin/aidp-market down
+""",
+        flush=True,
+    )
+
+
+def _ensure_node_keypair(settings: MarketSettings) -> Path:
+    path = settings.data_dir / "node" / "id.json"
+    if not path.exists():
+        subprocess.run([_bin("aidp-node"), "keygen", "--outfile", str(path)], check=True)
+    return path
+
+
+def up(foreground: bool = False, ledger_port: int = 8899) -> None:
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _run_dir(settings)
+    if any(run_dir.glob("*.pid")):
+        down()
+    market_url = f"http://{settings.host}:{settings.port}"
+    services = plan_services(settings, ledger_port, _ensure_node_keypair(settings))
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for service in services:
+            print(f"starting {service.name:<7} … log: {run_dir / (service.name + '.log')}", flush=True)
+            processes[service.name] = _start(service, run_dir)
+            if service.ready_url:
+                _wait_ready(service.ready_url, processes[service.name], service.name)
+        api_key = _create_demo_buyer(market_url, settings)
+        print(f"waiting for the node to load {NODE_MODEL} …", flush=True)
+        _wait_for_model(market_url, api_key)
+        (run_dir / "demo.json").write_text(json.dumps({"market_url": market_url, "api_key": api_key}))
+        _print_usage(market_url, api_key, run_dir)
+    except BaseException:
+        down()
+        raise
+    if foreground:
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            down()
+
+
+def down() -> None:
+    """Stop every service ``up`` started (SIGTERM, then SIGKILL after a grace period)."""
+    run_dir = _run_dir(get_settings())
+    pids = {}
+    for pid_file in run_dir.glob("*.pid"):
+        try:
+            pids[pid_file] = int(pid_file.read_text())
+            os.killpg(pids[pid_file], signal.SIGTERM)
+        except (ValueError, ProcessLookupError, PermissionError):
+            pid_file.unlink(missing_ok=True)
+    deadline = time.monotonic() + 15
+    for pid_file, pid in pids.items():
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        pid_file.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
