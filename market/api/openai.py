@@ -1,0 +1,307 @@
+"""The buyer's OpenAI-compatible API: models, chat/completions (streamed or not), batch,
+account and usage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from market import accounts, billing
+from market.auth import Buyer, authenticate, market_state
+from market.dispatch import JobRunner, JobSpec
+from market.errors import APIError
+from market.models import Job, new_id
+from market.schemas import (
+    BatchRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequestBody,
+    completion_response,
+    stream_chunk,
+    usage_dict,
+)
+from market.state import MarketState
+
+router = APIRouter()
+
+_END = object()
+BATCH_CONCURRENCY = 16
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+# ---- the job lifecycle ------------------------------------------------------------------
+
+
+async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> JobRunner:
+    """Check the model and capacity, hold the worst case, store the job: one transaction."""
+    settings = state.settings
+    cap = body.max_price_per_mtok
+    state.router.check_model(body.model)
+    if not state.router.candidates(body.model, cap):
+        state.router.choose(body.model, cap)  # raises the precise 503
+    sampling = body.sampling(settings.default_max_tokens)
+    sampling["stop"] = [s for s in sampling["stop"] if s]
+    price_in, price_out = state.router.max_price(body.model, cap)
+    hold = billing.hold_for(
+        body.prompt_bytes(), sampling["max_tokens"], price_in, price_out, settings.market_fee_bps
+    )
+    job = Job(
+        id=new_id("job"),
+        account_id=buyer.account_id,
+        api_key_id=buyer.key_id,
+        model=body.model,
+        kind=body.kind,
+        request=body.model_dump(mode="json", exclude_none=True),
+        stream=body.stream,
+        status="running",
+        hold_amount=hold,
+        charged_amount=0,
+        fee_amount=0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        failovers=0,
+    )
+    async with state.db.async_sessions.begin() as session:
+        await session.run_sync(billing.open_job, job)
+    spec = JobSpec(
+        job_id=job.id,
+        kind=body.kind,
+        model=body.model,
+        input=body.input(),
+        sampling=sampling,
+        price_cap=cap,
+    )
+    return JobRunner(state, spec)
+
+
+async def finalize(state: MarketState, runner: JobRunner) -> None:
+    outcome = runner.outcome()
+    window = state.settings.challenge_window_s
+    job_id = runner.spec.job_id
+    async with state.db.async_sessions.begin() as session:
+        await session.run_sync(
+            lambda s: billing.finalize_job(s, job_id, outcome, challenge_window_s=window)
+        )
+    metrics = state.metrics
+    model = runner.spec.model
+    if runner.first_token_at is not None:
+        metrics.ttft.labels(model).observe(runner.first_token_at - runner.started)
+    metrics.tokens.labels(model, "prompt").inc(outcome.prompt_tokens)
+    metrics.tokens.labels(model, "completion").inc(outcome.completion_tokens)
+    metrics.charged.inc(sum(s.cost for s in outcome.segments) + outcome.unreceipted_charge)
+
+
+async def _abandon(state: MarketState, runner: JobRunner, events: Any) -> None:
+    """The buyer went away: close the runner (sends ``cancel``) and bill what was produced."""
+    runner.cancelled = True
+    try:
+        await events.aclose()
+    finally:
+        await finalize(state, runner)
+
+
+async def complete(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> dict[str, Any]:
+    """Run a non-streamed request to the end; returns the OpenAI response body."""
+    runner = await open_job(state, buyer, body)
+    events = runner.events()
+    try:
+        async for _ in events:
+            pass
+    except APIError:
+        await finalize(state, runner)
+        raise
+    except BaseException:
+        state.spawn(_abandon(state, runner, events))
+        raise
+    await finalize(state, runner)
+    if runner.error is not None:
+        raise runner.error
+    prefix = "chatcmpl-" if body.kind == "chat" else "cmpl-"
+    return completion_response(
+        body.kind, prefix + runner.spec.job_id, body.model, runner.text,
+        runner.finish_reason or "stop", runner.usage(),
+    )
+
+
+async def _sse(
+    state: MarketState,
+    runner: JobRunner,
+    events: AsyncIterator[str | None],
+    first: Any,
+    body: GenerationRequestBody,
+) -> AsyncIterator[str]:
+    kind, model = body.kind, body.model
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + runner.spec.job_id
+    created = int(time.time())
+    sent_first = False
+    finished = False
+    try:
+        event = first
+        while event is not _END:
+            if event is None:
+                yield ": keep-alive\n\n"
+            else:
+                chunk = stream_chunk(kind, rid, model, created, event, first=not sent_first)
+                sent_first = True
+                yield f"data: {_dumps(chunk)}\n\n"
+            try:
+                event = await events.__anext__()
+            except StopAsyncIteration:
+                event = _END
+            except APIError as exc:
+                runner.error = exc
+                event = _END
+        finished = True
+        await finalize(state, runner)
+        if runner.error is not None:
+            yield f"data: {_dumps(runner.error.body())}\n\n"
+        else:
+            usage = runner.usage()
+            final = stream_chunk(kind, rid, model, created, "" if kind == "chat" else "",
+                                 runner.finish_reason or "stop", first=not sent_first,
+                                 usage=usage)
+            if kind == "chat":
+                final["choices"][0]["delta"].pop("content", None)
+            yield f"data: {_dumps(final)}\n\n"
+            if body.include_usage:
+                tail = stream_chunk(kind, rid, model, created, None, usage=usage, no_choices=True)
+                yield f"data: {_dumps(tail)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            # Client disconnect (the response task is being cancelled): no awaiting here.
+            state.spawn(_abandon(state, runner, events))
+
+
+async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) -> Any:
+    state = market_state(request)
+    endpoint = "chat" if body.kind == "chat" else "completions"
+    started = time.monotonic()
+    try:
+        if not body.stream:
+            response = await complete(state, buyer, body)
+            return JSONResponse(response)
+        runner = await open_job(state, buyer, body)
+        events = runner.events()
+        try:
+            first: Any = await events.__anext__()
+        except StopAsyncIteration:
+            first = _END
+        except APIError:
+            await finalize(state, runner)
+            raise
+        return StreamingResponse(
+            _sse(state, runner, events, first, body),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    except APIError as exc:
+        state.metrics.requests.labels(endpoint, str(exc.status_code)).inc()
+        raise
+    finally:
+        state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+
+
+# ---- routes ------------------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, buyer: Buyer = Depends(authenticate)
+) -> Any:
+    response = await generate(request, buyer, body)
+    market_state(request).metrics.requests.labels("chat", "200").inc()
+    return response
+
+
+@router.post("/v1/completions")
+async def completions(
+    body: CompletionRequest, request: Request, buyer: Buyer = Depends(authenticate)
+) -> Any:
+    response = await generate(request, buyer, body)
+    market_state(request).metrics.requests.labels("completions", "200").inc()
+    return response
+
+
+@router.post("/v1/batch")
+async def batch(body: BatchRequest, request: Request, buyer: Buyer = Depends(authenticate)) -> Any:
+    """Several prompts in one call; results come back in the order given."""
+    state = market_state(request)
+    items = body.items()
+    if len(items) > 1:
+        state.ratelimiter.check(buyer.key_id, cost=len(items) - 1)
+    semaphore = asyncio.Semaphore(BATCH_CONCURRENCY)
+
+    async def one(index: int, item: GenerationRequestBody) -> dict[str, Any]:
+        async with semaphore:
+            try:
+                return {"index": index, "response": await complete(state, buyer, item)}
+            except APIError as exc:
+                return {"index": index, "status": exc.status_code, **exc.body()}
+
+    results = await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+    prompt = sum(r["response"]["usage"]["prompt_tokens"] for r in results if "response" in r)
+    completion = sum(
+        r["response"]["usage"]["completion_tokens"] for r in results if "response" in r
+    )
+    state.metrics.requests.labels("batch", "200").inc()
+    return {
+        "object": "batch.completion",
+        "model": body.model,
+        "data": results,
+        "usage": usage_dict(prompt, completion),
+    }
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, _buyer: Buyer = Depends(authenticate)) -> Any:
+    state = market_state(request)
+    data = []
+    for model_id, conns in sorted(state.registry.available_models().items()):
+        data.append(
+            {
+                "id": model_id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "aidp-market",
+                "nodes": len(conns),
+                "context_length": max(c.models[model_id].context_length for c in conns),
+                "price_per_mtok": {
+                    "input": min(c.price_in for c in conns),
+                    "output": min(c.price_out for c in conns),
+                },
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/account")
+async def account(request: Request, buyer: Buyer = Depends(authenticate)) -> Any:
+    state = market_state(request)
+    async with state.db.async_sessions() as session:
+        row = await session.run_sync(accounts.get_account, buyer.account_id)
+        return accounts.account_dict(row)
+
+
+@router.get("/v1/usage")
+async def usage(
+    request: Request,
+    buyer: Buyer = Depends(authenticate),
+    limit: int = Query(50, ge=1, le=1000),
+) -> Any:
+    state = market_state(request)
+    async with state.db.async_sessions() as session:
+        return await session.run_sync(accounts.usage, buyer.account_id, limit)
+
+
+__all__ = ["router", "complete", "open_job", "finalize", "ChatCompletionRequest",
+           "CompletionRequest"]

@@ -1,0 +1,194 @@
+"""The market's ASGI app: ``create_app(settings)``.
+
+Start-up (lifespan): ``alembic upgrade head``, open the database, fail jobs a crashed
+process left running (releasing their holds), learn the models nodes have offered,
+start the health monitor. Routers are listed once in :data:`ROUTERS`; a module that
+is not there yet (another engineer's) is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import select, update
+
+from market import billing
+from market.db import Database
+from market.errors import install_handlers
+from market.metrics import Metrics
+from market.models import Node, NodeModel, utcnow
+from market.nodes.link_server import node_link
+from market.nodes.registry import NodeRegistry
+from market.ratelimit import RateLimiter
+from market.router import Router
+from market.settings import MarketSettings, get_settings
+from market.state import MarketState
+
+log = logging.getLogger("market.app")
+
+# "module:attribute" of every APIRouter the app serves, in order. Optional ones (written
+# by other engineers) are included when their module exists.
+ROUTERS: list[tuple[str, bool]] = [
+    ("market.api.openai:router", True),
+    ("market.api.admin:router", True),
+    ("market.verification.api:router", False),
+    ("market.explorer.routes:router", False),
+]
+
+FLUSH_EVERY_S = 5.0
+
+
+def _include_routers(app: FastAPI) -> None:
+    for target, required in ROUTERS:
+        module_name, _, attribute = target.partition(":")
+        if not required and importlib.util.find_spec(module_name) is None:
+            continue
+        app.include_router(getattr(importlib.import_module(module_name), attribute))
+
+
+def _recover(db: Database, settings: MarketSettings) -> set[str]:
+    with db.session() as session:
+        released = billing.release_stale_jobs(
+            session, utcnow() - timedelta(seconds=settings.job_stale_after_s)
+        )
+        if released:
+            log.warning("released the holds of %d job(s) left running by a crash", released)
+        return set(session.execute(select(NodeModel.model_id).distinct()).scalars())
+
+
+async def _monitor(state: MarketState) -> None:
+    """Mark silent nodes unhealthy; persist observed stats every few seconds."""
+    settings = state.settings
+    interval = max(0.05, min(1.0, settings.heartbeat_interval / 4))
+    loop = asyncio.get_running_loop()
+    last_flush = loop.time()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            for conn in state.registry.check_health(
+                settings.heartbeat_interval, settings.node_unhealthy_after_intervals
+            ):
+                log.warning("node %s is silent; marked unhealthy", conn.node_id)
+            healthy, unhealthy = state.registry.counts()
+            state.metrics.nodes.labels("healthy").set(healthy)
+            state.metrics.nodes.labels("unhealthy").set(unhealthy)
+            if loop.time() - last_flush >= FLUSH_EVERY_S:
+                last_flush = loop.time()
+                await _flush(state)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("node monitor iteration failed")
+
+
+async def _flush(state: MarketState) -> None:
+    conns = list(state.registry.links.values())
+    if not conns:
+        return
+    now = utcnow()
+    rows = [
+        {
+            "id": c.node_id,
+            "last_seen_at": now,
+            "ttft_ms": c.ttft_ms,
+            "tokens_per_s": c.tokens_per_s,
+            "failure_rate": c.failure_rate,
+            "jobs_failed": c.jobs_failed,
+        }
+        for c in conns
+    ]
+    fresh = await asyncio.to_thread(_flush_nodes_with_ids, state.db, rows)
+    for conn in conns:
+        if conn.node_id in fresh:
+            conn.reputation, conn.suspended = fresh[conn.node_id]
+        conn.dirty = False
+
+
+def _flush_nodes_with_ids(db: Database, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ids = [row["id"] for row in rows]
+    with db.session() as session:
+        for row in rows:
+            values = {k: v for k, v in row.items() if k != "id"}
+            session.execute(update(Node).where(Node.id == row["id"]).values(**values))
+        result = session.execute(
+            select(Node.id, Node.reputation, Node.suspended).where(Node.id.in_(ids))
+        ).all()
+    return {r[0]: (float(r[1]), bool(r[2])) for r in result}
+
+
+def create_app(settings: MarketSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_start:
+            from market.migrate import upgrade
+
+            await asyncio.to_thread(upgrade, settings.database_url)
+        db = Database(settings.database_url)
+        registry = NodeRegistry()
+        registry.known_models.update(await asyncio.to_thread(_recover, db, settings))
+        state = MarketState(
+            settings=settings,
+            db=db,
+            registry=registry,
+            router=Router(registry),
+            metrics=Metrics(),
+            ratelimiter=RateLimiter(settings.rate_limit_rpm),
+        )
+        app.state.market = state
+        monitor = asyncio.create_task(_monitor(state), name="node-monitor")
+        try:
+            yield
+        finally:
+            monitor.cancel()
+            with contextlib.suppress(Exception):
+                await _flush(state)
+            for conn in list(registry.links.values()):
+                with contextlib.suppress(Exception):
+                    await conn.ws.close(code=1001)
+            if state.background:
+                await asyncio.wait(list(state.background), timeout=5)
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+            await db.dispose()
+
+    app = FastAPI(
+        title="Neural Cloud market",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible inference marketplace gateway",
+    )
+    install_handlers(app)
+    _include_routers(app)
+    app.add_api_websocket_route("/v1/node/link", node_link)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz(request: Request) -> dict[str, Any]:
+        state: MarketState = request.app.state.market
+        healthy, unhealthy = state.registry.counts()
+        return {"status": "ok", "nodes": {"healthy": healthy, "unhealthy": unhealthy}}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> PlainTextResponse:
+        state: MarketState = request.app.state.market
+        return PlainTextResponse(
+            generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    return app
+
+
+def app_factory() -> FastAPI:
+    """For ``uvicorn --factory market.app:app_factory``."""
+    return create_app()

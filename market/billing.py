@@ -1,0 +1,317 @@
+"""Money: holds, charges, fees, node earnings, refunds — integer AIDP base units only.
+
+Every movement writes a :class:`~market.models.LedgerEntry` whose ``idempotency_key``
+is unique (``kind:job_or_receipt_id``), so a replayed call is a no-op instead of a
+second charge. Functions take a sync ``Session`` and never commit: the caller owns the
+transaction (async callers use ``AsyncSession.run_sync``).
+
+Accounts hold ``balance`` (funds owned) and ``held`` (reserved for running jobs);
+spendable = balance − held. A job's lifetime is one transaction to place the hold and
+create the job, and one to finalize it: store its receipts, charge the actual cost,
+release the hold — guarded by ``UPDATE jobs … WHERE status = 'running'`` so a job is
+finalized at most once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from market.errors import InsufficientBalance, NotFound
+from market.models import Account, Job, LedgerEntry, Node, Receipt, ReceiptEvent, utcnow
+
+MTOK = 1_000_000
+
+
+# ---- pricing --------------------------------------------------------------------------
+
+
+def token_cost(tokens: int, price_per_mtok: int) -> int:
+    """ceil(tokens × price_per_mtok / 1e6), in base units."""
+    return -(-tokens * price_per_mtok // MTOK)
+
+
+def node_cost(prompt_tokens: int, completion_tokens: int, price_in: int, price_out: int) -> int:
+    return token_cost(prompt_tokens, price_in) + token_cost(completion_tokens, price_out)
+
+
+def market_fee(cost: int, fee_bps: int) -> int:
+    return -(-cost * fee_bps // 10_000)
+
+
+def worst_case_hold(
+    prompt_tokens_bound: int, max_tokens: int, price_in: int, price_out: int, fee_bps: int
+) -> int:
+    cost = node_cost(prompt_tokens_bound, max_tokens, price_in, price_out)
+    return cost + market_fee(cost, fee_bps)
+
+
+# ---- journal --------------------------------------------------------------------------
+
+
+def _journal_exists(session: Session, key: str) -> bool:
+    return (
+        session.execute(
+            select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)
+        ).first()
+        is not None
+    )
+
+
+def _journal(session: Session, kind: str, key: str, amount: int, **refs: Any) -> None:
+    session.add(LedgerEntry(kind=kind, idempotency_key=key, amount=amount, **refs))
+
+
+# ---- buyers' funds ------------------------------------------------------------------
+
+
+def credit_account(
+    session: Session, account_id: str, amount: int, reference: str, kind: str = "credit"
+) -> bool:
+    """Add ``amount`` to an account once per ``reference``; False when already applied."""
+    if amount <= 0:
+        raise ValueError("credit amount must be positive")
+    key = f"{kind}:{reference}"
+    if _journal_exists(session, key):
+        return False
+    result = session.execute(
+        update(Account).where(Account.id == account_id).values(balance=Account.balance + amount)
+    )
+    if result.rowcount != 1:
+        raise NotFound(f"no account {account_id}")
+    _journal(session, kind, key, amount, account_id=account_id, memo=reference)
+    return True
+
+
+def open_job(session: Session, job: Job) -> None:
+    """Reserve ``job.hold_amount`` from the buyer's spendable balance and store the job.
+
+    Raises :class:`InsufficientBalance` (nothing written) when the account cannot cover it.
+    """
+    amount = job.hold_amount
+    result = session.execute(
+        update(Account)
+        .where(Account.id == job.account_id, Account.balance - Account.held >= amount)
+        .values(held=Account.held + amount)
+    )
+    if result.rowcount != 1:
+        raise InsufficientBalance(
+            f"insufficient balance: this request may cost up to {amount} base units "
+            "(worst case, held until it finishes)"
+        )
+    session.add(job)
+    if amount:
+        _journal(session, "hold", f"hold:{job.id}", amount, account_id=job.account_id,
+                 job_id=job.id)
+
+
+@dataclass
+class Segment:
+    """One node's verified part of a job, ready to be stored as a receipt."""
+
+    node_id: str
+    seq: int
+    signed_receipt: dict[str, Any]
+    receipt_hash: str
+    signature: str
+    output_text: str
+    prompt_tokens: int
+    completion_tokens: int
+    node_earning: int  # node_cost at the node's price
+    fee: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cost(self) -> int:
+        return self.node_earning + self.fee
+
+
+@dataclass
+class Outcome:
+    status: str  # completed | failed | cancelled
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    failovers: int = 0
+    error: str | None = None
+    segments: list[Segment] = field(default_factory=list)
+    # Charge for relayed output that carries no receipt (client disconnected mid-stream).
+    unreceipted_charge: int = 0
+    unreceipted_fee: int = 0
+
+
+def finalize_job(
+    session: Session,
+    job_id: str,
+    outcome: Outcome,
+    *,
+    challenge_window_s: float,
+    now: datetime | None = None,
+) -> bool:
+    """Store receipts, charge, release the hold — once. False when already finalized."""
+    now = now or utcnow()
+    receipts_cost = sum(s.cost for s in outcome.segments)
+    receipts_fee = sum(s.fee for s in outcome.segments)
+    charged = receipts_cost + outcome.unreceipted_charge
+    fee = receipts_fee + outcome.unreceipted_fee
+    usage = {
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    }
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(
+            status=outcome.status,
+            charged_amount=charged,
+            fee_amount=fee,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            usage=usage,
+            finish_reason=outcome.finish_reason,
+            failovers=outcome.failovers,
+            error=outcome.error,
+            finished_at=now,
+        )
+        .returning(Job.account_id, Job.hold_amount)
+    )
+    row = result.first()
+    if row is None:
+        return False
+    account_id, hold = row
+    session.execute(
+        update(Account)
+        .where(Account.id == account_id)
+        .values(balance=Account.balance - charged, held=Account.held - hold)
+    )
+    if hold:
+        _journal(session, "release", f"release:{job_id}", hold, account_id=account_id,
+                 job_id=job_id)
+    if charged:
+        _journal(session, "charge", f"charge:{job_id}", charged, account_id=account_id,
+                 job_id=job_id)
+    if fee:
+        _journal(session, "fee", f"fee:{job_id}", fee, account_id=account_id, job_id=job_id)
+
+    window = now + timedelta(seconds=challenge_window_s)
+    for seg in outcome.segments:
+        receipt = Receipt(
+            job_id=job_id,
+            node_id=seg.node_id,
+            seq=seg.seq,
+            receipt=seg.signed_receipt,
+            receipt_hash=seg.receipt_hash,
+            signature=seg.signature,
+            output_text=seg.output_text,
+            prompt_tokens=seg.prompt_tokens,
+            completion_tokens=seg.completion_tokens,
+            cost=seg.cost,
+            node_earning=seg.node_earning,
+            fee=seg.fee,
+            state="pending",
+            window_closes_at=window,
+            state_changed_at=now,
+            created_at=now,
+        )
+        session.add(receipt)
+        session.flush()
+        session.add(
+            ReceiptEvent(receipt_id=receipt.id, from_state=None, to_state="pending", at=now,
+                         reason="receipt accepted")
+        )
+        session.execute(
+            update(Node)
+            .where(Node.id == seg.node_id)
+            .values(
+                earned_pending=Node.earned_pending + seg.node_earning,
+                jobs_total=Node.jobs_total + 1,
+            )
+        )
+        if seg.node_earning:
+            _journal(session, "node_earning", f"node_earning:{receipt.id}", seg.node_earning,
+                     node_id=seg.node_id, job_id=job_id, receipt_id=receipt.id)
+    return True
+
+
+def release_stale_jobs(session: Session, older_than: datetime) -> int:
+    """Fail jobs still 'running' since before ``older_than`` (a crashed market) and
+    release their holds, charging nothing."""
+    ids = session.execute(
+        select(Job.id).where(Job.status == "running", Job.created_at < older_than)
+    ).scalars().all()
+    count = 0
+    for job_id in ids:
+        count += finalize_job(
+            session, job_id, Outcome(status="failed", error="market restarted"),
+            challenge_window_s=0,
+        )
+    return count
+
+
+# ---- seams for settlement / verification (sync sessions, idempotent) ---------------------
+
+
+def settle_receipt_earnings(session: Session, receipt: Receipt) -> bool:
+    """Move the receipt's node earning from pending to settled (window closed, honest).
+
+    Idempotent: journal key ``settle:<receipt id>``; returns False when already done.
+    """
+    key = f"settle:{receipt.id}"
+    if _journal_exists(session, key) or _journal_exists(session, f"forfeit:{receipt.id}"):
+        return False
+    amount = receipt.node_earning
+    session.execute(
+        update(Node)
+        .where(Node.id == receipt.node_id)
+        .values(
+            earned_pending=Node.earned_pending - amount,
+            earned_settled=Node.earned_settled + amount,
+        )
+    )
+    _journal(session, "settle", key, amount, node_id=receipt.node_id, job_id=receipt.job_id,
+             receipt_id=receipt.id)
+    return True
+
+
+def refund_receipt(session: Session, receipt: Receipt) -> bool:
+    """Give the buyer back what this receipt cost them; the node forfeits its pending
+    earning for it (unless already settled). Idempotent: key ``refund:<receipt id>``."""
+    key = f"refund:{receipt.id}"
+    if _journal_exists(session, key):
+        return False
+    account_id = session.execute(
+        select(Job.account_id).where(Job.id == receipt.job_id)
+    ).scalar_one()
+    if receipt.cost:
+        session.execute(
+            update(Account)
+            .where(Account.id == account_id)
+            .values(balance=Account.balance + receipt.cost)
+        )
+    _journal(session, "refund", key, receipt.cost, account_id=account_id,
+             job_id=receipt.job_id, receipt_id=receipt.id)
+    if not _journal_exists(session, f"settle:{receipt.id}"):
+        session.execute(
+            update(Node)
+            .where(Node.id == receipt.node_id)
+            .values(earned_pending=Node.earned_pending - receipt.node_earning)
+        )
+        _journal(session, "forfeit", f"forfeit:{receipt.id}", receipt.node_earning,
+                 node_id=receipt.node_id, job_id=receipt.job_id, receipt_id=receipt.id)
+    return True
+
+
+def hold_for(prompt_bytes: int, max_tokens: int, price_in: int, price_out: int,
+             fee_bps: int) -> int:
+    """The hold for a request whose prompt is ``prompt_bytes`` UTF-8 bytes.
+
+    The market has no tokenizer, so the prompt's token count is bounded by its byte
+    count (a byte-level BPE token covers at least one byte; templates add a few).
+    """
+    return worst_case_hold(prompt_bytes + 16, max_tokens, price_in, price_out, fee_bps)
+

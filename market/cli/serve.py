@@ -1,0 +1,51 @@
+"""``aidp-market serve`` (the API) and ``aidp-market migrate``."""
+
+from __future__ import annotations
+
+import argparse
+
+from market.settings import get_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from market.app import create_app
+
+    settings = get_settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    print(f"aidp-market: serving on http://{host}:{port} (database {settings.database_url})",
+          flush=True)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        ws_max_size=2**24,
+        ws_ping_interval=20,
+        ws_ping_timeout=20,
+    )
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from market.migrate import upgrade
+
+    url = get_settings().database_url
+    upgrade(url, args.revision)
+    print(f"database at {url} is at {args.revision}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    serve = subparsers.add_parser(
+        "serve", help="run the market API (OpenAI-compatible /v1, node link, admin, metrics)"
+    )
+    serve.add_argument("--host", help="bind address (default: AIDP_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: AIDP_PORT or 8000)")
+    serve.set_defaults(func=_serve)
+
+    migrate = subparsers.add_parser("migrate", help="apply database migrations (alembic)")
+    migrate.add_argument("revision", nargs="?", default="head", help="target (default: head)")
+    migrate.set_defaults(func=_migrate)

@@ -1,0 +1,316 @@
+"""Run one job on the network: send it to a node, relay its chunks, fail over.
+
+:class:`JobRunner.events` yields text deltas (``None`` = nothing yet, time for an SSE
+keep-alive). Behind it:
+
+* a node that errors, disconnects, goes silent or times out before its first token is
+  replaced by another one, invisibly;
+* a node that dies mid-stream is replaced by one that continues from the output
+  already relayed (``continuation_token_ids``/``continuation_text``, ``max_tokens``
+  reduced), so the buyer's stream completes with the text one healthy node gives;
+* on ``done`` the receipt is checked against what the market itself sent and relayed
+  (``market.verification.checks.check_receipt``); a failing receipt counts against the
+  node and the job fails over like an error;
+* if the consumer goes away (client disconnect) the node gets ``cancel``.
+
+The runner does no database work; the API layer finalizes the job with
+:meth:`JobRunner.outcome` in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from market.billing import Outcome, Segment, market_fee, node_cost, token_cost
+from market.errors import APIError, ModelNotFound, NoHealthyNode, UpstreamFailed
+from market.nodes.registry import NodeConn
+from market.state import MarketState
+from market.verification.checks import check_receipt, sampling_params_from_request
+from protocol.canonical import request_digest
+from protocol.messages import Cancel, Chunk, Done, Job, JobError
+
+log = logging.getLogger("market.dispatch")
+
+# Node error codes that say "not started, try elsewhere" rather than "I failed".
+NOT_STARTED = {"busy", "draining", "duplicate_job"}
+
+
+@dataclass
+class JobSpec:
+    job_id: str
+    kind: str  # chat | completion
+    model: str
+    input: Any  # messages (chat) or prompt (completion)
+    sampling: dict[str, Any]  # max_tokens, temperature, top_p, seed, stop
+    price_cap: int | None = None
+
+    def body(self, max_tokens: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model}
+        body["messages" if self.kind == "chat" else "prompt"] = self.input
+        body.update(self.sampling)
+        body["max_tokens"] = max_tokens
+        return body
+
+
+class SegmentFailed(Exception):
+    def __init__(self, reason: str, message: str, *, count_against_node: bool = True) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.count_against_node = count_against_node
+
+
+class JobRunner:
+    def __init__(self, state: MarketState, spec: JobSpec) -> None:
+        self.state = state
+        self.spec = spec
+        self.max_tokens: int = spec.sampling["max_tokens"]
+        self.text_parts: list[str] = []
+        self.token_ids: list[int] = []
+        self.segments: list[Segment] = []
+        self.finish_reason: str | None = None
+        self.prompt_tokens: int = 0
+        self.failovers = 0
+        self.error: APIError | None = None
+        self.cancelled = False
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        # the unreceipted tail: tokens relayed from a segment that has no receipt yet
+        self._open_tokens = 0
+        self._open_price_out = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[str | None]:
+        settings = self.state.settings
+        tried: list[str] = []
+        attempts = 0
+        max_attempts = 1 + max(0, settings.max_failover_attempts)
+        while True:
+            remaining = self.max_tokens - len(self.token_ids)
+            if remaining <= 0:
+                self.finish_reason = "length"
+                return
+            if attempts >= max_attempts:
+                self._fail(UpstreamFailed(
+                    f"the job failed on {attempts} node(s); last: {self._last_failure}"
+                ))
+                return
+            try:
+                conn = self.state.router.choose(self.spec.model, self.spec.price_cap, tried)
+            except (NoHealthyNode, ModelNotFound) as exc:
+                if attempts and not self.token_ids:
+                    exc = UpstreamFailed(
+                        f"no other node could take the job after: {self._last_failure}"
+                    )
+                self._fail(exc)
+                return
+            tried.append(conn.node_id)
+            attempts += 1
+            if attempts > 1:
+                self.failovers += 1
+                self.state.metrics.failovers.labels(
+                    "mid_stream" if self.token_ids else "before_first_token"
+                ).inc()
+            try:
+                async with contextlib.aclosing(self._segment(conn, remaining)) as segment:
+                    async for delta in segment:
+                        yield delta
+                return  # done with a valid receipt
+            except SegmentFailed as exc:
+                self._last_failure = f"{exc.reason}: {exc}"
+                self.state.metrics.node_errors.labels(exc.reason).inc()
+                if exc.count_against_node:
+                    conn.observe_failure()
+                log.info("job %s: node %s failed (%s); failing over", self.spec.job_id,
+                         conn.node_id, self._last_failure)
+
+    _last_failure = "none"
+
+    def _fail(self, exc: APIError) -> None:
+        if not self.token_ids:
+            raise exc
+        # Mid-stream with nowhere to continue: end the stream with an error event.
+        self.error = exc
+        self.finish_reason = None
+
+    async def _segment(self, conn: NodeConn, remaining: int) -> AsyncIterator[str | None]:
+        settings = self.state.settings
+        spec = self.spec
+        continuation_ids = list(self.token_ids)
+        body = spec.body(remaining)
+        job = Job(
+            job_id=spec.job_id,
+            kind=spec.kind,  # type: ignore[arg-type]
+            model=spec.model,
+            request=body,
+            deadline=time.time() + settings.job_first_token_timeout + 600.0,
+            continuation_token_ids=continuation_ids,
+            continuation_text=self.text,
+        )
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        conn.inflight[spec.job_id] = queue
+        seg_text: list[str] = []
+        seg_ids: list[int] = []
+        finished = False
+        t0 = time.monotonic()
+        first_at: float | None = None
+        try:
+            try:
+                await conn.send(job)
+            except Exception as exc:
+                raise SegmentFailed("send_failed", f"could not send the job: {exc}") from exc
+            keepalive = settings.sse_keepalive_s
+            timeout = settings.job_first_token_timeout
+            while True:
+                deadline = time.monotonic() + timeout
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise SegmentFailed("timeout", f"no message from the node in {timeout}s")
+                    try:
+                        message = await asyncio.wait_for(queue.get(), min(left, keepalive))
+                        break
+                    except TimeoutError:
+                        if time.monotonic() < deadline:
+                            yield None
+                if isinstance(message, Chunk):
+                    if not message.token_ids and not message.text:
+                        continue
+                    if first_at is None:
+                        first_at = time.monotonic()
+                        if self.first_token_at is None:
+                            self.first_token_at = first_at
+                    seg_text.append(message.text)
+                    seg_ids.extend(message.token_ids)
+                    self.text_parts.append(message.text)
+                    self.token_ids.extend(message.token_ids)
+                    self._open_tokens = len(seg_ids)
+                    self._open_price_out = conn.price_out
+                    if len(seg_ids) > remaining:
+                        raise SegmentFailed("over_max_tokens", "node sent more than max_tokens")
+                    yield message.text
+                elif isinstance(message, Done):
+                    finished = True
+                    self._accept_done(conn, message, body, continuation_ids,
+                                      "".join(seg_text), seg_ids)
+                    gen_s = time.monotonic() - (first_at or t0)
+                    conn.observe_success(
+                        (first_at - t0) if first_at is not None else None, len(seg_ids), gen_s
+                    )
+                    return
+                elif isinstance(message, JobError):
+                    finished = True
+                    raise SegmentFailed(
+                        message.code,
+                        message.message,
+                        count_against_node=message.code not in NOT_STARTED,
+                    )
+        finally:
+            if conn.inflight.get(spec.job_id) is queue:
+                del conn.inflight[spec.job_id]
+            if not finished and not conn.closed:
+                # Abandoned (failover, timeout or the buyer went away): stop the node.
+                self.state.spawn(_send_quietly(conn, Cancel(job_id=spec.job_id)))
+
+    def _accept_done(
+        self,
+        conn: NodeConn,
+        done: Done,
+        body: dict[str, Any],
+        continuation_ids: list[int],
+        seg_text: str,
+        seg_ids: list[int],
+    ) -> None:
+        spec = self.spec
+        offer = conn.models.get(spec.model)
+        failures = check_receipt(
+            done.receipt,
+            registered_model_sha256=offer.sha256 if offer else "",
+            request_sha256=request_digest(spec.kind, spec.input, continuation_ids),
+            relayed_text=seg_text,
+            relayed_token_ids=seg_ids,
+            node_pubkey=conn.pubkey,
+            job_id=spec.job_id,
+            model_id=spec.model,
+            usage=done.usage,
+            finish_reason=done.finish_reason,
+            expected_sampling=sampling_params_from_request(body),
+        )
+        if failures:
+            for failure in failures:
+                self.state.metrics.receipts_rejected.labels(failure.code).inc()
+            raise SegmentFailed(
+                "receipt_rejected", "; ".join(f"{f.code}: {f.message}" for f in failures)
+            )
+        receipt = done.receipt
+        earning = node_cost(receipt.body.prompt_tokens, receipt.body.completion_tokens,
+                            conn.price_in, conn.price_out)
+        fee = market_fee(earning, self.state.settings.market_fee_bps)
+        self.segments.append(
+            Segment(
+                node_id=conn.node_id,
+                seq=len(self.segments),
+                signed_receipt=receipt.model_dump(mode="json"),
+                receipt_hash=receipt.receipt_hash,
+                signature=receipt.signature,
+                output_text=seg_text,
+                prompt_tokens=receipt.body.prompt_tokens,
+                completion_tokens=receipt.body.completion_tokens,
+                node_earning=earning,
+                fee=fee,
+            )
+        )
+        self._open_tokens = 0
+        # What the buyer sees as prompt tokens: the prompt alone, without a continuation.
+        self.prompt_tokens = max(0, receipt.body.prompt_tokens - len(continuation_ids))
+        self.finish_reason = done.finish_reason
+
+    # ---- the result ------------------------------------------------------------------------
+
+    def outcome(self) -> Outcome:
+        fee_bps = self.state.settings.market_fee_bps
+        if self.cancelled:
+            status = "cancelled"
+        elif self.error is not None or self.finish_reason is None:
+            status = "failed"
+        else:
+            status = "completed"
+        unreceipted = 0
+        if status == "cancelled" and self._open_tokens:
+            # Output the buyer received that no receipt covers (e.g. client disconnect):
+            # bill only what was produced.
+            unreceipted = token_cost(self._open_tokens, self._open_price_out)
+        return Outcome(
+            status=status,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.token_ids),
+            finish_reason=self.finish_reason,
+            failovers=self.failovers,
+            error=str(self.error) if self.error else None,
+            segments=list(self.segments),
+            unreceipted_charge=unreceipted + market_fee(unreceipted, fee_bps),
+            unreceipted_fee=market_fee(unreceipted, fee_bps),
+        )
+
+    def usage(self) -> dict[str, int]:
+        completion = len(self.token_ids)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+
+async def _send_quietly(conn: NodeConn, message: Any) -> None:
+    with contextlib.suppress(Exception):
+        await conn.send(message)

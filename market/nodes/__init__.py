@@ -1,0 +1,1 @@
+"""Connected nodes: the link server (WebSocket) and the registry the router reads."""

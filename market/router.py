@@ -1,0 +1,91 @@
+"""Pick a node for a job.
+
+Filter: serves the model, healthy, not suspended, has capacity, within the buyer's
+price cap, not already tried for this job. Score (each part normalised to 0..1):
+
+* latency 40% — observed TTFT (EWMA); best known TTFT / this node's. A node with no
+  observations yet gets the median of the known ones (neither favoured nor punished).
+* load 40% — 1 − busy share of its ``max_concurrency``.
+* reliability 20% — ``nodes.reputation`` (verification's verdicts) × (1 − observed
+  failure rate).
+
+Then a random pick between the two best, so equal nodes share the traffic instead of
+the best one being herded on.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Iterable
+
+from market.errors import ModelNotFound, NoHealthyNode
+from market.nodes.registry import NodeConn, NodeRegistry
+
+W_LATENCY = 0.4
+W_LOAD = 0.4
+W_RELIABILITY = 0.2
+
+
+def within_cap(conn: NodeConn, cap: int | None) -> bool:
+    return cap is None or (conn.price_in <= cap and conn.price_out <= cap)
+
+
+def score(conn: NodeConn, best_ttft: float | None, default_ttft: float | None) -> float:
+    ttft = conn.ttft_ms if conn.ttft_ms is not None else default_ttft
+    latency = 1.0 if ttft is None or best_ttft is None else best_ttft / max(ttft, 1e-6)
+    load = max(0.0, 1.0 - conn.load)
+    reliability = max(0.0, min(1.0, conn.reputation)) * (1.0 - conn.failure_rate)
+    return W_LATENCY * latency + W_LOAD * load + W_RELIABILITY * reliability
+
+
+def rank(candidates: list[NodeConn]) -> list[tuple[float, NodeConn]]:
+    known = [c.ttft_ms for c in candidates if c.ttft_ms is not None]
+    best = min(known) if known else None
+    default = statistics.median(known) if known else None
+    return sorted(((score(c, best, default), c) for c in candidates), key=lambda t: -t[0])
+
+
+class Router:
+    def __init__(self, registry: NodeRegistry, rng: random.Random | None = None) -> None:
+        self.registry = registry
+        self.rng = rng or random.Random()
+
+    def candidates(
+        self, model: str, cap: int | None = None, exclude: Iterable[str] = ()
+    ) -> list[NodeConn]:
+        excluded = set(exclude)
+        return [
+            c
+            for c in self.registry.serving(model)
+            if c.available and c.has_capacity and within_cap(c, cap) and c.node_id not in excluded
+        ]
+
+    def check_model(self, model: str) -> None:
+        if model not in self.registry.known_models:
+            raise ModelNotFound(f"The model '{model}' does not exist or no node offers it",
+                                param="model")
+
+    def choose(self, model: str, cap: int | None = None, exclude: Iterable[str] = ()) -> NodeConn:
+        """The node for the next attempt, or :class:`NoHealthyNode`."""
+        pool = self.candidates(model, cap, exclude)
+        if not pool:
+            self.check_model(model)
+            serving = [c for c in self.registry.serving(model) if c.available]
+            if serving and cap is not None and not any(within_cap(c, cap) for c in serving):
+                raise NoHealthyNode(
+                    f"no healthy node serves '{model}' at or below max_price_per_mtok={cap}",
+                    code="no_node_within_price_cap",
+                )
+            raise NoHealthyNode(f"no healthy node is available for '{model}' right now")
+        ranked = rank(pool)
+        if len(ranked) == 1:
+            return ranked[0][1]
+        return self.rng.choice(ranked[:2])[1]
+
+    def max_price(self, model: str, cap: int | None = None) -> tuple[int, int]:
+        """Highest (input, output) price among the nodes a job could land on (for holds)."""
+        pool = [c for c in self.registry.serving(model) if c.available and within_cap(c, cap)]
+        if not pool:
+            return (0, 0)
+        return max(c.price_in for c in pool), max(c.price_out for c in pool)

@@ -1,0 +1,227 @@
+"""OpenAI-compatible request bodies (validated) and response builders (plain dicts).
+
+Requests accept unknown fields (SDKs send many) but validate the ones the market uses.
+``max_price_per_mtok`` is the market's extra body field: the buyer's price cap in AIDP
+base units per million tokens. Responses are built as dicts: they are on the hot path
+and their shape is OpenAI's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class _GenerationBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    user: str | None = None
+    max_price_per_mtok: int | None = Field(default=None, ge=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def sampling(self, default_max_tokens: int) -> dict[str, Any]:
+        """The sampling fields sent to the node, every one explicit (receipts sign them)."""
+        stop = self.stop
+        return {
+            "max_tokens": self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            "temperature": 1.0 if self.temperature is None else float(self.temperature),
+            "top_p": 1.0 if self.top_p is None else float(self.top_p),
+            "seed": self.seed,
+            "stop": [stop] if isinstance(stop, str) else list(stop or []),
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    kind: ClassVar[str] = "chat"
+
+    def input(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def prompt_bytes(self) -> int:
+        total = 0
+        for m in self.messages:
+            if isinstance(m.content, str):
+                total += len(m.content.encode())
+            elif m.content:
+                total += sum(len(str(part.get("text", "")).encode()) for part in m.content)
+            total += 8  # role and template tokens
+        return total
+
+
+class CompletionRequest(_GenerationBody):
+    prompt: str | list[str]
+
+    kind: ClassVar[str] = "completion"
+
+    @model_validator(mode="after")
+    def _single_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise ValueError("prompt: one prompt per request (use /v1/batch for several)")
+            self.prompt = self.prompt[0]
+        return self
+
+    def input(self) -> str:
+        assert isinstance(self.prompt, str)
+        return self.prompt
+
+    def prompt_bytes(self) -> int:
+        return len(self.input().encode()) + 1
+
+
+GenerationRequestBody = ChatCompletionRequest | CompletionRequest
+
+
+class BatchRequest(BaseModel):
+    """Several prompts (completions) or conversations (chat) with shared parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    prompts: list[str] | None = None
+    conversations: list[list[ChatMessage]] | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    max_price_per_mtok: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BatchRequest:
+        if (self.prompts is None) == (self.conversations is None):
+            raise ValueError("give exactly one of 'prompts' or 'conversations'")
+        items = self.prompts if self.prompts is not None else self.conversations
+        if not items:
+            raise ValueError("a batch needs at least one item")
+        if len(items) > 256:
+            raise ValueError("at most 256 items per batch")
+        return self
+
+    def items(self) -> list[GenerationRequestBody]:
+        shared = self.model_dump(
+            include={"model", "max_tokens", "temperature", "top_p", "seed", "stop",
+                     "max_price_per_mtok"},
+            exclude_none=True,
+        )
+        if self.prompts is not None:
+            return [CompletionRequest(prompt=p, **shared) for p in self.prompts]
+        assert self.conversations is not None
+        return [ChatCompletionRequest(messages=c, **shared) for c in self.conversations]
+
+
+# ---- responses ------------------------------------------------------------------------
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_response(
+    kind: str, response_id: str, model: str, text: str, finish_reason: str, usage: dict[str, int],
+    created: int | None = None,
+) -> dict[str, Any]:
+    created = created or int(time.time())
+    if kind == "chat":
+        return {
+            "id": response_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": usage,
+        }
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        ],
+        "usage": usage,
+    }
+
+
+def stream_chunk(
+    kind: str,
+    response_id: str,
+    model: str,
+    created: int,
+    text: str | None,
+    finish_reason: str | None = None,
+    *,
+    first: bool = False,
+    usage: dict[str, int] | None = None,
+    no_choices: bool = False,
+) -> dict[str, Any]:
+    if kind == "chat":
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {
+            "index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason
+        }
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    chunk: dict[str, Any] = {
+        "id": response_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [] if no_choices else [choice],
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk

@@ -1,0 +1,34 @@
+"""The market's process-wide state, built by the app's lifespan (``app.state.market``)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from market.db import Database
+from market.metrics import Metrics
+from market.nodes.registry import NodeRegistry
+from market.ratelimit import RateLimiter
+from market.router import Router
+from market.settings import MarketSettings
+
+
+@dataclass
+class MarketState:
+    settings: MarketSettings
+    db: Database
+    registry: NodeRegistry
+    router: Router
+    metrics: Metrics
+    ratelimiter: RateLimiter
+    # key sha256 -> (key id, account id, expires at monotonic)
+    key_cache: dict[str, tuple[str, str, float]] = field(default_factory=dict)
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.create_task(coro, name=name)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task

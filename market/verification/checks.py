@@ -1,0 +1,245 @@
+"""Cheap receipt checks, run by the market when a node sends ``done``.
+
+Pure functions, no I/O: a :class:`~protocol.receipt.SignedReceipt` against what the
+market itself relayed and what the node registered. Every failure is returned (not
+just the first) so the evidence stored for a rejected receipt is complete.
+
+Usage::
+
+    failures = check_receipt(
+        signed,
+        job_id=job.id,
+        node_pubkey=node.pubkey,
+        registered_model_sha256=offer.sha256,
+        request_sha256=request_digest(kind, messages_or_prompt, continuation_ids),
+        relayed_text="".join(chunk.text for chunk in chunks),
+        relayed_token_ids=[t for chunk in chunks for t in chunk.token_ids],
+        usage=done.usage,
+        finish_reason=done.finish_reason,
+        expected_sampling=sampling_params_from_request(request_body, default_max_tokens),
+    )
+    if failures: reject
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from protocol.canonical import sha256_hex, token_ids_digest
+from protocol.receipt import SamplingParams, SignedReceipt
+
+# Relative slack when comparing floats the node echoes back (temperature, top_p).
+_FLOAT_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class CheckFailure:
+    """One failed check: a stable machine code and a human sentence."""
+
+    code: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def sampling_params_from_request(
+    body: Mapping[str, Any], default_max_tokens: int = 256
+) -> SamplingParams:
+    """The sampling parameters an OpenAI request body asks for (OpenAI defaults).
+
+    ``max_completion_tokens`` is accepted as an alias of ``max_tokens``; ``stop`` may be
+    a string or a list. The defaults (temperature 1.0, top_p 1.0) are OpenAI's.
+    """
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    temperature = body.get("temperature")
+    top_p = body.get("top_p")
+    return SamplingParams(
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        max_tokens=int(max_tokens),
+        seed=body.get("seed"),
+        stop=list(stop),
+    )
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= _FLOAT_EPS * max(1.0, abs(a), abs(b))
+
+
+def check_sampling(claimed: SamplingParams, expected: SamplingParams) -> list[CheckFailure]:
+    """The node must attest exactly the sampling parameters it was sent.
+
+    A node claiming ``temperature=1`` for a greedy request would otherwise escape the
+    strict greedy re-execution check.
+    """
+    failures: list[CheckFailure] = []
+    if not _close(claimed.temperature, expected.temperature):
+        failures.append(
+            CheckFailure(
+                "sampling_mismatch",
+                f"receipt temperature {claimed.temperature} != requested {expected.temperature}",
+            )
+        )
+    if not _close(claimed.top_p, expected.top_p):
+        failures.append(
+            CheckFailure(
+                "sampling_mismatch", f"receipt top_p {claimed.top_p} != requested {expected.top_p}"
+            )
+        )
+    if claimed.max_tokens != expected.max_tokens:
+        failures.append(
+            CheckFailure(
+                "sampling_mismatch",
+                f"receipt max_tokens {claimed.max_tokens} != requested {expected.max_tokens}",
+            )
+        )
+    if claimed.seed != expected.seed:
+        failures.append(
+            CheckFailure(
+                "sampling_mismatch", f"receipt seed {claimed.seed} != requested {expected.seed}"
+            )
+        )
+    if list(claimed.stop) != list(expected.stop):
+        failures.append(
+            CheckFailure(
+                "sampling_mismatch", f"receipt stop {claimed.stop} != requested {expected.stop}"
+            )
+        )
+    return failures
+
+
+def check_receipt(
+    receipt: SignedReceipt,
+    *,
+    registered_model_sha256: str,
+    request_sha256: str | None = None,
+    relayed_text: str | None = None,
+    relayed_token_ids: Sequence[int] | None = None,
+    node_pubkey: str | None = None,
+    job_id: str | None = None,
+    model_id: str | None = None,
+    usage: Any = None,
+    finish_reason: str | None = None,
+    expected_sampling: SamplingParams | None = None,
+) -> list[CheckFailure]:
+    """All cheap checks of one receipt; an empty list means it passed.
+
+    Arguments left ``None`` are not checked (the signature, the token-id digest, the
+    counts and ``registered_model_sha256`` always are). ``usage`` is the ``done``
+    message's usage (an object or a mapping with ``prompt_tokens`` and
+    ``completion_tokens``).
+    """
+    body = receipt.body
+    failures: list[CheckFailure] = []
+
+    if not receipt.signature_valid():
+        failures.append(
+            CheckFailure("bad_signature", "receipt signature does not verify with its node_pubkey")
+        )
+    if node_pubkey is not None and body.node_pubkey != node_pubkey:
+        failures.append(
+            CheckFailure(
+                "wrong_node", f"receipt signed by {body.node_pubkey}, job served by {node_pubkey}"
+            )
+        )
+    if job_id is not None and body.job_id != job_id:
+        failures.append(
+            CheckFailure("wrong_job", f"receipt is for job {body.job_id}, expected {job_id}")
+        )
+    if model_id is not None and body.model_id != model_id:
+        failures.append(
+            CheckFailure("wrong_model", f"receipt model {body.model_id!r}, job model {model_id!r}")
+        )
+    if body.model_sha256.lower() != registered_model_sha256.lower():
+        failures.append(
+            CheckFailure(
+                "model_sha_mismatch",
+                f"receipt model sha256 {body.model_sha256} != registered {registered_model_sha256}",
+            )
+        )
+    if request_sha256 is not None and body.request_sha256 != request_sha256:
+        failures.append(
+            CheckFailure(
+                "request_hash_mismatch",
+                "receipt request_sha256 does not match the request the market sent",
+            )
+        )
+    if relayed_text is not None and body.output_sha256 != sha256_hex(relayed_text):
+        failures.append(
+            CheckFailure(
+                "output_hash_mismatch",
+                "receipt output_sha256 does not match the text the market relayed",
+            )
+        )
+
+    # Token ids: digest, count, and what was streamed.
+    if token_ids_digest(receipt.output_token_ids) != body.output_token_ids_sha256:
+        failures.append(
+            CheckFailure(
+                "token_ids_hash_mismatch", "output_token_ids do not hash to output_token_ids_sha256"
+            )
+        )
+    if len(receipt.output_token_ids) != body.completion_tokens:
+        failures.append(
+            CheckFailure(
+                "token_count_mismatch",
+                f"{len(receipt.output_token_ids)} output token ids but completion_tokens="
+                f"{body.completion_tokens}",
+            )
+        )
+    if relayed_token_ids is not None and list(relayed_token_ids) != list(
+        receipt.output_token_ids
+    ):
+        failures.append(
+            CheckFailure(
+                "token_ids_not_relayed",
+                "receipt token ids differ from the token ids streamed in chunks",
+            )
+        )
+    if usage is not None:
+        get = usage.get if isinstance(usage, Mapping) else lambda k: getattr(usage, k, None)
+        if get("completion_tokens") != body.completion_tokens:
+            failures.append(
+                CheckFailure(
+                    "usage_mismatch",
+                    f"usage completion_tokens {get('completion_tokens')} != receipt "
+                    f"{body.completion_tokens}",
+                )
+            )
+        if get("prompt_tokens") != body.prompt_tokens:
+            failures.append(
+                CheckFailure(
+                    "usage_mismatch",
+                    f"usage prompt_tokens {get('prompt_tokens')} != receipt {body.prompt_tokens}",
+                )
+            )
+    if body.completion_tokens > body.sampling.max_tokens:
+        failures.append(
+            CheckFailure(
+                "over_max_tokens",
+                f"completion_tokens {body.completion_tokens} > max_tokens {body.sampling.max_tokens}",
+            )
+        )
+    if finish_reason == "length" and body.completion_tokens < body.sampling.max_tokens:
+        failures.append(
+            CheckFailure(
+                "truncated",
+                f"finish_reason 'length' after {body.completion_tokens} of "
+                f"{body.sampling.max_tokens} tokens",
+            )
+        )
+    if body.finished_at < body.started_at:
+        failures.append(CheckFailure("bad_times", "finished_at is before started_at"))
+    if expected_sampling is not None:
+        failures.extend(check_sampling(body.sampling, expected_sampling))
+    return failures

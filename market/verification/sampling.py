@@ -1,0 +1,64 @@
+"""Which receipts get re-executed: the sampling policy, and reputation updates.
+
+* Every receipt of a node's first ``verify_first_jobs`` jobs is verified.
+* After that a share ``verify_sample_rate`` (5% by default) is, rising linearly to
+  100% as reputation falls from ``verify_low_reputation`` to 0.
+* A buyer challenge always is (see api.py).
+
+The draw is an HMAC of the receipt hash under a market-side key: stable (a retried
+task decides the same way) and unpredictable to nodes, who never see the key.
+
+Reputation (0..1, read by the router) goes up slowly on verified-honest work and
+down hard on fraud.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from market.settings import MarketSettings
+
+
+def sampling_key(settings: MarketSettings) -> bytes:
+    explicit = getattr(settings, "verify_sampling_key", "") or ""
+    if explicit:
+        return explicit.encode()
+    # Derived from the admin secret so every process of one market agrees.
+    return hashlib.sha256(b"aidp/verify-sampling/" + settings.admin_token.encode()).digest()
+
+
+def sample_rate(settings: MarketSettings, *, prior_jobs: int, reputation: float) -> float:
+    """Probability that a node's next receipt is re-executed."""
+    if prior_jobs < settings.verify_first_jobs:
+        return 1.0
+    base = settings.verify_sample_rate
+    low = getattr(settings, "verify_low_reputation", 0.5)
+    if low > 0 and reputation < low:
+        shortfall = min(1.0, max(0.0, (low - reputation) / low))
+        return min(1.0, base + (1.0 - base) * shortfall)
+    return base
+
+
+def draw(key: bytes, receipt_hash: str) -> float:
+    """A uniform number in [0, 1) from the receipt hash, keyed by the market."""
+    mac = hmac.new(key, receipt_hash.encode(), hashlib.sha256).digest()
+    return int.from_bytes(mac[:8], "big") / 2**64
+
+
+def should_verify(
+    settings: MarketSettings, *, receipt_hash: str, prior_jobs: int, reputation: float
+) -> tuple[bool, float]:
+    """(sampled?, rate used)."""
+    rate = sample_rate(settings, prior_jobs=prior_jobs, reputation=reputation)
+    return draw(sampling_key(settings), receipt_hash) < rate, rate
+
+
+def reputation_after_honest(reputation: float, settings: MarketSettings) -> float:
+    gain = getattr(settings, "reputation_gain", 0.02)
+    return min(1.0, reputation + gain * (1.0 - reputation))
+
+
+def reputation_after_fraud(reputation: float, settings: MarketSettings) -> float:
+    keep = getattr(settings, "reputation_fraud_keep", 0.5)
+    return max(0.0, reputation * keep)

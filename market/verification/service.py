@@ -1,0 +1,153 @@
+"""The two units of work the Celery tasks run: one beat tick, one verification.
+
+Kept free of Celery so tests and the CLI can call them directly, and so each step
+owns short transactions: the (slow) re-execution runs outside any transaction,
+between loading its input and applying its outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from market.settings import MarketSettings
+from market.verification import settlement
+from market.verification.checks import check_receipt
+from market.verification.engine import VerifierNotConfigured, get_engine, run_sync
+from market.verification.reexec import (
+    Verdict,
+    VerificationUnavailable,
+    find_continuation,
+    reexecute,
+    tolerances_from_settings,
+)
+from node_agent.convert import BadRequest, generation_request
+from node_agent.engines.base import Engine
+from protocol.receipt import receipt_from_json
+
+log = logging.getLogger("market.verification")
+
+
+@dataclass
+class TickResult:
+    decided: int = 0
+    dispatched: list[str] = field(default_factory=list)
+    settled: list[str] = field(default_factory=list)
+
+
+def tick(sessions: sessionmaker[Session], settings: MarketSettings) -> TickResult:
+    """Decide sampling, claim due verifications, close expired windows.
+
+    Returns the receipt ids to enqueue (already moved to ``verifying`` and committed).
+    """
+    result = TickResult()
+    with sessions.begin() as session:
+        result.decided = settlement.decide_sampling(session, settings)
+    with sessions.begin() as session:
+        result.dispatched = settlement.claim_for_verification(session, settings)
+    with sessions.begin() as session:
+        result.settled = settlement.close_expired_windows(session, settings)
+    return result
+
+
+def _request_input(kind: str, body: dict[str, Any]) -> Any:
+    if kind == "chat":
+        return body.get("messages") or []
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return prompt
+
+
+def _continuation_candidates(previous: list[list[int]]) -> list[list[int]]:
+    """No prefix, or the output of the earlier receipted segments (most recent first)."""
+    out: list[list[int]] = [[]]
+    acc: list[int] = []
+    for ids in previous:
+        acc = acc + ids
+        out.append(list(acc))
+    return out[:1] + out[1:][::-1]
+
+
+def judge_receipt(
+    inp: settlement.VerificationInput,
+    settings: MarketSettings,
+    engine_for: Callable[[str, MarketSettings], Engine] = get_engine,
+) -> tuple[str, dict[str, Any], str]:
+    """(outcome, evidence, reason) for one receipt: outcome is honest | fraud | unavailable."""
+    signed = receipt_from_json(inp.signed)
+    body = signed.body
+    failures = check_receipt(
+        signed,
+        registered_model_sha256=inp.registered_model_sha256 or body.model_sha256,
+        relayed_text=inp.output_text,
+        model_id=inp.job_model,
+    )
+    evidence: dict[str, Any] = {"receipt_hash": signed.receipt_hash}
+    if failures:
+        evidence["checks"] = [f.as_dict() for f in failures]
+        return "fraud", evidence, "cheap checks failed: " + ", ".join(f.code for f in failures)
+    request_input = _request_input(inp.job_kind, inp.job_request)
+    prefix = find_continuation(
+        signed, inp.job_kind, request_input, _continuation_candidates(inp.previous_token_ids)
+    )
+    if prefix is None:
+        evidence["unavailable"] = "the continuation prefix this segment was given is not stored"
+        return "unavailable", evidence, "verification unavailable: unknown continuation prefix"
+    try:
+        request = generation_request(inp.job_kind, inp.job_request, prefix)
+    except BadRequest as exc:
+        evidence["unavailable"] = f"request not replayable: {exc}"
+        return "unavailable", evidence, "verification unavailable: request not replayable"
+    try:
+        engine = engine_for(body.model_id, settings)
+        verdict: Verdict = run_sync(
+            reexecute(
+                engine,
+                signed,
+                request,
+                output_text=inp.output_text,
+                finish_reason=inp.finish_reason if inp.is_last_segment else None,  # type: ignore[arg-type]
+                tolerances=tolerances_from_settings(settings),
+            )
+        )
+    except (VerifierNotConfigured, VerificationUnavailable) as exc:
+        evidence["unavailable"] = str(exc)
+        return "unavailable", evidence, f"verification unavailable: {exc}"
+    evidence.update(verdict.as_dict())
+    if verdict.fraud:
+        return "fraud", evidence, "re-execution: " + "; ".join(verdict.reasons)
+    return "honest", evidence, "verified honest"
+
+
+def verify(
+    sessions: sessionmaker[Session],
+    receipt_id: str,
+    settings: MarketSettings,
+    engine_for: Callable[[str, MarketSettings], Engine] = get_engine,
+) -> str:
+    """Verify one receipt in state ``verifying`` and apply the outcome (idempotent)."""
+    with sessions.begin() as session:
+        inp = settlement.load_input(session, receipt_id)
+    if inp.state != "verifying":
+        return f"skipped ({inp.state})"
+    outcome, evidence, reason = judge_receipt(inp, settings, engine_for)
+    evidence["outcome"] = outcome
+    with sessions.begin() as session:
+        if outcome == "fraud":
+            done = settlement.slash(session, receipt_id, settings, reason=reason[:2000],
+                                    verification=evidence)
+        elif outcome == "honest":
+            done = settlement.settle_verified(session, receipt_id, settings,
+                                              verification=evidence)
+        else:
+            done = settlement.release_unverifiable(session, receipt_id, reason=reason[:2000],
+                                                   verification=evidence)
+    if not done:
+        return "skipped (moved by another worker)"
+    log.info("receipt %s: %s (%s)", receipt_id, outcome, reason)
+    return outcome

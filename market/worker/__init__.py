@@ -1,0 +1,1 @@
+"""Celery worker and beat of the marketplace: challenge windows and verification."""

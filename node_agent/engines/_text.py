@@ -1,0 +1,82 @@
+"""Shared text plumbing for engines: incremental UTF-8 decoding, stop strings, sampling."""
+
+from __future__ import annotations
+
+import codecs
+
+import numpy as np
+
+
+class TextStream:
+    """Turns per-token byte pieces into text deltas, honouring stop strings.
+
+    Bytes of a multi-byte character split across tokens are held until complete, and
+    text that might be the start of a stop string is held until it is known not to
+    be. ``push`` returns (text to emit now, whether a stop string was hit).
+    """
+
+    def __init__(self, stop: list[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+
+    def prime(self, pieces: list[bytes]) -> None:
+        """Feed bytes already streamed by an earlier node (continuation); emit nothing."""
+        for piece in pieces:
+            self._decoder.decode(piece)
+
+    def push(self, piece: bytes) -> tuple[str, bool]:
+        buffer = self._held + self._decoder.decode(piece)
+        if not self.stop:
+            self._held = ""
+            return buffer, False
+        hit = min((i for i in (buffer.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self._held = ""
+            return buffer[:hit], True
+        keep = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(buffer)), keep, -1):
+                if buffer.endswith(s[:k]):
+                    keep = k
+                    break
+        self._held = buffer[len(buffer) - keep :]
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        text = self._held + self._decoder.decode(b"", final=True)
+        self._held = ""
+        return text
+
+
+def sample_token(
+    logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator
+) -> int:
+    """Greedy for temperature 0; else softmax(logits / T) restricted to the top-p nucleus."""
+    if temperature == 0.0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / temperature
+    x -= x.max()
+    p = np.exp(x)
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        cutoff = int(np.searchsorted(cumulative, top_p)) + 1
+        keep = order[:cutoff]
+        q = p[keep] / p[keep].sum()
+        return int(keep[rng.choice(len(keep), p=q)])
+    return int(rng.choice(len(p), p=p))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def top_k(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    k = min(k, logprobs.shape[-1])
+    idx = np.argpartition(-logprobs, k - 1)[:k]
+    idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+    return [(int(i), float(logprobs[i])) for i in idx]

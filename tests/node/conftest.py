@@ -1,0 +1,129 @@
+"""Fixtures for node-agent tests: keypairs, a protocol-conformant market peer, shared engines."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from solders.keypair import Keypair
+from websockets.asyncio.server import ServerConnection, serve
+
+from protocol.keys import LINK_AUTH_DOMAIN, verify
+from protocol.messages import (
+    Challenge,
+    Hello,
+    Job,
+    Reject,
+    Welcome,
+    encode,
+    parse_node_message,
+)
+
+
+@pytest.fixture(autouse=True)
+def _aidp_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep weights-hash caches out of the developer's home directory."""
+    monkeypatch.setenv("AIDP_NODE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "aidp-cache"))
+
+
+@pytest.fixture
+def keypair() -> Keypair:
+    return Keypair()
+
+
+class MarketPeer:
+    """The market's side of ``/v1/node/link``, just enough to exercise a real NodeLink.
+
+    It checks the handshake like the market must (signature over the nonce), records
+    every frame a node sends, and lets a test send jobs and cancels.
+    """
+
+    def __init__(self, heartbeat_interval: float = 0.1, reject_reason: str | None = None) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.reject_reason = reject_reason
+        self.hellos: list[Hello] = []
+        self.auth_ok: list[bool] = []
+        self.frames: dict[str, list[Any]] = defaultdict(list)  # job_id -> frames
+        self.statuses: list[Any] = []
+        self.connections: list[ServerConnection] = []
+        self.connected = asyncio.Event()
+        self.job_events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.port = 0
+        self._server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> MarketPeer:
+        self._server = await serve(self._handle, "127.0.0.1", 0, compression=None)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        hello = parse_node_message(await ws.recv())
+        assert isinstance(hello, Hello)
+        self.hellos.append(hello)
+        if self.reject_reason:
+            await ws.send(encode(Reject(reason=self.reject_reason)))
+            return
+        nonce = secrets.token_bytes(32)
+        await ws.send(encode(Challenge(nonce=nonce.hex())))
+        auth = parse_node_message(await ws.recv())
+        ok = verify(hello.pubkey, LINK_AUTH_DOMAIN, nonce, getattr(auth, "signature", ""))
+        self.auth_ok.append(ok)
+        if not ok:
+            await ws.send(encode(Reject(reason="bad signature")))
+            return
+        await ws.send(
+            encode(Welcome(node_id=f"node-{len(self.hellos)}", heartbeat_interval=self.heartbeat_interval))
+        )
+        self.connections.append(ws)
+        self.connected.set()
+        async for raw in ws:
+            frame = parse_node_message(raw)
+            if frame.type == "status":
+                self.statuses.append(frame)
+                continue
+            self.frames[frame.job_id].append(frame)
+            if frame.type in ("done", "error"):
+                self.job_events[frame.job_id].set()
+            else:
+                self.job_events[frame.job_id + ":chunk"].set()
+
+    async def send(self, message: Any, connection: int = -1) -> None:
+        await self.connections[connection].send(encode(message))
+
+    async def job(self, job_id: str, body: dict[str, Any], *, kind: str = "chat",
+                  model: str = "test-model", deadline: float = 0.0, **extra: Any) -> None:
+        await self.send(
+            Job(job_id=job_id, kind=kind, model=model, request=body, deadline=deadline, **extra)
+        )
+
+    async def wait_end(self, job_id: str, timeout: float = 30.0) -> Any:
+        await asyncio.wait_for(self.job_events[job_id].wait(), timeout)
+        return self.frames[job_id][-1]
+
+    def text(self, job_id: str) -> str:
+        return "".join(f.text for f in self.frames[job_id] if f.type == "chunk")
+
+    def token_ids(self, job_id: str) -> list[int]:
+        return [t for f in self.frames[job_id] if f.type == "chunk" for t in f.token_ids]
+
+
+@pytest.fixture
+async def market_peer() -> Any:
+    async with MarketPeer() as peer:
+        yield peer
+
+
+def cpu_threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))

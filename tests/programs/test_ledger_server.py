@@ -1,0 +1,161 @@
+"""aidp-ledger as a process: restarts keep state, solana-py's typed client parses every
+answer, and the command line explains itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+from solana.rpc.async_api import AsyncClient
+from solana.rpc.models import TokenAccountOpts
+from solders.keypair import Keypair
+from solders.signature import Signature
+
+from programs import settlement as S
+from programs import spl
+from programs.ledger import TxState, open_ledger
+from programs.localchain import ChainError, LocalChain
+
+from .conftest import REPO, LedgerServer
+
+
+async def _activity(led):
+    """Bootstrap, fund, deposit, anchor: returns what a restart must preserve."""
+    market, buyer = Keypair(), Keypair()
+    cfg = await S.bootstrap(led, market)
+    await S.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=5_000_000)
+    dep = await led.execute(S.deposit_instructions(cfg, buyer.pubkey(), 2_000_000, "acct-9"), buyer)
+    anchor = await led.execute(S.anchor_instructions(market.pubkey(), "ab" * 32, 42), market)
+    lamports = await led.get_balance(buyer.pubkey())
+    return market, buyer, cfg, dep, anchor, lamports
+
+
+async def _check_preserved(led, market, buyer, cfg, dep, anchor, lamports):
+    assert await led.token_balance(cfg.ata(buyer.pubkey())) == 3_000_000
+    assert await led.token_balance(cfg.deposit_pk) == 2_000_000
+    assert await led.get_balance(buyer.pubkey()) == lamports
+    assert (await led.mint_info(cfg.mint_pk)).supply == 5_000_000
+    assert (await led.status(dep.signature, dep.last_valid_block_height)).state is TxState.CONFIRMED
+    assert (await S.read_anchor(led, anchor.signature)).count == 42
+    scan = await S.scan_deposits(led, cfg)
+    assert [(d.signature, d.amount, d.account) for d in scan.deposits] == [
+        (dep.signature, 2_000_000, "acct-9")
+    ]
+    # and the chain keeps working on the restored accounts
+    assert await S.bootstrap(led, market) == cfg
+    await led.execute(S.deposit_instructions(cfg, buyer.pubkey(), 1_000_000, "acct-9"), buyer)
+    assert await led.token_balance(cfg.deposit_pk) == 3_000_000
+
+
+async def test_inprocess_restart_keeps_balances_and_transactions(tmp_path):
+    led = open_ledger("inprocess", tmp_path)
+    state = await _activity(led)
+    slot = await led.slot()
+    await led.close()
+    led = open_ledger("inprocess", tmp_path)
+    assert await led.slot() >= slot
+    await _check_preserved(led, *state)
+    await led.close()
+
+
+async def test_server_restart_keeps_balances_and_transactions(tmp_path):
+    server = LedgerServer(tmp_path / "chain").start()
+    try:
+        led = open_ledger(server.url)
+        state = await _activity(led)
+        await led.close()
+    finally:
+        server.stop()
+    server = LedgerServer(tmp_path / "chain").start()
+    try:
+        assert "accounts=0" not in server.ready_line and "transactions=0" not in server.ready_line
+        led = open_ledger(server.url)
+        await _check_preserved(led, *state)
+        await led.close()
+    finally:
+        server.stop()
+
+
+def test_one_process_per_chain_directory(tmp_path):
+    chain = LocalChain(tmp_path)
+    with pytest.raises(ChainError, match="aidp-ledger serve"):
+        LocalChain(tmp_path)
+    chain.close()
+    LocalChain(tmp_path).close()
+
+
+async def test_solana_py_typed_client_parses_every_answer(ledger_server):
+    led = open_ledger(ledger_server.url)
+    market, owner = Keypair(), Keypair()
+    cfg = await S.bootstrap(led, market)
+    await S.fund_wallet(led, cfg, market, owner.pubkey(), tokens=1_500_000)
+    sent = await led.execute(S.deposit_instructions(cfg, owner.pubkey(), 250_000, "acct-x"), owner)
+    await led.close()
+
+    async with AsyncClient(ledger_server.url) as client:
+        assert await client.is_connected()
+        assert (await client.get_version()).value.solana_core
+        assert (await client.get_slot()).value >= 1
+        assert (await client.get_block_height()).value >= 1
+        bh = (await client.get_latest_blockhash()).value
+        assert bh.last_valid_block_height >= 150
+        assert (await client.get_minimum_balance_for_rent_exemption(165)).value == 2_039_280
+        bal = (await client.get_token_account_balance(cfg.ata(owner.pubkey()))).value
+        assert (bal.amount, bal.decimals, bal.ui_amount_string) == ("1250000", 6, "1.25")
+        accs = (
+            await client.get_token_accounts_by_owner(
+                owner.pubkey(), TokenAccountOpts(mint=cfg.mint_pk)
+            )
+        ).value
+        assert [a.pubkey for a in accs] == [cfg.ata(owner.pubkey())]
+        info = (await client.get_account_info(cfg.mint_pk)).value
+        assert info.owner == spl.TOKEN_PROGRAM_ID and len(info.data) == spl.MINT_SIZE
+        sig = Signature.from_string(sent.signature)
+        st = (await client.get_signature_statuses([sig])).value[0]
+        assert st.err is None and st.confirmation_status is not None
+        for encoding in ("json", "base64", "jsonParsed"):
+            tx = (await client.get_transaction(sig, encoding=encoding)).value
+            assert tx.slot == st.slot and tx.transaction.meta.fee == 5000
+        hist = (await client.get_signatures_for_address(cfg.deposit_pk, limit=10)).value
+        assert hist[0].signature == sig and hist[0].memo == "[22] aidp:deposit:v1:acct-x"
+        drop = (await client.request_airdrop(Keypair().pubkey(), 10**9)).value
+        conf = await client.confirm_transaction(drop)
+        assert conf.value[0].err is None
+
+    async with httpx.AsyncClient() as http:
+        # raw JSON-RPC: batches, blockhash validity, unknown methods, malformed input
+        batch = [
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "isBlockhashValid",
+                "params": [str(bh.blockhash)],
+            },
+            {"jsonrpc": "2.0", "id": 2, "method": "getHealth"},
+            {"jsonrpc": "2.0", "id": 3, "method": "noSuchMethod"},
+            {"jsonrpc": "2.0", "id": 4, "method": "getBalance", "params": ["not-a-key"]},
+        ]
+        out = (await http.post(ledger_server.url, json=batch)).json()
+        assert out[0]["result"]["value"] is True and out[1]["result"] == "ok"
+        assert out[2]["error"]["code"] == -32601 and out[3]["error"]["code"] == -32602
+        bad = await http.post(ledger_server.url, content=b"{not json")
+        assert bad.json()["error"]["code"] == -32700
+        assert (await http.get(ledger_server.url + "/health")).text == "ok"
+
+
+def test_cli_help_explains_usage():
+    out = subprocess.run(
+        [sys.executable, "-m", "programs.cli", "serve", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for words in ("--port", "--data-dir", "ready", "AIDP_LEDGER_URL"):
+        assert words in out
+    top = subprocess.run(
+        [sys.executable, "-m", "programs.cli"], cwd=REPO, capture_output=True, text=True
+    )
+    assert top.returncode == 2 and "serve" in top.stdout

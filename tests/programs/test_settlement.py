@@ -1,0 +1,273 @@
+"""Settlement on a real SVM, each test on both backends (in-process LiteSVM and aidp-ledger
+through solana-py). No mocks: every assertion reads the chain."""
+
+from __future__ import annotations
+
+import pytest
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+
+from programs import settlement as S
+from programs import spl
+from programs.ledger import AllowanceExceeded, TransactionRejected, TxState
+from protocol.merkle import merkle_root
+
+
+async def test_bootstrap_creates_mint_and_accounts(market):
+    led, cfg = market.ledger, market.cfg
+    mint = await led.mint_info(cfg.mint_pk)
+    assert mint is not None and mint.decimals == 6 and mint.mint_authority == market.key.pubkey()
+    deposit = await led.token_account(cfg.deposit_pk)
+    treasury = await led.token_account(cfg.treasury_pk)
+    assert deposit.owner == treasury.owner == market.key.pubkey()
+    assert deposit.mint == treasury.mint == cfg.mint_pk
+    assert cfg.deposit_pk == spl.associated_token_address(market.key.pubkey(), cfg.mint_pk)
+    # idempotent: a second run finds everything and changes nothing
+    assert await S.bootstrap(led, market.key, decimals=6) == cfg
+    with pytest.raises(Exception, match="decimals"):
+        await S.bootstrap(led, market.key, decimals=9)
+    # demo wallet: SOL + an ATA holding freshly minted AIDP
+    buyer = await market.wallet(tokens=123_000_000)
+    assert await led.get_balance(buyer.pubkey()) == 1_000_000_000
+    assert await market.tokens(buyer.pubkey()) == 123_000_000
+    assert (await led.mint_info(cfg.mint_pk)).supply == 123_000_000
+    assert S.ChainConfig.from_json(cfg.to_json()) == cfg
+
+
+async def test_deposit_with_memo_is_found_exactly_once(market):
+    led, cfg = market.ledger, market.cfg
+    alice, bob = await market.wallet(tokens=50_000_000), await market.wallet(tokens=50_000_000)
+
+    p1 = await led.execute(
+        S.deposit_instructions(cfg, alice.pubkey(), 7_000_000, "acct-alice"), alice
+    )
+    # a wallet that sends a plain Transfer with a free-text memo is still a deposit
+    await led.execute(
+        [
+            spl.transfer_unchecked(cfg.ata(bob.pubkey()), cfg.deposit_pk, bob.pubkey(), 3_000_000),
+            spl.memo("acct-bob"),
+        ],
+        bob,
+    )
+    # money the market moves itself is not a deposit
+    await led.execute(S.approve_instructions(cfg, alice.pubkey(), 1_000_000), alice)
+    await led.execute(S.pull_instructions(cfg, alice.pubkey(), 500_000, "pull-1"), market.key)
+
+    first = await S.scan_deposits(led, cfg)
+    assert [(d.account, d.amount) for d in first.deposits] == [
+        ("acct-alice", 7_000_000),
+        ("acct-bob", 3_000_000),
+    ]
+    d0 = first.deposits[0]
+    assert d0.signature == p1.signature and d0.memo == "aidp:deposit:v1:acct-alice"
+    assert d0.source_owner == str(alice.pubkey()) and d0.source_account == str(
+        cfg.ata(alice.pubkey())
+    )
+    assert d0.slot > 0
+
+    # a watcher crediting by signature: re-scans from the cursor add nothing twice
+    credited: dict[str, int] = {d.signature: d.amount for d in first.deposits}
+    again = await S.scan_deposits(led, cfg, since=first.cursor)
+    assert again.deposits == [] and again.cursor == first.cursor
+    p3 = await led.execute(S.deposit_instructions(cfg, bob.pubkey(), 1_000_000, "acct-bob"), bob)
+    later = await S.scan_deposits(led, cfg, since=again.cursor)
+    assert [d.signature for d in later.deposits] == [p3.signature]
+    for d in later.deposits + (await S.scan_deposits(led, cfg)).deposits:
+        credited.setdefault(d.signature, d.amount)
+    assert sum(credited.values()) == 11_000_000 == await led.token_balance(cfg.deposit_pk) - 500_000
+
+
+async def test_allowance_is_enforced_by_the_chain_and_revocable(market):
+    led, cfg = market.ledger, market.cfg
+    buyer = await market.wallet(tokens=10_000_000)
+    await led.execute(S.approve_instructions(cfg, buyer.pubkey(), 1_000_000), buyer)
+    assert await S.allowance(led, cfg, buyer.pubkey()) == 1_000_000
+
+    pull = await S.prepare_pull(led, cfg, market.key, buyer.pubkey(), 600_000, "job-1")
+    await led.submit(pull)
+    assert (
+        await led.confirm(pull.signature, pull.last_valid_block_height)
+    ).state is TxState.CONFIRMED
+    assert await S.allowance(led, cfg, buyer.pubkey()) == 400_000
+    assert await market.tokens(buyer.pubkey()) == 9_400_000
+
+    # pre-check refuses more than the live allowance ...
+    with pytest.raises(AllowanceExceeded):
+        await S.prepare_pull(led, cfg, market.key, buyer.pubkey(), 400_001, "job-2")
+    # ... and without it the chain refuses: preflight rejects, and a forced send lands failed
+    over = await S.prepare_pull(
+        led, cfg, market.key, buyer.pubkey(), 400_001, "job-2", precheck=False
+    )
+    with pytest.raises(TransactionRejected) as rejected:
+        await led.submit(over)
+    assert rejected.value.err == {
+        "InstructionError": [0, {"Custom": 1}]
+    }  # TokenError::InsufficientFunds
+    await led.submit(over, preflight=False)
+    st = await led.confirm(over.signature, over.last_valid_block_height)
+    assert st.state is TxState.FAILED and st.err == {"InstructionError": [0, {"Custom": 1}]}
+    assert await market.tokens(buyer.pubkey()) == 9_400_000
+
+    # revocation: the market can pull nothing any more, not even within the old allowance
+    await led.execute(S.revoke_instructions(cfg, buyer.pubkey()), buyer)
+    assert await S.allowance(led, cfg, buyer.pubkey()) == 0
+    with pytest.raises(AllowanceExceeded):
+        await S.prepare_pull(led, cfg, market.key, buyer.pubkey(), 1, "job-3")
+    late = await S.prepare_pull(led, cfg, market.key, buyer.pubkey(), 1, "job-3", precheck=False)
+    with pytest.raises(TransactionRejected):
+        await led.submit(late)
+    assert await market.tokens(buyer.pubkey()) == 9_400_000
+
+
+async def test_stake_is_a_2_of_3_multisig(market):
+    led, cfg = market.ledger, market.cfg
+    operator, arbiter = await market.wallet(tokens=20_000_000), Keypair()
+    await led.airdrop(arbiter.pubkey(), 1_000_000_000)
+    stake = await S.create_stake(led, cfg, market.key, operator.pubkey(), arbiter.pubkey())
+    assert await S.create_stake(led, cfg, market.key, operator.pubkey(), arbiter.pubkey()) == stake
+    await led.execute(S.stake_deposit_instructions(cfg, stake, 10_000_000), operator)
+    info = await S.read_stake(led, stake)
+    assert info.amount == 10_000_000 and info.m == 2
+    assert info.signers == [str(operator.pubkey()), cfg.market, str(arbiter.pubkey())]
+
+    # one signer alone cannot move stake: not the market, not the operator, not the arbiter
+    for payer, signer in ((market.key, market.key), (operator, operator), (arbiter, arbiter)):
+        ixs = S.slash_instructions(
+            cfg, stake, 1, "x", signers=[signer.pubkey()], dest=cfg.ata(operator.pubkey())
+        )
+        with pytest.raises(TransactionRejected):
+            await led.execute(ixs, payer)
+        forced = await led.send(ixs, payer, preflight=False)
+        assert (
+            await led.confirm(forced.signature, forced.last_valid_block_height)
+        ).state is TxState.FAILED
+    assert (await S.read_stake(led, stake)).amount == 10_000_000
+
+    # slashing: market + arbiter
+    treasury_before = await led.token_balance(cfg.treasury_pk)
+    await led.execute(S.slash_instructions(cfg, stake, 3_000_000, "slash-1"), market.key, [arbiter])
+    assert (await S.read_stake(led, stake)).amount == 7_000_000
+    assert await led.token_balance(cfg.treasury_pk) == treasury_before + 3_000_000
+
+    # withdrawal: operator + market (or operator + arbiter)
+    await led.execute(
+        S.withdraw_instructions(cfg, stake, 2_000_000, "wd-1", cosigner=market.key.pubkey()),
+        market.key,
+        [operator],
+    )
+    await led.execute(
+        S.withdraw_instructions(cfg, stake, 1_000_000, "wd-2", cosigner=arbiter.pubkey()),
+        operator,
+        [arbiter],
+    )
+    assert (await S.read_stake(led, stake)).amount == 4_000_000
+    assert await market.tokens(operator.pubkey()) == 10_000_000 + 3_000_000
+
+
+async def test_payout_round_carries_the_merkle_root_on_chain(market):
+    led, cfg = market.ledger, market.cfg
+    buyer = await market.wallet(tokens=100_000)
+    await led.execute(S.deposit_instructions(cfg, buyer.pubkey(), 100_000, "acct-1"), buyer)
+    n1, n2 = Keypair().pubkey(), Keypair().pubkey()  # nodes with no token account yet
+    jobs = [(str(n1), f"{i:064x}", 10_000) for i in range(3)] + [
+        (str(n2), f"{i:064x}", 5_000) for i in range(10, 12)
+    ]
+    rnd = S.plan_round(jobs, fee_bps=1000, round_key="round-7")
+    assert rnd.fee == 4_000 and sum(p.amount for p in rnd.payouts) == 36_000
+
+    sigs = {}
+    for _kind, key, ixs in S.round_transactions(cfg, rnd):
+        sigs[key] = (await led.execute(ixs, market.key)).signature
+    assert await market.tokens(n1) == 27_000 and await market.tokens(n2) == 9_000
+    assert await led.token_balance(cfg.treasury_pk) == 4_000
+    assert await led.token_balance(cfg.deposit_pk) == 100_000 - 40_000
+
+    for p in rnd.payouts:
+        tx = await led.get_transaction(sigs[p.key])
+        node_hashes = [h for owner, h, _ in jobs if owner == p.owner]
+        assert tx.memos == [f"aidp:payout:v1:{merkle_root(node_hashes)}:{len(node_hashes)}:{p.key}"]
+        assert tx.token_delta(cfg.ata(Pubkey.from_string(p.owner))) == p.amount
+        assert tx.fee == 5000 and tx.ok
+    fee_tx = await led.get_transaction(sigs["round-7.fee"])
+    assert S.parse_memo(fee_tx.memos[0]).fields[:2] == (merkle_root([h for _, h, _ in jobs]), "5")
+    # a reconcile that lost the signature finds the payment by its idempotency key
+    assert await S.find_memo(led, cfg.deposit_pk, rnd.payouts[0].key) == [sigs[rnd.payouts[0].key]]
+
+
+async def test_anchor_memo_is_readable(market):
+    led = market.ledger
+    root = merkle_root([f"{i:064x}" for i in range(1000)])
+    sent = await led.execute(S.anchor_instructions(market.key.pubkey(), root, 1000), market.key)
+    anchor = await S.read_anchor(led, sent.signature)
+    assert anchor.root == root and anchor.count == 1000 and anchor.signer == market.cfg.market
+    assert anchor.slot > 0 and anchor.block_time
+    tx = await led.get_transaction(sent.signature)
+    assert tx.memos == [f"aidp:anchor:v1:{root}:1000"]
+    assert any(
+        f"aidp:anchor:v1:{root}:1000" in line for line in tx.logs
+    )  # the Memo program logged it
+    # not an anchor / not landed
+    other = await led.execute(
+        S.deposit_instructions(market.cfg, market.key.pubkey(), 0, "x"), market.key
+    )
+    assert await S.read_anchor(led, other.signature) is None
+    assert await S.read_anchor(led, str(Keypair().sign_message(b"nope"))) is None
+
+
+async def test_send_returns_identity_before_confirmation_and_status_is_exact(market):
+    led, cfg = market.ledger, market.cfg
+    buyer = await market.wallet(tokens=1_000)
+    node = await market.wallet(tokens=0)
+    ixs = [
+        spl.transfer_checked(
+            cfg.ata(buyer.pubkey()), cfg.mint_pk, cfg.ata(node.pubkey()), buyer.pubkey(), 100, 6
+        )
+    ]
+
+    prepared = await led.prepare(ixs, buyer)  # signature known before anything is sent
+    assert (
+        await led.status(prepared.signature, prepared.last_valid_block_height)
+    ).state is TxState.PENDING
+    # deterministic: rebuilding with the recorded blockhash gives the same transaction
+    from solders.hash import Hash
+
+    again = await led.prepare(
+        ixs,
+        buyer,
+        blockhash=Hash.from_string(prepared.blockhash),
+        last_valid_block_height=prepared.last_valid_block_height,
+    )
+    assert again == prepared
+    assert await led.submit(prepared) == prepared.signature
+    st = await led.confirm(prepared.signature, prepared.last_valid_block_height)
+    assert st.state is TxState.CONFIRMED and st.slot > 0
+    # re-sending the same bytes never pays twice
+    with pytest.raises(TransactionRejected, match="already been processed"):
+        await led.submit(again)
+    await led.submit(again, preflight=False)
+    assert await market.tokens(node.pubkey()) == 100
+
+    # never sent, blockhash expired: safe to re-plan, and the old bytes can never land
+    # (a different transfer: identical instructions in the same slot are the same transaction,
+    # which is why payments carry their idempotency key in a memo)
+    lost = await led.prepare(ixs + [spl.memo("payment-2")], buyer)
+    await led.advance_slots(151)
+    assert (await led.status(lost.signature, lost.last_valid_block_height)).state is TxState.EXPIRED
+    with pytest.raises(TransactionRejected, match="Blockhash not found"):
+        await led.submit(lost)
+    await led.submit(lost, preflight=False)  # dropped, as a validator would
+    assert (await led.status(lost.signature, lost.last_valid_block_height)).state is TxState.EXPIRED
+    assert await market.tokens(node.pubkey()) == 100
+
+    # landed with an error: failed, fee paid, nothing moved
+    too_much = [
+        spl.transfer_checked(
+            cfg.ata(buyer.pubkey()), cfg.mint_pk, cfg.ata(node.pubkey()), buyer.pubkey(), 10**9, 6
+        )
+    ]
+    lamports = await led.get_balance(buyer.pubkey())
+    bad = await led.send(too_much, buyer, preflight=False)
+    st = await led.confirm(bad.signature, bad.last_valid_block_height)
+    assert st.state is TxState.FAILED
+    assert await led.get_balance(buyer.pubkey()) == lamports - 5000
+    assert (await led.get_transaction(bad.signature)).err == st.err

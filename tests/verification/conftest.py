@@ -1,0 +1,226 @@
+"""Fixtures for verification tests: a migrated database, the real llama.cpp engine,
+cheating engines, and a helper that serves a job the way a node does (real
+generation, real signed receipt) and stores it the way the market does
+(``billing.open_job`` + ``billing.finalize_job``).
+
+Engines are driven on the verifier's own event loop (``engine.run_sync``), the same
+one the verification code uses, so one loaded model serves both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from solders.keypair import Keypair
+from sqlalchemy.orm import Session, sessionmaker
+
+from market import billing
+from market.accounts import create_account
+from market.db import sync_session_factory
+from market.migrate import upgrade
+from market.models import Job, Node, NodeModel, new_id
+from market.settings import MarketSettings
+from market.verification.engine import run_sync
+from node_agent.convert import generation_request
+from node_agent.engines.base import Engine, GenerationEnd, TokenDelta
+from node_agent.receipts import build_receipt
+from protocol.receipt import SignedReceipt
+
+PRICE_IN = 2_000_000  # base units per 1M tokens
+PRICE_OUT = 8_000_000
+
+
+@pytest.fixture(scope="session")
+def honest_engine() -> Iterator[Engine]:
+    from node_agent.engines.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(n_threads=2)
+    run_sync(engine.start())
+    yield engine
+    run_sync(engine.close())
+
+
+@pytest.fixture(scope="session")
+def pruned_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.verification.cheaters import pruned_gguf
+
+    return pruned_gguf(20, tmp_path_factory.mktemp("models") / "smollm2-pruned20.gguf")
+
+
+@pytest.fixture(scope="session")
+def different_model_engine(pruned_model: Path, honest_engine: Engine) -> Iterator[Engine]:
+    from tests.verification.cheaters import DifferentModelEngine
+
+    engine = DifferentModelEngine(pruned_model, honest_engine)  # type: ignore[arg-type]
+    run_sync(engine.start())
+    yield engine
+    run_sync(engine.inner.close())
+
+
+@pytest.fixture()
+def db_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path}/market.db"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture()
+def sessions(db_url: str) -> sessionmaker[Session]:
+    return sync_session_factory(db_url)
+
+
+def make_settings(db_url: str, tmp_path: Path, **overrides: Any) -> MarketSettings:
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "data_dir": tmp_path,
+        "broker_url": f"sqla+sqlite:///{tmp_path}/broker.db",
+        "challenge_window_s": 3600.0,
+        "verify_first_jobs": 20,
+    }
+    values.update(overrides)
+    return MarketSettings(**values)
+
+
+@dataclass
+class World:
+    sessions: sessionmaker[Session]
+    account_id: str
+
+    def add_node(self, engine: Engine, *, stake: int = 1_000_000, reputation: float = 0.5,
+                 sha256: str | None = None) -> tuple[str, Keypair]:
+        keypair = Keypair()
+        with self.sessions.begin() as session:
+            node = Node(pubkey=str(keypair.pubkey()), price_in=PRICE_IN, price_out=PRICE_OUT,
+                        stake=stake, reputation=reputation, max_concurrency=1)
+            session.add(node)
+            session.flush()
+            session.add(NodeModel(node_id=node.id, model_id=engine.model.id,
+                                  sha256=sha256 or engine.model.sha256, engine=engine.name,
+                                  context_length=engine.model.context_length))
+            node_id = node.id
+        return node_id, keypair
+
+    def balance(self) -> int:
+        from market.models import Account
+
+        with self.sessions() as session:
+            account = session.get(Account, self.account_id)
+            assert account is not None
+            return account.balance
+
+    def node(self, node_id: str) -> Node:
+        with self.sessions() as session:
+            node = session.get(Node, node_id)
+            assert node is not None
+            return node
+
+
+@pytest.fixture()
+def world(sessions: sessionmaker[Session]) -> World:
+    with sessions.begin() as session:
+        account = create_account(session, "buyer")
+        account_id = account.id
+        billing.credit_account(session, account_id, 10**12, "test-funding")
+    return World(sessions=sessions, account_id=account_id)
+
+
+@dataclass
+class Served:
+    job_id: str
+    receipt: SignedReceipt
+    text: str
+    finish_reason: str
+
+
+def generate(engine: Engine, kind: str, body: dict[str, Any]) -> tuple[list[int], str, str, int]:
+    """Run ``engine`` on an OpenAI body: (token ids, text, finish_reason, prompt tokens)."""
+    request = generation_request(kind, body)
+
+    async def go() -> tuple[list[int], str, str, int]:
+        ids: list[int] = []
+        text = ""
+        finish = "length"
+        prompt_tokens = 0
+        async for event in engine.generate(request):
+            if isinstance(event, TokenDelta):
+                ids += event.token_ids
+                text += event.text
+            elif isinstance(event, GenerationEnd):
+                finish = event.finish_reason
+                prompt_tokens = event.prompt_tokens
+        return ids, text, finish, prompt_tokens
+
+    return run_sync(go())
+
+
+def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body: dict[str, Any],
+              kind: str = "chat", window_s: float = 3600.0) -> Served:
+    """Serve one job as a node would and store it as the market does."""
+    import time
+
+    body = {"model": engine.model.id, **body}
+    started = time.time()
+    ids, text, finish, prompt_tokens = generate(engine, kind, body)
+    request = generation_request(kind, body)
+    signed = build_receipt(
+        keypair=keypair, job_id="", engine=engine, request=request, output_text=text,
+        output_token_ids=ids, prompt_tokens=prompt_tokens, started_at=started,
+        finished_at=time.time(),
+    )
+    earning = billing.node_cost(prompt_tokens, len(ids), PRICE_IN, PRICE_OUT)
+    fee = billing.market_fee(earning, 1000)
+    with world.sessions.begin() as session:
+        job = Job(id=new_id("job"), account_id=world.account_id, model=engine.model.id, kind=kind, request=body,
+                  hold_amount=billing.hold_for(4096, body.get("max_tokens", 256), PRICE_IN,
+                                               PRICE_OUT, 1000))
+        billing.open_job(session, job)
+        session.flush()
+        job_id = job.id
+    # The receipt names the job: sign it now that the id exists.
+    signed = build_receipt(
+        keypair=keypair, job_id=job_id, engine=engine, request=request, output_text=text,
+        output_token_ids=ids, prompt_tokens=prompt_tokens, started_at=signed.body.started_at,
+        finished_at=signed.body.finished_at,
+    )
+    outcome = billing.Outcome(
+        status="completed", prompt_tokens=prompt_tokens, completion_tokens=len(ids),
+        finish_reason=finish,
+        segments=[billing.Segment(
+            node_id=node_id, seq=0, signed_receipt=signed.model_dump(mode="json"),
+            receipt_hash=signed.receipt_hash, signature=signed.signature, output_text=text,
+            prompt_tokens=prompt_tokens, completion_tokens=len(ids), node_earning=earning,
+            fee=fee,
+        )],
+    )
+    with world.sessions.begin() as session:
+        assert billing.finalize_job(session, job_id, outcome, challenge_window_s=window_s)
+    return Served(job_id=job_id, receipt=signed, text=text, finish_reason=finish)
+
+
+def redis_test_url(base: str) -> str:
+    """Database 15 of the test Redis server (flushed by the tests that use it)."""
+    head, _, tail = base.rstrip("/").rpartition("/")
+    if tail.isdigit():
+        return f"{head}/15"
+    return base.rstrip("/") + "/15"
+
+
+def worker_env(settings: MarketSettings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "AIDP_DATABASE_URL": settings.database_url,
+        "AIDP_BROKER_URL": settings.broker_url,
+        "AIDP_DATA_DIR": str(settings.data_dir),
+        "AIDP_CHALLENGE_WINDOW_S": str(settings.challenge_window_s),
+        "AIDP_VERIFY_FIRST_JOBS": str(settings.verify_first_jobs),
+        "AIDP_VERIFY_SAMPLE_RATE": str(settings.verify_sample_rate),
+        "AIDP_VERIFY_SCAN_INTERVAL_S": str(settings.verify_scan_interval_s),
+        "AIDP_SUSPEND_AFTER_FRAUDS": str(settings.suspend_after_frauds),
+        "AIDP_VERIFIER_THREADS": "2",
+    })
+    return env

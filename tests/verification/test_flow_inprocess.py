@@ -1,0 +1,90 @@
+"""Challenge-window flow in-process (no broker): honest settles, cheats are slashed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from market.models import LedgerEntry, Receipt, ReceiptEvent
+from market.verification import service
+from tests.verification.cheaters import EditingEngine, TruncatingEngine
+from tests.verification.conftest import World, make_settings, serve_job
+
+
+def _run_until_quiet(world: World, settings, rounds: int = 5) -> None:
+    for _ in range(rounds):
+        result = service.tick(world.sessions, settings)
+        for rid in result.dispatched:
+            service.verify(world.sessions, rid, settings)
+        if not result.dispatched and not result.decided and not result.settled:
+            break
+
+
+def test_honest_settles_and_cheats_are_slashed(world: World, db_url: str, tmp_path: Path,
+                                               honest_engine, different_model_engine) -> None:
+    settings = make_settings(db_url, tmp_path, verify_first_jobs=20)
+    honest_id, honest_kp = world.add_node(honest_engine)
+    body = {"messages": [{"role": "user", "content": "Name three colours."}],
+            "max_tokens": 24, "temperature": 0}
+    honest = serve_job(world, honest_id, honest_kp, honest_engine, body)
+
+    cheats = {}
+    for label, engine in {
+        "edit_text": EditingEngine(honest_engine, mode="text"),
+        "edit_tokens": EditingEngine(honest_engine, mode="tokens"),
+        "truncate": TruncatingEngine(honest_engine, fraction=0.4),
+        "other_model": different_model_engine,
+    }.items():
+        if label != "other_model":
+            engine.model = honest_engine.model
+        node_id, kp = world.add_node(honest_engine, stake=1_000_000)
+        cheats[label] = (node_id, serve_job(world, node_id, kp, engine, body))
+
+    before = world.balance()
+    _run_until_quiet(world, settings)
+
+    with world.sessions() as session:
+        r = session.execute(select(Receipt).where(Receipt.job_id == honest.job_id)).scalar_one()
+        assert r.state == "settled", r.state_reason
+        assert r.verification["outcome"] == "honest"
+        assert world.node(honest_id).earned_settled == r.node_earning
+        assert world.node(honest_id).reputation > 0.5
+        refunds = 0
+        for label, (node_id, served) in cheats.items():
+            r = session.execute(select(Receipt).where(Receipt.job_id == served.job_id)).scalar_one()
+            assert r.state == "slashed", (label, r.state, r.state_reason, r.verification)
+            assert r.verification["outcome"] == "fraud"
+            assert r.verification["slash"]["amount"] == min(10 * r.cost, 1_000_000)
+            node = world.node(node_id)
+            assert node.stake == 1_000_000 - r.verification["slash"]["amount"]
+            assert node.fraud_count == 1 and node.reputation == 0.25
+            assert node.earned_pending == 0 and node.earned_settled == 0
+            refunds += r.cost
+            events = session.execute(select(ReceiptEvent.to_state).where(
+                ReceiptEvent.receipt_id == r.id).order_by(ReceiptEvent.id)).scalars().all()
+            assert events == ["pending", "verifying", "slashed"]
+            kinds = set(session.execute(select(LedgerEntry.kind).where(
+                LedgerEntry.receipt_id == r.id)).scalars())
+            assert {"refund", "slash", "forfeit"} <= kinds
+        assert world.balance() == before + refunds
+    # Re-running is a no-op (idempotent transitions and journal keys).
+    _run_until_quiet(world, settings)
+    assert world.balance() == before + refunds
+
+
+def test_window_closes_unsampled_receipts(world: World, db_url: str, tmp_path: Path,
+                                          honest_engine) -> None:
+    settings = make_settings(db_url, tmp_path, verify_first_jobs=0, verify_sample_rate=0.0,
+                             verify_low_reputation=0.0)
+    node_id, kp = world.add_node(honest_engine)
+    body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8,
+            "temperature": 0}
+    served = serve_job(world, node_id, kp, honest_engine, body, window_s=0.0)
+    _run_until_quiet(world, settings)
+    with world.sessions() as session:
+        r = session.execute(select(Receipt).where(Receipt.job_id == served.job_id)).scalar_one()
+        assert r.state == "settled" and r.state_reason == "challenge window closed"
+        assert r.verification is None
+    assert world.node(node_id).earned_settled == r.node_earning
+    assert world.node(node_id).earned_pending == 0
