@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[market,node,transformers,dev]'
+	$(PIP) install -q -e '.[market,ledger,node,transformers,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

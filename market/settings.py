@@ -100,6 +100,25 @@ class MarketSettings(BaseSettings):
         description="JSON-RPC URL browsers use to read anchors; defaults to ledger_url when it is HTTP.",
     )
 
+    # --- chain settlement (market/chain; embedded defaults need no configuration) ------
+    chain_mint: str | None = Field(
+        default=None,
+        description="the real AIDP mint (mainnet); unset: a local mint created by chain init",
+    )
+    chain_treasury: str | None = Field(
+        default=None, description="an existing AIDP token account for fees and slashes"
+    )
+    min_stake: int = Field(
+        default=0, ge=0, description="base units a node must have staked to register; 0 = off"
+    )
+    chain_deposit_interval_s: float = 5.0  # deposit scan + allowance sync
+    chain_settle_interval_s: float = 30.0  # payouts, slashes, pulls, stake sync
+    chain_anchor_interval_s: float = 30.0  # Merkle roots of new receipts
+    chain_batch: int = 2000  # receipts per payout round / anchor
+    chain_confirm_timeout_s: float = 60.0
+    chain_demo_wallets: int = 2  # funded by `chain init` on local chains
+    chain_demo_tokens: int = 1_000_000_000  # AIDP base units per demo wallet
+
     @property
     def explorer_rpc_url(self) -> str | None:
         if self.ledger_public_url:

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -206,9 +207,11 @@ def build_transaction(
 
     ``signers`` may hold more keys than needed; a missing one is a ``ValueError`` naming it.
     """
-    msg = Message.new_with_blockhash(list(instructions), payer.pubkey(), blockhash)
+    payer_key = payer.pubkey()  # Keypair.pubkey() derives the key each call: once is enough
+    msg = Message.new_with_blockhash(list(instructions), payer_key, blockhash)
     required = list(msg.account_keys[: msg.header.num_required_signatures])
-    by_key = {k.pubkey(): k for k in (*signers, payer)}
+    by_key = {k.pubkey(): k for k in signers}
+    by_key[payer_key] = payer
     missing = [str(k) for k in required if k not in by_key]
     if missing:
         raise ValueError(f"transaction needs signatures of {', '.join(missing)}")
@@ -391,6 +394,59 @@ class Ledger(ABC):
         if st.state is TxState.PENDING:
             raise LedgerError(f"transaction {prepared.signature} not confirmed in {timeout}s")
         return prepared
+
+    async def drive(
+        self,
+        instructions: Sequence[Instruction],
+        payer: Keypair,
+        signers: Sequence[Keypair] = (),
+        *,
+        sent: PreparedTx | None,
+        mark_sent: Callable[[PreparedTx], Any],
+        timeout: float = 90.0,
+    ) -> TxStatus:
+        """Move one exactly-once transfer forward, from whatever state its record is in.
+
+        ``sent`` is what the record holds (None while ``planned``): signature, blockhash and
+        last valid block height (``raw`` may be empty; it is rebuilt). ``mark_sent`` (sync or
+        async) must durably record a new ``PreparedTx`` before it is broadcast; if it raises,
+        nothing is sent. Returns the status to record: confirmed / failed, expired (re-plan:
+        call again with ``sent=None``) or pending (call again later). The instructions must
+        be the ones originally planned, so a rebuild reproduces the recorded signature.
+        """
+        if sent is not None:
+            st = await self.status(sent.signature, sent.last_valid_block_height)
+            if st.state in (TxState.CONFIRMED, TxState.FAILED):
+                return st
+            if st.state is TxState.PENDING:  # may still land: resend the same bytes, never new ones
+                again = await self.prepare(
+                    instructions,
+                    payer,
+                    signers,
+                    blockhash=Hash.from_string(sent.blockhash),
+                    last_valid_block_height=sent.last_valid_block_height,
+                )
+                if again.signature != sent.signature:
+                    raise LedgerError(
+                        f"rebuilt transaction {again.signature} differs from recorded "
+                        f"{sent.signature}: the planned instructions changed"
+                    )
+                try:
+                    await self.submit(again)
+                except TransactionRejected:
+                    pass  # landed meanwhile, or its blockhash just expired: status tells
+                return await self.confirm(
+                    sent.signature, sent.last_valid_block_height, timeout=timeout
+                )
+            # expired: it can never land, so planning it again cannot pay twice
+        prepared = await self.prepare(instructions, payer, signers)
+        recorded = mark_sent(prepared)
+        if inspect.isawaitable(recorded):
+            await recorded
+        await self.submit(prepared)
+        return await self.confirm(
+            prepared.signature, prepared.last_valid_block_height, timeout=timeout
+        )
 
     async def airdrop(self, pubkey: Pubkey, lamports: int, *, timeout: float = 30.0) -> str:
         sig = await self.request_airdrop(pubkey, lamports)

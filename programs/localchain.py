@@ -202,6 +202,7 @@ class LocalChain:
         self._offset = int(meta["offset"])
         self.genesis_hash = Hash(hashlib.sha256(b"aidp-ledger/genesis" + self._seed).digest())
         self.faucet = Keypair.from_seed(hashlib.sha256(b"aidp-ledger/faucet" + self._seed).digest())
+        self.faucet_pubkey = self.faucet.pubkey()
         self._decimals: dict[Pubkey, int] = {}
         self._issued: dict[Hash, int] = {}
         self.svm = LiteSVM().with_blockhash_check(False)
@@ -224,7 +225,7 @@ class LocalChain:
                 restored += 1
         self.restored_accounts = restored
         self.svm.set_account(
-            self.faucet.pubkey(), Account(FAUCET_LAMPORTS, b"", spl.SYSTEM_PROGRAM_ID, False, 0)
+            self.faucet_pubkey, Account(FAUCET_LAMPORTS, b"", spl.SYSTEM_PROGRAM_ID, False, 0)
         )
         self._tick()
 
@@ -458,7 +459,7 @@ class LocalChain:
             self._db.executemany(
                 "INSERT OR IGNORE INTO tx_accounts VALUES (?, ?)", [(str(k), seq) for k in keys]
             )
-            self._snapshot([k for k in writable if k != self.faucet.pubkey()])
+            self._snapshot([k for k in writable if k != self.faucet_pubkey])
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -468,11 +469,11 @@ class LocalChain:
         """A real System transfer from the chain's faucet, logged like any transaction."""
         with self._lock:
             bh, _ = self.latest_blockhash()
-            ix = spl.sol_transfer(self.faucet.pubkey(), pubkey, lamports)
+            ix = spl.sol_transfer(self.faucet_pubkey, pubkey, lamports)
             # a memo with the time makes repeated identical airdrops distinct transactions
             nonce = spl.memo(f"airdrop:{time.time_ns()}")
             tx = Transaction.new_signed_with_payer(
-                [ix, nonce], self.faucet.pubkey(), [self.faucet], bh
+                [ix, nonce], self.faucet_pubkey, [self.faucet], bh
             )
             return self.send(tx, preflight=True)
 

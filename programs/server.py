@@ -19,6 +19,8 @@ from solders.message import Message, MessageV0
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -403,8 +405,16 @@ def create_app(chain: LocalChain) -> Starlette:
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
 
+    # browsers (the explorer verifying an anchor) call this endpoint from another origin,
+    # as they do public Solana RPC nodes
+    middleware = [
+        Middleware(
+            CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
+    ]
     app = Starlette(
-        routes=[Route("/", rpc, methods=["POST"]), Route("/health", health, methods=["GET"])]
+        middleware=middleware,
+        routes=[Route("/", rpc, methods=["POST"]), Route("/health", health, methods=["GET"])],
     )
     app.state.chain = chain
     return app

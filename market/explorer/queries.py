@@ -38,17 +38,12 @@ def receipts_query() -> Select[Any]:
     ).order_by(Receipt.created_at.desc(), Receipt.id.desc())
 
 
-async def overview_counts(session: AsyncSession, heartbeat_interval: float) -> dict[str, int]:
+async def overview_counts(session: AsyncSession) -> dict[str, int]:
     states = dict(
         (await session.execute(select(Receipt.state, func.count()).group_by(Receipt.state))).all()
     )
-    online_since = datetime.now(UTC) - timedelta(seconds=3 * heartbeat_interval)
     return {
         "jobs": await session.scalar(select(func.count()).select_from(Job)) or 0,
-        "nodes_online": await session.scalar(
-            select(func.count()).select_from(Node).where(Node.last_seen_at >= online_since)
-        )
-        or 0,
         "pending": states.get("pending", 0) + states.get("verifying", 0),
         "settled": states.get("settled", 0),
         "slashed": states.get("slashed", 0),

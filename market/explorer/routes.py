@@ -24,6 +24,7 @@ from protocol.receipt import ReceiptBody
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
+templates.env.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M:%S UTC") if v else "—"
 router = APIRouter(prefix="/explorer", include_in_schema=False)
 CHART_MINUTES = 30
 
@@ -84,7 +85,7 @@ def text(value: Any, href: str | None = None) -> dict[str, Any]:
 
 
 def when(value: Any) -> dict[str, Any]:
-    return text(value.strftime("%Y-%m-%d %H:%M:%S") if value else None)
+    return text(templates.env.filters["when"](value))
 
 
 def receipt_row(request: Request, receipt: Receipt, pubkey: str, model: str) -> list[dict[str, Any]]:
@@ -122,7 +123,8 @@ def transfer_row(transfer: ChainTransfer, decimals: int) -> list[dict[str, Any]]
 @router.get("", name="explorer_home")
 async def home(request: Request, session: AsyncSession = Depends(db_session)) -> HTMLResponse:
     settings = settings_of(request)
-    counts = await queries.overview_counts(session, settings.heartbeat_interval)
+    counts = await queries.overview_counts(session)
+    healthy, _ = request.app.state.market.registry.counts()
     jobs, minutes = await queries.jobs_per_minute(session, CHART_MINUTES)
     speeds, nodes = await queries.node_speeds(session)
     anchors = await queries.paginate(session, queries.anchors_query(), 1)
@@ -130,7 +132,7 @@ async def home(request: Request, session: AsyncSession = Depends(db_session)) ->
     settled = counts["settled_units"] / 10**settings.token_decimals
     return render(
         request, "index.html",
-        cards=[("jobs", counts["jobs"]), ("nodes online", counts["nodes_online"]),
+        cards=[("jobs", counts["jobs"]), ("nodes online", healthy),
                ("in challenge window", counts["pending"]), ("settled", counts["settled"]),
                ("slashed", counts["slashed"]), ("anchored receipts", counts["anchored"]),
                ("AIDP paid to nodes", f"{settled:.6f}")],

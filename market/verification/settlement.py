@@ -176,12 +176,13 @@ def decide_sampling(
 
 
 def request_challenge(session: Session, receipt: Receipt, *, now: datetime | None = None) -> bool:
-    """Mark a pending receipt challenged by its buyer; it is verified on the next tick."""
+    """Mark a pending receipt challenged by its buyer; it is verified on the next tick.
+    False when it is not pending, already challenged, or its window has closed."""
     now = now or utcnow()
     result = session.execute(
         update(Receipt)
         .where(Receipt.id == receipt.id, Receipt.state == "pending",
-               Receipt.window_closes_at > now)
+               Receipt.challenged.is_(False), Receipt.window_closes_at > now)
         .values(challenged=True)
         .execution_options(synchronize_session=False)
     )

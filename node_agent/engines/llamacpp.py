@@ -112,6 +112,7 @@ class LlamaCppEngine(Engine):
         self._scorer_lock = threading.Lock()
         self._formatter: Any = None
         self._primary: Any = None
+        self._eog: list[int] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -195,6 +196,15 @@ class LlamaCppEngine(Engine):
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(self.prompt_token_ids(request))
+
+    def eog_token_ids(self) -> list[int]:
+        """Every id llama.cpp treats as end of generation (EOS, EOT, ...)."""
+        self._require_started()
+        if self._eog is None:
+            vocab = self._primary._model.vocab
+            is_eog = self._llama_cpp.llama_vocab_is_eog
+            self._eog = [t for t in range(self._primary.n_vocab()) if is_eog(vocab, t)]
+        return list(self._eog)
 
     def decode(self, token_ids: list[int]) -> str:
         self._require_started()

@@ -61,6 +61,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
+_EOG_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -157,6 +158,9 @@ class TransformersEngine(Engine):
             eos.add(gen_eos)
         elif isinstance(gen_eos, list):
             eos.update(gen_eos)
+        # End-of-generation tokens llama.cpp also stops on, where the vocabulary has them.
+        vocab = self._tok.get_vocab()
+        eos.update(vocab[name] for name in _EOG_NAMES if name in vocab)
         self._eos = {int(e) for e in eos}
         max_pos = getattr(model.config, "max_position_embeddings", self.n_ctx) or self.n_ctx
         self.n_ctx = min(self.n_ctx, int(max_pos))
@@ -210,6 +214,10 @@ class TransformersEngine(Engine):
         if all(c in self._byte_decoder for c in text):
             return bytes(self._byte_decoder[c] for c in text)
         return text.replace("▁", " ").encode("utf-8")
+
+    def eog_token_ids(self) -> list[int]:
+        self._require_started()
+        return sorted(self._eos)
 
     def decode(self, token_ids: list[int]) -> str:
         return b"".join(self.piece(t) for t in token_ids).decode("utf-8", errors="replace")

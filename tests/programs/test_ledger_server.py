@@ -145,6 +145,49 @@ async def test_solana_py_typed_client_parses_every_answer(ledger_server):
         assert (await http.get(ledger_server.url + "/health")).text == "ok"
 
 
+async def test_browser_reads_an_anchor_cross_origin(ledger_server):
+    """What the explorer's JavaScript does: a cross-origin getTransaction (encoding json),
+    then the Memo instruction's base58 data."""
+    from programs.server import b58decode
+
+    led = open_ledger(ledger_server.url)
+    market = Keypair()
+    await led.airdrop(market.pubkey(), 10**9)
+    root = "cd" * 32
+    sent = await led.execute(S.anchor_instructions(market.pubkey(), root, 7), market)
+    await led.close()
+    origin = {"Origin": "http://127.0.0.1:8000"}
+    async with httpx.AsyncClient() as http:
+        pre = await http.options(
+            ledger_server.url,
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in (
+            "*",
+            origin["Origin"],
+        )
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "getTransaction",
+            "params": [sent.signature, {"encoding": "json", "maxSupportedTransactionVersion": 0}],
+        }
+        resp = await http.post(ledger_server.url, json=body, headers=origin)
+    assert resp.headers["access-control-allow-origin"] in ("*", origin["Origin"])
+    tx = resp.json()["result"]
+    message = tx["transaction"]["message"]
+    memos = [
+        b58decode(ix["data"]).decode()
+        for ix in message["instructions"]
+        if message["accountKeys"][ix["programIdIndex"]] == str(spl.MEMO_PROGRAM_ID)
+    ]
+    assert memos == [f"aidp:anchor:v1:{root}:7"] and tx["slot"] >= 1
+
+
 def test_cli_help_explains_usage():
     out = subprocess.run(
         [sys.executable, "-m", "programs.cli", "serve", "--help"],

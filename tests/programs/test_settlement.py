@@ -9,7 +9,7 @@ from solders.pubkey import Pubkey
 
 from programs import settlement as S
 from programs import spl
-from programs.ledger import AllowanceExceeded, TransactionRejected, TxState
+from programs.ledger import AllowanceExceeded, LedgerError, PreparedTx, TransactionRejected, TxState
 from protocol.merkle import merkle_root
 
 
@@ -271,3 +271,69 @@ async def test_send_returns_identity_before_confirmation_and_status_is_exact(mar
     assert st.state is TxState.FAILED
     assert await led.get_balance(buyer.pubkey()) == lamports - 5000
     assert (await led.get_transaction(bad.signature)).err == st.err
+
+
+async def test_drive_pays_exactly_once_across_crashes(market):
+    """The market's chain_transfers state machine, with crashes at every step."""
+    led, cfg = market.ledger, market.cfg
+    await led.execute(
+        [spl.mint_to_checked(cfg.mint_pk, cfg.deposit_pk, market.key.pubkey(), 10_000, 6)],
+        market.key,
+    )
+    node = Keypair().pubkey()
+
+    def payout(key: str) -> list:
+        return S.payout_instructions(cfg, S.NodePayout(str(node), 100, "ab" * 32, 1, key))
+
+    row: dict = {"sent": None}
+
+    async def record(prepared):
+        # called before broadcast: the chain has not seen it yet
+        assert (await led.signature_statuses([prepared.signature])) == [None]
+        row["sent"] = prepared
+
+    # 1. planned → confirmed in one go
+    st = await led.drive(payout("p1"), market.key, sent=None, mark_sent=record)
+    assert st.state is TxState.CONFIRMED and await market.tokens(node) == 100
+    # driving a confirmed record again sends nothing
+    first = row["sent"]
+    assert (
+        await led.drive(payout("p1"), market.key, sent=first, mark_sent=record)
+    ).state is TxState.CONFIRMED
+    assert row["sent"] == first and await market.tokens(node) == 100
+
+    # 2. crash after recording `sent`, before broadcasting: the same bytes go out later
+    class Crash(Exception):
+        pass
+
+    async def record_then_crash(prepared):
+        row["sent"] = prepared
+        raise Crash
+
+    with pytest.raises(Crash):
+        await led.drive(payout("p2"), market.key, sent=None, mark_sent=record_then_crash)
+    assert await market.tokens(node) == 100
+    # the recovery only knows the recorded columns (no raw bytes)
+    recorded = PreparedTx(
+        row["sent"].signature, row["sent"].blockhash, row["sent"].last_valid_block_height, b""
+    )
+    st = await led.drive(payout("p2"), market.key, sent=recorded, mark_sent=record)
+    assert st.state is TxState.CONFIRMED and row["sent"].signature == recorded.signature
+    assert await market.tokens(node) == 200
+
+    # 3. crash before broadcasting and the blockhash expires: re-planned under a new signature
+    with pytest.raises(Crash):
+        await led.drive(payout("p3"), market.key, sent=None, mark_sent=record_then_crash)
+    stale = row["sent"]
+    await led.advance_slots(151)
+    st = await led.drive(payout("p3"), market.key, sent=stale, mark_sent=record)
+    assert st.state is TxState.CONFIRMED and row["sent"].signature != stale.signature
+    assert (
+        await led.status(stale.signature, stale.last_valid_block_height)
+    ).state is TxState.EXPIRED
+    assert await market.tokens(node) == 300
+
+    # 4. changed instructions cannot masquerade as the recorded transfer
+    with pytest.raises(LedgerError, match="changed"):
+        fresh = await led.prepare(payout("p4"), market.key)
+        await led.drive(payout("p4-other"), market.key, sent=fresh, mark_sent=record)

@@ -1,0 +1,76 @@
+"""The chain layer's own tables (migration ``0003_chain``).
+
+``chain_transfers`` (in ``market.models``) is the exactly-once record of every on-chain
+movement; these tables say what each movement covers, so nothing is paid or anchored twice:
+
+* ``chain_payout_items`` — receipt → the payout transfer that pays it (a receipt is in
+  at most one: it is the primary key). Written when the round is *planned*.
+* ``chain_anchor_items`` — receipt → the anchor transfer whose Merkle tree holds it;
+  ``receipts.anchor_id`` and the ``anchors`` row are written once that lands.
+* ``chain_deposits`` — every deposit seen on chain, keyed by transaction signature,
+  ``credited`` to the account its memo names or ``unclaimed`` (never lost).
+* ``chain_allowances`` — buyer accounts funded by an SPL ``approve`` to the market.
+  ``credited`` is the part of the account's balance that stands for the live on-chain
+  allowance (see ``market.chain.allowance``).
+* ``chain_cursors`` — scan positions (e.g. the newest deposit signature examined).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from market.models import Base, utcnow
+
+
+class ChainPayoutItem(Base):
+    __tablename__ = "chain_payout_items"
+
+    receipt_id: Mapped[str] = mapped_column(ForeignKey("receipts.id"), primary_key=True)
+    transfer_id: Mapped[int] = mapped_column(ForeignKey("chain_transfers.id"), index=True)
+
+
+class ChainAnchorItem(Base):
+    __tablename__ = "chain_anchor_items"
+
+    receipt_id: Mapped[str] = mapped_column(ForeignKey("receipts.id"), primary_key=True)
+    transfer_id: Mapped[int] = mapped_column(ForeignKey("chain_transfers.id"), index=True)
+
+
+class ChainDeposit(Base):
+    __tablename__ = "chain_deposits"
+
+    signature: Mapped[str] = mapped_column(String(128), primary_key=True)
+    transfer_id: Mapped[int] = mapped_column(ForeignKey("chain_transfers.id"))
+    account_id: Mapped[str | None] = mapped_column(ForeignKey("accounts.id"), nullable=True)
+    memo: Mapped[str | None] = mapped_column(Text, nullable=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    source_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    slot: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # credited | unclaimed
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    credited_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class ChainAllowance(Base):
+    __tablename__ = "chain_allowances"
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    wallet: Mapped[str] = mapped_column(String(64))
+    credited: Mapped[int] = mapped_column(BigInteger, default=0)
+    delegated: Mapped[int] = mapped_column(BigInteger, default=0)  # last seen on chain
+    token_balance: Mapped[int] = mapped_column(BigInteger, default=0)  # last seen on chain
+    active: Mapped[bool] = mapped_column(Boolean, default=False)  # market is the delegate
+    pulls: Mapped[int] = mapped_column(Integer, default=0)  # pull counter (idempotency keys)
+    refreshed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ChainCursor(Base):
+    __tablename__ = "chain_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

