@@ -8,6 +8,8 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
+CHROMIUM := /usr/bin/chromium
+
 .PHONY: up test install clean lint bench
 
 $(BIN)/python:
@@ -21,10 +23,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# Debian's Chromium for the explorer's browser test (Playwright drives it; no browser download).
+$(CHROMIUM):
+	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "chromium could not be installed: the browser test will be skipped"
+
 up: install
 	$(BIN)/aidp-market up
 
-test: install
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from market import billing
 from market.db import Database
@@ -33,6 +34,7 @@ from market.ratelimit import RateLimiter
 from market.router import Router
 from market.settings import MarketSettings, get_settings
 from market.state import MarketState
+from market.writer import BatchWriter
 
 log = logging.getLogger("market.app")
 
@@ -43,6 +45,7 @@ ROUTERS: list[tuple[str, bool]] = [
     ("market.api.admin:router", True),
     ("market.verification.api:router", False),
     ("market.explorer.routes:router", False),
+    ("market.chain.api:router", False),
 ]
 
 FLUSH_EVERY_S = 5.0
@@ -107,22 +110,23 @@ async def _flush(state: MarketState) -> None:
         }
         for c in conns
     ]
-    fresh = await asyncio.to_thread(_flush_nodes_with_ids, state.db, rows)
+    fresh = await state.writer.submit(lambda session: _flush_nodes(session, rows))
     for conn in conns:
         if conn.node_id in fresh:
             conn.reputation, conn.suspended = fresh[conn.node_id]
         conn.dirty = False
 
 
-def _flush_nodes_with_ids(db: Database, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    ids = [row["id"] for row in rows]
-    with db.session() as session:
-        for row in rows:
-            values = {k: v for k, v in row.items() if k != "id"}
-            session.execute(update(Node).where(Node.id == row["id"]).values(**values))
-        result = session.execute(
-            select(Node.id, Node.reputation, Node.suspended).where(Node.id.in_(ids))
-        ).all()
+def _flush_nodes(session: Session, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write observed node stats; read back reputation and suspension (verification's)."""
+    for row in rows:
+        values = {k: v for k, v in row.items() if k != "id"}
+        session.execute(update(Node).where(Node.id == row["id"]).values(**values))
+    result = session.execute(
+        select(Node.id, Node.reputation, Node.suspended).where(
+            Node.id.in_([row["id"] for row in rows])
+        )
+    ).all()
     return {r[0]: (float(r[1]), bool(r[2])) for r in result}
 
 
@@ -145,7 +149,9 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
             router=Router(registry),
             metrics=Metrics(),
             ratelimiter=RateLimiter(settings.rate_limit_rpm),
+            writer=BatchWriter(db),
         )
+        state.writer.start()
         app.state.market = state
         monitor = asyncio.create_task(_monitor(state), name="node-monitor")
         try:
@@ -159,6 +165,7 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
                     await conn.ws.close(code=1001)
             if state.background:
                 await asyncio.wait(list(state.background), timeout=5)
+            await state.writer.stop()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
             await db.dispose()

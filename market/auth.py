@@ -7,6 +7,7 @@ revocation from another process (the CLI) takes effect within ``KEY_CACHE_TTL``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from market.errors import AuthenticationFailed
 from market.models import ApiKey
 from market.state import MarketState
 
-KEY_CACHE_TTL = 5.0
+KEY_CACHE_TTL = 10.0
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,30 @@ def _bearer(request: Request) -> str:
 
 async def lookup_key(state: MarketState, token: str) -> Buyer | None:
     digest = hash_key(token)
-    now = time.monotonic()
     cached = state.key_cache.get(digest)
-    if cached is not None and cached[2] > now:
+    if cached is not None and cached[2] > time.monotonic():
         return Buyer(account_id=cached[1], key_id=cached[0])
+    # One query per key at a time: concurrent requests with the same key share it.
+    inflight = state.key_lookups
+    waiting = inflight.get(digest)
+    if waiting is not None:
+        return await asyncio.shield(waiting)
+    future: asyncio.Future[Buyer | None] = asyncio.get_running_loop().create_future()
+    inflight[digest] = future
+    try:
+        buyer = await _query_key(state, digest)
+        future.set_result(buyer)
+        return buyer
+    except BaseException as exc:
+        future.set_exception(exc)
+        future.exception()  # retrieved: waiters re-raise it, nobody else needs to
+        raise
+    finally:
+        del inflight[digest]
+
+
+async def _query_key(state: MarketState, digest: str) -> Buyer | None:
+    now = time.monotonic()
     async with state.db.async_sessions() as session:
         row = (
             await session.execute(

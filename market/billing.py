@@ -18,11 +18,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from market.errors import InsufficientBalance, NotFound
-from market.models import Account, Job, LedgerEntry, Node, Receipt, ReceiptEvent, utcnow
+from market.models import (
+    Account,
+    Job,
+    LedgerEntry,
+    Node,
+    Receipt,
+    ReceiptEvent,
+    new_id,
+    utcnow,
+)
 
 MTOK = 1_000_000
 
@@ -62,8 +71,27 @@ def _journal_exists(session: Session, key: str) -> bool:
     )
 
 
+def _entry(
+    kind: str,
+    key: str,
+    amount: int,
+    at: datetime,
+    *,
+    account_id: str | None = None,
+    node_id: str | None = None,
+    job_id: str | None = None,
+    receipt_id: str | None = None,
+) -> dict[str, Any]:
+    """One journal row for a multi-row insert (every row carries every column)."""
+    return {"kind": kind, "idempotency_key": key, "amount": amount, "account_id": account_id,
+            "node_id": node_id, "job_id": job_id, "receipt_id": receipt_id, "memo": None,
+            "created_at": at}
+
+
 def _journal(session: Session, kind: str, key: str, amount: int, **refs: Any) -> None:
-    session.add(LedgerEntry(kind=kind, idempotency_key=key, amount=amount, **refs))
+    session.execute(
+        insert(LedgerEntry).values(kind=kind, idempotency_key=key, amount=amount, **refs)
+    )
 
 
 # ---- buyers' funds ------------------------------------------------------------------
@@ -103,7 +131,9 @@ def open_job(session: Session, job: Job) -> None:
             f"insufficient balance: this request may cost up to {amount} base units "
             "(worst case, held until it finishes)"
         )
-    session.add(job)
+    # Core inserts: this runs for every request, the ORM unit of work is not needed.
+    values = {c.key: getattr(job, c.key) for c in Job.__table__.columns}
+    session.execute(insert(Job).values({k: v for k, v in values.items() if v is not None}))
     if amount:
         _journal(session, "hold", f"hold:{job.id}", amount, account_id=job.account_id,
                  job_id=job.id)
@@ -189,41 +219,42 @@ def finalize_job(
         .where(Account.id == account_id)
         .values(balance=Account.balance - charged, held=Account.held - hold)
     )
-    if hold:
-        _journal(session, "release", f"release:{job_id}", hold, account_id=account_id,
-                 job_id=job_id)
-    if charged:
-        _journal(session, "charge", f"charge:{job_id}", charged, account_id=account_id,
-                 job_id=job_id)
-    if fee:
-        _journal(session, "fee", f"fee:{job_id}", fee, account_id=account_id, job_id=job_id)
-
+    entries = [
+        _entry(kind, f"{kind}:{job_id}", amount, now, account_id=account_id, job_id=job_id)
+        for kind, amount in (("release", hold), ("charge", charged), ("fee", fee))
+        if amount
+    ]
     window = now + timedelta(seconds=challenge_window_s)
+    receipts: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
     for seg in outcome.segments:
-        receipt = Receipt(
-            job_id=job_id,
-            node_id=seg.node_id,
-            seq=seg.seq,
-            receipt=seg.signed_receipt,
-            receipt_hash=seg.receipt_hash,
-            signature=seg.signature,
-            output_text=seg.output_text,
-            prompt_tokens=seg.prompt_tokens,
-            completion_tokens=seg.completion_tokens,
-            cost=seg.cost,
-            node_earning=seg.node_earning,
-            fee=seg.fee,
-            state="pending",
-            window_closes_at=window,
-            state_changed_at=now,
-            created_at=now,
-        )
-        session.add(receipt)
-        session.flush()
-        session.add(
-            ReceiptEvent(receipt_id=receipt.id, from_state=None, to_state="pending", at=now,
-                         reason="receipt accepted")
-        )
+        receipt_id = new_id("rcpt")
+        receipts.append({
+            "id": receipt_id,
+            "job_id": job_id,
+            "node_id": seg.node_id,
+            "seq": seg.seq,
+            "receipt": seg.signed_receipt,
+            "receipt_hash": seg.receipt_hash,
+            "signature": seg.signature,
+            "output_text": seg.output_text,
+            "prompt_tokens": seg.prompt_tokens,
+            "completion_tokens": seg.completion_tokens,
+            "cost": seg.cost,
+            "node_earning": seg.node_earning,
+            "fee": seg.fee,
+            "state": "pending",
+            "window_closes_at": window,
+            "state_changed_at": now,
+            "challenged": False,
+            "created_at": now,
+        })
+        events.append({"receipt_id": receipt_id, "from_state": None, "to_state": "pending",
+                       "at": now, "reason": "receipt accepted"})
+        if seg.node_earning:
+            entries.append(_entry("node_earning", f"node_earning:{receipt_id}", seg.node_earning,
+                                  now, node_id=seg.node_id, job_id=job_id,
+                                  receipt_id=receipt_id))
         session.execute(
             update(Node)
             .where(Node.id == seg.node_id)
@@ -232,9 +263,11 @@ def finalize_job(
                 jobs_total=Node.jobs_total + 1,
             )
         )
-        if seg.node_earning:
-            _journal(session, "node_earning", f"node_earning:{receipt.id}", seg.node_earning,
-                     node_id=seg.node_id, job_id=job_id, receipt_id=receipt.id)
+    if receipts:
+        session.execute(insert(Receipt), receipts)
+        session.execute(insert(ReceiptEvent), events)
+    if entries:
+        session.execute(insert(LedgerEntry), entries)
     return True
 
 

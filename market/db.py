@@ -5,9 +5,10 @@ drivers: ``sqlite+pysqlite`` / ``sqlite+aiosqlite`` and ``postgresql+psycopg`` (
 serves both the sync and the async engine). SQLite files get WAL mode, a busy timeout
 and foreign keys on every connection.
 
-The request path uses the async engine; Celery workers and the CLI use the sync one.
-Business logic is written once against a sync ``Session`` and called from async code
-through ``AsyncSession.run_sync``.
+The request path reads through the async engine and writes through
+:class:`market.writer.BatchWriter` (one writer, group commit, on the sync engine);
+Celery workers and the CLI use sync sessions. Business logic is written once against
+a sync ``Session``.
 """
 
 from __future__ import annotations
@@ -55,13 +56,28 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_connect_sync(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_connection, record)
+    # Let SQLAlchemy, not the sqlite3 module, emit BEGIN (so SAVEPOINTs work) ...
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # ... and take the write lock up front: a deferred transaction that reads and then
+    # writes can fail with "database is locked" without waiting for busy_timeout.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def make_sync_engine(url: str, **kwargs: Any) -> Engine:
+    """A sync engine. On SQLite every transaction is ``BEGIN IMMEDIATE``: writers queue
+    on the busy timeout instead of failing on a lock upgrade."""
     target = driver_url(url, async_=False)
     if target.get_backend_name() == "sqlite":
         _ensure_sqlite_dir(target)
         kwargs.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         engine = create_engine(target, **kwargs)
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect_sync)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(target, **kwargs)

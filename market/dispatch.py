@@ -106,7 +106,9 @@ class JobRunner:
                 ))
                 return
             try:
-                conn = self.state.router.choose(self.spec.model, self.spec.price_cap, tried)
+                conn = await self.state.router.acquire(
+                    self.spec.model, self.spec.price_cap, tried, settings.job_first_token_timeout
+                )
             except (NoHealthyNode, ModelNotFound) as exc:
                 if attempts and not self.token_ids:
                     exc = UpstreamFailed(
@@ -171,34 +173,50 @@ class JobRunner:
                 raise SegmentFailed("send_failed", f"could not send the job: {exc}") from exc
             keepalive = settings.sse_keepalive_s
             timeout = settings.job_first_token_timeout
+            pending: Any = None
+            silent_since: float | None = None
             while True:
-                deadline = time.monotonic() + timeout
-                while True:
-                    left = deadline - time.monotonic()
+                if pending is not None:
+                    message, pending = pending, None
+                elif not queue.empty():
+                    message = queue.get_nowait()
+                else:
+                    silent_since = silent_since or time.monotonic()
+                    left = silent_since + timeout - time.monotonic()
                     if left <= 0:
                         raise SegmentFailed("timeout", f"no message from the node in {timeout}s")
                     try:
                         message = await asyncio.wait_for(queue.get(), min(left, keepalive))
-                        break
                     except TimeoutError:
-                        if time.monotonic() < deadline:
-                            yield None
+                        yield None  # nothing yet: time for an SSE keep-alive
+                        continue
+                silent_since = None
                 if isinstance(message, Chunk):
-                    if not message.token_ids and not message.text:
+                    # Coalesce chunks that are already waiting: one delta, one write.
+                    texts, ids = [message.text], list(message.token_ids)
+                    while not queue.empty():
+                        following = queue.get_nowait()
+                        if not isinstance(following, Chunk):
+                            pending = following
+                            break
+                        texts.append(following.text)
+                        ids.extend(following.token_ids)
+                    text = "".join(texts)
+                    if not ids and not text:
                         continue
                     if first_at is None:
                         first_at = time.monotonic()
                         if self.first_token_at is None:
                             self.first_token_at = first_at
-                    seg_text.append(message.text)
-                    seg_ids.extend(message.token_ids)
-                    self.text_parts.append(message.text)
-                    self.token_ids.extend(message.token_ids)
+                    seg_text.append(text)
+                    seg_ids.extend(ids)
+                    self.text_parts.append(text)
+                    self.token_ids.extend(ids)
                     self._open_tokens = len(seg_ids)
                     self._open_price_out = conn.price_out
                     if len(seg_ids) > remaining:
                         raise SegmentFailed("over_max_tokens", "node sent more than max_tokens")
-                    yield message.text
+                    yield text
                 elif isinstance(message, Done):
                     finished = True
                     self._accept_done(conn, message, body, continuation_ids,
@@ -218,6 +236,7 @@ class JobRunner:
         finally:
             if conn.inflight.get(spec.job_id) is queue:
                 del conn.inflight[spec.job_id]
+                self.state.registry.notify()
             if not finished and not conn.closed:
                 # Abandoned (failover, timeout or the buyer went away): stop the node.
                 self.state.spawn(_send_quietly(conn, Cancel(job_id=spec.job_id)))

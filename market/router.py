@@ -15,6 +15,7 @@ the best one being herded on.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
 from collections.abc import Iterable
@@ -82,6 +83,32 @@ class Router:
         if len(ranked) == 1:
             return ranked[0][1]
         return self.rng.choice(ranked[:2])[1]
+
+    def ensure_available(self, model: str, cap: int | None = None) -> None:
+        """Raise 404/503 unless some healthy node serves ``model`` within ``cap`` (busy or not)."""
+        if not any(within_cap(c, cap) for c in self.registry.serving(model) if c.available):
+            self.choose(model, cap)  # raises the precise error
+
+    async def acquire(
+        self, model: str, cap: int | None, exclude: Iterable[str], timeout: float
+    ) -> NodeConn:
+        """Like :meth:`choose`, but when every suitable node is busy, wait (up to
+        ``timeout``) for one to free a slot instead of failing."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        excluded = set(exclude)
+        while True:
+            try:
+                return self.choose(model, cap, excluded)
+            except NoHealthyNode:
+                busy = any(
+                    c.available and within_cap(c, cap) and c.node_id not in excluded
+                    for c in self.registry.serving(model)
+                )
+                left = deadline - loop.time()
+                if not busy or left <= 0:
+                    raise
+                await self.registry.wait_changed(left)
 
     def max_price(self, model: str, cap: int | None = None) -> tuple[int, int]:
         """Highest (input, output) price among the nodes a job could land on (for holds)."""

@@ -12,6 +12,7 @@ from market.nodes.registry import NodeRegistry
 from market.ratelimit import RateLimiter
 from market.router import Router
 from market.settings import MarketSettings
+from market.writer import BatchWriter
 
 
 @dataclass
@@ -22,8 +23,11 @@ class MarketState:
     router: Router
     metrics: Metrics
     ratelimiter: RateLimiter
+    writer: BatchWriter
     # key sha256 -> (key id, account id, expires at monotonic)
     key_cache: dict[str, tuple[str, str, float]] = field(default_factory=dict)
+    # key sha256 -> the lookup in flight for it (concurrent misses share one query)
+    key_lookups: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task[Any]:

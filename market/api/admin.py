@@ -34,8 +34,8 @@ class Credit(BaseModel):
 
 
 async def _sync(request: Request, fn: Any, *args: Any) -> Any:
-    async with market_state(request).db.async_sessions.begin() as session:
-        return await session.run_sync(fn, *args)
+    """Run ``fn(session, *args)`` in one transaction (through the batch writer)."""
+    return await market_state(request).writer.submit(lambda session: fn(session, *args))
 
 
 @router.post("/accounts", status_code=201)

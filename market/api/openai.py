@@ -45,9 +45,7 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
     """Check the model and capacity, hold the worst case, store the job: one transaction."""
     settings = state.settings
     cap = body.max_price_per_mtok
-    state.router.check_model(body.model)
-    if not state.router.candidates(body.model, cap):
-        state.router.choose(body.model, cap)  # raises the precise 503
+    state.router.ensure_available(body.model, cap)
     sampling = body.sampling(settings.default_max_tokens)
     sampling["stop"] = [s for s in sampling["stop"] if s]
     price_in, price_out = state.router.max_price(body.model, cap)
@@ -70,8 +68,12 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         completion_tokens=0,
         failovers=0,
     )
-    async with state.db.async_sessions.begin() as session:
-        await session.run_sync(billing.open_job, job)
+    try:
+        await state.writer.submit(lambda session: billing.open_job(session, job))
+    except asyncio.CancelledError:
+        # The buyer left while the hold was being placed: release it once it is written.
+        state.spawn(finalize_unstarted(state, job.id))
+        raise
     spec = JobSpec(
         job_id=job.id,
         kind=body.kind,
@@ -87,10 +89,9 @@ async def finalize(state: MarketState, runner: JobRunner) -> None:
     outcome = runner.outcome()
     window = state.settings.challenge_window_s
     job_id = runner.spec.job_id
-    async with state.db.async_sessions.begin() as session:
-        await session.run_sync(
-            lambda s: billing.finalize_job(s, job_id, outcome, challenge_window_s=window)
-        )
+    await state.writer.submit(
+        lambda session: billing.finalize_job(session, job_id, outcome, challenge_window_s=window)
+    )
     metrics = state.metrics
     model = runner.spec.model
     if runner.first_token_at is not None:
@@ -98,6 +99,13 @@ async def finalize(state: MarketState, runner: JobRunner) -> None:
     metrics.tokens.labels(model, "prompt").inc(outcome.prompt_tokens)
     metrics.tokens.labels(model, "completion").inc(outcome.completion_tokens)
     metrics.charged.inc(sum(s.cost for s in outcome.segments) + outcome.unreceipted_charge)
+
+
+async def finalize_unstarted(state: MarketState, job_id: str) -> None:
+    outcome = billing.Outcome(status="cancelled", error="client disconnected")
+    await state.writer.submit(
+        lambda session: billing.finalize_job(session, job_id, outcome, challenge_window_s=0)
+    )
 
 
 async def _abandon(state: MarketState, runner: JobRunner, events: Any) -> None:

@@ -138,7 +138,9 @@ def plan_payout_round(session: Session, rt: ChainRuntime, *, limit: int) -> list
 
 def _stake_of_receipt(rt: ChainRuntime, session: Session, receipt_id: str) -> settlement.Stake:
     pubkey = session.execute(
-        select(Node.pubkey).join(Receipt, Receipt.node_id == Node.id).where(Receipt.id == receipt_id)
+        select(Node.pubkey)
+        .join(Receipt, Receipt.node_id == Node.id)
+        .where(Receipt.id == receipt_id)
     ).scalar_one()
     return rt.stake_of(pubkey)
 

@@ -7,6 +7,10 @@ anchor reserves its receipts). Then :func:`drive` moves rows along::
     planned ──prepare+commit──▶ sent(signature, blockhash, last_valid_block_height)
     sent ──status()──▶ confirmed        (handler's on_confirm runs in that same commit)
                    └─▶ expired / failed ──▶ re-sent with a new blockhash (same row, key, memo)
+    sent ──preflight rejected──▶ planned (it was never broadcast, so it can never land)
+
+(``failed``: landed with an error, only the fee moved. Unsent pulls the buyer's allowance
+no longer covers become ``cancelled``; see ``market.chain.allowance``.)
 
 ``sent`` is committed *before* the transaction is broadcast: a signed transaction's
 signature is known before it leaves (``Ledger.prepare``). After a crash anywhere, the next
@@ -15,8 +19,10 @@ blockhash still valid → the same bytes are rebuilt and re-broadcast (a duplica
 harmless: one signature lands at most once); unknown and expired → it can never land, so
 it is re-planned. Hence never twice, never lost.
 
-The instructions of a row are rebuilt from the row (its kind, amount, memo and the
-database) by the handler registered for its kind, so a row needs no pickled transaction.
+The chain side of that loop is ``programs.ledger.Ledger.drive``; this module keeps the
+rows. The instructions of a row are rebuilt from the row (its kind, amount, memo and the
+database) by the handler registered for its kind, so a row needs no stored transaction,
+and a rebuilt ``sent`` transaction reproduces the recorded signature.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from solders.hash import Hash
 from solders.instruction import Instruction
 from solders.keypair import Keypair
 from sqlalchemy import select, update
@@ -34,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from market.chain.runtime import ChainRuntime
 from market.models import ChainTransfer, utcnow
-from programs.ledger import PreparedTx, TransactionRejected, TxState, TxStatus
+from programs.ledger import LedgerError, PreparedTx, TransactionRejected, TxState, TxStatus
 
 log = logging.getLogger("market.chain")
 
@@ -42,8 +47,9 @@ log = logging.getLogger("market.chain")
 ACTIVE = ("planned", "sent", "expired", "failed")
 RESENDABLE = ("planned", "expired", "failed")
 
-#: test seam: called with ("sent" | "submitted", row ids) at the two crash points
-fault_hook: Callable[[str, list[int]], None] | None = None
+#: test seam: called with ("sent" | "landed", row id) at the two crash points — right
+#: after the ``sent`` row commits, and after the chain's verdict before it is recorded
+fault_hook: Callable[[str, int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,9 @@ def register(kind: str, handler: Handler) -> None:
 
 
 def _handler(kind: str) -> Handler:
-    if not HANDLERS:
-        import market.chain.allowance  # noqa: F401  (registers "pull")
+    if kind not in HANDLERS:
+        import market.chain.allowance  # noqa: F401  (registers pull)
+        import market.chain.bootstrap  # noqa: F401  (registers mint)
         import market.chain.settle  # noqa: F401  (registers payout, fee, slash, anchor)
     try:
         return HANDLERS[kind]
@@ -114,6 +121,10 @@ def active_ids(session: Session, kinds: Iterable[str]) -> list[int]:
     )
 
 
+class _Raced(Exception):
+    """Another worker moved the row first: this one sends nothing."""
+
+
 def _load(sessions: sessionmaker[Session], ids: Sequence[int]) -> list[ChainTransfer]:
     with sessions() as session:
         rows = session.execute(
@@ -123,74 +134,103 @@ def _load(sessions: sessionmaker[Session], ids: Sequence[int]) -> list[ChainTran
         return list(rows)
 
 
-async def _prepare(
-    rt: ChainRuntime,
-    sessions: sessionmaker[Session],
-    row: ChainTransfer,
-    *,
-    blockhash: Hash | None = None,
-    last_valid_block_height: int | None = None,
-) -> PreparedTx:
-    with sessions() as session:
-        instructions, signers = _handler(row.kind).build(rt, session, row)
-    return await rt.ledger.prepare(
-        instructions,
-        rt.market,
-        signers,
-        blockhash=blockhash,
-        last_valid_block_height=last_valid_block_height,
-    )
-
-
 def _finish(
     rt: ChainRuntime, sessions: sessionmaker[Session], row: ChainTransfer, st: TxStatus
 ) -> str:
     """Record the chain's verdict on a sent row (guarded by its signature)."""
+    if st.state is TxState.PENDING:
+        return "sent"
+    guard = (
+        ChainTransfer.id == row.id,
+        ChainTransfer.state == "sent",
+        ChainTransfer.signature == row.signature,
+    )
     with sessions.begin() as session:
         if st.state is TxState.CONFIRMED:
-            done = session.execute(
+            if session.execute(
+                update(ChainTransfer).where(*guard).values(state="confirmed", updated_at=utcnow())
+            ).rowcount != 1:
+                return "raced"
+            handler = _handler(row.kind)
+            if handler.on_confirm is not None:
+                handler.on_confirm(rt, session, row, st)
+            return "confirmed"
+        if st.state is TxState.FAILED:
+            log.warning("chain transfer %s (%s) landed with error %s; it will be re-sent",
+                        row.idempotency_key, row.signature, st.err)
+        new_state = "failed" if st.state is TxState.FAILED else "expired"
+        session.execute(update(ChainTransfer).where(*guard)
+                        .values(state=new_state, updated_at=utcnow()))
+        return new_state
+
+
+async def drive_one(rt: ChainRuntime, sessions: sessionmaker[Session], row: ChainTransfer,
+                    *, timeout: float) -> str:
+    """One row one step further: 'confirmed', 'sent' (in flight), 'expired'/'failed'/'planned'
+    (re-sent next time), 'raced' or 'error'."""
+    if row.state == "confirmed":
+        return "confirmed"
+    sent = None
+    if row.state == "sent":
+        sent = PreparedTx(row.signature or "", row.blockhash or "",
+                          int(row.last_valid_block_height or 0), b"")
+    with sessions() as session:
+        instructions, signers = _handler(row.kind).build(rt, session, row)
+
+    def mark_sent(prepared: PreparedTx) -> None:
+        with sessions.begin() as session:
+            if session.execute(
                 update(ChainTransfer)
-                .where(
-                    ChainTransfer.id == row.id,
-                    ChainTransfer.state == "sent",
-                    ChainTransfer.signature == row.signature,
-                )
-                .values(state="confirmed", updated_at=utcnow())
-            ).rowcount
-            if done == 1:
-                handler = _handler(row.kind)
-                if handler.on_confirm is not None:
-                    handler.on_confirm(rt, session, row, st)
-                return "confirmed"
-            return "raced"
-        if st.state in (TxState.EXPIRED, TxState.FAILED):
-            new_state = "expired" if st.state is TxState.EXPIRED else "failed"
-            if st.state is TxState.FAILED:
-                log.warning("chain transfer %s (%s) landed with error %s; will re-send",
-                            row.idempotency_key, row.signature, st.err)
+                .where(ChainTransfer.id == row.id, ChainTransfer.state == row.state,
+                       ChainTransfer.signature.is_(None) if row.signature is None
+                       else ChainTransfer.signature == row.signature)
+                .values(state="sent", signature=prepared.signature,
+                        blockhash=prepared.blockhash,
+                        last_valid_block_height=prepared.last_valid_block_height,
+                        updated_at=utcnow())
+            ).rowcount != 1:
+                raise _Raced
+        row.state, row.signature = "sent", prepared.signature
+        row.blockhash = prepared.blockhash
+        row.last_valid_block_height = prepared.last_valid_block_height
+        if fault_hook is not None:
+            fault_hook("sent", row.id)
+
+    try:
+        st = await rt.ledger.drive(instructions, rt.market, signers, sent=sent,
+                                   mark_sent=mark_sent, timeout=timeout)
+    except _Raced:
+        return "raced"
+    except TransactionRejected as exc:
+        # Preflight refused it: not broadcast, it can never land. Back to planned.
+        log.warning("chain transfer %s rejected: %s", row.idempotency_key, exc)
+        with sessions.begin() as session:
             session.execute(
                 update(ChainTransfer)
-                .where(
-                    ChainTransfer.id == row.id,
-                    ChainTransfer.state == "sent",
-                    ChainTransfer.signature == row.signature,
-                )
-                .values(state=new_state, updated_at=utcnow())
+                .where(ChainTransfer.id == row.id, ChainTransfer.state == "sent",
+                       ChainTransfer.signature == row.signature)
+                .values(state="planned", signature=None, blockhash=None,
+                        last_valid_block_height=None, updated_at=utcnow())
             )
-            return new_state
-    return "sent"
+        return "planned"
+    except LedgerError as exc:
+        log.error("chain transfer %s: %s", row.idempotency_key, exc)
+        return "error"
+    if fault_hook is not None:
+        fault_hook("landed", row.id)
+    return _finish(rt, sessions, row, st)
 
 
 @dataclass
 class DriveResult:
-    confirmed: int = 0
-    sent: int = 0  # still in flight (sent, not yet confirmed)
-    retry: int = 0  # rejected at preflight / expired / failed: re-sent next time
-    errors: list[str] | None = None
+    counts: dict[str, int]
+
+    @property
+    def confirmed(self) -> int:
+        return self.counts.get("confirmed", 0)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"confirmed": self.confirmed, "in_flight": self.sent, "retry": self.retry,
-                "errors": self.errors or []}
+        return dict(self.counts)
 
 
 async def drive(
@@ -200,103 +240,15 @@ async def drive(
     *,
     timeout: float | None = None,
 ) -> DriveResult:
-    """Move the given rows towards ``confirmed``; safe to call again at any time."""
-    result = DriveResult(errors=[])
+    """Move the given rows towards ``confirmed``; safe to call again at any time, from
+    any process. A row that fails to build or send is logged and left for the next run."""
     timeout = rt.settings.chain_confirm_timeout_s if timeout is None else timeout
-    waiting: list[ChainTransfer] = []
-    resend: list[ChainTransfer] = []
-
-    # 1. resolve rows a previous run sent (maybe before crashing)
+    counts: dict[str, int] = {}
     for row in _load(sessions, ids):
-        if row.state == "sent":
-            st = await rt.ledger.status(row.signature or "", int(row.last_valid_block_height or 0))
-            if st.state is TxState.PENDING:
-                # still able to land: re-broadcast the very same bytes, never new ones
-                prepared = await _prepare(
-                    rt, sessions, row, blockhash=Hash.from_string(row.blockhash or ""),
-                    last_valid_block_height=row.last_valid_block_height,
-                )
-                if prepared.signature == row.signature:
-                    try:
-                        await rt.ledger.submit(prepared)
-                    except Exception as exc:  # noqa: BLE001 - it may have landed already
-                        log.info("re-broadcast of %s: %s", row.signature, exc)
-                waiting.append(row)
-                continue
-            outcome = _finish(rt, sessions, row, st)
-            if outcome == "confirmed":
-                result.confirmed += 1
-            elif outcome in ("expired", "failed"):
-                row.state = outcome
-                resend.append(row)
-        elif row.state in RESENDABLE:
-            resend.append(row)
-
-    # 2. sign every row to (re)send, then record them all as sent in one commit
-    prepared_rows: list[tuple[ChainTransfer, PreparedTx]] = []
-    for row in resend:
         try:
-            prepared_rows.append((row, await _prepare(rt, sessions, row)))
-        except Exception as exc:  # noqa: BLE001 - one bad row must not stop the others
-            log.exception("cannot build chain transfer %s", row.idempotency_key)
-            result.errors.append(f"{row.idempotency_key}: {exc}")
-    to_submit: list[tuple[ChainTransfer, PreparedTx]] = []
-    if prepared_rows:
-        with sessions.begin() as session:
-            for row, prepared in prepared_rows:
-                done = session.execute(
-                    update(ChainTransfer)
-                    .where(ChainTransfer.id == row.id, ChainTransfer.state == row.state)
-                    .values(
-                        state="sent",
-                        signature=prepared.signature,
-                        blockhash=prepared.blockhash,
-                        last_valid_block_height=prepared.last_valid_block_height,
-                        updated_at=utcnow(),
-                    )
-                ).rowcount
-                if done == 1:
-                    to_submit.append((row, prepared))
-    if fault_hook is not None and to_submit:
-        fault_hook("sent", [row.id for row, _ in to_submit])
-
-    # 3. broadcast
-    for row, prepared in to_submit:
-        row.state, row.signature = "sent", prepared.signature
-        row.blockhash = prepared.blockhash
-        row.last_valid_block_height = prepared.last_valid_block_height
-        try:
-            await rt.ledger.submit(prepared)
-        except TransactionRejected as exc:
-            # Preflight refused it: it was not broadcast and can never land. Back to planned.
-            log.warning("chain transfer %s rejected: %s", row.idempotency_key, exc)
-            result.errors.append(f"{row.idempotency_key}: {exc}")
-            with sessions.begin() as session:
-                session.execute(
-                    update(ChainTransfer)
-                    .where(ChainTransfer.id == row.id, ChainTransfer.state == "sent",
-                           ChainTransfer.signature == prepared.signature)
-                    .values(state="planned", signature=None, blockhash=None,
-                            last_valid_block_height=None, updated_at=utcnow())
-                )
-            result.retry += 1
-            continue
-        except Exception as exc:  # noqa: BLE001 - unknown: status() will tell later
-            log.warning("broadcast of %s failed: %s", row.idempotency_key, exc)
-        waiting.append(row)
-    if fault_hook is not None and to_submit:
-        fault_hook("submitted", [row.id for row, _ in to_submit])
-
-    # 4. wait for the chain's verdict
-    for row in waiting:
-        st = await rt.ledger.confirm(
-            row.signature or "", int(row.last_valid_block_height or 0), timeout=timeout
-        )
-        outcome = _finish(rt, sessions, row, st)
-        if outcome == "confirmed":
-            result.confirmed += 1
-        elif outcome == "sent":
-            result.sent += 1
-        elif outcome != "raced":
-            result.retry += 1
-    return result
+            outcome = await drive_one(rt, sessions, row, timeout=timeout)
+        except Exception:  # noqa: BLE001 - one bad row must not stop the others
+            log.exception("chain transfer %s", row.idempotency_key)
+            outcome = "error"
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return DriveResult(counts)

@@ -137,8 +137,7 @@ async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str
     if not verify(hello.pubkey, LINK_AUTH_DOMAIN, bytes.fromhex(nonce), auth.signature):
         raise HandshakeFailed("auth signature does not verify for this pubkey and challenge")
 
-    async with state.db.async_sessions.begin() as session:
-        info = await session.run_sync(register_node, hello)
+    info = await state.writer.submit(lambda session: register_node(session, hello))
     if info["suspended"]:
         raise HandshakeFailed("node is suspended")
     return hello, info

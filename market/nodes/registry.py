@@ -109,21 +109,32 @@ class NodeRegistry:
     def __init__(self) -> None:
         self.links: dict[str, NodeConn] = {}
         self.known_models: set[str] = set()
-        self.changed = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        """Capacity or membership changed: wake jobs waiting for a free node."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
 
     def add(self, conn: NodeConn) -> NodeConn | None:
         """Register a link; returns the older link of the same node, if any (to close)."""
         previous = self.links.get(conn.node_id)
         self.links[conn.node_id] = conn
         self.known_models.update(conn.models)
-        self.changed.set()
+        self.notify()
         return previous
 
     def remove(self, conn: NodeConn) -> None:
         conn.closed = True
         if self.links.get(conn.node_id) is conn:
             del self.links[conn.node_id]
-        self.changed.set()
+        self.notify()
 
     def serving(self, model: str) -> list[NodeConn]:
         return [c for c in self.links.values() if model in c.models]

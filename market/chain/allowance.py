@@ -1,0 +1,192 @@
+"""Non-custodial funding: a buyer ``approve``s the market as delegate of their AIDP account.
+
+The seam into billing is the account's own ``balance`` — billing's hold check
+(``balance − held >= hold``) is untouched. For an account with an allowance::
+
+    balance = credited + pulled − charged (+ deposits − refunds, as for anyone)
+
+where ``credited`` (``chain_allowances.credited``) is the spendable on-chain allowance
+last seen, ``min(delegated amount, token balance)`` and 0 once revoked. So
+``balance − held`` is exactly "on-chain allowance minus what is held or owed".
+
+* :func:`sync` reads each allowance from chain and moves ``balance`` by the change of
+  ``credited`` (journal ``allowance:…``). A revoked allowance drops ``credited`` to 0,
+  the balance falls to what was pulled minus charged (≤ 0 while anything is owed), and
+  the next request gets 402.
+* :func:`plan_pulls` pulls what is owed (``credited − balance``), never more than the live
+  allowance, with ``transfer_checked`` as delegate (memo ``aidp:pull:v1:<account>.<n>``).
+  A confirmed pull of X lowers ``credited`` by X (the chain's allowance fell by X) and
+  leaves ``balance`` alone: the owed charges are now paid. While a pull is in flight the
+  account is not synced, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from solders.instruction import Instruction
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from sqlalchemy import exists, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from market.chain import transfers
+from market.chain.models import ChainAllowance
+from market.chain.runtime import ChainRuntime
+from market.errors import BadRequest, NotFound
+from market.models import Account, ChainTransfer, LedgerEntry, new_id, utcnow
+from programs import settlement
+from programs.ledger import TxStatus
+
+
+def register(session: Session, account_id: str, wallet: str) -> ChainAllowance:
+    """Fund ``account_id`` from ``wallet``'s approval (the next :func:`sync` reads it)."""
+    try:
+        Pubkey.from_string(wallet)
+    except ValueError:
+        raise BadRequest(f"not a Solana address: {wallet!r}", param="wallet") from None
+    account = session.get(Account, account_id)
+    if account is None:
+        raise NotFound(f"no account {account_id}")
+    row = session.get(ChainAllowance, account_id)
+    if row is None:
+        row = ChainAllowance(account_id=account_id, wallet=wallet, credited=0, delegated=0,
+                             token_balance=0, active=False, pulls=0, created_at=utcnow())
+        session.add(row)
+    elif row.wallet != wallet:
+        if row.credited:
+            raise BadRequest("sync or revoke the current wallet's allowance first", param="wallet")
+        row.wallet = wallet
+    account.wallet = wallet
+    session.flush()
+    return row
+
+
+def _pull_in_flight(account_id: str):  # type: ignore[no-untyped-def]
+    return exists().where(
+        ChainTransfer.kind == "pull",
+        ChainTransfer.state.in_(transfers.ACTIVE),
+        ChainTransfer.idempotency_key.like(f"pull:{account_id}.%"),
+    )
+
+
+@dataclass
+class SyncResult:
+    synced: int = 0
+    changed: dict[str, int] = field(default_factory=dict)  # account → balance change
+
+
+async def sync(rt: ChainRuntime, sessions: sessionmaker[Session],
+               account_ids: list[str] | None = None) -> SyncResult:
+    with sessions() as session:
+        query = select(ChainAllowance.account_id, ChainAllowance.wallet, ChainAllowance.credited)
+        if account_ids is not None:
+            query = query.where(ChainAllowance.account_id.in_(account_ids))
+        rows = session.execute(query).all()
+    result = SyncResult()
+    for account_id, wallet, credited in rows:
+        owner = Pubkey.from_string(wallet)
+        live = await settlement.allowance(rt.ledger, rt.cfg, owner)
+        ta = await rt.ledger.token_account(rt.cfg.ata(owner))
+        with sessions.begin() as session:
+            if session.execute(select(_pull_in_flight(account_id))).scalar():
+                continue  # its credited amount moves when the pull confirms
+            done = session.execute(
+                update(ChainAllowance)
+                .where(ChainAllowance.account_id == account_id,
+                       ChainAllowance.credited == credited)
+                .values(credited=live,
+                        delegated=ta.delegated_amount if ta and ta.delegate else 0,
+                        token_balance=ta.amount if ta else 0,
+                        active=bool(ta and ta.delegate == rt.cfg.market_pk and ta.state == 1),
+                        refreshed_at=utcnow())
+            ).rowcount
+            if done != 1:
+                continue  # another sync moved it: its view wins
+            result.synced += 1
+            delta = live - credited
+            if delta:
+                session.execute(update(Account).where(Account.id == account_id)
+                                .values(balance=Account.balance + delta))
+                session.add(LedgerEntry(
+                    kind="allowance", idempotency_key=new_id(f"allowance:{account_id}"),
+                    amount=delta, account_id=account_id,
+                    memo=f"on-chain allowance of {wallet} is now {live}",
+                ))
+                result.changed[account_id] = delta
+    return result
+
+
+# ---- pulls ----------------------------------------------------------------------------------
+
+
+def _key_of(row: ChainTransfer) -> tuple[str, str]:
+    memo = settlement.parse_memo(row.memo)
+    if memo is None or memo.kind != "pull":
+        raise ValueError(f"chain transfer {row.idempotency_key}: unexpected memo {row.memo!r}")
+    key = memo.fields[0]
+    return key.rsplit(".", 1)[0], key
+
+
+def _build_pull(
+    rt: ChainRuntime, session: Session, row: ChainTransfer
+) -> tuple[list[Instruction], list[Keypair]]:
+    account_id, key = _key_of(row)
+    wallet = session.execute(
+        select(ChainAllowance.wallet).where(ChainAllowance.account_id == account_id)
+    ).scalar_one()
+    return settlement.pull_instructions(rt.cfg, Pubkey.from_string(wallet), row.amount, key), []
+
+
+def _confirm_pull(rt: ChainRuntime, session: Session, row: ChainTransfer, st: TxStatus) -> None:
+    account_id, key = _key_of(row)
+    session.execute(update(ChainAllowance).where(ChainAllowance.account_id == account_id)
+                    .values(credited=ChainAllowance.credited - row.amount))
+    session.add(LedgerEntry(kind="pull", idempotency_key=f"chain:pull:{key}", amount=row.amount,
+                            account_id=account_id, memo=f"pulled on chain {row.signature}"))
+
+
+transfers.register("pull", transfers.Handler(_build_pull, _confirm_pull))
+
+
+async def plan_pulls(rt: ChainRuntime, sessions: sessionmaker[Session]) -> list[int]:
+    """Plan one pull per account that owes charges; cancel unsent pulls the allowance no
+    longer covers (nothing moved for them) so a revocation is never blocked."""
+    with sessions() as session:
+        rows = session.execute(
+            select(ChainAllowance.account_id, ChainAllowance.wallet, ChainAllowance.credited,
+                   Account.balance)
+            .join(Account, Account.id == ChainAllowance.account_id)
+        ).all()
+        unsent = session.execute(
+            select(ChainTransfer.id, ChainTransfer.idempotency_key, ChainTransfer.amount,
+                   ChainTransfer.state)
+            .where(ChainTransfer.kind == "pull", ChainTransfer.state.in_(transfers.RESENDABLE))
+        ).all()
+    live: dict[str, int] = {}
+    for account_id, wallet, _credited, _balance in rows:
+        live[account_id] = await settlement.allowance(rt.ledger, rt.cfg, Pubkey.from_string(wallet))
+    ids: list[int] = []
+    with sessions.begin() as session:
+        for tid, key, amount, state in unsent:
+            account_id = key.removeprefix("pull:").rsplit(".", 1)[0]
+            if amount > live.get(account_id, 0):
+                session.execute(update(ChainTransfer)
+                                .where(ChainTransfer.id == tid, ChainTransfer.state == state)
+                                .values(state="cancelled", updated_at=utcnow()))
+        for account_id, _wallet, credited, balance in rows:
+            owed = credited - balance
+            amount = min(owed, live[account_id])
+            if amount <= 0 or session.execute(select(_pull_in_flight(account_id))).scalar():
+                continue
+            allowance = session.get(ChainAllowance, account_id)
+            assert allowance is not None
+            allowance.pulls += 1
+            key = f"{account_id}.{allowance.pulls}"
+            row = transfers.plan(
+                session, kind="pull", key=f"pull:{key}", amount=amount,
+                from_address=str(rt.cfg.ata(Pubkey.from_string(allowance.wallet))),
+                to_address=rt.cfg.deposit, memo=settlement.keyed_memo("pull", key),
+            )
+            ids.append(row.id)
+    return ids

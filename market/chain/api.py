@@ -1,0 +1,91 @@
+"""Public chain endpoints.
+
+* ``GET /v1/receipts/{receipt_hash}/proof`` (no key): the receipt's Merkle inclusion
+  proof against the root anchored on chain —
+  ``{receipt_hash, anchor: {root, tx_signature, slot} | null, proof: [{sibling, side}]}``.
+  Leaves are the anchor's receipt hashes sorted ascending, the order the anchoring task
+  built the tree in; ``protocol.merkle.verify_inclusion`` (or the explorer's JS) checks it.
+* ``GET /v1/chain`` (no key): where and how to pay — mint, deposit account, memo format.
+* ``POST /v1/chain/allowance`` (API key): ``{"wallet": "<base58>"}`` registers the wallet
+  whose ``approve`` to the market funds this account (read from chain by the worker).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from market.auth import Buyer, authenticate, market_state
+from market.chain import allowance
+from market.chain.runtime import ChainNotInitialized, load_identity
+from market.errors import NotFound
+from market.models import Anchor, Receipt
+from protocol.merkle import inclusion_proof
+
+router = APIRouter()
+
+
+def proof_view(session: Session, receipt_hash: str) -> dict[str, Any]:
+    receipt_hash = receipt_hash.lower()
+    row = session.execute(
+        select(Receipt.anchor_id).where(Receipt.receipt_hash == receipt_hash)
+    ).first()
+    if row is None:
+        raise NotFound(f"No receipt {receipt_hash!r}.", param="receipt_hash",
+                       code="receipt_not_found")
+    body: dict[str, Any] = {"receipt_hash": receipt_hash, "anchor": None, "proof": []}
+    anchor = session.get(Anchor, row.anchor_id) if row.anchor_id is not None else None
+    if anchor is None or not anchor.tx_signature:
+        return body
+    leaves = sorted(session.execute(
+        select(Receipt.receipt_hash).where(Receipt.anchor_id == anchor.id)
+    ).scalars())
+    body["anchor"] = {"root": anchor.merkle_root, "tx_signature": anchor.tx_signature,
+                      "slot": anchor.slot, "receipt_count": anchor.receipt_count}
+    body["proof"] = [{"sibling": s.sibling, "side": s.side}
+                     for s in inclusion_proof(leaves, leaves.index(receipt_hash))]
+    return body
+
+
+@router.get("/v1/receipts/{receipt_hash}/proof")
+async def receipt_proof(receipt_hash: str, request: Request) -> Any:
+    async with market_state(request).db.async_sessions() as session:
+        return await session.run_sync(proof_view, receipt_hash)
+
+
+@router.get("/v1/chain")
+async def chain_info(request: Request) -> Any:
+    settings = market_state(request).settings
+    try:
+        cfg, market, arbiter = load_identity(settings)
+    except ChainNotInitialized:
+        raise NotFound("Chain settlement is not initialized on this market.",
+                       code="chain_not_initialized") from None
+    return {
+        "mint": cfg.mint, "decimals": cfg.decimals, "market": cfg.market,
+        "deposit_account": cfg.deposit, "treasury": cfg.treasury,
+        "arbiter": str(arbiter.pubkey()), "rpc_url": settings.explorer_rpc_url,
+        "deposit_memo": "aidp:deposit:v1:<account id>",
+        "allowance_delegate": str(market.pubkey()),
+    }
+
+
+class AllowanceBody(BaseModel):
+    wallet: str
+
+
+@router.post("/v1/chain/allowance")
+async def register_allowance(body: AllowanceBody, request: Request,
+                             buyer: Buyer = Depends(authenticate)) -> Any:
+    def apply(session: Session) -> dict[str, Any]:
+        row = allowance.register(session, buyer.account_id, body.wallet)
+        return {"account_id": row.account_id, "wallet": row.wallet, "credited": row.credited,
+                "active": row.active}
+
+    async with market_state(request).db.async_sessions() as session:
+        async with session.begin():
+            return await session.run_sync(apply)

@@ -1,0 +1,192 @@
+"""``aidp-market chain init|status|reconcile|tick|allowance|claim``: on-chain settlement.
+
+    aidp-market chain init        # keys, mint, deposit + treasury accounts, demo wallets
+    aidp-market chain status      # addresses, balances, transfers by state
+    aidp-market chain reconcile   # DB vs chain to the base unit; exit 1 on a difference
+    aidp-market chain tick        # run funding, settle and anchor steps once (no Celery)
+
+The ledger is AIDP_LEDGER_URL: "inprocess" (a chain under AIDP_DATA_DIR/ledger, one
+process at a time) or a JSON-RPC URL such as `aidp-ledger serve`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+EPILOG = """examples:
+  aidp-market chain init
+  AIDP_LEDGER_URL=http://127.0.0.1:8899 aidp-market chain reconcile
+  aidp-market chain allowance acct_0123 7Yx...wallet   # fund an account from an approve()"""
+
+
+def _sessions():  # type: ignore[no-untyped-def]
+    from market.db import sync_session_factory
+    from market.migrate import upgrade
+    from market.settings import get_settings
+
+    url = get_settings().database_url
+    upgrade(url)
+    return sync_session_factory(url, null_pool=True)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from market.chain.bootstrap import init
+    from market.settings import get_settings
+
+    settings = get_settings()
+    result = asyncio.run(init(settings, _sessions(), demo_wallets=args.demo_wallets))
+    cfg = result.cfg
+    print(f"chain ready on {settings.ledger_url}")
+    for label, value in [("mint", f"{cfg.mint} ({cfg.decimals} decimals)"),
+                         ("market", cfg.market), ("arbiter", result.arbiter),
+                         ("deposit", cfg.deposit), ("treasury", cfg.treasury)]:
+        print(f"  {label:<9} {value}")
+    for pubkey, path in result.demo_wallets:
+        print(f"  demo      {pubkey} ({path})")
+    print("created:" if result.created else "nothing to do: everything was in place")
+    for line in result.created:
+        print(f"  {line}")
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from market.chain.reconcile import reconcile, render
+    from market.chain.runtime import open_runtime
+    from market.settings import get_settings
+
+    sessions = _sessions()
+
+    async def run() -> list[Any]:
+        async with open_runtime(get_settings()) as rt:
+            return await reconcile(rt, sessions)
+
+    lines = asyncio.run(run())
+    print(render(lines))
+    return 0 if all(line.ok for line in lines) else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from sqlalchemy import func, select
+
+    from market.chain.runtime import open_runtime
+    from market.chain.settle import unpaid_settled
+    from market.models import ChainTransfer
+    from market.settings import get_settings
+
+    sessions = _sessions()
+
+    async def run() -> dict[str, Any]:
+        async with open_runtime(get_settings()) as rt:
+            cfg = rt.cfg
+            with sessions() as session:
+                states = session.execute(
+                    select(ChainTransfer.kind, ChainTransfer.state, func.count(),
+                           func.coalesce(func.sum(ChainTransfer.amount), 0))
+                    .group_by(ChainTransfer.kind, ChainTransfer.state)
+                ).all()
+                unpaid = unpaid_settled(session)
+            return {
+                "ledger": rt.settings.ledger_url,
+                "mint": cfg.mint,
+                "market": {"address": cfg.market,
+                           "lamports": await rt.ledger.get_balance(cfg.market_pk)},
+                "arbiter": str(rt.arbiter.pubkey()),
+                "deposit": {"address": cfg.deposit,
+                            "balance": await rt.ledger.token_balance(cfg.deposit_pk)},
+                "treasury": {"address": cfg.treasury,
+                             "balance": await rt.ledger.token_balance(cfg.treasury_pk)},
+                "transfers": [{"kind": k, "state": s, "count": n, "amount": int(a)}
+                              for k, s, n, a in states],
+                "unpaid_settled_receipts": {"count": unpaid[0], "node_earnings": unpaid[1]},
+            }
+
+    print(json.dumps(asyncio.run(run()), indent=2))
+    return 0
+
+
+def _tick(args: argparse.Namespace) -> int:
+    from market.chain.service import run_steps
+    from market.settings import get_settings
+
+    steps = args.steps or ["funding", "settle", "anchor"]
+    unknown = sorted(set(steps) - {"funding", "settle", "anchor"})
+    if unknown:
+        print(f"error: unknown step(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    print(json.dumps(asyncio.run(run_steps(get_settings(), _sessions(), steps)), indent=2))
+    return 0
+
+
+def _allowance(args: argparse.Namespace) -> int:
+    from market.chain import allowance
+
+    with _sessions().begin() as session:
+        row = allowance.register(session, args.account, args.wallet)
+        print(f"{row.account_id} is funded by the allowance of {row.wallet} "
+              "(read from chain on the next funding step)")
+    return 0
+
+
+def _claim(args: argparse.Namespace) -> int:
+    from market.chain.deposits import claim
+
+    with _sessions().begin() as session:
+        done = claim(session, args.signature, args.account)
+    print("credited" if done else "already credited")
+    return 0
+
+
+def _guard(fn):  # type: ignore[no-untyped-def]
+    def run(args: argparse.Namespace) -> int:
+        from market.chain.runtime import ChainNotInitialized
+        from market.errors import APIError
+
+        try:
+            return int(fn(args) or 0)
+        except ChainNotInitialized as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (APIError, LookupError) as exc:
+            print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    chain = subparsers.add_parser(
+        "chain", help="on-chain settlement: init, status, reconcile, tick",
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = chain.add_subparsers(dest="chain_command", metavar="SUBCOMMAND")
+    chain.set_defaults(func=lambda _a: chain.print_help() or 2)
+
+    p = sub.add_parser("init", help="create keys, mint, deposit and treasury accounts (idempotent)")
+    p.add_argument("--demo-wallets", type=int, default=None,
+                   help="local chains: demo wallets to fund (default AIDP_CHAIN_DEMO_WALLETS)")
+    p.set_defaults(func=_guard(_init))
+
+    p = sub.add_parser("status", help="addresses, balances and transfers by state (JSON)")
+    p.set_defaults(func=_guard(_status))
+
+    p = sub.add_parser("reconcile", help="compare DB and chain balances; exit 1 on any difference")
+    p.set_defaults(func=_guard(_reconcile))
+
+    p = sub.add_parser("tick", help="run the settlement steps once, without Celery")
+    p.add_argument("steps", nargs="*", metavar="STEP",
+                   help="funding, settle and/or anchor (default: all three, in that order)")
+    p.set_defaults(func=_guard(_tick))
+
+    p = sub.add_parser("allowance", help="fund an account from a wallet's approve() to the market")
+    p.add_argument("account")
+    p.add_argument("wallet")
+    p.set_defaults(func=_guard(_allowance))
+
+    p = sub.add_parser("claim", help="credit an unclaimed deposit to an account")
+    p.add_argument("signature")
+    p.add_argument("account")
+    p.set_defaults(func=_guard(_claim))

@@ -1,0 +1,205 @@
+"""Fixtures for the market's chain settlement: a migrated market DB, a ledger (in-process
+LiteSVM, or a real ``aidp-ledger`` server through solana-py), ``aidp-market chain init``
+run against both, and helpers that put accounts, nodes and receipts in the DB the way the
+market does."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from sqlalchemy.orm import Session, sessionmaker
+
+from market.chain import bootstrap, service
+from market.chain.runtime import ChainRuntime, load_identity
+from market.db import make_sync_engine, sync_session_factory
+from market.migrate import upgrade
+from market.models import Account, Job, Node, Receipt, utcnow
+from market.settings import MarketSettings
+from programs import settlement
+from programs.ledger import Ledger, open_ledger
+from tests.programs.conftest import LedgerServer
+
+
+@pytest.fixture(scope="session")
+def chain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LedgerServer]:
+    server = LedgerServer(tmp_path_factory.mktemp("chain-ledger")).start()
+    yield server
+    server.stop()
+
+
+def _sqlite(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path}/market.db"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return _sqlite(tmp_path)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """SQLite, then PostgreSQL in a fresh schema (for the DB-heavy tests)."""
+    if request.param == "sqlite":
+        yield _sqlite(tmp_path)
+        return
+    base = request.getfixturevalue("postgres_url")
+    schema = f"chain_{secrets.token_hex(5)}"
+    admin = make_sync_engine(base)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@dataclass
+class World:
+    """A market with chain settlement initialized on ``ledger``."""
+
+    settings: MarketSettings
+    sessions: sessionmaker[Session]
+    ledger: Ledger
+    rt: ChainRuntime
+
+    @property
+    def cfg(self) -> settlement.ChainConfig:
+        return self.rt.cfg
+
+    async def step(self, *names: str) -> dict[str, Any]:
+        return await service.run_steps(self.settings, self.sessions, list(names),
+                                       ledger=self.ledger)
+
+    async def wallet(self, tokens: int = 0) -> Keypair:
+        kp = Keypair()
+        await settlement.fund_wallet(self.ledger, self.cfg, self.rt.market, kp.pubkey(),
+                                     tokens=tokens)
+        return kp
+
+    async def tokens(self, owner: Pubkey | str) -> int:
+        owner = owner if isinstance(owner, Pubkey) else Pubkey.from_string(owner)
+        return await self.ledger.token_balance(self.cfg.ata(owner))
+
+    async def fund_deposit_account(self, amount: int) -> None:
+        """Back off-chain credit with tokens, the way `chain init` does on local chains."""
+        from programs import spl
+
+        await self.ledger.execute(
+            [spl.mint_to_checked(self.cfg.mint_pk, self.cfg.deposit_pk, self.cfg.market_pk,
+                                 amount, self.cfg.decimals)], self.rt.market)
+        from market.chain import transfers
+
+        with self.sessions.begin() as s:
+            transfers.plan(s, kind="mint", key=f"mint:test-{secrets.token_hex(4)}",
+                           amount=amount, from_address=None, to_address=self.cfg.deposit,
+                           memo=None, state="confirmed")
+
+    def account(self, balance: int = 0) -> str:
+        with self.sessions.begin() as s:
+            acct = Account(name="buyer", balance=balance, held=0)
+            s.add(acct)
+            s.flush()
+            return acct.id
+
+    async def node(self, stake: int = 0) -> tuple[str, Keypair]:
+        """A node; with ``stake``: its 2-of-3 stake account bonded with that much AIDP."""
+        kp = Keypair()
+        if stake:
+            await settlement.fund_wallet(self.ledger, self.cfg, self.rt.market, kp.pubkey(),
+                                         tokens=stake)
+            st = await settlement.create_stake(self.ledger, self.cfg, self.rt.market,
+                                               kp.pubkey(), self.rt.arbiter.pubkey())
+            await self.ledger.execute(settlement.stake_deposit_instructions(self.cfg, st, stake),
+                                      kp)
+        with self.sessions.begin() as s:
+            node = Node(pubkey=str(kp.pubkey()), price_in=1_000_000, price_out=1_000_000,
+                        stake=stake)
+            s.add(node)
+            s.flush()
+            return node.id, kp
+
+    def receipt(self, node_id: str, account_id: str, *, earning: int, fee: int,
+                state: str = "settled") -> Receipt:
+        now = utcnow()
+        with self.sessions.begin() as s:
+            job = Job(account_id=account_id, model="m", kind="chat", request={},
+                      status="completed", charged_amount=earning + fee, fee_amount=fee)
+            s.add(job)
+            s.flush()
+            rhash = hashlib.sha256(secrets.token_bytes(16)).hexdigest()
+            r = Receipt(job_id=job.id, node_id=node_id, seq=0, receipt={}, receipt_hash=rhash,
+                        signature="sig", cost=earning + fee, node_earning=earning, fee=fee,
+                        state=state, window_closes_at=now - timedelta(seconds=1))
+            s.add(r)
+            s.flush()
+            s.expunge(r)
+            return r
+
+
+def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> MarketSettings:
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "data_dir": tmp_path / "data",
+        "broker_url": f"sqla+sqlite:///{tmp_path}/broker.db",
+        "chain_demo_wallets": 0,
+        "chain_demo_tokens": 0,
+        "chain_confirm_timeout_s": 20.0,
+    }
+    values.update(overrides)
+    return MarketSettings(**values)
+
+
+async def make_world(settings: MarketSettings, ledger: Ledger) -> World:
+    sessions = sync_session_factory(settings.database_url)
+    await bootstrap.init(settings, sessions, ledger=ledger)
+    cfg, market, arbiter = load_identity(settings)
+    return World(settings, sessions, ledger, ChainRuntime(settings, cfg, market, arbiter, ledger))
+
+
+@pytest.fixture(params=["inprocess", "rpc"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def open_backend(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
+    if backend == "inprocess":
+        return open_ledger("inprocess", tmp_path / "data")
+    return open_ledger(request.getfixturevalue("chain_server").url)
+
+
+@pytest.fixture
+async def world(backend: str, request: pytest.FixtureRequest, tmp_path: Path,
+                db_url: str) -> Any:
+    ledger = open_backend(backend, request, tmp_path)
+    try:
+        yield await make_world(make_settings(tmp_path, db_url), ledger)
+    finally:
+        await ledger.close()
+
+
+@pytest.fixture
+async def db_world(request: pytest.FixtureRequest, tmp_path: Path, any_db_url: str) -> Any:
+    """In-process chain, SQLite and PostgreSQL."""
+    ledger = open_ledger("memory")
+    try:
+        yield await make_world(make_settings(tmp_path, any_db_url), ledger)
+    finally:
+        await ledger.close()
+
+

@@ -1,0 +1,118 @@
+"""The public proof endpoint over HTTP, and the `aidp-market chain` commands."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from solders.pubkey import Pubkey
+from sqlalchemy import select
+
+from market import accounts
+from market.app import create_app
+from market.chain import bootstrap
+from market.chain.models import ChainAllowance
+from market.chain.runtime import chain_dir
+from market.db import sync_session_factory
+from programs import settlement
+from programs.ledger import open_ledger
+from protocol.merkle import ProofStep, verify_inclusion
+from tests.chain.conftest import make_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_proof_endpoint_is_public_and_verifies_on_chain(db_world):
+    world = db_world
+    buyer = world.account()
+    node, _ = await world.node()
+    receipts = [world.receipt(node, buyer, earning=5, fee=1) for _ in range(3)]
+    pending = world.receipt(node, buyer, earning=5, fee=1)
+    await world.step("anchor")
+    world.receipt(node, buyer, earning=5, fee=1)  # after the anchor: not anchored yet
+    with world.sessions.begin() as s:
+        _, key = accounts.issue_key(s, buyer)
+
+    settings = world.settings.model_copy(update={"migrate_on_start": False})
+    with TestClient(create_app(settings)) as client:
+        for r in receipts + [pending]:
+            body = client.get(f"/v1/receipts/{r.receipt_hash}/proof").json()
+            anchored = await settlement.read_anchor(world.ledger, body["anchor"]["tx_signature"])
+            assert body["anchor"]["root"] == anchored.root
+            assert body["anchor"]["slot"] == anchored.slot
+            assert verify_inclusion(r.receipt_hash, [ProofStep(**p) for p in body["proof"]],
+                                    anchored.root)
+        assert client.get(f"/v1/receipts/{'ab' * 32}/proof").status_code == 404
+        info = client.get("/v1/chain").json()
+        assert info["deposit_account"] == world.cfg.deposit and info["mint"] == world.cfg.mint
+
+        wallet = await world.wallet()
+        assert client.post("/v1/chain/allowance", json={"wallet": str(wallet.pubkey())}
+                           ).status_code == 401
+        resp = client.post("/v1/chain/allowance", json={"wallet": str(wallet.pubkey())},
+                           headers={"Authorization": f"Bearer {key}"})
+        assert resp.status_code == 200, resp.text
+        bad = client.post("/v1/chain/allowance", json={"wallet": "nope"},
+                          headers={"Authorization": f"Bearer {key}"})
+        assert bad.status_code == 400
+    with world.sessions() as s:
+        assert s.get(ChainAllowance, buyer).wallet == str(wallet.pubkey())
+
+
+async def test_init_is_idempotent_and_keys_are_private(tmp_path, db_url):
+    settings = make_settings(tmp_path, db_url, chain_demo_wallets=2,
+                             chain_demo_tokens=5_000_000)
+    sessions = sync_session_factory(db_url)
+    ledger = open_ledger("inprocess", settings.data_dir)
+    try:
+        first = await bootstrap.init(settings, sessions, ledger=ledger)
+        assert first.created
+        lamports = await ledger.get_balance(first.cfg.market_pk)
+        txs = ledger.chain.transaction_count()
+        second = await bootstrap.init(settings, sessions, ledger=ledger)
+        assert second.created == [] and second.cfg == first.cfg
+        assert await ledger.get_balance(first.cfg.market_pk) == lamports
+        assert ledger.chain.transaction_count() == txs  # nothing sent
+        for pubkey, _path in second.demo_wallets:
+            assert await ledger.token_balance(
+                first.cfg.ata(Pubkey.from_string(pubkey))) == 5_000_000
+        assert await ledger.token_balance(first.cfg.deposit_pk) == 5_000_000  # backing
+    finally:
+        await ledger.close()
+    base = chain_dir(settings)
+    for name in ("market.json", "arbiter.json", "config.json", "demo-1.json"):
+        assert stat.S_IMODE(os.stat(base / name).st_mode) == 0o600, name
+
+
+def test_cli_init_status_reconcile(tmp_path, db_url):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AIDP_DATABASE_URL": db_url,
+           "AIDP_DATA_DIR": str(tmp_path / "data"), "AIDP_LEDGER_URL": "inprocess",
+           "AIDP_CHAIN_DEMO_WALLETS": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "market.cli", "chain", *args], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    out = cli("init")
+    assert out.returncode == 0, out.stderr
+    assert "created:" in out.stdout and "deposit" in out.stdout
+    again = cli("init")
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout
+    assert cli("tick").returncode == 0
+    ok = cli("reconcile")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "0 mismatches" in ok.stdout and "deposit account" in ok.stdout
+
+    # break it: the DB forgets the deposit account's backing
+    sessions = sync_session_factory(db_url)
+    from market.models import ChainTransfer
+
+    with sessions.begin() as s:
+        backing = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "mint")).scalar_one()
+        backing.amount -= 1
+    bad = cli("reconcile")
+    assert bad.returncode == 1 and "MISMATCH" in bad.stdout, bad.stdout

@@ -1,0 +1,149 @@
+"""Buyer funding: deposits credited exactly once, allowances pulled within limits and
+revocation stopping new jobs (402) — through billing's real hold check."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from market import billing
+from market.chain import deposits
+from market.chain import allowance as allowance_mod
+from market.chain.models import ChainAllowance, ChainDeposit
+from market.errors import InsufficientBalance
+from market.models import Account, ChainTransfer, Job, LedgerEntry, new_id
+from programs import settlement
+from programs.ledger import TransactionRejected
+
+
+def _balance(world, account_id: str) -> int:
+    with world.sessions() as s:
+        return s.get(Account, account_id).balance
+
+
+async def test_deposit_is_credited_once_and_unknown_memo_is_unclaimed(world):
+    await _deposit_flow(world)
+
+
+async def test_deposits_on_every_database(db_world):
+    await _deposit_flow(db_world)
+
+
+async def _deposit_flow(world) -> None:
+    buyer_acct = world.account()
+    wallet = await world.wallet(tokens=5_000)
+    await world.ledger.execute(
+        settlement.deposit_instructions(world.cfg, wallet.pubkey(), 1_200, buyer_acct), wallet)
+    await world.ledger.execute(
+        settlement.deposit_instructions(world.cfg, wallet.pubkey(), 300, "acct_nobody"), wallet)
+
+    out = await world.step("funding")
+    assert out["funding"]["deposits_credited"] == 1
+    assert out["funding"]["deposits_unclaimed"] == 1
+    assert _balance(world, buyer_acct) == 1_200
+    # scanning again, from the saved cursor and from the very start, credits nothing more
+    assert (await world.step("funding"))["funding"]["deposits_credited"] == 0
+    again = await deposits.scan(world.rt, world.sessions, from_start=True)
+    assert again.seen == 2 and again.credited == [] and again.unclaimed == []
+    assert _balance(world, buyer_acct) == 1_200
+
+    with world.sessions() as s:
+        rows = {d.status: d for d in s.execute(select(ChainDeposit)).scalars()}
+        assert rows["unclaimed"].amount == 300 and rows["unclaimed"].account_id is None
+        credits = s.scalar(select(func.count()).where(LedgerEntry.kind == "deposit"))
+        assert credits == 1
+        transfers = s.execute(
+            select(ChainTransfer).where(ChainTransfer.kind == "deposit")).scalars()
+        assert sorted((t.state, t.amount) for t in transfers) == [("confirmed", 300),
+                                                                   ("confirmed", 1200)]
+    # an operator assigns the unclaimed deposit, once
+    with world.sessions.begin() as s:
+        assert deposits.claim(s, rows["unclaimed"].signature, buyer_acct)
+    with world.sessions.begin() as s:
+        assert not deposits.claim(s, rows["unclaimed"].signature, buyer_acct)
+    assert _balance(world, buyer_acct) == 1_500
+
+    from market.chain import reconcile
+
+    lines = await reconcile.reconcile(world.rt, world.sessions)
+    assert all(line.ok for line in lines), reconcile.render(lines)
+
+
+def _open_job(world, account_id: str, hold: int) -> str:
+    with world.sessions.begin() as s:
+        job = Job(id=new_id("job"), account_id=account_id, model="m", kind="chat", request={},
+                  hold_amount=hold)
+        billing.open_job(s, job)
+        return job.id
+
+
+def _finish_job(world, job_id: str, charge: int) -> None:
+    with world.sessions.begin() as s:
+        assert billing.finalize_job(s, job_id, billing.Outcome(
+            status="completed", unreceipted_charge=charge), challenge_window_s=0)
+
+
+async def test_allowance_limits_pulls_and_revocation(world):
+    await _allowance_flow(world)
+
+
+async def test_allowances_on_every_database(db_world):
+    await _allowance_flow(db_world)
+
+
+async def _allowance_flow(world) -> None:
+    acct = world.account()
+    wallet = await world.wallet(tokens=10_000)
+    await world.ledger.execute(settlement.approve_instructions(world.cfg, wallet.pubkey(), 1_000),
+                               wallet)
+    with world.sessions.begin() as s:
+        allowance_mod.register(s, acct, str(wallet.pubkey()))
+    await world.step("funding")
+    assert _balance(world, acct) == 1_000  # spendable = on-chain allowance
+
+    with pytest.raises(InsufficientBalance):  # more than the allowance: 402
+        _open_job(world, acct, 1_001)
+    job = _open_job(world, acct, 900)
+    _finish_job(world, job, 800)
+    assert _balance(world, acct) == 200  # 1000 allowed − 800 owed
+
+    out = await world.step("settle")
+    assert out["settle"]["pulls"] == {"confirmed": 1}
+    assert await world.tokens(wallet.pubkey()) == 9_200
+    assert await world.ledger.token_balance(world.cfg.deposit_pk) == 800
+    assert await settlement.allowance(world.ledger, world.cfg, wallet.pubkey()) == 200
+    await world.step("funding")
+    assert _balance(world, acct) == 200  # unchanged: the pull paid what was owed
+    with world.sessions() as s:
+        assert s.get(ChainAllowance, acct).credited == 200
+    assert (await world.step("settle"))["settle"]["pulls"] == {}  # nothing owed
+
+    # the buyer moves tokens away: the pull never exceeds what the chain allows
+    job = _open_job(world, acct, 200)
+    _finish_job(world, job, 200)
+    other = await world.wallet()
+    from programs import spl
+
+    await world.ledger.execute([spl.transfer_checked(
+        world.cfg.ata(wallet.pubkey()), world.cfg.mint_pk, world.cfg.ata(other.pubkey()),
+        wallet.pubkey(), 9_150, world.cfg.decimals)], wallet)
+    assert await settlement.allowance(world.ledger, world.cfg, wallet.pubkey()) == 50
+    out = await world.step("settle")
+    assert out["settle"]["pulls"] == {"confirmed": 1}
+    assert await world.tokens(wallet.pubkey()) == 0  # pulled 50, the rest is still owed
+    with pytest.raises(TransactionRejected):  # and the chain itself refuses more
+        await world.ledger.execute(settlement.pull_instructions(
+            world.cfg, wallet.pubkey(), 1, "manual"), world.rt.market)
+
+    # revocation: the balance drops to what is owed, new jobs get 402
+    await world.ledger.execute(settlement.approve_instructions(world.cfg, wallet.pubkey(), 0),
+                               wallet)
+    await world.ledger.execute(settlement.revoke_instructions(world.cfg, wallet.pubkey()), wallet)
+    await world.step("funding")
+    assert _balance(world, acct) == -150  # 1000 charged, 850 pulled
+    with pytest.raises(InsufficientBalance):
+        _open_job(world, acct, 1)
+    with world.sessions() as s:
+        assert s.get(ChainAllowance, acct).active is False
+        pulled = s.scalar(select(func.sum(LedgerEntry.amount)).where(LedgerEntry.kind == "pull"))
+        assert pulled == 850

@@ -1,0 +1,118 @@
+"""Payout rounds, anchors and inclusion proofs, reconcile — on both ledger backends."""
+
+from __future__ import annotations
+
+from solders.pubkey import Pubkey
+from sqlalchemy import func, select
+
+from market.chain import reconcile
+from market.chain.api import proof_view
+from market.chain.models import ChainPayoutItem
+from market.models import Anchor, ChainTransfer, Receipt
+from programs import settlement
+from protocol.merkle import ProofStep, merkle_root, verify_inclusion
+
+
+async def test_payout_round_pays_each_node_once_with_its_merkle_root(world):
+    buyer = world.account(balance=0)
+    n1, k1 = await world.node()
+    n2, k2 = await world.node()
+    r1 = [world.receipt(n1, buyer, earning=900, fee=100) for _ in range(3)]
+    r2 = [world.receipt(n2, buyer, earning=450, fee=50)]
+    world.receipt(n2, buyer, earning=777, fee=1, state="pending")  # not settled: not paid
+    await world.fund_deposit_account(10_000)
+
+    out = await world.step("settle")
+    assert out["settle"]["payouts"] == {"confirmed": 3}  # two nodes + the fee
+    assert await world.tokens(k1.pubkey()) == 2700
+    assert await world.tokens(k2.pubkey()) == 450
+    assert await world.ledger.token_balance(world.cfg.treasury_pk) == 350
+
+    # the memo of each payout carries the Merkle root of the receipts it pays
+    with world.sessions() as s:
+        rows = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "payout")).scalars()
+        by_to = {r.to_address: r for r in rows}
+    row1 = by_to[str(world.cfg.ata(k1.pubkey()))]
+    tx = await world.ledger.get_transaction(row1.signature)
+    assert tx is not None and tx.ok
+    memo = settlement.parse_memo(tx.memos[0])
+    assert memo.kind == "payout"
+    assert memo.fields[0] == merkle_root(sorted(r.receipt_hash for r in r1))
+    assert int(memo.fields[1]) == 3
+    assert tx.token_delta(str(world.cfg.ata(k1.pubkey()))) == 2700
+
+    # a second round finds nothing to pay
+    out = await world.step("settle")
+    assert out["settle"]["payouts"] == {}
+    assert await world.tokens(k1.pubkey()) == 2700
+    with world.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ChainPayoutItem)) == 4
+    assert r2  # paid above
+
+    lines = await reconcile.reconcile(world.rt, world.sessions)
+    assert all(line.ok for line in lines), reconcile.render(lines)
+    assert {line.item.split()[0] for line in lines} >= {"deposit", "treasury", "payouts"}
+
+
+async def test_anchor_proofs_verify_against_the_on_chain_root(world):
+    buyer = world.account()
+    node, _ = await world.node()
+    receipts = [world.receipt(node, buyer, earning=1, fee=0, state=st)
+                for st in ("pending", "settled", "slashed", "pending", "verifying")]
+    out = await world.step("anchor")
+    assert out["anchor"]["anchor"] == {"confirmed": 1}
+    assert (await world.step("anchor"))["anchor"] == {"anchored": 0}
+
+    with world.sessions() as s:
+        anchor = s.execute(select(Anchor)).scalar_one()
+        assert anchor.receipt_count == 5 and anchor.slot is not None
+        anchored = s.scalar(select(func.count()).where(Receipt.anchor_id == anchor.id))
+        assert anchored == 5
+    on_chain = await settlement.read_anchor(world.ledger, anchor.tx_signature)
+    assert on_chain is not None
+    assert on_chain.root == anchor.merkle_root
+    assert on_chain.root == merkle_root(sorted(r.receipt_hash for r in receipts))
+    assert on_chain.signer == world.cfg.market
+
+    for r in receipts:
+        with world.sessions() as s:
+            body = proof_view(s, r.receipt_hash)
+        assert body["anchor"]["tx_signature"] == anchor.tx_signature
+        assert body["anchor"]["root"] == on_chain.root
+        steps = [ProofStep(**p) for p in body["proof"]]
+        assert verify_inclusion(r.receipt_hash, steps, on_chain.root)
+        assert not verify_inclusion("00" * 32, steps, on_chain.root)
+
+    # new receipts go into the next anchor
+    later = world.receipt(node, buyer, earning=1, fee=0)
+    assert (await world.step("anchor"))["anchor"]["anchor"] == {"confirmed": 1}
+    with world.sessions() as s:
+        body = proof_view(s, later.receipt_hash)
+    assert body["anchor"]["root"] == merkle_root([later.receipt_hash])
+
+
+async def test_reconcile_fails_on_a_deliberate_mismatch(world, capsys):
+    buyer = world.account()
+    node, kp = await world.node()
+    world.receipt(node, buyer, earning=500, fee=50)
+    await world.fund_deposit_account(1000)
+    await world.step("settle")
+    lines = await reconcile.reconcile(world.rt, world.sessions)
+    assert all(line.ok for line in lines), reconcile.render(lines)
+
+    # someone sends one base unit to the treasury behind the market's back
+    from programs import spl
+
+    await world.ledger.execute(
+        [spl.mint_to_checked(world.cfg.mint_pk, world.cfg.treasury_pk, world.cfg.market_pk, 1,
+                             world.cfg.decimals)], world.rt.market)
+    # and the DB forgets a payout
+    with world.sessions.begin() as s:
+        row = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "payout")).scalar_one()
+        row.amount -= 7
+    lines = await reconcile.reconcile(world.rt, world.sessions)
+    bad = {line.item.split()[0]: line.diff for line in lines if not line.ok}
+    assert bad == {"treasury": 1, "payouts": 7, "deposit": -7}, reconcile.render(lines)
+    text = reconcile.render(lines)
+    assert "MISMATCH" in text and "3 mismatches" in text
+    assert Pubkey.from_string(world.cfg.treasury)

@@ -1,0 +1,64 @@
+"""Node stake on chain: slashes (market + arbiter) land once with their memo, nodes.stake
+mirrors the chain, and the min_stake registration policy."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from market.models import ChainTransfer, Node
+from market.verification.settlement import slash
+
+
+async def test_slash_moves_stake_to_treasury_once_and_stake_is_mirrored(world):
+    await _slash_flow(world)
+
+
+async def test_slashes_on_every_database(db_world):
+    await _slash_flow(db_world)
+
+
+async def _slash_flow(world) -> None:
+    buyer = world.account(balance=10_000)
+    node_id, operator = await world.node(stake=5_000)
+    await world.step("settle")  # stake sync: nodes.stake = chain
+    with world.sessions() as s:
+        assert s.get(Node, node_id).stake == 5_000
+    r = world.receipt(node_id, buyer, earning=90, fee=10, state="verifying")
+    with world.sessions.begin() as s:
+        result = slash(s, r.id, world.settings, reason="fraud", verification={"ok": False})
+    assert result is not None and result.amount == 1_000  # 10 × cost
+
+    out = await world.step("settle")
+    assert out["settle"]["slashes"] == {"confirmed": 1}
+    stake = world.rt.stake_of(operator.pubkey())
+    assert await world.ledger.token_balance(stake.account_pk) == 4_000
+    assert await world.ledger.token_balance(world.cfg.treasury_pk) == 1_000
+    with world.sessions() as s:
+        row = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "slash")).scalar_one()
+        assert row.idempotency_key == f"slash:{r.id}" and row.state == "confirmed"
+        assert s.get(Node, node_id).stake == 4_000
+    tx = await world.ledger.get_transaction(row.signature)
+    assert tx.memos == [f"aidp:slash:v1:{r.id}"]
+    assert set(tx.account_keys[:2]) == {world.cfg.market, str(world.rt.arbiter.pubkey())}
+
+    assert (await world.step("settle"))["settle"]["slashes"] == {}
+    assert await world.ledger.token_balance(stake.account_pk) == 4_000
+
+    from market.chain import reconcile
+
+    lines = await reconcile.reconcile(world.rt, world.sessions)
+    assert all(line.ok for line in lines), reconcile.render(lines)
+    assert any(line.item.startswith("stake") and line.chain == 4_000 for line in lines)
+
+
+async def test_min_stake_policy(db_world):
+    from market.chain.stake import has_min_stake
+
+    world = db_world
+    _, staked = await world.node(stake=2_000)
+    _, bare = await world.node()
+    off = world.settings
+    on = world.settings.model_copy(update={"min_stake": 1_500})
+    assert await has_min_stake(str(bare.pubkey()), off, ledger=world.ledger)
+    assert await has_min_stake(str(staked.pubkey()), on, ledger=world.ledger)
+    assert not await has_min_stake(str(bare.pubkey()), on, ledger=world.ledger)

@@ -1,0 +1,124 @@
+"""The transformers engine on the same SmolLM2 GGUF: it must agree with llama.cpp.
+
+Transformers dequantizes the Q4_1 weights and runs them in float32, llama.cpp runs
+the quantized kernels, so logits differ a little; greedy outputs of llama.cpp must
+still score as (near-)argmax under transformers. The measured differences go to
+test-artifacts/transformers-vs-llamacpp.json.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_asyncio
+
+from node_agent.convert import generation_request
+from node_agent.engines.base import TokenDelta
+from node_agent.engines.llamacpp import LlamaCppEngine
+from node_agent.engines.transformers import TransformersEngine
+from tests.node.conftest import cpu_threads
+
+pytest.importorskip("torch")
+pytest.importorskip("gguf")
+pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+PROMPTS = ["Write a haiku about the sea.", "What is 2+2?", "Name three colors.",
+           "Explain gravity in one sentence."]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engines():
+    import torch
+
+    torch.set_num_threads(cpu_threads())
+    tf = TransformersEngine(device="cpu")
+    lc = LlamaCppEngine(n_threads=cpu_threads(), n_ctx=2048)
+    await tf.start()
+    await lc.start()
+    yield tf, lc
+    await tf.close()
+    await lc.close()
+
+
+async def run(engine, request):
+    ids, text = [], []
+    async for event in engine.generate(request):
+        if isinstance(event, TokenDelta):
+            ids.extend(event.token_ids)
+            text.append(event.text)
+    return "".join(text), ids
+
+
+def chat(content: str, max_tokens: int = 32) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0}
+
+
+async def test_same_model_identity_prompt_and_tokens(engines) -> None:
+    tf, lc = engines
+    assert tf.model.sha256 == lc.model.sha256  # the same GGUF file
+    request = generation_request("chat", chat(PROMPTS[0]))
+    assert tf.render_prompt(request) == lc.render_prompt(request)
+    assert tf.prompt_token_ids(request) == lc.prompt_token_ids(request)
+    _, ids = await run(lc, request)
+    assert tf.decode(ids) == lc.decode(ids)
+    assert set(lc.eog_token_ids()) >= set(tf.eog_token_ids())
+
+
+async def test_transformers_scores_llamacpp_greedy_outputs(engines, artifacts_dir) -> None:
+    tf, lc = engines
+    rows = []
+    for content in PROMPTS:
+        request = generation_request("chat", chat(content, 40))
+        _, ids = await run(lc, request)
+        tf_scores = await tf.score(request, ids, top_k=5)
+        lc_scores = await lc.score(request, ids, top_k=5)
+        for t, c in zip(tf_scores, lc_scores, strict=True):
+            rows.append({"argmax": t.top[0][0] == t.token_id, "gap": t.top[0][1] - t.logprob,
+                         "diff": t.logprob - c.logprob})
+    n = len(rows)
+    hits = sum(r["argmax"] for r in rows)
+    max_gap = max(r["gap"] for r in rows)
+    diffs = sorted(abs(r["diff"]) for r in rows)
+    summary = {"positions": n, "argmax_agreement": hits, "max_gap_to_top": max_gap,
+               "logprob_abs_diff_mean": sum(diffs) / n, "logprob_abs_diff_p50": diffs[n // 2],
+               "logprob_abs_diff_p99": diffs[min(n - 1, int(n * 0.99))], "logprob_abs_diff_max": diffs[-1]}
+    (artifacts_dir / "transformers-vs-llamacpp.json").write_text(json.dumps(summary, indent=1))
+    print(summary)
+    assert hits / n >= 0.95
+    assert max_gap < 0.5
+    assert summary["logprob_abs_diff_mean"] < 0.2
+
+
+async def test_transformers_generation_and_continuation(engines) -> None:
+    tf, _ = engines
+    request = generation_request("chat", chat(PROMPTS[1], 16))
+    text, ids = await run(tf, request)
+    assert ids and tf.decode(ids) == text
+    cont = generation_request("chat", chat(PROMPTS[1], 16 - 5), continuation_token_ids=ids[:5])
+    _, rest = await run(tf, cont)
+    assert ids[:5] + rest == ids
+    scores = await tf.score(request, ids, top_k=3)
+    assert all(s.top[0][0] == s.token_id for s in scores)  # its own greedy output
+
+
+async def test_random_weights_from_a_config(tmp_path) -> None:
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
+              "max_position_embeddings": 512, "tie_word_embeddings": True}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    engine = TransformersEngine(path, model_id="tiny-random", device="cpu")
+    await engine.start()
+    assert engine.random_weights and engine.model.quantization == "random"
+    assert engine.model.context_length == 512
+    request = generation_request("chat", chat("hi", 6))
+    text, ids = await run(engine, request)
+    assert len(ids) <= 6 and engine.decode(ids) == text
+    again = TransformersEngine(path, model_id="tiny-random", device="cpu")
+    await again.start()
+    assert again.model.sha256 == engine.model.sha256  # config + seed identify the weights
+    assert (await run(again, request))[1] == ids

@@ -1,0 +1,70 @@
+"""The verdict from scores, on hand-made distributions (pure, fast)."""
+
+from __future__ import annotations
+
+import math
+
+from market.verification.reexec import Tolerances, judge
+from market.verification.sampling import (
+    draw,
+    reputation_after_fraud,
+    reputation_after_honest,
+    sample_rate,
+)
+from market.settings import MarketSettings
+from node_agent.engines.base import PositionScore
+from protocol.receipt import SamplingParams
+
+LOGP = {1: math.log(0.6), 2: math.log(0.3), 3: math.log(0.09), 4: math.log(0.01)}
+
+
+def _scores(tokens):
+    top = sorted(LOGP.items(), key=lambda kv: -kv[1])
+    return [PositionScore(token_id=t, logprob=LOGP[t], top=top) for t in tokens]
+
+
+def test_greedy_requires_argmax_within_tolerance() -> None:
+    greedy = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=3)
+    assert not judge(greedy, _scores([1, 1, 1]), [1, 1, 1]).fraud
+    verdict = judge(greedy, _scores([1, 2, 1]), [1, 2, 1])
+    assert verdict.fraud
+    ev = verdict.evidence[0]
+    assert (ev.position, ev.claimed_token, ev.expected_token, ev.reason) == (1, 2, 1, "not_argmax")
+    # 0.6 vs 0.3 is a 0.69-nat gap: inside a 0.8 tolerance.
+    assert not judge(greedy, _scores([1, 2, 1]), [1, 2, 1],
+                     tolerances=Tolerances(greedy_logprob_tol=0.8)).fraud
+
+
+def test_top_p_membership() -> None:
+    nucleus = SamplingParams(temperature=1.0, top_p=0.5, max_tokens=4)
+    # Only token 1 (0.6) is inside top_p=0.5; token 3 has 0.9 of mass above it.
+    tol = Tolerances(logprob_tol=0.1, top_p_tol=0.05)
+    assert not judge(nucleus, _scores([1, 1, 1, 1]), [1, 1, 1, 1], tolerances=tol).fraud
+    verdict = judge(nucleus, _scores([1, 3, 1, 1]), [1, 3, 1, 1], tolerances=tol)
+    assert verdict.fraud and verdict.evidence[0].reason == "outside_top_p"
+
+
+def test_truncation() -> None:
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=10)
+    verdict = judge(params, _scores([1, 1]), [1, 1], finish_reason="length")
+    assert verdict.fraud and "truncated" in verdict.reasons[0]
+    # A natural stop where end-of-generation (token 4) is far from the argmax.
+    eog = _scores([4])[0]
+    verdict = judge(params, _scores([1, 1]), [1, 1], eog_score=eog, eog_token_ids=[4])
+    assert verdict.fraud
+    eog_ok = PositionScore(token_id=4, logprob=math.log(0.7),
+                           top=[(4, math.log(0.7)), (1, math.log(0.3))])
+    assert not judge(params, _scores([1, 1]), [1, 1], eog_score=eog_ok, eog_token_ids=[4]).fraud
+
+
+def test_sampling_policy_and_reputation() -> None:
+    s = MarketSettings(verify_first_jobs=3, verify_sample_rate=0.05, verify_low_reputation=0.5)
+    assert sample_rate(s, prior_jobs=0, reputation=0.9) == 1.0
+    assert sample_rate(s, prior_jobs=3, reputation=0.9) == 0.05
+    assert sample_rate(s, prior_jobs=3, reputation=0.25) > 0.5
+    assert sample_rate(s, prior_jobs=3, reputation=0.0) == 1.0
+    draws = [draw(b"k", f"{i:064x}") for i in range(2000)]
+    assert 0.03 < sum(d < 0.05 for d in draws) / len(draws) < 0.07
+    assert draw(b"k", "aa") == draw(b"k", "aa") != draw(b"other", "aa")
+    assert reputation_after_honest(0.5, s) > 0.5
+    assert reputation_after_fraud(0.8, s) == 0.4
