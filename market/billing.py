@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from market.errors import InsufficientBalance, NotFound
@@ -34,6 +34,53 @@ from market.models import (
 )
 
 MTOK = 1_000_000
+
+# ---- hot-path statements, built once -----------------------------------------------------
+# open_job / finalize_job run for every request: they execute these prebuilt Core
+# statements on the session's connection (no ORM bulk machinery, cached compilation).
+
+_accounts = Account.__table__
+_jobs = Job.__table__
+_nodes = Node.__table__
+_HOLD = (
+    update(_accounts)
+    .where(_accounts.c.id == bindparam("b_account"),
+           _accounts.c.balance - _accounts.c.held >= bindparam("b_amount"))
+    .values(held=_accounts.c.held + bindparam("b_amount"))
+)
+_INSERT_JOB = insert(_jobs)
+_INSERT_ENTRY = insert(LedgerEntry.__table__)
+_INSERT_RECEIPT = insert(Receipt.__table__)
+_INSERT_EVENT = insert(ReceiptEvent.__table__)
+_FINISH_JOB = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("b_job"), _jobs.c.status == "running")
+    .values(
+        status=bindparam("b_status"),
+        charged_amount=bindparam("b_charged"),
+        fee_amount=bindparam("b_fee"),
+        prompt_tokens=bindparam("b_prompt"),
+        completion_tokens=bindparam("b_completion"),
+        usage=bindparam("b_usage", type_=_jobs.c.usage.type),
+        finish_reason=bindparam("b_finish"),
+        failovers=bindparam("b_failovers"),
+        error=bindparam("b_error"),
+        finished_at=bindparam("b_now", type_=_jobs.c.finished_at.type),
+    )
+    .returning(_jobs.c.account_id, _jobs.c.hold_amount)
+)
+_CHARGE = (
+    update(_accounts)
+    .where(_accounts.c.id == bindparam("b_account"))
+    .values(balance=_accounts.c.balance - bindparam("b_charged"),
+            held=_accounts.c.held - bindparam("b_hold"))
+)
+_NODE_EARNED = (
+    update(_nodes)
+    .where(_nodes.c.id == bindparam("b_node"))
+    .values(earned_pending=_nodes.c.earned_pending + bindparam("b_earning"),
+            jobs_total=_nodes.c.jobs_total + 1)
+)
 
 
 # ---- pricing --------------------------------------------------------------------------
@@ -121,22 +168,19 @@ def open_job(session: Session, job: Job) -> None:
     Raises :class:`InsufficientBalance` (nothing written) when the account cannot cover it.
     """
     amount = job.hold_amount
-    result = session.execute(
-        update(Account)
-        .where(Account.id == job.account_id, Account.balance - Account.held >= amount)
-        .values(held=Account.held + amount)
-    )
+    conn = session.connection()
+    result = conn.execute(_HOLD, {"b_account": job.account_id, "b_amount": amount})
     if result.rowcount != 1:
         raise InsufficientBalance(
             f"insufficient balance: this request may cost up to {amount} base units "
             "(worst case, held until it finishes)"
         )
-    # Core inserts: this runs for every request, the ORM unit of work is not needed.
-    values = {c.key: getattr(job, c.key) for c in Job.__table__.columns}
-    session.execute(insert(Job).values({k: v for k, v in values.items() if v is not None}))
+    if job.created_at is None:
+        job.created_at = utcnow()
+    conn.execute(_INSERT_JOB, {c.key: getattr(job, c.key) for c in _jobs.columns})
     if amount:
-        _journal(session, "hold", f"hold:{job.id}", amount, account_id=job.account_id,
-                 job_id=job.id)
+        conn.execute(_INSERT_ENTRY, _entry("hold", f"hold:{job.id}", amount, job.created_at,
+                                           account_id=job.account_id, job_id=job.id))
 
 
 @dataclass
@@ -193,32 +237,24 @@ def finalize_job(
         "completion_tokens": outcome.completion_tokens,
         "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
     }
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running")
-        .values(
-            status=outcome.status,
-            charged_amount=charged,
-            fee_amount=fee,
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            usage=usage,
-            finish_reason=outcome.finish_reason,
-            failovers=outcome.failovers,
-            error=outcome.error,
-            finished_at=now,
-        )
-        .returning(Job.account_id, Job.hold_amount)
-    )
-    row = result.first()
+    conn = session.connection()
+    row = conn.execute(_FINISH_JOB, {
+        "b_job": job_id,
+        "b_status": outcome.status,
+        "b_charged": charged,
+        "b_fee": fee,
+        "b_prompt": outcome.prompt_tokens,
+        "b_completion": outcome.completion_tokens,
+        "b_usage": usage,
+        "b_finish": outcome.finish_reason,
+        "b_failovers": outcome.failovers,
+        "b_error": outcome.error,
+        "b_now": now,
+    }).first()
     if row is None:
         return False
     account_id, hold = row
-    session.execute(
-        update(Account)
-        .where(Account.id == account_id)
-        .values(balance=Account.balance - charged, held=Account.held - hold)
-    )
+    conn.execute(_CHARGE, {"b_account": account_id, "b_charged": charged, "b_hold": hold})
     entries = [
         _entry(kind, f"{kind}:{job_id}", amount, now, account_id=account_id, job_id=job_id)
         for kind, amount in (("release", hold), ("charge", charged), ("fee", fee))
@@ -255,19 +291,12 @@ def finalize_job(
             entries.append(_entry("node_earning", f"node_earning:{receipt_id}", seg.node_earning,
                                   now, node_id=seg.node_id, job_id=job_id,
                                   receipt_id=receipt_id))
-        session.execute(
-            update(Node)
-            .where(Node.id == seg.node_id)
-            .values(
-                earned_pending=Node.earned_pending + seg.node_earning,
-                jobs_total=Node.jobs_total + 1,
-            )
-        )
+        conn.execute(_NODE_EARNED, {"b_node": seg.node_id, "b_earning": seg.node_earning})
     if receipts:
-        session.execute(insert(Receipt), receipts)
-        session.execute(insert(ReceiptEvent), events)
+        conn.execute(_INSERT_RECEIPT, receipts)
+        conn.execute(_INSERT_EVENT, events)
     if entries:
-        session.execute(insert(LedgerEntry), entries)
+        conn.execute(_INSERT_ENTRY, entries)
     return True
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,17 @@ DEMO_CREDIT = 1_000_000_000  # 1,000 AIDP at 6 decimals
 class Service:
     name: str
     argv: list[str]
-    ready_url: str | None  # GET that answers 2xx once the service is ready
+    ready: Callable[[], bool] | None  # true once the service answers
     env: dict[str, str]
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    return lambda: httpx.get(url, timeout=1).is_success
+
+
+def rpc_ok(url: str) -> Callable[[], bool]:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "getHealth"}
+    return lambda: httpx.post(url, json=body, timeout=1).json().get("result") == "ok"
 
 
 def _bin(name: str) -> str:
@@ -59,13 +69,13 @@ def plan_services(settings: MarketSettings, ledger_port: int, node_keypair: Path
             "ledger",
             [_bin("aidp-ledger"), "serve", "--port", str(ledger_port),
              "--data-dir", str(settings.data_dir / "ledger")],
-            None,
+            rpc_ok(ledger_url),
             env,
         ),
         Service(
             "market",
             [_bin("aidp-market"), "serve", "--host", settings.host, "--port", str(settings.port)],
-            f"{market_url}/healthz",
+            http_ok(f"{market_url}/healthz"),
             env,
         ),
         Service("worker", [_bin("aidp-market"), "worker", "--concurrency", "1"], None, env),
@@ -93,15 +103,16 @@ def _start(service: Service, run_dir: Path) -> subprocess.Popen[bytes]:
     return process
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes], name: str, timeout: float = 180) -> None:
+def _wait_ready(ready: Callable[[], bool], process: subprocess.Popen[bytes], name: str,
+                timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"{name} exited with code {process.returncode}; see its log")
         try:
-            if httpx.get(url, timeout=1).is_success:
+            if ready():
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.3)
     raise SystemExit(f"{name} was not ready after {timeout:.0f}s; see its log")
@@ -156,6 +167,14 @@ Stop everything with: .venv/bin/aidp-market down
     )
 
 
+def _chain_init(env: dict[str, str], run_dir: Path) -> None:
+    """Create the AIDP mint, treasury and deposit accounts on the fresh ledger (idempotent)."""
+    print("initialising the chain (AIDP mint, treasury, deposit account) …", flush=True)
+    with open(run_dir / "chain-init.log", "ab") as log:
+        subprocess.run([_bin("aidp-market"), "chain", "init"], env={**os.environ, **env},
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
 def _ensure_node_keypair(settings: MarketSettings) -> Path:
     path = settings.data_dir / "node" / "id.json"
     if not path.exists():
@@ -176,8 +195,10 @@ def up(foreground: bool = False, ledger_port: int = 8899) -> None:
         for service in services:
             print(f"starting {service.name:<7} … log: {run_dir / (service.name + '.log')}", flush=True)
             processes[service.name] = _start(service, run_dir)
-            if service.ready_url:
-                _wait_ready(service.ready_url, processes[service.name], service.name)
+            if service.ready:
+                _wait_ready(service.ready, processes[service.name], service.name)
+            if service.name == "ledger":
+                _chain_init(service.env, run_dir)
         api_key = _create_demo_buyer(market_url, settings)
         print(f"waiting for the node to load {NODE_MODEL} …", flush=True)
         _wait_for_model(market_url, api_key)

@@ -86,8 +86,9 @@ async def sync(rt: ChainRuntime, sessions: sessionmaker[Session],
     result = SyncResult()
     for account_id, wallet, credited in rows:
         owner = Pubkey.from_string(wallet)
-        live = await settlement.allowance(rt.ledger, rt.cfg, owner)
-        ta = await rt.ledger.token_account(rt.cfg.ata(owner))
+        live = await settlement.allowance(rt.ledger, rt.cfg, owner)  # the pull limit
+        ta = await rt.ledger.token_account(rt.cfg.ata(owner))  # for display
+        ours = ta is not None and ta.delegate == rt.cfg.market_pk
         with sessions.begin() as session:
             if session.execute(select(_pull_in_flight(account_id))).scalar():
                 continue  # its credited amount moves when the pull confirms
@@ -96,9 +97,9 @@ async def sync(rt: ChainRuntime, sessions: sessionmaker[Session],
                 .where(ChainAllowance.account_id == account_id,
                        ChainAllowance.credited == credited)
                 .values(credited=live,
-                        delegated=ta.delegated_amount if ta and ta.delegate else 0,
+                        delegated=ta.delegated_amount if ta and ours else 0,
                         token_balance=ta.amount if ta else 0,
-                        active=bool(ta and ta.delegate == rt.cfg.market_pk and ta.state == 1),
+                        active=bool(ta and ours and ta.state == 1),
                         refreshed_at=utcnow())
             ).rowcount
             if done != 1:

@@ -114,7 +114,7 @@ async def reconcile(rt: ChainRuntime, sessions: sessionmaker[Session]) -> list[L
 
 
 def render(lines: list[Line]) -> str:
-    head = ("item", "address", "database", "chain", "difference", "")
+    head = ("item", "address", "database", "chain", "difference", "status")
     rows = [head] + [
         (ln.item, ln.address, str(ln.db), str(ln.chain), f"{ln.diff:+d}",
          "ok" if ln.ok else "MISMATCH")

@@ -90,12 +90,6 @@ async def receipt_events(session: AsyncSession, receipt_id: str) -> list[Receipt
     return list((await session.scalars(query)).all())
 
 
-async def anchor_leaves(session: AsyncSession, anchor_id: int) -> list[str]:
-    """Receipt hashes of one anchor in tree order (sorted, as the anchoring task builds it)."""
-    query = select(Receipt.receipt_hash).where(Receipt.anchor_id == anchor_id)
-    return sorted((await session.scalars(query)).all())
-
-
 async def job_with_receipts(session: AsyncSession, job_id: str) -> Job | None:
     return await session.scalar(
         select(Job)

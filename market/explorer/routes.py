@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
+from market.chain.api import proof_view
 from market.explorer import queries
 from market.explorer.charts import bar_chart
 from market.models import Anchor, ChainTransfer, Job, Node, Receipt
 from market.settings import MarketSettings
-from protocol.merkle import inclusion_proof
 from protocol.receipt import ReceiptBody
 
 HERE = Path(__file__).parent
@@ -162,32 +164,24 @@ async def receipt_page(request: Request, receipt_hash: str,
 
 @router.get("/api/receipts/{receipt_hash}/proof", name="explorer_receipt_proof")
 async def receipt_proof(request: Request, receipt_hash: str,
-                        session: AsyncSession = Depends(db_session)) -> JSONResponse:
-    """What the browser needs to check a receipt against the chain, without trusting us."""
-    receipt = await queries.receipt_by_hash(session, receipt_hash.lower())
-    if receipt is None:
-        return JSONResponse({"error": {"message": "no such receipt", "type": "not_found_error",
-                                       "param": "receipt_hash", "code": "receipt_not_found"}}, 404)
-    body = ReceiptBody.model_validate(receipt.receipt["body"])
-    payload: dict[str, Any] = {
-        "receipt_hash": receipt.receipt_hash,
-        "canonical": body.canonical().decode(),
-        "signature": receipt.receipt.get("signature", receipt.signature),
-        "node_pubkey": body.node_pubkey,
-        "anchor": None,
-        "proof": [],
-    }
-    anchor = await session.get(Anchor, receipt.anchor_id) if receipt.anchor_id else None
-    if anchor is not None and anchor.tx_signature:
-        leaves = await queries.anchor_leaves(session, anchor.id)
-        if receipt.receipt_hash in leaves:
-            steps = inclusion_proof(leaves, leaves.index(receipt.receipt_hash))
-            payload["proof"] = [{"sibling": s.sibling, "side": s.side} for s in steps]
-        payload["anchor"] = {
-            "merkle_root": anchor.merkle_root, "tx_signature": anchor.tx_signature,
-            "slot": anchor.slot, "rpc_url": settings_of(request).explorer_rpc_url,
-        }
-    return JSONResponse(payload)
+                        session: AsyncSession = Depends(db_session)) -> dict[str, Any]:
+    """The public inclusion proof plus what the browser needs to check it without trusting
+    us: the canonical receipt bytes, the node's signature, and where to read the chain."""
+    rpc_url = settings_of(request).explorer_rpc_url
+
+    def build(sync_session: Session) -> dict[str, Any]:
+        view = proof_view(sync_session, receipt_hash)
+        receipt = sync_session.scalars(
+            select(Receipt).where(Receipt.receipt_hash == view["receipt_hash"])
+        ).one()
+        body = ReceiptBody.model_validate(receipt.receipt["body"])
+        view.update(canonical=body.canonical().decode(), node_pubkey=body.node_pubkey,
+                    signature=receipt.receipt.get("signature", receipt.signature))
+        if view["anchor"]:
+            view["anchor"]["rpc_url"] = rpc_url
+        return view
+
+    return await session.run_sync(build)
 
 
 @router.get("/jobs/{job_id}", name="explorer_job")

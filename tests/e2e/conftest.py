@@ -49,7 +49,8 @@ def network(tmp_path_factory: pytest.TempPathFactory, artifacts_dir: Path) -> It
         "AIDP_DATABASE_URL": f"sqlite:///{data_dir}/market.db",
         "AIDP_BROKER_URL": f"sqla+sqlite:///{data_dir}/broker.db",
         "AIDP_CHALLENGE_WINDOW_S": "20",
-        "AIDP_ANCHOR_INTERVAL_S": "2",
+        "AIDP_CHAIN_ANCHOR_INTERVAL_S": "2",
+        "AIDP_CHAIN_SETTLE_INTERVAL_S": "5",
     }
     up = subprocess.run(
         [str(BIN / "aidp-market"), "up", "--ledger-port", str(ledger_port)],

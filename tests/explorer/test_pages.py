@@ -66,6 +66,9 @@ async def test_job_receipt_and_node_pages(market: Market, buyer: Buyer, nodes: N
         assert node_page.status_code == 200 and receipt.receipt_hash[:12] in node_page.text
 
         assert (await http.get("/explorer/receipts/" + "0" * 64)).status_code == 404
+        missing = await http.get(f"/explorer/api/receipts/{'0' * 64}/proof")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "receipt_not_found"
         assert (await http.get("/explorer/static/explorer.js")).status_code == 200
         assert (await http.get("/explorer/static/..%2Fqueries.py")).status_code == 404
 
@@ -99,7 +102,7 @@ async def test_proof_endpoint_proves_inclusion_and_tamper_changes_hash(
 
     async with httpx.AsyncClient(base_url=market.url, timeout=30) as http:
         proof = (await http.get(f"/explorer/api/receipts/{receipt.receipt_hash}/proof")).json()
-    assert proof["anchor"]["merkle_root"] == anchor.merkle_root
+    assert proof["anchor"]["root"] == anchor.merkle_root
     steps = [ProofStep(s["sibling"], s["side"]) for s in proof["proof"]]
     from protocol.canonical import sha256_hex
 
