@@ -12,7 +12,8 @@ deterministic engine, then at each concurrency level runs the same requests
 Added latency = market − direct, per percentile, for TTFT and for the whole request.
 Prints one JSON object. Target: added p50 ≤ 2 ms, p99 ≤ 10 ms at 32 concurrent streams.
 
-    python bench/gateway.py [--concurrency 1,32,64] [--requests 400] [--max-tokens 16]
+    python bench/gateway.py [--concurrency 1,32,64] [--requests 300] [--max-tokens 16]
+                            [--token-delay 0.02] [--database-url postgresql://…]
 """
 
 from __future__ import annotations
@@ -104,48 +105,91 @@ async def run_direct(n: int, concurrency: int, max_tokens: int, token_delay: flo
     return {"ttft": ttfts, "total": totals, "rps": n / wall}
 
 
+class SSEConnection:
+    """A lean HTTP/1.1 keep-alive client for one SSE request at a time.
+
+    The load generator shares two cores with the market and the node; httpx's per-line
+    overhead would be charged to the gateway. This reads the chunked body directly and
+    only looks for the first ``data: {`` event and the final ``data: [DONE]``.
+    """
+
+    def __init__(self, host: str, port: int, key: str) -> None:
+        self.host, self.port, self.key = host, port, key
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, body: bytes) -> tuple[float | None, bool, int]:
+        """POST one streamed completion; returns (first event time, saw [DONE], status)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\n"
+            b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            % (self.host.encode(), self.key.encode(), len(body), body)
+        )
+        status = int((await self.reader.readline()).split()[1])
+        chunked, length = False, 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+            elif name.lower() == "content-length":
+                length = int(value)
+        first: float | None = None
+        done = False
+        if not chunked:
+            await self.reader.readexactly(length)
+            return None, False, status
+        while True:
+            size = int((await self.reader.readline()).split(b";")[0], 16)
+            data = await self.reader.readexactly(size + 2)
+            if size == 0:
+                break
+            if first is None and b"data: {" in data:
+                first = time.perf_counter()
+            if b"data: [DONE]" in data:
+                done = True
+        return first, done, status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def run_market(
     url: str, key: str, n: int, concurrency: int, max_tokens: int
 ) -> dict[str, Any]:
     ttfts: list[float] = []
     totals: list[float] = []
     errors = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(
-        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60, limits=limits
-    ) as client:
+    remaining = n
+    body = json.dumps(
+        {"model": MODEL, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True}
+    ).encode()
+    host, _, port = url.removeprefix("http://").partition(":")
 
-        async def worker() -> None:
-            nonlocal errors
-            while not queue.empty():
-                queue.get_nowait()
+    async def worker() -> None:
+        nonlocal errors, remaining
+        conn = SSEConnection(host, int(port), key)
+        try:
+            while remaining > 0:
+                remaining -= 1
                 t0 = time.perf_counter()
-                first = None
-                done = False
-                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                    if response.status_code != 200:
-                        errors += 1
-                        await response.aread()
-                        continue
-                    async for line in response.aiter_lines():
-                        if first is None and line.startswith("data: {"):
-                            first = time.perf_counter()
-                        elif line == "data: [DONE]":
-                            done = True
+                first, done, status = await conn.request(body)
                 end = time.perf_counter()
-                if not done:
+                if status != 200 or not done:
                     errors += 1
                     continue
                 ttfts.append((first or end) - t0)
                 totals.append(end - t0)
+        finally:
+            conn.close()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
     return {"ttft": ttfts, "total": totals, "rps": len(totals) / wall, "errors": errors}
 
 
@@ -256,8 +300,9 @@ def main() -> None:
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--requests", type=int, default=300, help="requests per level (min)")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--token-delay", type=float, default=0.0,
-                        help="engine seconds per token (0 = as fast as the engine goes)")
+    parser.add_argument("--token-delay", type=float, default=0.02,
+                        help="engine seconds per token: 0.02 = 50 tokens/s per stream, like a "
+                        "GPU node; 0 = as fast as the engine goes (measures saturation)")
     parser.add_argument("--database-url", help="default: SQLite in a temp dir")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main_async(args)), indent=2))

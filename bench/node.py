@@ -27,9 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PROMPTS = [
-    "Write a haiku about the sea.", "What is the capital of France?", "Name three colors.",
-    "Explain gravity in one sentence.", "Give me a fun fact about cats.", "What is 12 times 7?",
-    "Describe a sunset.", "Suggest a name for a dog.",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Name three colors.",
+    "Explain gravity in one sentence.",
+    "Give me a fun fact about cats.",
+    "What is 12 times 7?",
+    "Describe a sunset.",
+    "Suggest a name for a dog.",
 ]
 
 
@@ -63,8 +68,14 @@ async def bench_direct(engine: Any, n: int, concurrency: int, max_tokens: int) -
 
     async def one(i: int) -> None:
         nonlocal tokens
-        request = generation_request("chat", {"messages": [{"role": "user", "content": PROMPTS[i % 8]}],
-                                              "max_tokens": max_tokens, "temperature": 0})
+        request = generation_request(
+            "chat",
+            {
+                "messages": [{"role": "user", "content": PROMPTS[i % 8]}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )
         async with sem:
             t0 = time.perf_counter()
             first = None
@@ -80,7 +91,9 @@ async def bench_direct(engine: Any, n: int, concurrency: int, max_tokens: int) -
     return summarize(ttfts, tokens, time.perf_counter() - start)
 
 
-async def bench_market(client: Any, model: str, n: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
+async def bench_market(
+    client: Any, model: str, n: int, concurrency: int, max_tokens: int
+) -> dict[str, Any]:
     sem = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
     tokens = 0
@@ -92,8 +105,11 @@ async def bench_market(client: Any, model: str, n: int, concurrency: int, max_to
             first = None
             usage = 0
             stream = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": PROMPTS[i % 8]}],
-                max_tokens=max_tokens, temperature=0, stream=True,
+                model=model,
+                messages=[{"role": "user", "content": PROMPTS[i % 8]}],
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
                 stream_options={"include_usage": True},
             )
             async for chunk in stream:
@@ -123,9 +139,23 @@ class MarketProcess:
             "AIDP_BROKER_URL": f"sqla+sqlite:///{workdir}/broker.db",
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "market.app:app_factory", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning", "--ws-ping-interval", "0"],
-            cwd=REPO, env=env,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "market.app:app_factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--ws-ping-interval",
+                "0",
+            ],
+            cwd=REPO,
+            env=env,
         )
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -147,11 +177,18 @@ class MarketProcess:
     def buyer_key(self) -> str:
         import httpx
 
-        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin}"}) as c:
+        with httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.admin}"}
+        ) as c:
             account = c.post("/admin/accounts", json={"name": "bench"}).raise_for_status().json()
-            c.post(f"/admin/accounts/{account['id']}/credit", json={"amount": 10**15}).raise_for_status()
-            return str(c.post(f"/admin/accounts/{account['id']}/keys", json={"name": "b"})
-                       .raise_for_status().json()["key"])
+            c.post(
+                f"/admin/accounts/{account['id']}/credit", json={"amount": 10**15}
+            ).raise_for_status()
+            return str(
+                c.post(f"/admin/accounts/{account['id']}/keys", json={"name": "b"})
+                .raise_for_status()
+                .json()["key"]
+            )
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -168,13 +205,21 @@ def stored_receipts(workdir: str, limit: int) -> list[dict[str, Any]]:
     from protocol.receipt import SignedReceipt
 
     with sqlite3.connect(f"{workdir}/market.db") as db:
-        rows = db.execute("SELECT receipt FROM receipts ORDER BY rowid DESC LIMIT ?", (limit,)).fetchall()
+        rows = db.execute(
+            "SELECT receipt FROM receipts ORDER BY rowid DESC LIMIT ?", (limit,)
+        ).fetchall()
     out = []
     for (raw,) in rows:
         receipt = SignedReceipt.model_validate(json.loads(raw) if isinstance(raw, str) else raw)
         body = receipt.body.model_dump(mode="json")
-        out.append({"receipt_hash": receipt.receipt_hash, "signature_valid": receipt.signature_valid(),
-                    "body": body, "output_token_ids": len(receipt.output_token_ids)})
+        out.append(
+            {
+                "receipt_hash": receipt.receipt_hash,
+                "signature_valid": receipt.signature_valid(),
+                "body": body,
+                "output_token_ids": len(receipt.output_token_ids),
+            }
+        )
     return out
 
 
@@ -187,20 +232,30 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from node_agent.link import NodeLink
     from node_agent.settings import NodeSettings
 
-    settings = NodeSettings(engine=args.engine, model_path=args.model_path, threads=args.threads,
-                            n_ctx=2048, device=args.device,
-                            **({"model": args.model} if args.model else {}))
+    settings = NodeSettings(
+        engine=args.engine,
+        model_path=args.model_path,
+        threads=args.threads,
+        n_ctx=2048,
+        device=args.device,
+        **({"model": args.model} if args.model else {}),
+    )
     engine = create_engine(settings)
     await engine.start()
     gpu = GpuMonitor()
     model = engine.model.id
     result: dict[str, Any] = {
-        "engine": engine.name, "engine_version": engine.version, "model": model,
-        "max_tokens": args.max_tokens, "requests": args.requests, "cpu_count": os.cpu_count(),
-        "gpu": gpu.note, "runs": {},
+        "engine": engine.name,
+        "engine_version": engine.version,
+        "model": model,
+        "max_tokens": args.max_tokens,
+        "requests": args.requests,
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu.note,
+        "runs": {},
     }
-    # warm-up
-    await bench_direct(engine, 2, 1, 8)
+    # warm-up (kernels, allocator, caches)
+    await bench_direct(engine, args.warmup, 1, args.max_tokens)
 
     workdir = tempfile.mkdtemp(prefix="aidp-bench-")
     market = MarketProcess(workdir)
@@ -208,12 +263,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     task = None
     try:
         market.wait()
-        link = NodeLink(market.url, Keypair(), engine, price=(1, 1), max_concurrency=max(args.concurrency),
-                        gpu_monitor=gpu)
+        link = NodeLink(
+            market.url,
+            Keypair(),
+            engine,
+            price=(1, 1),
+            max_concurrency=max(args.concurrency),
+            gpu_monitor=gpu,
+        )
         task = asyncio.create_task(link.run())
         await link.wait_ready(30)
-        client = openai.AsyncOpenAI(base_url=f"{market.url}/v1", api_key=market.buyer_key(), max_retries=0,
-                                    timeout=600)
+        client = openai.AsyncOpenAI(
+            base_url=f"{market.url}/v1", api_key=market.buyer_key(), max_retries=0, timeout=600
+        )
         deadline = time.monotonic() + 15
         while True:  # first routable heartbeat
             try:
@@ -258,17 +320,29 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", default="llamacpp", choices=["llamacpp", "transformers", "vllm"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--engine", default="llamacpp", choices=["llamacpp", "transformers", "vllm"]
+    )
     parser.add_argument("--model", default=None, help="model id (default SmolLM2-135M-Instruct)")
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--warmup", type=int, default=2, metavar="N", help="warm-up requests before timing"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--show-receipts", type=int, default=0, metavar="N",
-                        help="include the last N receipts the market stored (GPU metrics!)")
+    parser.add_argument(
+        "--show-receipts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="include the last N receipts the market stored (GPU metrics!)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))

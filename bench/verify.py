@@ -66,6 +66,7 @@ class ConfiguredLlama(LlamaCppEngine):
             model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads,
             n_threads_batch=self.n_threads, n_batch=self.n_batch,
             n_ubatch=min(self.n_batch, 512), logits_all=logits_all, verbose=False,
+            type_k=self._kv_type, type_v=self._kv_type,
         )
 
 
@@ -181,6 +182,12 @@ def bench_noise(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
                                              n_batch=8),
         "n_batch=64": lambda: ConfiguredLlama(path, model_id=base.model_id, n_threads=2,
                                               n_batch=64),
+        # A node whose KV cache is f16 (llama.cpp's default) against the f32 verifier.
+        "kv_cache_f16": lambda: LlamaCppEngine(path, model_id=base.model_id, n_threads=2,
+                                               kv_f32=False),
+        # Token-by-token decode, as generation computed them, against batched prefill.
+        "decode_vs_prefill": lambda: LlamaCppEngine(path, model_id=base.model_id,
+                                                    n_threads=2, score_mode="replay"),
     }
     ref = {id(g): _claimed_logprobs(base, g) for g in gens if g.token_ids}
     out: dict[str, Any] = {"jobs": len(ref)}

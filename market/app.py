@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -98,11 +99,11 @@ async def _flush(state: MarketState) -> None:
     conns = list(state.registry.links.values())
     if not conns:
         return
-    now = utcnow()
+    now, mono = utcnow(), time.monotonic()
     rows = [
         {
             "id": c.node_id,
-            "last_seen_at": now,
+            "last_seen_at": now - timedelta(seconds=mono - c.last_heartbeat),
             "ttft_ms": c.ttft_ms,
             "tokens_per_s": c.tokens_per_s,
             "failure_rate": c.failure_rate,
@@ -114,7 +115,6 @@ async def _flush(state: MarketState) -> None:
     for conn in conns:
         if conn.node_id in fresh:
             conn.reputation, conn.suspended = fresh[conn.node_id]
-        conn.dirty = False
 
 
 def _flush_nodes(session: Session, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -175,12 +175,25 @@ def open_job(session: Session, job: Job) -> None:
             f"insufficient balance: this request may cost up to {amount} base units "
             "(worst case, held until it finishes)"
         )
-    if job.created_at is None:
-        job.created_at = utcnow()
-    conn.execute(_INSERT_JOB, {c.key: getattr(job, c.key) for c in _jobs.columns})
+    conn.execute(_INSERT_JOB, _row_with_defaults(_jobs, job))
     if amount:
-        conn.execute(_INSERT_ENTRY, _entry("hold", f"hold:{job.id}", amount, job.created_at,
+        conn.execute(_INSERT_ENTRY, _entry("hold", f"hold:{job.id}", amount, utcnow(),
                                            account_id=job.account_id, job_id=job.id))
+
+
+def _row_with_defaults(table: Any, obj: Any) -> dict[str, Any]:
+    """The INSERT parameters for an unsaved ORM object: its attributes, the columns'
+    Python defaults where unset (also set on ``obj``), NULLs left out."""
+    row: dict[str, Any] = {}
+    for column in table.columns:
+        value = getattr(obj, column.key)
+        if value is None and column.default is not None:
+            default = column.default
+            value = default.arg(None) if default.is_callable else default.arg
+            setattr(obj, column.key, value)
+        if value is not None:
+            row[column.key] = value
+    return row
 
 
 @dataclass

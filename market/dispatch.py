@@ -37,6 +37,9 @@ from protocol.messages import Cancel, Chunk, Done, Job, JobError
 
 log = logging.getLogger("market.dispatch")
 
+# How long a node may take to generate, past its first-token allowance.
+MAX_GENERATION_S = 600.0
+
 # Node error codes that say "not started, try elsewhere" rather than "I failed".
 NOT_STARTED = {"busy", "draining", "duplicate_job"}
 
@@ -83,6 +86,7 @@ class JobRunner:
         # the unreceipted tail: tokens relayed from a segment that has no receipt yet
         self._open_tokens = 0
         self._open_price_out = 0
+        self._last_failure = "none"
 
     @property
     def text(self) -> str:
@@ -136,8 +140,6 @@ class JobRunner:
                 log.info("job %s: node %s failed (%s); failing over", self.spec.job_id,
                          conn.node_id, self._last_failure)
 
-    _last_failure = "none"
-
     def _fail(self, exc: APIError) -> None:
         if not self.token_ids:
             raise exc
@@ -155,7 +157,7 @@ class JobRunner:
             kind=spec.kind,  # type: ignore[arg-type]
             model=spec.model,
             request=body,
-            deadline=time.time() + settings.job_first_token_timeout + 600.0,
+            deadline=time.time() + settings.job_first_token_timeout + MAX_GENERATION_S,
             continuation_token_ids=continuation_ids,
             continuation_text=self.text,
         )
@@ -204,6 +206,8 @@ class JobRunner:
                     text = "".join(texts)
                     if not ids and not text:
                         continue
+                    if len(seg_ids) + len(ids) > remaining:
+                        raise SegmentFailed("over_max_tokens", "node sent more than max_tokens")
                     if first_at is None:
                         first_at = time.monotonic()
                         if self.first_token_at is None:
@@ -214,8 +218,6 @@ class JobRunner:
                     self.token_ids.extend(ids)
                     self._open_tokens = len(seg_ids)
                     self._open_price_out = conn.price_out
-                    if len(seg_ids) > remaining:
-                        raise SegmentFailed("over_max_tokens", "node sent more than max_tokens")
                     yield text
                 elif isinstance(message, Done):
                     finished = True

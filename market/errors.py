@@ -113,13 +113,21 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def _count(request: Request, status: int) -> None:
+    """Count an error response in the app's request metrics (when the app has them)."""
+    state = getattr(request.app.state, "market", None)
+    if state is not None and request.scope.get("type") == "http":
+        state.metrics.requests.labels(request.url.path, str(status)).inc()
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        _count(request, exc.status_code)
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -132,10 +140,12 @@ def install_handlers(app: FastAPI) -> None:
                 for e in errors[:5]
             )
             err = InvalidBody(message or "invalid request body", param=".".join(loc) or None)
+        _count(request, err.status_code)
         return JSONResponse(err.body(), status_code=err.status_code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        _count(request, exc.status_code)
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(
             error_body(str(exc.detail), type_, None, None),
@@ -144,8 +154,9 @@ def install_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
+        _count(request, 500)
         return JSONResponse(
             error_body("internal server error", "server_error", None, "internal_error"),
             status_code=500,

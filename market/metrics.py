@@ -30,6 +30,8 @@ class Metrics:
         self.failovers = Counter(
             "aidp_failovers", "Jobs moved to another node", ["phase"], registry=r,
         )
+        for phase in ("before_first_token", "mid_stream"):
+            self.failovers.labels(phase)
         self.node_errors = Counter(
             "aidp_node_errors", "Node failures by reason", ["reason"], registry=r,
         )

@@ -57,7 +57,8 @@ class _GenerationBody(BaseModel):
             "temperature": 1.0 if self.temperature is None else float(self.temperature),
             "top_p": 1.0 if self.top_p is None else float(self.top_p),
             "seed": self.seed,
-            "stop": [stop] if isinstance(stop, str) else list(stop or []),
+            # empty stop strings mean nothing (nodes drop them too)
+            "stop": [s for s in ([stop] if isinstance(stop, str) else stop or []) if s],
         }
 
     @property

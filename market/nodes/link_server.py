@@ -111,14 +111,21 @@ async def _reject(ws: WebSocket, reason: str) -> None:
         pass
 
 
+async def _expect(ws: WebSocket, kind: type[Any], timeout: float) -> Any:
+    """The node's next frame, which must be a valid ``kind`` message."""
+    name = kind.model_fields["type"].default
+    try:
+        message = parse_node_message(await _receive(ws, timeout))
+    except ValidationError as exc:
+        raise HandshakeFailed(f"expected a valid {name}: {exc.errors()[0]['msg']}") from exc
+    if not isinstance(message, kind):
+        raise HandshakeFailed(f"expected {name}, got {message.type}")
+    return message
+
+
 async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str, Any]]:
     timeout = state.settings.node_auth_timeout
-    try:
-        hello = parse_node_message(await _receive(ws, timeout))
-    except ValidationError as exc:
-        raise HandshakeFailed(f"expected a valid hello: {exc.errors()[0]['msg']}") from exc
-    if not isinstance(hello, Hello):
-        raise HandshakeFailed(f"expected hello, got {hello.type}")
+    hello: Hello = await _expect(ws, Hello, timeout)
     if hello.protocol_version != PROTOCOL_VERSION:
         raise HandshakeFailed(f"unsupported protocol_version {hello.protocol_version}")
     try:
@@ -126,14 +133,9 @@ async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str
     except ValueError as exc:
         raise HandshakeFailed("pubkey is not a base58 ed25519 public key") from exc
 
-    nonce = secrets.token_hex(32)
+    nonce = secrets.token_hex(32)  # fresh per connection: an old signature never verifies
     await ws.send_text(encode(Challenge(nonce=nonce)))
-    try:
-        auth = parse_node_message(await _receive(ws, timeout))
-    except ValidationError as exc:
-        raise HandshakeFailed(f"expected a valid auth: {exc.errors()[0]['msg']}") from exc
-    if not isinstance(auth, Auth):
-        raise HandshakeFailed(f"expected auth, got {auth.type}")
+    auth: Auth = await _expect(ws, Auth, timeout)
     if not verify(hello.pubkey, LINK_AUTH_DOMAIN, bytes.fromhex(nonce), auth.signature):
         raise HandshakeFailed("auth signature does not verify for this pubkey and challenge")
 
@@ -175,7 +177,6 @@ async def node_link(ws: WebSocket) -> None:
     previous = state.registry.add(conn)
     if previous is not None:
         log.info("node %s reconnected; closing its older link", conn.node_id)
-        state.registry.links[conn.node_id] = conn  # add() already did; keep explicit
         previous.closed = True
         previous.fail_inflight("node_reconnected", "the node opened a new link")
         try:

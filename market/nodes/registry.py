@@ -43,7 +43,6 @@ class NodeConn:
     inflight: dict[str, asyncio.Queue[Any]] = field(default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     models: dict[str, ModelOffer] = field(init=False)
-    dirty: bool = False  # observed stats not yet written to the database
 
     def __post_init__(self) -> None:
         self.models = {m.id: m for m in self.hello.models}
@@ -97,12 +96,10 @@ class NodeConn:
             self.tokens_per_s = ewma(self.tokens_per_s, tokens / gen_s)
         self.failure_rate = ewma(self.failure_rate, 0.0)
         self.jobs_total += 1
-        self.dirty = True
 
     def observe_failure(self) -> None:
         self.failure_rate = ewma(self.failure_rate, 1.0)
         self.jobs_failed += 1
-        self.dirty = True
 
 
 class NodeRegistry:

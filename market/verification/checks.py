@@ -131,13 +131,15 @@ def check_receipt(
     usage: Any = None,
     finish_reason: str | None = None,
     expected_sampling: SamplingParams | None = None,
+    context_length: int | None = None,
 ) -> list[CheckFailure]:
     """All cheap checks of one receipt; an empty list means it passed.
 
     Arguments left ``None`` are not checked (the signature, the token-id digest, the
     counts and ``registered_model_sha256`` always are). ``usage`` is the ``done``
     message's usage (an object or a mapping with ``prompt_tokens`` and
-    ``completion_tokens``).
+    ``completion_tokens``). ``context_length`` (the node's registered context) excuses
+    a ``length`` finish short of ``max_tokens`` when prompt + output filled it.
     """
     body = receipt.body
     failures: list[CheckFailure] = []
@@ -230,7 +232,14 @@ def check_receipt(
                 f"completion_tokens {body.completion_tokens} > max_tokens {body.sampling.max_tokens}",
             )
         )
-    if finish_reason == "length" and body.completion_tokens < body.sampling.max_tokens:
+    context_full = bool(
+        context_length and body.prompt_tokens + body.completion_tokens >= context_length
+    )
+    if (
+        finish_reason == "length"
+        and body.completion_tokens < body.sampling.max_tokens
+        and not context_full
+    ):
         failures.append(
             CheckFailure(
                 "truncated",

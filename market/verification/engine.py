@@ -89,29 +89,13 @@ def get_engine(model_id: str, settings: MarketSettings) -> Engine:
 
 
 def eog_token_ids(engine: Engine) -> list[int]:
-    """End-of-generation ids: the engine's own list if it has one, else llama.cpp's
-    vocabulary flags (``llama_vocab_is_eog``), else nothing (the stop check is skipped)."""
-    cached = getattr(engine, "_verifier_eog_ids", None)
-    if cached is not None:
-        return cached
-    ids: list[int] = []
-    for name in ("eog_token_ids", "eos_token_ids"):
-        value = getattr(engine, name, None)
-        value = value() if callable(value) else value
-        if value:
-            ids = [int(t) for t in value]
-            break
-    if not ids:
-        primary = getattr(engine, "_primary", None)
-        llama_cpp = getattr(engine, "_llama_cpp", None)
-        if primary is not None and llama_cpp is not None:
-            vocab = primary._model.vocab
-            ids = [t for t in range(primary.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-    try:
-        engine._verifier_eog_ids = ids  # type: ignore[attr-defined]
-    except AttributeError:
-        pass
-    return ids
+    """End-of-generation ids (``Engine.eog_token_ids()`` where the engine has it; the
+    llama.cpp and transformers engines do). Empty: the natural-stop check is skipped."""
+    method = getattr(engine, "eog_token_ids", None)
+    if method is None:
+        return []
+    value = method() if callable(method) else method
+    return [int(t) for t in value or []]
 
 
 def vocab_size(engine: Engine) -> int:

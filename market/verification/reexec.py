@@ -47,8 +47,8 @@ class Tolerances:
     one GGUF across batch sizes, threads and engines, times a safety margin.
     """
 
-    greedy_logprob_tol: float = 0.5  # nats: claimed >= argmax - tol
-    logprob_tol: float = 0.5  # nats: "strictly more likely than the claimed token"
+    greedy_logprob_tol: float = 1.5  # nats: claimed >= argmax - tol
+    logprob_tol: float = 1.5  # nats: "strictly more likely than the claimed token"
     top_p_tol: float = 0.05  # probability mass slack on the nucleus boundary
     min_token_logprob: float = -25.0  # tempered; below this a token is impossible
     z_threshold: float = 6.0  # one-sided z-test of the sequence surprise
@@ -205,6 +205,7 @@ def judge(
     eog_score: PositionScore | None = None,
     eog_token_ids: Sequence[int] = (),
     stop_explained: bool = False,
+    context_exhausted: bool = False,
     tolerances: Tolerances | None = None,
     vocab_size: int = 262_144,
 ) -> Verdict:
@@ -214,6 +215,8 @@ def judge(
     score of one end-of-generation token appended after the output (needed to judge a
     claimed natural stop); ``eog_token_ids`` are all ids that end generation.
     ``stop_explained``: the decoded text shows a stop string ended the output.
+    ``context_exhausted``: prompt + output filled the node's context (an honest
+    ``length`` short of ``max_tokens``).
     ``finish_reason`` defaults to what the counts imply.
     """
     tol = tolerances or Tolerances()
@@ -257,7 +260,8 @@ def judge(
     else:
         _judge_sampled(sampling, scores, claimed_token_ids, tol, verdict, vocab_size)
 
-    _judge_stop(sampling, finish_reason, n, eog_score, eog_token_ids, stop_explained, tol, verdict)
+    _judge_stop(sampling, finish_reason, n, eog_score, eog_token_ids, stop_explained,
+                context_exhausted, tol, verdict)
     verdict.stats["tokens"] = n
     verdict.stats["finish_reason"] = finish_reason
     return verdict
@@ -373,9 +377,12 @@ def _judge_stop(
     eog_score: PositionScore | None,
     eog_token_ids: Sequence[int],
     stop_explained: bool,
+    context_exhausted: bool,
     tol: Tolerances,
     verdict: Verdict,
 ) -> None:
+    if context_exhausted:
+        return  # the context was full: generation had to end there
     if finish_reason == "length":
         if n < sampling.max_tokens:
             verdict.fraud = True
@@ -498,9 +505,13 @@ async def reexecute(
     *,
     output_text: str | None = None,
     finish_reason: FinishReason | None = None,
+    context_length: int | None = None,
     tolerances: Tolerances | None = None,
 ) -> Verdict:
     """Re-execute one receipt on ``engine`` and judge it.
+
+    ``context_length`` is the node's registered context size (a generation that fills
+    it ends short of ``max_tokens`` honestly).
 
     ``request`` is the generation request the node was given (with its continuation
     prefix). Raises :class:`VerificationUnavailable` when the verifier runs another

@@ -26,7 +26,7 @@ from market.verification.reexec import (
     tolerances_from_settings,
 )
 from node_agent.convert import BadRequest, generation_request
-from node_agent.engines.base import Engine
+from node_agent.engines.base import Engine, EngineError
 from protocol.receipt import receipt_from_json
 
 log = logging.getLogger("market.verification")
@@ -86,6 +86,7 @@ def judge_receipt(
         registered_model_sha256=inp.registered_model_sha256 or body.model_sha256,
         relayed_text=inp.output_text,
         model_id=inp.job_model,
+        context_length=inp.context_length,
     )
     evidence: dict[str, Any] = {"receipt_hash": signed.receipt_hash}
     if failures:
@@ -112,10 +113,11 @@ def judge_receipt(
                 request,
                 output_text=inp.output_text,
                 finish_reason=inp.finish_reason if inp.is_last_segment else None,  # type: ignore[arg-type]
+                context_length=inp.context_length,
                 tolerances=tolerances_from_settings(settings),
             )
         )
-    except (VerifierNotConfigured, VerificationUnavailable) as exc:
+    except (VerifierNotConfigured, VerificationUnavailable, EngineError) as exc:
         evidence["unavailable"] = str(exc)
         return "unavailable", evidence, f"verification unavailable: {exc}"
     evidence.update(verdict.as_dict())

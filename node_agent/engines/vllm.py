@@ -94,13 +94,21 @@ class VllmEngine(Engine):
 
     def command(self) -> list[str]:
         return [
-            self.python, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model_source,
-            "--served-model-name", self.model_id,
-            "--host", self.host,
-            "--port", str(self.port),
-            "--max-model-len", str(self.n_ctx),
-            "--max-logprobs", "20",
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_source,
+            "--served-model-name",
+            self.model_id,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(self.n_ctx),
+            "--max-logprobs",
+            "20",
             *self.extra_args,
         ]
 
@@ -120,20 +128,31 @@ class VllmEngine(Engine):
             self.port = self.port or _free_port()
             self.base_url = f"http://{self.host}:{self.port}"
             self._proc = subprocess.Popen(
-                self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                self.command(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
             asyncio.get_running_loop().create_task(self._pump_logs())
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(None, connect=10))
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, timeout=httpx.Timeout(None, connect=10)
+        )
         await self._wait_ready()
         version = "unknown"
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
             version = (await self._client.get("/version")).json()["version"]
         self.version = f"vllm/{version}"
         local = Path(self.model_source).expanduser()
-        sha = weights_sha256(local, self.cache_dir) if local.exists() else sha256_hex(self.model_source)
+        sha = (
+            weights_sha256(local, self.cache_dir)
+            if local.exists()
+            else sha256_hex(self.model_source)
+        )
         self.model = ModelInfo(
-            id=self.model_id, path=self.model_source, sha256=sha, quantization=None,
+            id=self.model_id,
+            path=self.model_source,
+            sha256=sha,
+            quantization=None,
             context_length=self.n_ctx,
         )
 
@@ -145,14 +164,18 @@ class VllmEngine(Engine):
             elapsed = time.monotonic() - started
             if self._proc is not None and self._proc.poll() is not None:
                 tail = "\n".join(list(self._log)[-15:])
-                raise EngineError("engine_failed", f"vllm exited with {self._proc.returncode}:\n{tail}")
+                raise EngineError(
+                    "engine_failed", f"vllm exited with {self._proc.returncode}:\n{tail}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if (await self._client.get("/health")).status_code == 200:
                     self.progress(f"vLLM ready after {elapsed:.0f}s at {self.base_url}")
                     return
             if elapsed > self.startup_timeout:
                 await self.close()
-                raise EngineError("engine_failed", f"vllm not ready after {self.startup_timeout:.0f}s")
+                raise EngineError(
+                    "engine_failed", f"vllm not ready after {self.startup_timeout:.0f}s"
+                )
             if elapsed - last_report >= 5:
                 last_report = elapsed
                 line = self._log[-1] if self._log else "starting"
@@ -178,7 +201,8 @@ class VllmEngine(Engine):
         body: dict[str, Any] = {"model": self.model_id}
         if request.kind == "chat":
             body["messages"] = [
-                {"role": m.get("role"), "content": m.get("content") or ""} for m in request.messages or []
+                {"role": m.get("role"), "content": m.get("content") or ""}
+                for m in request.messages or []
             ]
             body["add_generation_prompt"] = True
         else:
@@ -233,8 +257,11 @@ class VllmEngine(Engine):
                         yield TokenDelta(text=choice.get("text") or "", token_ids=ids)
                     if choice.get("finish_reason"):
                         finish = "stop" if choice["finish_reason"] == "stop" else "length"
-        yield GenerationEnd(finish_reason=finish,  # type: ignore[arg-type]
-                            prompt_tokens=len(prompt_ids), completion_tokens=produced)
+        yield GenerationEnd(
+            finish_reason=finish,  # type: ignore[arg-type]
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=produced,
+        )
 
     # ---- scoring -------------------------------------------------------------------------
 
@@ -263,5 +290,7 @@ class VllmEngine(Engine):
             row = rows[len(prompt_ids) + offset] or {}
             entries = sorted(((int(t), v["logprob"]) for t, v in row.items()), key=lambda e: -e[1])
             claimed = row.get(str(token), {}).get("logprob", float("-inf"))
-            scores.append(PositionScore(token_id=int(token), logprob=float(claimed), top=entries[:top_k]))
+            scores.append(
+                PositionScore(token_id=int(token), logprob=float(claimed), top=entries[:top_k])
+            )
         return scores

@@ -70,6 +70,8 @@ async def test_node_killed_mid_stream_stream_completes(
     buyer: Buyer, market: Market, nodes: Nodes
 ) -> None:
     model = unique_model()
+    mid_stream = market.state.metrics.failovers.labels("mid_stream")
+    failovers_before = mid_stream._value.get()
     first = await nodes.start(model, token_delay=0.02, price=(100, 200))
     stream = await buyer.client().chat.completions.create(
         model=model, messages=STORY, max_tokens=60, stream=True,
@@ -95,6 +97,7 @@ async def test_node_killed_mid_stream_stream_completes(
     job = await _job(market, buyer)
     assert job["failovers"] == 1 and job["status"] == "completed"
     assert job["completion_tokens"] == 60
+    assert mid_stream._value.get() == failovers_before + 1
     # billed: the second node's receipt (prompt + the continued prefix, its own tokens)
     assert job["charged"] > 0 and job["hold"] >= job["charged"]
 
@@ -207,3 +210,22 @@ async def test_all_nodes_failing_is_503(buyer: Buyer, nodes: Nodes) -> None:
     assert info.value.response.json()["error"]["code"] == "upstream_failed"
     job = buyer.get("/v1/usage?limit=1")["data"][0]
     assert job["status"] == "failed" and job["charged"] == 0
+
+
+async def test_keepalive_comments_while_the_node_is_slow(
+    buyer: Buyer, market: Market, nodes: Nodes
+) -> None:
+    model = unique_model()
+    await nodes.start(model, token_delay=2.5)  # first token after 2.5 s; keep-alive every 1 s
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(
+            f"{market.api}/chat/completions",
+            headers={"Authorization": f"Bearer {buyer.key}"},
+            json={"model": model, "messages": STORY, "max_tokens": 1, "stream": True},
+        )
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert lines[0] == ": keep-alive"
+    assert lines.count(": keep-alive") >= 2
+    assert lines[-1] == "data: [DONE]"
+    text, _ = await expected_output("chat", model, 1, messages=STORY)
+    assert text in response.text

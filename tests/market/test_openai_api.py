@@ -296,10 +296,13 @@ async def test_metrics_exposed(buyer: Buyer, nodes: Nodes, market: Market) -> No
     model = unique_model()
     await nodes.start(model)
     await buyer.client().chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        await buyer.client().chat.completions.create(model="nope", messages=MESSAGES)
     text = httpx.get(f"{market.url}/metrics").text
-    assert "aidp_requests_total" in text
+    assert 'aidp_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    assert 'aidp_requests_total{endpoint="/v1/chat/completions",status="404"}' in text
     assert f'aidp_ttft_seconds_count{{model="{model}"}} 1.0' in text
-    assert "aidp_request_seconds_bucket" in text
+    assert 'aidp_request_seconds_bucket{endpoint="/v1/chat/completions",le="0.001"}' in text
     assert f'aidp_tokens_total{{model="{model}",type="completion"}}' in text
     assert 'aidp_nodes{state="healthy"}' in text
-    assert "aidp_failovers_total" in text or "aidp_failovers" in text
+    assert 'aidp_failovers_total{phase="mid_stream"}' in text

@@ -84,7 +84,11 @@ class MarketPeer:
             await ws.send(encode(Reject(reason="bad signature")))
             return
         await ws.send(
-            encode(Welcome(node_id=f"node-{len(self.hellos)}", heartbeat_interval=self.heartbeat_interval))
+            encode(
+                Welcome(
+                    node_id=f"node-{len(self.hellos)}", heartbeat_interval=self.heartbeat_interval
+                )
+            )
         )
         self.connections.append(ws)
         self.connected.set()
@@ -102,8 +106,16 @@ class MarketPeer:
     async def send(self, message: Any, connection: int = -1) -> None:
         await self.connections[connection].send(encode(message))
 
-    async def job(self, job_id: str, body: dict[str, Any], *, kind: str = "chat",
-                  model: str = "test-model", deadline: float = 0.0, **extra: Any) -> None:
+    async def job(
+        self,
+        job_id: str,
+        body: dict[str, Any],
+        *,
+        kind: str = "chat",
+        model: str = "test-model",
+        deadline: float = 0.0,
+        **extra: Any,
+    ) -> None:
         await self.send(
             Job(job_id=job_id, kind=kind, model=model, request=body, deadline=deadline, **extra)
         )
@@ -158,8 +170,14 @@ class RealMarket:
         values.update(overrides)
         self.settings = MarketSettings(**values)
         self.app = create_app(self.settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                ws_ping_interval=None, lifespan="on")
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            ws_ping_interval=None,
+            lifespan="on",
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -185,10 +203,17 @@ class RealMarket:
     def buyer_key(self, credit: int = 10**12) -> str:
         import httpx
 
-        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                          timeout=30) as client:
-            account = client.post("/admin/accounts", json={"name": "node-tests"}).raise_for_status().json()
-            client.post(f"/admin/accounts/{account['id']}/credit", json={"amount": credit}).raise_for_status()
+        with httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
+        ) as client:
+            account = (
+                client.post("/admin/accounts", json={"name": "node-tests"})
+                .raise_for_status()
+                .json()
+            )
+            client.post(
+                f"/admin/accounts/{account['id']}/credit", json={"amount": credit}
+            ).raise_for_status()
             key = client.post(f"/admin/accounts/{account['id']}/keys", json={"name": "t"})
             return str(key.raise_for_status().json()["key"])
 

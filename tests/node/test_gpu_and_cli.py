@@ -17,16 +17,30 @@ from tests.support.net import free_port
 
 
 def reading(at: float, index: int, util: float, mem: int, temp: float, power: float) -> Reading:
-    return Reading(at=at, index=index, name="NVIDIA H100", util_pct=util, memory_used_mb=mem,
-                   memory_total_mb=81559, temperature_c=temp, power_w=power)
+    return Reading(
+        at=at,
+        index=index,
+        name="NVIDIA H100",
+        util_pct=util,
+        memory_used_mb=mem,
+        memory_total_mb=81559,
+        temperature_c=temp,
+        power_w=power,
+    )
 
 
 def test_aggregate_one_and_two_gpus() -> None:
     assert aggregate([]) is None
     one = aggregate([reading(1, 0, 50, 1000, 40, 100), reading(2, 0, 100, 3000, 60, 300)])
     assert one is not None
-    assert (one.name, one.util_avg, one.memory_used_mb, one.power_avg_w, one.temperature_max_c,
-            one.samples) == ("NVIDIA H100", 75.0, 3000, 200.0, 60, 2)
+    assert (
+        one.name,
+        one.util_avg,
+        one.memory_used_mb,
+        one.power_avg_w,
+        one.temperature_max_c,
+        one.samples,
+    ) == ("NVIDIA H100", 75.0, 3000, 200.0, 60, 2)
     two = aggregate([reading(1, 0, 50, 1000, 40, 100), reading(1, 1, 70, 500, 45, 120)])
     assert two is not None and two.name == "2x NVIDIA H100"
     assert two.memory_used_mb == 1500 and two.power_avg_w == 220.0 and two.samples == 1
@@ -86,17 +100,39 @@ def test_doctor_reports_cpu_gpu_engines_models(capsys) -> None:
 
 
 def test_help_texts() -> None:
-    out = subprocess.run([sys.executable, "-m", "node_agent.cli", "run", "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    for flag in ("--market", "--keypair", "--model", "--engine", "--price-in", "--price-out",
-                 "--metrics-port", "AIDP_NODE_"):
+    out = subprocess.run(
+        [sys.executable, "-m", "node_agent.cli", "run", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--market",
+        "--keypair",
+        "--model",
+        "--engine",
+        "--price-in",
+        "--price-out",
+        "--metrics-port",
+        "AIDP_NODE_",
+    ):
         assert flag in out
 
 
 def test_run_without_keypair_explains_what_to_do(tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "node_agent.cli", "run", "--keypair", str(tmp_path / "none.json"),
-         "--metrics-port", "0"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "node_agent.cli",
+            "run",
+            "--keypair",
+            str(tmp_path / "none.json"),
+            "--metrics-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2 and "aidp-node keygen" in proc.stderr

@@ -120,8 +120,13 @@ async def test_reconnects_when_market_starts_late(keypair) -> None:
     from tests.support.net import free_port
 
     port = free_port()
-    link = NodeLink(f"http://127.0.0.1:{port}", keypair, DeterministicEngine(),
-                    backoff_initial=0.05, backoff_max=0.2)
+    link = NodeLink(
+        f"http://127.0.0.1:{port}",
+        keypair,
+        DeterministicEngine(),
+        backoff_initial=0.05,
+        backoff_max=0.2,
+    )
     task = asyncio.create_task(link.run())
     await asyncio.sleep(0.3)
     assert link.stats.last_error is not None and not link.ready.is_set()

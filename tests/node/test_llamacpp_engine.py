@@ -63,7 +63,9 @@ async def test_chat_template_is_chatml(engine) -> None:
     im_start = engine._primary.tokenize(b"<|im_start|>", add_bos=False, special=True)
     assert len(im_start) == 1 and ids[0] == im_start[0] and ids.count(im_start[0]) == 3
     # a system message replaces the default one
-    sys_req = generation_request("chat", {"messages": [{"role": "system", "content": "Be brief."}] + MESSAGES})
+    sys_req = generation_request(
+        "chat", {"messages": [{"role": "system", "content": "Be brief."}] + MESSAGES}
+    )
     assert engine.render_prompt(sys_req).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
 
 
@@ -101,7 +103,7 @@ async def test_scoring_replay_matches_greedy_argmax_exactly(engine) -> None:
     for s in scores:
         assert s.top[0][0] == s.token_id
         assert s.logprob == pytest.approx(s.top[0][1])
-        assert len(s.top) == 5 and all(a[1] >= b[1] for a, b in zip(s.top, s.top[1:]))
+        assert len(s.top) == 5 and all(a[1] >= b[1] for a, b in zip(s.top, s.top[1:], strict=False))
 
 
 async def test_scoring_prefill_agrees_with_greedy(engine, artifacts_dir) -> None:
@@ -109,16 +111,23 @@ async def test_scoring_prefill_agrees_with_greedy(engine, artifacts_dir) -> None
     where batched numerics differ, the gap stays small. Measured values are recorded."""
     gaps, argmax_hits, total = [], 0, 0
     for content in ("Write a haiku about the sea.", "What is 2+2?", "Name three colors."):
-        request = generation_request("chat", {"messages": [{"role": "user", "content": content}],
-                                              "max_tokens": 48, "temperature": 0})
+        request = generation_request(
+            "chat",
+            {
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": 48,
+                "temperature": 0,
+            },
+        )
         _, ids, _ = await run(engine, request)
         scores = await engine.score(request, ids, top_k=5)
         for s in scores:
             total += 1
             argmax_hits += s.top[0][0] == s.token_id
             gaps.append(s.top[0][1] - s.logprob)
-    (artifacts_dir / "llamacpp-prefill-vs-decode.json").write_text(json.dumps(
-        {"positions": total, "argmax_hits": argmax_hits, "max_gap": max(gaps)}, indent=1))
+    (artifacts_dir / "llamacpp-prefill-vs-decode.json").write_text(
+        json.dumps({"positions": total, "argmax_hits": argmax_hits, "max_gap": max(gaps)}, indent=1)
+    )
     assert argmax_hits / total >= 0.95
     assert max(gaps) < 1.0
 
@@ -145,11 +154,14 @@ async def test_stop_strings_and_max_tokens(engine) -> None:
 
 
 async def test_completion_kind(engine) -> None:
-    request = generation_request("completion", {"prompt": "The capital of France is", "max_tokens": 8,
-                                                "temperature": 0})
+    request = generation_request(
+        "completion", {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    )
     text, ids, end = await run(engine, request)
     assert len(ids) == 8 and end.finish_reason == "length" and engine.decode(ids) == text
-    assert end.prompt_tokens == len(engine._primary.tokenize(b"The capital of France is", add_bos=True))
+    assert end.prompt_tokens == len(
+        engine._primary.tokenize(b"The capital of France is", add_bos=True)
+    )
 
 
 async def test_cancellation_stops_generation_and_frees_the_context(engine) -> None:

@@ -19,16 +19,34 @@ from tests.support.engines import DeterministicEngine
 def make(keypair: Keypair, **overrides) -> SignedReceipt:
     request = generation_request(
         "chat",
-        {"messages": [{"role": "user", "content": "hé"}], "max_tokens": 5, "temperature": 0.5,
-         "top_p": 0.9, "seed": 3, "stop": "END"},
+        {
+            "messages": [{"role": "user", "content": "hé"}],
+            "max_tokens": 5,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "seed": 3,
+            "stop": "END",
+        },
         continuation_token_ids=[7, 8],
     )
     values = dict(
-        keypair=keypair, job_id="job-1", engine=DeterministicEngine(), request=request,
-        output_text=" w1 w2é", output_token_ids=[1, 2], prompt_tokens=11,
-        started_at=1000.0, finished_at=1001.5,
-        gpu=GpuMetrics(name="NVIDIA H100", util_avg=80.5, memory_used_mb=1024, power_avg_w=300.0,
-                       temperature_max_c=60.0, samples=4),
+        keypair=keypair,
+        job_id="job-1",
+        engine=DeterministicEngine(),
+        request=request,
+        output_text=" w1 w2é",
+        output_token_ids=[1, 2],
+        prompt_tokens=11,
+        started_at=1000.0,
+        finished_at=1001.5,
+        gpu=GpuMetrics(
+            name="NVIDIA H100",
+            util_avg=80.5,
+            memory_used_mb=1024,
+            power_avg_w=300.0,
+            temperature_max_c=60.0,
+            samples=4,
+        ),
     )
     values.update(overrides)
     return build_receipt(**values)
@@ -39,12 +57,19 @@ def test_receipt_fields_and_signature(keypair: Keypair) -> None:
     body = receipt.body
     assert receipt.signature_valid() and receipt.token_ids_consistent()
     assert body.node_pubkey == str(keypair.pubkey())
-    assert body.request_sha256 == request_digest("chat", [{"role": "user", "content": "hé"}], [7, 8])
+    assert body.request_sha256 == request_digest(
+        "chat", [{"role": "user", "content": "hé"}], [7, 8]
+    )
     assert body.output_sha256 == sha256_hex(" w1 w2é")
     assert body.output_token_ids_sha256 == token_ids_digest([1, 2])
     assert body.completion_tokens == 2 and body.prompt_tokens == 11
-    assert body.sampling.model_dump() == {"temperature": 0.5, "top_p": 0.9, "max_tokens": 5,
-                                          "seed": 3, "stop": ["END"]}
+    assert body.sampling.model_dump() == {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "max_tokens": 5,
+        "seed": 3,
+        "stop": ["END"],
+    }
     assert body.engine == "deterministic" and body.model_id == "test-model"
     assert body.gpu is not None and body.gpu.samples == 4
     # survives the wire
@@ -54,8 +79,13 @@ def test_receipt_fields_and_signature(keypair: Keypair) -> None:
 
 @pytest.mark.parametrize(
     "field,value",
-    [("output_sha256", "0" * 64), ("completion_tokens", 3), ("job_id", "job-2"),
-     ("model_sha256", "f" * 64), ("finished_at", 1002.0)],
+    [
+        ("output_sha256", "0" * 64),
+        ("completion_tokens", 3),
+        ("job_id", "job-2"),
+        ("model_sha256", "f" * 64),
+        ("finished_at", 1002.0),
+    ],
 )
 def test_tampering_breaks_the_signature(keypair: Keypair, field: str, value) -> None:
     receipt = make(keypair)
@@ -101,13 +131,27 @@ def test_weights_hash_of_a_directory(tmp_path) -> None:
 def test_openai_body_conversion_defaults_and_errors() -> None:
     r = generation_request("chat", {"messages": [{"role": "user", "content": "x"}]})
     assert (r.temperature, r.top_p, r.max_tokens, r.seed, r.stop) == (1.0, 1.0, 256, None, [])
-    r = generation_request("completion", {"prompt": ["p"], "max_completion_tokens": 9, "stop": ["a", "b"],
-                                          "temperature": 0, "seed": 4})
+    r = generation_request(
+        "completion",
+        {
+            "prompt": ["p"],
+            "max_completion_tokens": 9,
+            "stop": ["a", "b"],
+            "temperature": 0,
+            "seed": 4,
+        },
+    )
     assert (r.prompt, r.max_tokens, r.stop, r.greedy, r.seed) == ("p", 9, ["a", "b"], True, 4)
     assert request_sha256(r) == request_digest("completion", "p", [])
-    for kind, body in [("chat", {"messages": []}), ("chat", {"messages": "x"}),
-                       ("completion", {"prompt": 3}), ("completion", {"prompt": "x", "max_tokens": -1}),
-                       ("completion", {"prompt": "x", "top_p": 0}), ("completion", {"prompt": "x", "stop": 5}),
-                       ("completion", {"prompt": "x", "temperature": "hot"}), ("embed", {})]:
+    for kind, body in [
+        ("chat", {"messages": []}),
+        ("chat", {"messages": "x"}),
+        ("completion", {"prompt": 3}),
+        ("completion", {"prompt": "x", "max_tokens": -1}),
+        ("completion", {"prompt": "x", "top_p": 0}),
+        ("completion", {"prompt": "x", "stop": 5}),
+        ("completion", {"prompt": "x", "temperature": "hot"}),
+        ("embed", {}),
+    ]:
         with pytest.raises(BadRequest):
             generation_request(kind, body)

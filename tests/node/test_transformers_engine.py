@@ -25,8 +25,12 @@ pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
-PROMPTS = ["Write a haiku about the sea.", "What is 2+2?", "Name three colors.",
-           "Explain gravity in one sentence."]
+PROMPTS = [
+    "Write a haiku about the sea.",
+    "What is 2+2?",
+    "Name three colors.",
+    "Explain gravity in one sentence.",
+]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -53,8 +57,11 @@ async def run(engine, request):
 
 
 def chat(content: str, max_tokens: int = 32) -> dict:
-    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0}
+    return {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
 
 
 async def test_same_model_identity_prompt_and_tokens(engines) -> None:
@@ -77,15 +84,26 @@ async def test_transformers_scores_llamacpp_greedy_outputs(engines, artifacts_di
         tf_scores = await tf.score(request, ids, top_k=5)
         lc_scores = await lc.score(request, ids, top_k=5)
         for t, c in zip(tf_scores, lc_scores, strict=True):
-            rows.append({"argmax": t.top[0][0] == t.token_id, "gap": t.top[0][1] - t.logprob,
-                         "diff": t.logprob - c.logprob})
+            rows.append(
+                {
+                    "argmax": t.top[0][0] == t.token_id,
+                    "gap": t.top[0][1] - t.logprob,
+                    "diff": t.logprob - c.logprob,
+                }
+            )
     n = len(rows)
     hits = sum(r["argmax"] for r in rows)
     max_gap = max(r["gap"] for r in rows)
     diffs = sorted(abs(r["diff"]) for r in rows)
-    summary = {"positions": n, "argmax_agreement": hits, "max_gap_to_top": max_gap,
-               "logprob_abs_diff_mean": sum(diffs) / n, "logprob_abs_diff_p50": diffs[n // 2],
-               "logprob_abs_diff_p99": diffs[min(n - 1, int(n * 0.99))], "logprob_abs_diff_max": diffs[-1]}
+    summary = {
+        "positions": n,
+        "argmax_agreement": hits,
+        "max_gap_to_top": max_gap,
+        "logprob_abs_diff_mean": sum(diffs) / n,
+        "logprob_abs_diff_p50": diffs[n // 2],
+        "logprob_abs_diff_p99": diffs[min(n - 1, int(n * 0.99))],
+        "logprob_abs_diff_max": diffs[-1],
+    }
     (artifacts_dir / "transformers-vs-llamacpp.json").write_text(json.dumps(summary, indent=1))
     print(summary)
     assert hits / n >= 0.95
@@ -106,9 +124,17 @@ async def test_transformers_generation_and_continuation(engines) -> None:
 
 
 async def test_random_weights_from_a_config(tmp_path) -> None:
-    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
-              "max_position_embeddings": 512, "tie_word_embeddings": True}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 49152,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+    }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     engine = TransformersEngine(path, model_id="tiny-random", device="cpu")

@@ -59,8 +59,13 @@ async def engine(tmp_path_factory):
 
     model = os.environ.get("AIDP_TEST_VLLM_MODEL") or smollm2_hf_dir(tmp_path_factory.mktemp("hf"))
     engine = VllmEngine(
-        model, model_id="SmolLM2-135M-Instruct", base_url=VLLM_URL, python=VLLM_PYTHON, n_ctx=2048,
-        extra_args="--dtype float32 --gpu-memory-utilization 0.3", startup_timeout=900,
+        model,
+        model_id="SmolLM2-135M-Instruct",
+        base_url=VLLM_URL,
+        python=VLLM_PYTHON,
+        n_ctx=2048,
+        extra_args="--dtype float32 --gpu-memory-utilization 0.3",
+        startup_timeout=900,
     )
     await engine.start()
     yield engine
@@ -79,8 +84,11 @@ async def run(engine, request):
 
 
 async def test_vllm_generate_continue_score(engine) -> None:
-    body = {"messages": [{"role": "user", "content": "Write a haiku about the sea."}],
-            "max_tokens": 24, "temperature": 0}
+    body = {
+        "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
     request = generation_request("chat", body)
     text, ids, end = await run(engine, request)
     assert len(ids) == end.completion_tokens > 0 and text

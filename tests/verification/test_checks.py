@@ -57,6 +57,7 @@ def test_each_tampering_is_reported() -> None:
     assert _check(signed, keypair, usage={"prompt_tokens": 4, "completion_tokens": 9}) == {
         "usage_mismatch"}
     assert _check(signed, keypair, finish_reason="length") == {"truncated"}
+    assert _check(signed, keypair, finish_reason="length", context_length=7) == set()
     assert _check(signed, keypair, expected_sampling=sampling_params_from_request(
         {"temperature": 0.7, "max_tokens": 8})) == {"sampling_mismatch"}
 

@@ -1,4 +1,5 @@
-"""Challenge-window flow in-process (no broker): honest settles, cheats are slashed."""
+"""Challenge-window flow in-process (no broker), on SQLite and PostgreSQL: honest
+work settles, cheats are slashed, re-running changes nothing."""
 
 from __future__ import annotations
 
@@ -6,10 +7,25 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from market.models import LedgerEntry, Receipt, ReceiptEvent
+import pytest
+
+from market.db import sync_session_factory
+from market.models import LedgerEntry, Node, Receipt, ReceiptEvent
 from market.verification import service
 from tests.verification.cheaters import EditingEngine, TruncatingEngine
 from tests.verification.conftest import World, make_settings, serve_job
+
+
+@pytest.fixture()
+def db_url(any_db_url: str) -> str:
+    return any_db_url
+
+
+@pytest.fixture()
+def sessions(db_url: str):
+    factory = sync_session_factory(db_url)
+    yield factory
+    factory.kw["bind"].dispose()
 
 
 def _run_until_quiet(world: World, settings, rounds: int = 5) -> None:
@@ -48,15 +64,16 @@ def test_honest_settles_and_cheats_are_slashed(world: World, db_url: str, tmp_pa
         r = session.execute(select(Receipt).where(Receipt.job_id == honest.job_id)).scalar_one()
         assert r.state == "settled", r.state_reason
         assert r.verification["outcome"] == "honest"
-        assert world.node(honest_id).earned_settled == r.node_earning
-        assert world.node(honest_id).reputation > 0.5
+        honest_node = session.get(Node, honest_id)
+        assert honest_node.earned_settled == r.node_earning
+        assert honest_node.reputation > 0.5
         refunds = 0
         for label, (node_id, served) in cheats.items():
             r = session.execute(select(Receipt).where(Receipt.job_id == served.job_id)).scalar_one()
             assert r.state == "slashed", (label, r.state, r.state_reason, r.verification)
             assert r.verification["outcome"] == "fraud"
             assert r.verification["slash"]["amount"] == min(10 * r.cost, 1_000_000)
-            node = world.node(node_id)
+            node = session.get(Node, node_id)
             assert node.stake == 1_000_000 - r.verification["slash"]["amount"]
             assert node.fraud_count == 1 and node.reputation == 0.25
             assert node.earned_pending == 0 and node.earned_settled == 0
@@ -67,7 +84,7 @@ def test_honest_settles_and_cheats_are_slashed(world: World, db_url: str, tmp_pa
             kinds = set(session.execute(select(LedgerEntry.kind).where(
                 LedgerEntry.receipt_id == r.id)).scalars())
             assert {"refund", "slash", "forfeit"} <= kinds
-        assert world.balance() == before + refunds
+    assert world.balance() == before + refunds
     # Re-running is a no-op (idempotent transitions and journal keys).
     _run_until_quiet(world, settings)
     assert world.balance() == before + refunds

@@ -25,8 +25,9 @@ def _scores(tokens):
 
 def test_greedy_requires_argmax_within_tolerance() -> None:
     greedy = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=3)
-    assert not judge(greedy, _scores([1, 1, 1]), [1, 1, 1]).fraud
-    verdict = judge(greedy, _scores([1, 2, 1]), [1, 2, 1])
+    tight = Tolerances(greedy_logprob_tol=0.5)
+    assert not judge(greedy, _scores([1, 1, 1]), [1, 1, 1], tolerances=tight).fraud
+    verdict = judge(greedy, _scores([1, 2, 1]), [1, 2, 1], tolerances=tight)
     assert verdict.fraud
     ev = verdict.evidence[0]
     assert (ev.position, ev.claimed_token, ev.expected_token, ev.reason) == (1, 2, 1, "not_argmax")
@@ -48,10 +49,13 @@ def test_truncation() -> None:
     params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=10)
     verdict = judge(params, _scores([1, 1]), [1, 1], finish_reason="length")
     assert verdict.fraud and "truncated" in verdict.reasons[0]
+    # ... unless the node's context was full.
+    assert not judge(params, _scores([1, 1]), [1, 1], finish_reason="length",
+                     context_exhausted=True).fraud
     # A natural stop where end-of-generation (token 4) is far from the argmax.
     eog = _scores([4])[0]
     verdict = judge(params, _scores([1, 1]), [1, 1], eog_score=eog, eog_token_ids=[4])
-    assert verdict.fraud
+    assert verdict.fraud  # log(0.6 / 0.01) = 4.1 nats from the argmax
     eog_ok = PositionScore(token_id=4, logprob=math.log(0.7),
                            top=[(4, math.log(0.7)), (1, math.log(0.3))])
     assert not judge(params, _scores([1, 1]), [1, 1], eog_score=eog_ok, eog_token_ids=[4]).fraud
