@@ -42,7 +42,10 @@ from tests.support.net import free_port  # noqa: E402
 
 MODEL = "bench-model"
 ADMIN = "bench-admin-token"
-MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me a story"}]
+MESSAGES = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "tell me a story"},
+]
 
 NODE_SCRIPT = textwrap.dedent(
     """
@@ -78,7 +81,9 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-async def run_direct(n: int, concurrency: int, max_tokens: int, token_delay: float) -> dict[str, Any]:
+async def run_direct(
+    n: int, concurrency: int, max_tokens: int, token_delay: float
+) -> dict[str, Any]:
     engine = DeterministicEngine(model_id=MODEL, token_delay=token_delay)
     ttfts: list[float] = []
     totals: list[float] = []
@@ -195,7 +200,7 @@ async def run_market(
 
 def start_market(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, *os.environ.get("AIDP_BENCH_MARKET_CMD", "-m uvicorn").split(), "--factory", "market.app:app_factory",
+        [sys.executable, "-m", "uvicorn", "--factory", "market.app:app_factory",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
          "--no-access-log"],
         env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,

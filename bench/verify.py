@@ -5,7 +5,8 @@
 Prints one JSON object:
 
 * ``cost``: total generation time vs scoring (re-execution) time for the same honest
-  jobs, and their ratio (target <= 1/20);
+  jobs, and their ratio (target <= 1/20); ``cost_long_outputs`` the same for 200-token
+  outputs;
 * ``honest``: false-positive rate of the verifier on honest jobs (mixed parameters);
 * ``detection``: rate at which each cheat type is caught, per sampling setting;
 * ``noise``: the numeric noise that sets the tolerances — the logprob differences of
@@ -131,6 +132,25 @@ def bench_honest(engine: LlamaCppEngine, n: int, tol: Any) -> tuple[dict[str, An
     }, gens
 
 
+def bench_cost_long(engine: LlamaCppEngine, n: int, tol: Any) -> dict[str, Any]:
+    """Scoring vs generation for long outputs (200 tokens), where the prompt matters less."""
+    gen_s = score_s = 0.0
+    tokens = 0
+    for i in range(n):
+        body = {"prompt": ["Once upon a time, in a small village,", "The history of the city",
+                           "def parse(text):", "Dear diary, today"][i % 4],
+                "max_tokens": 200, "temperature": 0.7, "seed": i}
+        gen = generate(engine, "completion", body)
+        verdict, seconds = verify(engine, engine, gen, tol)
+        assert not verdict.fraud, verdict.reasons
+        gen_s += gen.gen_s
+        score_s += seconds
+        tokens += len(gen.token_ids)
+    return {"jobs": n, "output_tokens": tokens, "generation_s": round(gen_s, 3),
+            "scoring_s": round(score_s, 3),
+            "scoring_over_generation": round(score_s / gen_s, 4) if gen_s else None}
+
+
 def bench_detection(honest: LlamaCppEngine, pruned: Path, per_setting: int,
                     tol: Any) -> dict[str, Any]:
     other = DifferentModelEngine(pruned, honest)
@@ -244,6 +264,8 @@ def main() -> None:
     parser.add_argument("--cheats", type=int, default=4,
                         help="jobs per cheat type and sampling setting")
     parser.add_argument("--noise-jobs", type=int, default=20)
+    parser.add_argument("--long-jobs", type=int, default=4,
+                        help="200-token jobs for the cost ratio of long outputs")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -252,6 +274,7 @@ def main() -> None:
     engine = LlamaCppEngine(n_threads=args.threads)
     run_sync(engine.start())
     honest, gens = bench_honest(engine, args.jobs, tol)
+    honest["cost_long_outputs"] = bench_cost_long(engine, args.long_jobs, tol)
     with tempfile.TemporaryDirectory() as tmp:
         pruned = pruned_gguf(20, Path(tmp) / "pruned20.gguf")
         detection = bench_detection(engine, pruned, args.cheats, tol)

@@ -3,7 +3,7 @@
 Every movement writes a :class:`~market.models.LedgerEntry` whose ``idempotency_key``
 is unique (``kind:job_or_receipt_id``), so a replayed call is a no-op instead of a
 second charge. Functions take a sync ``Session`` and never commit: the caller owns the
-transaction (async callers use ``AsyncSession.run_sync``).
+transaction (the request path submits them to :class:`market.writer.BatchWriter`).
 
 Accounts hold ``balance`` (funds owned) and ``held`` (reserved for running jobs);
 spendable = balance − held. A job's lifetime is one transaction to place the hold and

@@ -114,11 +114,12 @@ class JobRunner:
                     self.spec.model, self.spec.price_cap, tried, settings.job_first_token_timeout
                 )
             except (NoHealthyNode, ModelNotFound) as exc:
+                error: APIError = exc
                 if attempts and not self.token_ids:
-                    exc = UpstreamFailed(
+                    error = UpstreamFailed(
                         f"no other node could take the job after: {self._last_failure}"
                     )
-                self._fail(exc)
+                self._fail(error)
                 return
             tried.append(conn.node_id)
             attempts += 1

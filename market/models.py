@@ -115,12 +115,17 @@ class LedgerEntry(Base):
     __tablename__ = "ledger_entries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    # deposit | credit | hold | release | charge | fee | node_earning | settle | payout | refund | slash
+    # deposit | credit | hold | release | charge | fee | node_earning | settle | forfeit |
+    # payout | refund | slash
     kind: Mapped[str] = mapped_column(String(24), index=True)
     idempotency_key: Mapped[str] = mapped_column(String(160), unique=True)
     amount: Mapped[int] = mapped_column(BigInteger)
-    account_id: Mapped[str | None] = mapped_column(ForeignKey("accounts.id"), nullable=True, index=True)
-    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"), nullable=True, index=True)
+    account_id: Mapped[str | None] = mapped_column(
+        ForeignKey("accounts.id"), nullable=True, index=True
+    )
+    node_id: Mapped[str | None] = mapped_column(
+        ForeignKey("nodes.id"), nullable=True, index=True
+    )
     job_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     receipt_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     memo: Mapped[str | None] = mapped_column(Text, nullable=True)

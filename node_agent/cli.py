@@ -191,7 +191,12 @@ def _settings_from_args(args: argparse.Namespace) -> NodeSettings:
             "threads": args.threads,
             "n_ctx": args.ctx,
             "device": args.device,
+            "dtype": args.dtype,
+            "pool_size": args.pool_size,
             "vllm_python": args.vllm_python,
+            "vllm_args": args.vllm_args,
+            "drain_timeout": args.drain_timeout,
+            "log_level": args.log_level,
         }.items()
         if value is not None
     }
@@ -202,8 +207,6 @@ async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
     """Start the engine, the metrics endpoint and the link; run until SIGTERM/SIGINT."""
     from node_agent.engines import create_engine
     from node_agent.gpu import GpuMonitor
-    from node_agent.link import NodeLink
-    from node_agent.metrics import NodeMetrics
     from protocol.keys import load_keypair
 
     keypair_path = settings.keypair.expanduser()
@@ -214,10 +217,28 @@ async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
             file=sys.stderr,
         )
         return 2
-    keypair = load_keypair(keypair_path)
+    try:
+        keypair = load_keypair(keypair_path)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read the keypair {keypair_path}: {exc}", file=sys.stderr)
+        return 2
     gpu = GpuMonitor()
     _say(f"aidp-node {__version__}: node {keypair.pubkey()}; {gpu.note}")
     engine = create_engine(settings)
+    try:
+        return await _serve_engine(settings, keypair, engine, gpu, install_signals)
+    finally:
+        # also when loading fails or is interrupted: a vLLM child must not outlive us
+        await engine.close()
+        gpu.close()
+
+
+async def _serve_engine(
+    settings: NodeSettings, keypair: Any, engine: Any, gpu: Any, install_signals: bool
+) -> int:
+    from node_agent.link import NodeLink
+    from node_agent.metrics import NodeMetrics
+
     started = time.perf_counter()
     _say(f"loading {settings.model} on {settings.engine}…")
     await engine.start()
@@ -245,18 +266,21 @@ async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    pending: set[asyncio.Future[None]] = set()  # signal-started shutdowns, kept referenced
 
     def on_signal(signame: str) -> None:
         if stopping.is_set():
             _say(f"{signame} again: stopping now")
-            asyncio.ensure_future(link.stop())
-            return
-        stopping.set()
-        _say(
-            f"{signame}: draining ({link.running_jobs} job(s) in flight, "
-            f"up to {settings.drain_timeout:.0f}s)…"
-        )
-        asyncio.ensure_future(link.drain(timeout=settings.drain_timeout))
+            future = asyncio.ensure_future(link.stop())
+        else:
+            stopping.set()
+            _say(
+                f"{signame}: draining ({link.running_jobs} job(s) in flight, "
+                f"up to {settings.drain_timeout:.0f}s)…"
+            )
+            future = asyncio.ensure_future(link.drain(timeout=settings.drain_timeout))
+        pending.add(future)
+        future.add_done_callback(pending.discard)
 
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -286,14 +310,20 @@ async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
         await link.run()
     finally:
         announcer.cancel()
-        await engine.close()
-        gpu.close()
     _say(f"stopped after {link.stats.jobs_done} job(s), {link.stats.tokens} token(s)")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings_from_args(args)
+    from pydantic import ValidationError
+
+    try:
+        settings = _settings_from_args(args)
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            print(f"error: {field}: {err['msg']}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -353,10 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference engine (default llamacpp; vllm for GPU nodes)",
     )
     run.add_argument(
-        "--price-in", type=int, metavar="N", help="AIDP base units per 1M prompt tokens"
+        "--price-in", type=int, metavar="N", help="AIDP base units per 1M prompt tokens (default 100000)"
     )
     run.add_argument(
-        "--price-out", type=int, metavar="N", help="AIDP base units per 1M completion tokens"
+        "--price-out",
+        type=int,
+        metavar="N",
+        help="AIDP base units per 1M completion tokens (default 200000)",
     )
     run.add_argument(
         "--max-concurrency", type=int, metavar="N", help="jobs accepted at once (default 4)"
@@ -372,9 +405,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default all)"
     )
     run.add_argument("--ctx", type=int, metavar="N", help="context length (default 4096)")
+    run.add_argument(
+        "--pool-size", type=int, metavar="N", help="llama.cpp contexts serving in parallel (default 1)"
+    )
     run.add_argument("--device", help="transformers device: auto, cpu, cuda (default auto)")
     run.add_argument(
+        "--dtype", help="transformers dtype: auto, float32, bfloat16, float16 (default auto)"
+    )
+    run.add_argument(
         "--vllm-python", metavar="PATH", help="python interpreter that has vLLM installed"
+    )
+    run.add_argument(
+        "--vllm-args",
+        metavar="ARGS",
+        help="extra arguments for vLLM's server as one string: --vllm-args='--dtype float16'",
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running jobs may finish (default 60)",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default info)",
     )
     run.set_defaults(func=cmd_run)
 

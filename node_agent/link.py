@@ -332,7 +332,13 @@ class NodeLink:
             raise LinkRejected(first.reason)
         if not isinstance(first, Challenge):
             raise LinkProtocolError(f"expected challenge, got {first.type}")
-        signature = sign(self.keypair, LINK_AUTH_DOMAIN, bytes.fromhex(first.nonce))
+        try:
+            nonce = bytes.fromhex(first.nonce)
+        except ValueError:
+            raise LinkProtocolError("challenge nonce is not hex") from None
+        if len(nonce) < 16:  # a short nonce would make the signature replayable
+            raise LinkProtocolError(f"challenge nonce of {len(nonce)} bytes is too short")
+        signature = sign(self.keypair, LINK_AUTH_DOMAIN, nonce)
         await self._send(Auth(signature=signature))
         second = parse_market_message(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT))
         if isinstance(second, Reject):
@@ -467,8 +473,12 @@ class NodeLink:
             if job.deadline > 0:
                 timeout_at = asyncio.get_running_loop().time() + (job.deadline - time.time())
             try:
-                async with asyncio.timeout_at(timeout_at):
-                    async for event in engine.generate(request):
+                # closed on the way out (deadline, cancel, lost link), so the engine stops
+                # generating now rather than whenever the generator is collected
+                async with asyncio.timeout_at(timeout_at), contextlib.aclosing(
+                    engine.generate(request)
+                ) as events:
+                    async for event in events:
                         if isinstance(event, TokenDelta):
                             if first_token_at is None:
                                 first_token_at = time.perf_counter()

@@ -224,6 +224,9 @@ class LocalChain:
                 )
                 restored += 1
         self.restored_accounts = restored
+        # the clock never runs backwards, not even across a restart after the host clock
+        # was set back: a blockhash reported expired must stay expired
+        self._floor = int(self._db.execute("SELECT COALESCE(MAX(slot), 0) FROM txs").fetchone()[0])
         self.svm.set_account(
             self.faucet_pubkey, Account(FAUCET_LAMPORTS, b"", spl.SYSTEM_PROGRAM_ID, False, 0)
         )
@@ -236,7 +239,7 @@ class LocalChain:
             elapsed = int((time.time() - self._genesis_time) * 1000 // self.slot_ms)
         else:
             elapsed = 0
-        slot = GENESIS_SLOT + max(elapsed, 0) + self._offset
+        slot = max(GENESIS_SLOT + max(elapsed, 0) + self._offset, self._svm_slot, self._floor)
         if slot != self._svm_slot:
             self.svm.warp_to_slot(slot)
             self._svm_slot = slot
@@ -391,6 +394,8 @@ class LocalChain:
                         _err_json(sim), list(meta.logs()), meta.compute_units_consumed()
                     )
             keys = list(msg.account_keys)
+            writable = [keys[i] for i in writable_indices(msg)]
+            before = {k: self.svm.get_account(k) for k in writable}
             pre = [self._lamports(k) for k in keys]
             pre_tok = [e for i, k in enumerate(keys) if (e := self.token_balance_entry(i, k))]
             res = self.svm.send_transaction(vtx)
@@ -417,7 +422,14 @@ class LocalChain:
                 "loadedAddresses": {"writable": [], "readonly": []},
                 "computeUnitsConsumed": meta_obj.compute_units_consumed(),
             }
-            self._record(sig, slot, raw, err, meta, keys, [keys[i] for i in writable_indices(msg)])
+            try:
+                self._record(sig, slot, raw, err, meta, keys, writable)
+            except BaseException:
+                # Not recorded means not landed: undo its effects, or a payment would have
+                # moved money while its signature stays unknown (and so be re-planned).
+                for k, acc in before.items():
+                    self.svm.set_account(k, acc or Account(0, b"", spl.SYSTEM_PROGRAM_ID, False, 0))
+                raise
             return sig
 
     def simulate(

@@ -19,6 +19,7 @@ from solders.message import Message, MessageV0
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -399,8 +400,10 @@ def create_app(chain: LocalChain) -> Starlette:
                         "id": None,
                     }
                 )
-            return JSONResponse([handler.call(r) for r in body])
-        return JSONResponse(handler.call(body))
+            return JSONResponse(await run_in_threadpool(lambda: [handler.call(r) for r in body]))
+        # LiteSVM execution and SQLite writes block: keep them off the event loop (the
+        # chain's own lock serialises them), so /health and other requests stay responsive
+        return JSONResponse(await run_in_threadpool(handler.call, body))
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")

@@ -23,6 +23,8 @@ lets a reconcile find a payment on chain even when its signature was lost.
 from __future__ import annotations
 
 import json
+import logging
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,12 +34,14 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from . import spl
-from .ledger import AllowanceExceeded, Ledger, LedgerError, PreparedTx
+from .ledger import AllowanceExceeded, Ledger, LedgerError, PreparedTx, SignatureInfo, TxInfo
 
 LAMPORTS_PER_SOL = 1_000_000_000
 MINT_SEED = "aidp-mint"
 TREASURY_SEED = "aidp-treasury"
 MEMO_PREFIX = "aidp:"
+
+log = logging.getLogger("aidp.settlement")
 
 
 # ---------------------------------------------------------------------------- memos
@@ -261,58 +265,71 @@ async def scan_deposits(
 
     A movement the market made itself (pull, payout, refund… memos) is not a deposit.
     Credit each ``Deposit`` once, keyed by ``signature``; the cursor only saves work.
+
+    Signatures are listed newest first back to ``since`` but examined oldest first, at
+    most ``max_signatures`` per call, and the cursor is the newest one examined: a backlog
+    larger than one call is finished by the next calls, never jumped over. A transaction
+    the node lists but cannot return yet (an RPC node lagging behind its own index) ends
+    the scan just before it, so it is examined again next time instead of being lost.
     """
-    infos = []
+    if max_signatures < 1:
+        raise ValueError("max_signatures must be >= 1")
+    # newest → oldest; the deque keeps the oldest ``max_signatures`` of the backlog
+    backlog: deque[SignatureInfo] = deque(maxlen=max_signatures)
     before: str | None = None
-    while len(infos) < max_signatures:
+    while True:
         page = await ledger.signatures_for_address(
             cfg.deposit_pk, before=before, until=since, limit=1000
         )
-        infos += page
+        backlog.extend(page)
         if len(page) < 1000:
             break
         before = page[-1].signature
-    cursor = infos[0].signature if infos else since
+    cursor = since
     deposits: list[Deposit] = []
-    for si in reversed(infos):
-        if si.err is not None:
-            continue
-        tx = await ledger.get_transaction(si.signature)
-        if tx is None or not tx.ok:
-            continue
-        memo = tx.memos[0] if tx.memos else None
-        parsed = parse_memo(memo)
-        if parsed is not None and parsed.kind != "deposit":
-            continue
-        changes = tx.token_changes()
-        received = changes.get(cfg.deposit)
-        if received is None or received[1] <= 0 or received[0].mint != cfg.mint:
-            continue
-        source = next(
-            (
-                b
-                for a, (b, d) in changes.items()
-                if d < 0 and b.mint == cfg.mint and a != cfg.deposit
-            ),
-            None,
-        )
-        if parsed is not None:
-            account = parsed.fields[0] if parsed.fields else None
-        else:
-            account = memo.strip() if memo and memo.strip() else None
-        deposits.append(
-            Deposit(
-                signature=si.signature,
-                slot=tx.slot,
-                block_time=tx.block_time,
-                amount=received[1],
-                memo=memo,
-                account=account,
-                source_owner=source.owner if source else None,
-                source_account=source.account if source else None,
-            )
-        )
+    for si in reversed(backlog):  # oldest first
+        if si.err is None:
+            tx = await ledger.get_transaction(si.signature)
+            if tx is None:
+                log.warning("deposit scan: %s is listed but not retrievable yet", si.signature)
+                break
+            deposit = _deposit_of(cfg, si.signature, tx)
+            if deposit is not None:
+                deposits.append(deposit)
+        cursor = si.signature
     return DepositScan(deposits, cursor)
+
+
+def _deposit_of(cfg: ChainConfig, signature: str, tx: TxInfo) -> Deposit | None:
+    """The deposit a landed transaction makes, None when it makes none."""
+    if not tx.ok:
+        return None
+    memo = tx.memos[0] if tx.memos else None
+    parsed = parse_memo(memo)
+    if parsed is not None and parsed.kind != "deposit":
+        return None
+    changes = tx.token_changes()
+    received = changes.get(cfg.deposit)
+    if received is None or received[1] <= 0 or received[0].mint != cfg.mint:
+        return None
+    source = next(
+        (b for a, (b, d) in changes.items() if d < 0 and b.mint == cfg.mint and a != cfg.deposit),
+        None,
+    )
+    if parsed is not None:
+        account = parsed.fields[0] if parsed.fields else None
+    else:
+        account = memo.strip() if memo and memo.strip() else None
+    return Deposit(
+        signature=signature,
+        slot=tx.slot,
+        block_time=tx.block_time,
+        amount=received[1],
+        memo=memo,
+        account=account,
+        source_owner=source.owner if source else None,
+        source_account=source.account if source else None,
+    )
 
 
 # ---------------------------------------------------------------------------- allowances
@@ -642,19 +659,64 @@ async def read_anchor(ledger: Ledger, signature: str) -> Anchor | None:
     for text in tx.memos:
         m = parse_memo(text)
         if m and m.kind == "anchor" and m.version == "v1" and len(m.fields) >= 2:
-            return Anchor(
-                signature, tx.slot, tx.block_time, m.fields[0], int(m.fields[1]), tx.account_keys[0]
-            )
+            root, count = m.fields[0], m.fields[1]
+            # anyone can write an anchor-looking memo: a malformed one anchors nothing
+            if len(root) != 64 or not _is_hex(root) or not count.isdigit():
+                continue
+            return Anchor(signature, tx.slot, tx.block_time, root, int(count), tx.account_keys[0])
     return None
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+def memo_texts(field: str | None) -> list[str]:
+    """The memos of getSignaturesForAddress's ``memo`` field (``[len] text`` joined by ``; ``).
+
+    Each text is cut by its byte length, so a memo that itself contains ``; `` or ``[``
+    is read whole."""
+    out: list[str] = []
+    data = (field or "").encode()
+    pos = 0
+    while pos < len(data):
+        if data[pos : pos + 1] != b"[":
+            return out + [data[pos:].decode(errors="replace")]
+        close = data.find(b"] ", pos)
+        try:
+            length = int(data[pos + 1 : close])
+        except ValueError:
+            return out + [data[pos:].decode(errors="replace")]
+        start = close + 2
+        out.append(data[start : start + length].decode(errors="replace"))
+        pos = start + length
+        if data[pos : pos + 2] == b"; ":
+            pos += 2
+    return out
+
+
+def memo_names(text: str, key: str) -> bool:
+    """True when memo ``text`` carries ``key`` as a whole field (or is exactly ``key``).
+
+    Whole fields, not substrings: key ``acct.1`` must not match the memo of ``acct.10``."""
+    if text == key:
+        return True
+    parsed = parse_memo(text)
+    return parsed is not None and key in parsed.fields
 
 
 async def find_memo(
     ledger: Ledger, address: Pubkey, needle: str, *, limit: int = 1000
 ) -> list[str]:
-    """Signatures of recent successful transactions touching ``address`` whose memo contains
-    ``needle`` (e.g. an idempotency key): how a reconcile finds a payment it lost track of."""
+    """Signatures of recent successful transactions touching ``address`` whose memo names
+    ``needle`` (e.g. an idempotency key) as a whole field: how a reconcile finds a payment
+    it lost track of."""
     return [
         s.signature
         for s in await ledger.signatures_for_address(address, limit=limit)
-        if s.err is None and s.memo and needle in s.memo
+        if s.err is None and any(memo_names(t, needle) for t in memo_texts(s.memo))
     ]

@@ -151,6 +151,8 @@ async def _sse(
     events: AsyncIterator[str | None],
     first: Any,
     body: GenerationRequestBody,
+    request_path: str,
+    started: float,
 ) -> AsyncIterator[str]:
     kind, model = body.kind, body.model
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + runner.spec.job_id
@@ -186,16 +188,17 @@ async def _sse(
             yield f"data: {_dumps(runner.error.body())}\n\n"
         else:
             usage = runner.usage()
-            final = stream_chunk(kind, rid, model, created, "" if kind == "chat" else "",
+            # the finish chunk carries usage too; include_usage adds OpenAI's usage-only chunk
+            final = stream_chunk(kind, rid, model, created, None if kind == "chat" else "",
                                  runner.finish_reason or "stop", first=not sent_first,
                                  usage=usage)
-            if kind == "chat":
-                final["choices"][0]["delta"].pop("content", None)
             yield f"data: {_dumps(final)}\n\n"
             if body.include_usage:
-                tail = stream_chunk(kind, rid, model, created, None, usage=usage, no_choices=True)
-                yield f"data: {_dumps(tail)}\n\n"
+                usage_chunk = stream_chunk(kind, rid, model, created, None, usage=usage,
+                                           no_choices=True)
+                yield f"data: {_dumps(usage_chunk)}\n\n"
         yield "data: [DONE]\n\n"
+        state.metrics.latency.labels(request_path).observe(time.monotonic() - started)
     finally:
         if not finished:
             # Client disconnect (the response task is being cancelled): no awaiting here.
@@ -206,21 +209,23 @@ async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) 
     state = market_state(request)
     endpoint = request.url.path
     started = time.monotonic()
+    streaming = False
     try:
         if not body.stream:
-            response = await complete(state, buyer, body)
-            return JSONResponse(response)
+            return JSONResponse(await complete(state, buyer, body))
         runner = await open_job(state, buyer, body)
         events = runner.events()
         # The first event (or failure) before answering: errors keep their HTTP status.
         first = await _guarded(state, runner, events, anext(events, _END))
+        streaming = True  # _sse observes the latency when the stream ends
         return StreamingResponse(
-            _sse(state, runner, events, first, body),
+            _sse(state, runner, events, first, body, endpoint, started),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     finally:
-        state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+        if not streaming:
+            state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
 
 
 # ---- routes ------------------------------------------------------------------------------

@@ -185,6 +185,17 @@ async def plan_slashes(rt: ChainRuntime, sessions: sessionmaker[Session]) -> lis
             on_chain[pubkey] = await rt.ledger.token_balance(rt.stake_of(pubkey).account_pk)
     ids = []
     with sessions.begin() as session:
+        # slashes planned earlier that have not landed will still take their share: what
+        # they take is not there for these (else a transfer would be planned that the stake
+        # cannot cover, and retried forever)
+        in_flight = dict(session.execute(
+            select(ChainTransfer.from_address, func.sum(ChainTransfer.amount))
+            .where(ChainTransfer.kind == "slash", ChainTransfer.state.in_(transfers.ACTIVE))
+            .group_by(ChainTransfer.from_address)
+        ).all())
+        for pubkey in on_chain:
+            account = rt.stake_of(pubkey).account
+            on_chain[pubkey] = max(0, on_chain[pubkey] - int(in_flight.get(account) or 0))
         for key, receipt_id, amount, pubkey in todo:
             stake = rt.stake_of(pubkey)
             # never more than the stake holds (the DB capped it at nodes.stake already)

@@ -144,12 +144,20 @@ def _guard(fn):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace) -> int:
         from market.chain.runtime import ChainNotInitialized
         from market.errors import APIError
+        from programs.ledger import LedgerError
+        from programs.localchain import ChainError
 
         try:
             return int(fn(args) or 0)
         except ChainNotInitialized as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except ChainError as exc:  # e.g. the in-process chain is held by another process
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 2
+        except LedgerError as exc:  # the chain could not be reached or refused a step
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except (APIError, LookupError) as exc:
             print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
             return 2
@@ -182,11 +190,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=_guard(_tick))
 
     p = sub.add_parser("allowance", help="fund an account from a wallet's approve() to the market")
-    p.add_argument("account")
-    p.add_argument("wallet")
+    p.add_argument("account", help="the market account id to fund (acct_…)")
+    p.add_argument("wallet", help="base58 wallet address whose AIDP account approved the market")
     p.set_defaults(func=_guard(_allowance))
 
     p = sub.add_parser("claim", help="credit an unclaimed deposit to an account")
-    p.add_argument("signature")
-    p.add_argument("account")
+    p.add_argument("signature", help="transaction signature of the deposit (chain_deposits)")
+    p.add_argument("account", help="the market account id to credit")
     p.set_defaults(func=_guard(_claim))

@@ -59,8 +59,11 @@ def sample_token(
     """Greedy for temperature 0; else softmax(logits / T) restricted to the top-p nucleus."""
     if temperature == 0.0:
         return int(np.argmax(logits))
-    x = logits.astype(np.float64) / temperature
-    x -= x.max()
+    # subtract the max before dividing: a tiny temperature then gives -inf (probability 0)
+    # for every other token instead of inf - inf = NaN
+    x = logits.astype(np.float64)
+    with np.errstate(over="ignore"):
+        x = (x - x.max()) / temperature
     p = np.exp(x)
     p /= p.sum()
     if top_p < 1.0:
@@ -104,7 +107,9 @@ def decode_loop(
     token and returns the next logits; ``piece(token)`` is the token's output bytes.
     Emits ``TokenDelta``s then one ``GenerationEnd``; returns early when ``cancel`` is set.
     """
-    rng = np.random.default_rng(request.seed)
+    # numpy takes only non-negative seeds; OpenAI's seed is any integer (two's complement)
+    seed = request.seed if request.seed is None or request.seed >= 0 else request.seed % 2**64
+    rng = np.random.default_rng(seed)
     text = TextStream(request.stop)
     text.prime([piece(t) for t in request.continuation_token_ids])
     produced = 0

@@ -2,6 +2,8 @@
 
 The loop gets ``emit(event)`` and a ``threading.Event`` that is set when the consumer
 goes away (cancelled task, closed generator); it must check the event every token.
+``on_finished`` runs exactly once, as soon as the work is known to have stopped, so a
+resource it used (a llama.cpp context) is free again before the next request asks.
 """
 
 from __future__ import annotations
@@ -45,16 +47,27 @@ async def stream_from_thread(
         finally:
             emit(_DONE)
 
+    finished = False
+
+    def finish() -> None:
+        # Once: when the consumer sees the work end, or (consumer gone early) on the loop
+        # once the thread really stopped. Either way the work no longer runs.
+        nonlocal finished
+        if not finished:
+            finished = True
+            if on_finished is not None:
+                on_finished()
+
     future = loop.run_in_executor(None, runner)
-    if on_finished is not None:
-        # Runs on the loop once the thread really stopped (a context is free again).
-        future.add_done_callback(lambda _f: on_finished())
+    future.add_done_callback(lambda _f: finish())
     try:
         while True:
             item = await queue.get()
             if item is _DONE:
+                finish()
                 return
             if isinstance(item, _Failure):
+                finish()  # ``work`` has raised: it touches nothing any more
                 raise item.exc
             yield item
     finally:

@@ -22,6 +22,7 @@ kernel path for longer KV). ``replay`` removes the difference entirely.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import re
@@ -32,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.engines._text import decode_loop, log_softmax, top_k
+from node_agent.engines._local import LocalEngine
+from node_agent.engines._text import log_softmax, top_k
 from node_agent.engines._threaded import Emit, stream_from_thread
 from node_agent.engines.base import (
-    Engine,
     EngineError,
     GenerationEvent,
     GenerationRequest,
@@ -93,7 +94,7 @@ def _quantization(path: Path, metadata: dict[str, str]) -> str | None:
         return None
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(LocalEngine):
     name = "llamacpp"
 
     def __init__(
@@ -187,35 +188,24 @@ class LlamaCppEngine(Engine):
             self._scorer.close()
             self._scorer = None
 
-    def _require_started(self) -> None:
-        if self._pool is None:
-            raise EngineError("engine_not_started", "call start() before serving")
+    def _is_started(self) -> bool:
+        return self._pool is not None
 
     # ---- prompts ---------------------------------------------------------------------
 
-    def render_prompt(self, request: GenerationRequest) -> str:
-        """The text the model sees before its output (chat template applied)."""
-        if request.kind == "completion":
-            return request.prompt or ""
-        messages = [
-            {"role": m.get("role"), "content": m.get("content") or ""}
-            for m in request.messages or []
-        ]
+    def _apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         if self._formatter is None:
             raise EngineError("no_chat_template", "this GGUF carries no chat template")
         return str(self._formatter(messages=messages).prompt)
 
-    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        """Rendered prompt tokens, then the continuation token ids as given."""
-        self._require_started()
-        text = self.render_prompt(request)
-        ids = self._primary.tokenize(
-            text.encode("utf-8"), add_bos=True, special=request.kind == "chat"
+    def _tokenize(self, text: str, request: GenerationRequest) -> list[int]:
+        return list(
+            self._primary.tokenize(text.encode("utf-8"), add_bos=True, special=request.kind == "chat")
         )
-        return list(ids) + list(request.continuation_token_ids)
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self.prompt_token_ids(request))
+    def vocab_size(self) -> int:
+        self._require_started()
+        return int(self._primary.n_vocab())
 
     def eog_token_ids(self) -> list[int]:
         """Every id llama.cpp treats as end of generation (EOS, EOT, ...)."""
@@ -241,35 +231,26 @@ class LlamaCppEngine(Engine):
     def _run(
         self, llm: Any, request: GenerationRequest, emit: Emit, cancel: threading.Event
     ) -> None:
-        prompt_ids = self.prompt_token_ids(request)
-        n_cont = len(request.continuation_token_ids)
-        base = prompt_ids[: len(prompt_ids) - n_cont]
-        if len(prompt_ids) >= self.n_ctx:
-            raise EngineError(
-                "context_length_exceeded",
-                f"prompt of {len(prompt_ids)} tokens does not fit the context ({self.n_ctx})",
-            )
         vocab = llm._model.vocab
         is_eog = self._llama_cpp.llama_vocab_is_eog
+
+        def prefill(ids: list[int]) -> np.ndarray:
+            llm.reset()
+            llm.eval(ids)
+            return self._last_logits(llm)
 
         def step(token: int) -> np.ndarray:
             llm.eval([token])
             return self._last_logits(llm)
 
-        llm.reset()
-        llm.eval(base)
-        for token in request.continuation_token_ids:  # as the first node evaluated them
-            llm.eval([token])
-        decode_loop(
+        self._decode(
             request,
-            logits=self._last_logits(llm),
+            emit,
+            cancel,
+            prefill=prefill,
             step=step,
             piece=lambda token: llm.detokenize([token]),
             is_eog=lambda token: bool(is_eog(vocab, token)),
-            prompt_tokens=len(prompt_ids),
-            n_ctx=self.n_ctx,
-            emit=emit,
-            cancel=cancel,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
@@ -277,30 +258,20 @@ class LlamaCppEngine(Engine):
         assert self._pool is not None
         pool = self._pool
         llm = await pool.get()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                pool.put_nowait(llm)
-
-        async for event in stream_from_thread(
-            lambda emit, cancel: self._run(llm, request, emit, cancel), on_finished=release
-        ):
-            yield event
+        events = stream_from_thread(
+            lambda emit, cancel: self._run(llm, request, emit, cancel),
+            on_finished=lambda: pool.put_nowait(llm),  # once, when the thread let go of it
+        )
+        async with contextlib.aclosing(events):  # a consumer that leaves stops the thread now
+            async for event in events:
+                yield event
 
     # ---- scoring -----------------------------------------------------------------------
 
-    def _score_sync(
-        self, request: GenerationRequest, output_token_ids: list[int], k: int
+    def _score_output(
+        self, request: GenerationRequest, prompt_ids: list[int], output_ids: list[int], k: int
     ) -> list[PositionScore]:
-        prompt_ids = self.prompt_token_ids(request)
-        full = prompt_ids + list(output_token_ids)
-        if len(full) > self.n_ctx:
-            raise EngineError("context_length_exceeded", f"{len(full)} tokens exceed {self.n_ctx}")
-        if not output_token_ids:
-            return []
+        full = prompt_ids + output_ids
         with self._scorer_lock:
             if self._scorer is None:
                 self._scorer = self._load(logits_all=True)
@@ -317,7 +288,7 @@ class LlamaCppEngine(Engine):
                 for token in request.continuation_token_ids:
                     scorer.eval([token])
                 collected = []
-                for token in output_token_ids:
+                for token in output_ids:
                     collected.append(self._last_logits(scorer))
                     scorer.eval([token])
                 rows = np.array(collected, dtype=np.float32)
@@ -326,11 +297,5 @@ class LlamaCppEngine(Engine):
             PositionScore(
                 token_id=int(tok), logprob=float(logprobs[i, tok]), top=top_k(logprobs[i], k)
             )
-            for i, tok in enumerate(output_token_ids)
+            for i, tok in enumerate(output_ids)
         ]
-
-    async def score(
-        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20
-    ) -> list[PositionScore]:
-        self._require_started()
-        return await asyncio.to_thread(self._score_sync, request, list(output_token_ids), top_k)

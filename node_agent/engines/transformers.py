@@ -19,6 +19,7 @@ the llama.cpp engine: prompt as one batch, continuation ids one at a time, exact
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -29,10 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.engines._text import decode_loop
+from node_agent.engines._local import LocalEngine
 from node_agent.engines._threaded import Emit, stream_from_thread
 from node_agent.engines.base import (
-    Engine,
     EngineError,
     GenerationEvent,
     GenerationRequest,
@@ -65,7 +65,7 @@ _EOG_NAMES = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(LocalEngine):
     name = "transformers"
 
     def __init__(
@@ -183,32 +183,25 @@ class TransformersEngine(Engine):
         if self.device.type == "cuda":
             self._torch.cuda.empty_cache()
 
-    def _require_started(self) -> None:
-        if self._model is None:
-            raise EngineError("engine_not_started", "call start() before serving")
+    def _is_started(self) -> bool:
+        return self._model is not None
 
     # ---- prompts ---------------------------------------------------------------------
 
-    def render_prompt(self, request: GenerationRequest) -> str:
-        if request.kind == "completion":
-            return request.prompt or ""
-        messages = [
-            {"role": m.get("role"), "content": m.get("content") or ""}
-            for m in request.messages or []
-        ]
+    def _apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         if not getattr(self._tok, "chat_template", None):
             raise EngineError("no_chat_template", "this tokenizer carries no chat template")
         return str(
             self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         )
 
-    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        self._require_started()
-        ids = self._tok(self.render_prompt(request), add_special_tokens=False)["input_ids"]
-        return list(ids) + list(request.continuation_token_ids)
+    def _tokenize(self, text: str, request: GenerationRequest) -> list[int]:
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self.prompt_token_ids(request))
+    def vocab_size(self) -> int:
+        """Rows of the model's logits (may exceed the tokenizer's vocabulary: padding)."""
+        self._require_started()
+        return int(self._model.get_output_embeddings().weight.shape[0])
 
     def piece(self, token: int) -> bytes:
         """The bytes one token contributes to the output text."""
@@ -238,54 +231,40 @@ class TransformersEngine(Engine):
         return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
 
     def _run(self, request: GenerationRequest, emit: Emit, cancel: threading.Event) -> None:
-        prompt_ids = self.prompt_token_ids(request)
-        if len(prompt_ids) >= self.n_ctx:
-            raise EngineError(
-                "context_length_exceeded",
-                f"prompt of {len(prompt_ids)} tokens does not fit ({self.n_ctx})",
-            )
-        n_cont = len(request.continuation_token_ids)
+        cache: list[Any] = [None]
+
+        def step(token: int) -> np.ndarray:
+            return prefill([token])
+
+        def prefill(ids: list[int]) -> np.ndarray:
+            logits, cache[0] = self._forward(ids, cache[0])
+            return logits
+
         with self._lock, self._torch.inference_mode():
-            logits, past = self._forward(prompt_ids[: len(prompt_ids) - n_cont], None)
-            for token in request.continuation_token_ids:
-                logits, past = self._forward([token], past)
-            cache = [past]
-
-            def step(token: int) -> np.ndarray:
-                next_logits, cache[0] = self._forward([token], cache[0])
-                return next_logits
-
-            decode_loop(
+            self._decode(
                 request,
-                logits=logits,
+                emit,
+                cancel,
+                prefill=prefill,
                 step=step,
                 piece=self.piece,
                 is_eog=self._eos.__contains__,
-                prompt_tokens=len(prompt_ids),
-                n_ctx=self.n_ctx,
-                emit=emit,
-                cancel=cancel,
             )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self._require_started()
-        async for event in stream_from_thread(
-            lambda emit, cancel: self._run(request, emit, cancel)
-        ):
-            yield event
+        events = stream_from_thread(lambda emit, cancel: self._run(request, emit, cancel))
+        async with contextlib.aclosing(events):  # a consumer that leaves stops the thread now
+            async for event in events:
+                yield event
 
     # ---- scoring ---------------------------------------------------------------------------
 
-    def _score_sync(
-        self, request: GenerationRequest, output_ids: list[int], k: int
+    def _score_output(
+        self, request: GenerationRequest, prompt_ids: list[int], output_ids: list[int], k: int
     ) -> list[PositionScore]:
         torch = self._torch
-        prompt_ids = self.prompt_token_ids(request)
-        full = prompt_ids + list(output_ids)
-        if len(full) > self.n_ctx:
-            raise EngineError("context_length_exceeded", f"{len(full)} tokens exceed {self.n_ctx}")
-        if not output_ids:
-            return []
+        full = prompt_ids + output_ids
         with self._lock, torch.inference_mode():
             input_ids = torch.tensor([full], dtype=torch.long, device=self.device)
             logits = self._model(input_ids=input_ids, use_cache=False).logits[0]
@@ -303,9 +282,3 @@ class TransformersEngine(Engine):
             )
             for i, tok in enumerate(output_ids)
         ]
-
-    async def score(
-        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20
-    ) -> list[PositionScore]:
-        self._require_started()
-        return await asyncio.to_thread(self._score_sync, request, list(output_token_ids), top_k)

@@ -89,6 +89,7 @@ class VllmEngine(Engine):
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: deque[str] = deque(maxlen=50)
         self._client: httpx.AsyncClient | None = None
+        self._pump: asyncio.Task[None] | None = None  # referenced, so it is not collected
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -124,6 +125,14 @@ class VllmEngine(Engine):
     async def start(self) -> None:
         if self._client is not None:
             return
+        try:
+            await self._start()
+        except BaseException:
+            # a failed or interrupted start must not leave a vLLM child holding the GPU
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         if self.base_url is None:
             self.port = self.port or _free_port()
             self.base_url = f"http://{self.host}:{self.port}"
@@ -133,7 +142,7 @@ class VllmEngine(Engine):
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-            asyncio.get_running_loop().create_task(self._pump_logs())
+            self._pump = asyncio.get_running_loop().create_task(self._pump_logs())
         self._client = httpx.AsyncClient(
             base_url=self.base_url, timeout=httpx.Timeout(None, connect=10)
         )
@@ -144,7 +153,8 @@ class VllmEngine(Engine):
         self.version = f"vllm/{version}"
         local = Path(self.model_source).expanduser()
         sha = (
-            weights_sha256(local, self.cache_dir)
+            # hashing a multi-GB checkout takes minutes: not on the event loop
+            await asyncio.to_thread(weights_sha256, local, self.cache_dir)
             if local.exists()
             else sha256_hex(self.model_source)
         )
@@ -172,7 +182,6 @@ class VllmEngine(Engine):
                     self.progress(f"vLLM ready after {elapsed:.0f}s at {self.base_url}")
                     return
             if elapsed > self.startup_timeout:
-                await self.close()
                 raise EngineError(
                     "engine_failed", f"vllm not ready after {self.startup_timeout:.0f}s"
                 )
@@ -186,13 +195,22 @@ class VllmEngine(Engine):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                await asyncio.to_thread(self._proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        self._proc = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    await asyncio.to_thread(proc.wait, 30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    await asyncio.to_thread(proc.wait)  # reap it: no zombie
+            if proc.stdout is not None:
+                proc.stdout.close()
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ValueError, OSError):
+                await pump
 
     # ---- tokens ------------------------------------------------------------------------
 

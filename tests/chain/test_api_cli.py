@@ -116,3 +116,12 @@ def test_cli_init_status_reconcile(tmp_path, db_url):
         backing.amount -= 1
     bad = cli("reconcile")
     assert bad.returncode == 1 and "MISMATCH" in bad.stdout, bad.stdout
+
+    # the in-process chain held by another process: a clear error, no traceback
+    held = open_ledger("inprocess", tmp_path / "data")
+    try:
+        busy = cli("status")
+    finally:
+        held.chain.close()
+    assert busy.returncode == 2 and "in use by another process" in busy.stderr, busy.stderr
+    assert "Traceback" not in busy.stderr

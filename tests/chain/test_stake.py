@@ -62,3 +62,34 @@ async def test_min_stake_policy(db_world):
     assert await has_min_stake(str(bare.pubkey()), off, ledger=world.ledger)
     assert await has_min_stake(str(staked.pubkey()), on, ledger=world.ledger)
     assert not await has_min_stake(str(bare.pubkey()), on, ledger=world.ledger)
+
+
+async def test_a_slash_never_counts_on_stake_an_earlier_unlanded_slash_takes(db_world):
+    """Chain stake below the DB's view (e.g. withdrawn meanwhile): the second slash is
+    planned on what the first one leaves, so both land instead of one failing forever."""
+    from market.chain import settle, transfers
+    from market.models import LedgerEntry
+
+    world = db_world
+    buyer = world.account(balance=10_000)
+    node_id, operator = await world.node(stake=1_000)
+    stake = world.rt.stake_of(operator.pubkey())
+    receipts = [world.receipt(node_id, buyer, earning=90, fee=10, state="verifying")
+                for _ in range(2)]
+
+    def journal(receipt_id: str) -> None:
+        with world.sessions.begin() as s:
+            s.add(LedgerEntry(kind="slash", idempotency_key=f"slash:{receipt_id}", amount=800,
+                              node_id=node_id, receipt_id=receipt_id))
+
+    journal(receipts[0].id)
+    first = await settle.plan_slashes(world.rt, world.sessions)  # planned, not sent yet
+    journal(receipts[1].id)
+    second = await settle.plan_slashes(world.rt, world.sessions)
+    with world.sessions() as s:
+        amounts = [s.get(ChainTransfer, i).amount for i in first + second]
+    assert amounts == [800, 200]
+    result = await transfers.drive(world.rt, world.sessions, first + second)
+    assert result.counts == {"confirmed": 2}
+    assert await world.ledger.token_balance(stake.account_pk) == 0
+    assert await world.ledger.token_balance(world.cfg.treasury_pk) == 1_000

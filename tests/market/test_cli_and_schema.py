@@ -6,16 +6,16 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from market.db import make_sync_engine
 from market.cli import main
+from market.db import make_sync_engine
 from market.migrate import upgrade
 from market.models import Base
 from market.settings import get_settings

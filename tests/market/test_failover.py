@@ -102,7 +102,9 @@ async def test_node_killed_mid_stream_stream_completes(
     assert job["charged"] > 0 and job["hold"] >= job["charged"]
 
 
-async def test_node_killed_mid_stream_non_stream(buyer: Buyer, market: Market, nodes: Nodes) -> None:
+async def test_node_killed_mid_stream_non_stream(
+    buyer: Buyer, market: Market, nodes: Nodes
+) -> None:
     model = unique_model()
     first = await nodes.start(model, token_delay=0.02)
     request = asyncio.create_task(buyer.client().completions.create(

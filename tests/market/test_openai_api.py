@@ -11,7 +11,10 @@ from market.billing import market_fee, node_cost
 from tests.market.conftest import Buyer, Market, Nodes, expected_output, unique_model
 
 # The deterministic engine produces 119 tokens before EOS for this conversation.
-MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me a story"}]
+MESSAGES = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "tell me a story"},
+]
 
 
 async def test_models_lists_what_nodes_offer(buyer: Buyer, nodes: Nodes) -> None:

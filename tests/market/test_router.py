@@ -13,9 +13,9 @@ from market.router import Router, rank
 from protocol.messages import Hello, ModelOffer, Price, Status
 
 
-def conn(node_id: str, *, model: str = "m", price: tuple[int, int] = (1, 1), ttft: float | None = None,
-         running: int = 0, max_concurrency: int = 10, reputation: float = 0.5,
-         failure_rate: float = 0.0, healthy: bool = True) -> NodeConn:
+def conn(node_id: str, *, model: str = "m", price: tuple[int, int] = (1, 1),
+         ttft: float | None = None, running: int = 0, max_concurrency: int = 10,
+         reputation: float = 0.5, failure_rate: float = 0.0, healthy: bool = True) -> NodeConn:
     hello = Hello(pubkey=node_id, agent_version="t",
                   models=[ModelOffer(id=model, sha256="00", engine="t", context_length=1)],
                   price=Price(input=price[0], output=price[1]), max_concurrency=max_concurrency)
@@ -45,7 +45,8 @@ def test_latency_load_reliability_each_count() -> None:
 
 def test_weights_latency_and_load_outweigh_reliability() -> None:
     # A full but reputable node loses to an idle one of average reputation (load 40% > 20%).
-    assert order(conn("full", running=10, reputation=1.0), conn("idle", reputation=0.5))[0] == "idle"
+    full, idle = conn("full", running=10, reputation=1.0), conn("idle", reputation=0.5)
+    assert order(full, idle)[0] == "idle"
 
 
 def test_picks_between_the_two_best_only() -> None:

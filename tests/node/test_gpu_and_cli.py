@@ -136,3 +136,33 @@ def test_run_without_keypair_explains_what_to_do(tmp_path) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "aidp-node keygen" in proc.stderr
+
+
+def test_run_with_an_invalid_setting_says_which_and_exits_2(tmp_path) -> None:
+    from protocol.keys import save_keypair
+    from solders.keypair import Keypair
+
+    key = save_keypair(Keypair(), tmp_path / "id.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "node_agent.cli", "run", "--keypair", str(key),
+         "--max-concurrency", "0", "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "max_concurrency" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_with_an_unreadable_keypair_explains_it(tmp_path) -> None:
+    bad = tmp_path / "id.json"
+    bad.write_text("[1, 2, 3]")
+    proc = subprocess.run(
+        [sys.executable, "-m", "node_agent.cli", "run", "--keypair", str(bad),
+         "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "cannot read the keypair" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -180,3 +180,55 @@ async def test_kill_drops_socket_without_a_word(market_peer: MarketPeer, keypair
     assert ws.close_code is None or ws.close_code == 1006  # abnormal closure: no close frame
     frames = market_peer.frames["crash"]
     assert frames and all(f.type == "chunk" for f in frames)  # no done, no error
+
+
+class _GarbledChallengePeer(MarketPeer):
+    """A market whose challenge nonce is not hex."""
+
+    async def _handle(self, ws) -> None:
+        from protocol.messages import Challenge, encode, parse_node_message
+
+        self.hellos.append(parse_node_message(await ws.recv()))
+        await ws.send(encode(Challenge(nonce="not hex")))
+        await asyncio.sleep(0.5)
+
+
+async def test_a_garbled_challenge_is_a_protocol_error_and_the_link_keeps_dialling(keypair) -> None:
+    async with _GarbledChallengePeer() as peer:
+        link = make_link(peer, keypair)
+        task = asyncio.create_task(link.run())
+        await asyncio.sleep(0.5)
+        assert not task.done()  # the link did not die on the bad frame
+        assert "nonce" in (link.stats.last_error or "") and len(peer.hellos) >= 2
+        await link.stop()
+        await task
+
+
+class _ClosingEngine(DeterministicEngine):
+    """Records when its generator is closed."""
+
+    def __init__(self) -> None:
+        super().__init__(token_delay=0.05)
+        self.closed_at: float | None = None
+
+    async def generate(self, request):
+        try:
+            async for event in super().generate(request):
+                yield event
+        finally:
+            self.closed_at = time.monotonic()
+
+
+async def test_the_engine_stream_is_closed_when_the_deadline_passes(
+    market_peer: MarketPeer, keypair
+) -> None:
+    engine = _ClosingEngine()
+    link = make_link(market_peer, keypair, engine)
+    task = asyncio.create_task(link.run())
+    await link.wait_ready(5)
+    await market_peer.job("late", dict(BODY, max_tokens=500), deadline=time.time() + 0.3)
+    end = await market_peer.wait_end("late")
+    assert isinstance(end, JobError) and end.code == "deadline_exceeded"
+    assert engine.closed_at is not None  # the engine was told to stop generating
+    await link.stop()
+    await task

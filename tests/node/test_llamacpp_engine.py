@@ -186,3 +186,21 @@ async def test_cancellation_stops_generation_and_frees_the_context(engine) -> No
     assert len(ids) == 4
     assert time.perf_counter() - started < 5
     assert engine._pool.qsize() == 1
+
+
+async def test_token_ids_outside_the_vocabulary_are_refused(engine) -> None:
+    """Ids from other machines (a continuation, a claimed output) are checked: -1 would
+    silently score the last vocabulary entry and a too-large id would crash llama.cpp."""
+    from node_agent.engines.base import EngineError
+
+    request = generation_request("chat", chat(4))
+    _, ids, _ = await run(engine, request)
+    for bad in (-1, engine.vocab_size()):
+        with pytest.raises(EngineError) as refused:
+            await engine.score(request, ids[:2] + [bad])
+        assert refused.value.code == "invalid_token"
+        with pytest.raises(EngineError) as refused:
+            await run(engine, generation_request("chat", chat(4), continuation_token_ids=[bad]))
+        assert refused.value.code == "invalid_token"
+    assert engine._pool.qsize() == 1  # the refused generation gave its context back
+    assert (await run(engine, request))[1] == ids

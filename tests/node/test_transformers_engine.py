@@ -148,3 +148,16 @@ async def test_random_weights_from_a_config(tmp_path) -> None:
     await again.start()
     assert again.model.sha256 == engine.model.sha256  # config + seed identify the weights
     assert (await run(again, request))[1] == ids
+
+
+async def test_both_engines_refuse_ids_outside_one_vocabulary(engines) -> None:
+    from node_agent.engines.base import EngineError
+
+    tf, lc = engines
+    assert tf.vocab_size() == lc.vocab_size() == 49152
+    request = generation_request("chat", chat(PROMPTS[1], 4))
+    for bad in (-1, tf.vocab_size()):
+        with pytest.raises(EngineError, match="outside the vocabulary"):
+            await tf.score(request, [bad])
+        with pytest.raises(EngineError, match="outside the vocabulary"):
+            await run(tf, generation_request("chat", chat(PROMPTS[1], 4), [bad]))

@@ -202,3 +202,37 @@ def test_cli_help_explains_usage():
         [sys.executable, "-m", "programs.cli"], cwd=REPO, capture_output=True, text=True
     )
     assert top.returncode == 2 and "serve" in top.stdout
+
+
+async def test_a_transaction_the_store_cannot_record_does_not_land(tmp_path):
+    led = open_ledger("inprocess", tmp_path)
+    market, buyer = Keypair(), Keypair()
+    cfg = await S.bootstrap(led, market)
+    await S.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=5_000_000)
+    chain = led.chain
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    chain._record = disk_full
+    prepared = await led.prepare(S.deposit_instructions(cfg, buyer.pubkey(), 2_000_000, "a"), buyer)
+    with pytest.raises(OSError):
+        await led.submit(prepared)
+    del chain._record
+    # unknown signature and untouched balances: re-planning it can never pay twice
+    assert await led.token_balance(cfg.ata(buyer.pubkey())) == 5_000_000
+    assert await led.token_balance(cfg.deposit_pk) == 0
+    assert (await led.signature_statuses([prepared.signature])) == [None]
+    await led.close()
+
+
+async def test_the_clock_never_runs_backwards(tmp_path):
+    chain = LocalChain(tmp_path / "chain")
+    chain._genesis_time -= 3600  # an hour of slots passes ...
+    chain.airdrop(Keypair().pubkey(), 10**9)
+    landed = chain.slot()
+    assert landed > 8000
+    chain.close()
+    chain = LocalChain(tmp_path / "chain")  # ... then the host clock is set back an hour
+    assert chain.slot() >= landed
+    chain.close()

@@ -77,6 +77,59 @@ async def test_deposit_with_memo_is_found_exactly_once(market):
     assert sum(credited.values()) == 11_000_000 == await led.token_balance(cfg.deposit_pk) - 500_000
 
 
+async def test_deposit_backlog_is_scanned_oldest_first_and_never_skipped(market):
+    led, cfg = market.ledger, market.cfg
+    buyer = await market.wallet(tokens=50_000_000)
+    start = (await S.scan_deposits(led, cfg)).cursor  # past the bootstrap's own transactions
+    sigs = [
+        (await led.execute(S.deposit_instructions(cfg, buyer.pubkey(), n, f"acct-{n}"), buyer))
+        .signature
+        for n in (1, 2, 3, 4, 5)
+    ]
+    # a backlog larger than one call: each call takes the oldest part, the cursor its end
+    first = await S.scan_deposits(led, cfg, since=start, max_signatures=2)
+    assert [d.signature for d in first.deposits] == sigs[:2] and first.cursor == sigs[1]
+    rest = await S.scan_deposits(led, cfg, since=first.cursor, max_signatures=2)
+    assert [d.signature for d in rest.deposits] == sigs[2:4] and rest.cursor == sigs[3]
+
+    # an RPC node that lists a signature but cannot return its transaction yet: the scan
+    # stops before it instead of moving the cursor past a deposit it never read
+    real = led.get_transaction
+
+    async def lagging(signature: str):
+        return None if signature == sigs[4] else await real(signature)
+
+    led.get_transaction = lagging
+    try:
+        lag = await S.scan_deposits(led, cfg, since=rest.cursor)
+    finally:
+        del led.get_transaction
+    assert lag.deposits == [] and lag.cursor == rest.cursor
+    caught_up = await S.scan_deposits(led, cfg, since=lag.cursor)
+    assert [d.signature for d in caught_up.deposits] == [sigs[4]]
+    assert caught_up.deposits[0].amount == 5 and caught_up.cursor == sigs[4]
+
+
+async def test_find_memo_matches_whole_keys_only(market):
+    led, cfg = market.ledger, market.cfg
+    buyer = await market.wallet(tokens=1_000_000)
+    await led.execute(S.approve_instructions(cfg, buyer.pubkey(), 1_000_000), buyer)
+    tenth = await led.execute(
+        S.pull_instructions(cfg, buyer.pubkey(), 10, "acct.10"), market.key
+    )
+    assert await S.find_memo(led, cfg.deposit_pk, "acct.1") == []
+    assert await S.find_memo(led, cfg.deposit_pk, "acct.10") == [tenth.signature]
+    assert S.memo_texts("[4] a; b; [1] c") == ["a; b", "c"]
+
+
+async def test_malformed_anchor_memo_anchors_nothing(market):
+    led = market.ledger
+    forged = await led.execute(
+        [spl.memo("aidp:anchor:v1:zz:many", [market.key.pubkey()])], market.key
+    )
+    assert await S.read_anchor(led, forged.signature) is None
+
+
 async def test_allowance_is_enforced_by_the_chain_and_revocable(market):
     led, cfg = market.ledger, market.cfg
     buyer = await market.wallet(tokens=10_000_000)
