@@ -413,6 +413,10 @@ class Ledger(ABC):
         nothing is sent. Returns the status to record: confirmed / failed, expired (re-plan:
         call again with ``sent=None``) or pending (call again later). The instructions must
         be the ones originally planned, so a rebuild reproduces the recorded signature.
+
+        ``TransactionRejected`` from the first broadcast of a new transaction propagates:
+        it was not accepted, but it stays recorded as sent — the same bytes may yet be
+        broadcast from another copy of the record — and is re-planned only once expired.
         """
         if sent is not None:
             st = await self.status(sent.signature, sent.last_valid_block_height)
@@ -434,7 +438,10 @@ class Ledger(ABC):
                 try:
                     await self.submit(again)
                 except TransactionRejected:
-                    pass  # landed meanwhile, or its blockhash just expired: status tells
+                    # landed meanwhile, its blockhash just expired, or it cannot run now
+                    # (e.g. funds missing): status tells, without waiting out ``timeout``
+                    # on bytes that were not accepted
+                    return await self.status(sent.signature, sent.last_valid_block_height)
                 return await self.confirm(
                     sent.signature, sent.last_valid_block_height, timeout=timeout
                 )

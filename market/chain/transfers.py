@@ -7,7 +7,8 @@ anchor reserves its receipts). Then :func:`drive` moves rows along::
     planned ──prepare+commit──▶ sent(signature, blockhash, last_valid_block_height)
     sent ──status()──▶ confirmed        (handler's on_confirm runs in that same commit)
                    └─▶ expired / failed ──▶ re-sent with a new blockhash (same row, key, memo)
-    sent ──preflight rejected──▶ planned (it was never broadcast, so it can never land)
+    sent ──preflight rejected──▶ sent (kept: the same bytes may still be broadcast by
+                                       another worker; re-planned once expired)
 
 (``failed``: landed with an error, only the fee moved. Unsent pulls the buyer's allowance
 no longer covers become ``cancelled``; see ``market.chain.allowance``.)
@@ -166,8 +167,9 @@ def _finish(
 
 async def drive_one(rt: ChainRuntime, sessions: sessionmaker[Session], row: ChainTransfer,
                     *, timeout: float) -> str:
-    """One row one step further: 'confirmed', 'sent' (in flight), 'expired'/'failed'/'planned'
-    (re-sent next time), 'raced' or 'error'."""
+    """One row one step further: 'confirmed', 'sent' (in flight), 'expired'/'failed'
+    (re-sent next time), 'rejected' (refused by preflight; re-planned once expired),
+    'raced' or 'error'."""
     if row.state == "confirmed":
         return "confirmed"
     sent = None
@@ -202,17 +204,14 @@ async def drive_one(rt: ChainRuntime, sessions: sessionmaker[Session], row: Chai
     except _Raced:
         return "raced"
     except TransactionRejected as exc:
-        # Preflight refused it: not broadcast, it can never land. Back to planned.
+        # Preflight refused it, so this broadcast did not happen. The row stays ``sent`` with
+        # its signature all the same: another worker that read the row as ``sent`` may
+        # re-broadcast these very bytes, and once the refusal's cause is gone (funds
+        # arrived, a lagging RPC node caught up) they land. Forgetting the signature here
+        # would then re-plan a second payment; keeping it, the landing is seen and
+        # recorded, and only an expired blockhash lets the row be planned again.
         log.warning("chain transfer %s rejected: %s", row.idempotency_key, exc)
-        with sessions.begin() as session:
-            session.execute(
-                update(ChainTransfer)
-                .where(ChainTransfer.id == row.id, ChainTransfer.state == "sent",
-                       ChainTransfer.signature == row.signature)
-                .values(state="planned", signature=None, blockhash=None,
-                        last_valid_block_height=None, updated_at=utcnow())
-            )
-        return "planned"
+        return "rejected"
     except LedgerError as exc:
         log.error("chain transfer %s: %s", row.idempotency_key, exc)
         return "error"

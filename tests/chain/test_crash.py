@@ -103,3 +103,44 @@ async def test_killed_worker_never_pays_twice(backend, request, tmp_path, db_url
     lines = await reconcile.reconcile(world.rt, world.sessions)
     assert all(line.ok for line in lines), reconcile.render(lines)
     await ledger.close()
+
+
+async def test_a_rejected_send_rebroadcast_by_another_worker_is_paid_once(world):
+    """Worker A records ``sent`` and is refused by preflight (the deposit account is
+    empty); worker B, which read the row as ``sent``, re-broadcasts the same bytes after
+    the account was funded, and they land. The row must still know that signature, or
+    the next round re-plans and pays the node a second time."""
+    from market.chain import settle, transfers
+
+    buyer = world.account()
+    node, kp = await world.node()
+    world.receipt(node, buyer, earning=1_000, fee=0)
+    with world.sessions.begin() as s:
+        (payout_id,) = settle.plan_payout_round(s, world.rt, limit=10)
+    (planned,) = transfers._load(world.sessions, [payout_id])
+
+    seen_by_b = []
+
+    def b_reads_the_row(at: str, row_id: int) -> None:
+        if at == "sent":
+            seen_by_b.extend(transfers._load(world.sessions, [row_id]))
+
+    transfers.fault_hook = b_reads_the_row
+    try:
+        assert await transfers.drive_one(world.rt, world.sessions, planned, timeout=5) == "rejected"
+    finally:
+        transfers.fault_hook = None
+    assert await world.tokens(kp.pubkey()) == 0
+
+    await world.fund_deposit_account(5_000)
+    (b_row,) = seen_by_b
+    assert b_row.state == "sent"
+    assert await transfers.drive_one(world.rt, world.sessions, b_row, timeout=10) == "confirmed"
+    assert await world.tokens(kp.pubkey()) == 1_000
+
+    await world.step("settle")
+    await world.step("settle")
+    assert await world.tokens(kp.pubkey()) == 1_000  # once
+    with world.sessions() as s:
+        row = s.get(ChainTransfer, payout_id)
+        assert row.state == "confirmed" and row.signature == b_row.signature
