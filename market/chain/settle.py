@@ -193,9 +193,9 @@ async def plan_slashes(rt: ChainRuntime, sessions: sessionmaker[Session]) -> lis
             .where(ChainTransfer.kind == "slash", ChainTransfer.state.in_(transfers.ACTIVE))
             .group_by(ChainTransfer.from_address)
         ).all())
-        for pubkey in on_chain:
-            account = rt.stake_of(pubkey).account
-            on_chain[pubkey] = max(0, on_chain[pubkey] - int(in_flight.get(account) or 0))
+        for pubkey, balance in list(on_chain.items()):
+            reserved = int(in_flight.get(rt.stake_of(pubkey).account) or 0)
+            on_chain[pubkey] = max(0, balance - reserved)
         for key, receipt_id, amount, pubkey in todo:
             stake = rt.stake_of(pubkey)
             # never more than the stake holds (the DB capped it at nodes.stake already)

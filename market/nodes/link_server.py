@@ -123,6 +123,23 @@ async def _expect(ws: WebSocket, kind: type[Any], timeout: float) -> Any:
     return message
 
 
+async def _require_stake(state: MarketState, pubkey: str) -> None:
+    """Registration policy: a node must have ``min_stake`` bonded on chain (0 = off)."""
+    minimum = state.settings.min_stake
+    if minimum <= 0:
+        return
+    from market.chain.runtime import ChainNotInitialized
+    from market.chain.stake import has_min_stake
+    from programs.ledger import LedgerError
+
+    try:
+        staked = await has_min_stake(pubkey, state.settings)
+    except (ChainNotInitialized, LedgerError, OSError) as exc:
+        raise HandshakeFailed(f"stake cannot be checked right now: {exc}") from exc
+    if not staked:
+        raise HandshakeFailed(f"stake below the market's minimum of {minimum} base units")
+
+
 async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str, Any]]:
     timeout = state.settings.node_auth_timeout
     hello: Hello = await _expect(ws, Hello, timeout)
@@ -139,6 +156,7 @@ async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str
     if not verify(hello.pubkey, LINK_AUTH_DOMAIN, bytes.fromhex(nonce), auth.signature):
         raise HandshakeFailed("auth signature does not verify for this pubkey and challenge")
 
+    await _require_stake(state, hello.pubkey)
     info = await state.writer.submit(lambda session: register_node(session, hello))
     if info["suspended"]:
         raise HandshakeFailed("node is suspended")

@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
 
 from node_agent.engines._text import decode_loop
-from node_agent.engines._threaded import Emit
-from node_agent.engines.base import Engine, EngineError, GenerationRequest, PositionScore
+from node_agent.engines._threaded import Emit, stream_from_thread
+from node_agent.engines.base import (
+    Engine,
+    EngineError,
+    GenerationEvent,
+    GenerationRequest,
+    PositionScore,
+)
 
 Logits = np.ndarray
 
@@ -49,6 +56,16 @@ class LocalEngine(Engine):
     @abc.abstractmethod
     def vocab_size(self) -> int:
         """Number of rows of the model's logits: valid token ids are 0 … vocab_size − 1."""
+
+    @abc.abstractmethod
+    def _run(
+        self, slot: Any, request: GenerationRequest, emit: Emit, cancel: threading.Event
+    ) -> None:
+        """Generate in a worker thread on ``slot`` (from :meth:`_acquire`), via :meth:`_decode`."""
+
+    async def _acquire(self) -> tuple[Any, Callable[[], None] | None]:
+        """What one generation runs on, and how to give it back (default: nothing)."""
+        return None, None
 
     @abc.abstractmethod
     def _score_output(
@@ -80,7 +97,8 @@ class LocalEngine(Engine):
         bad = next((t for t in token_ids if not 0 <= t < size), None)
         if bad is not None:
             raise EngineError(
-                "invalid_token", f"{what} holds token id {bad}, outside the vocabulary (0…{size - 1})"
+                "invalid_token",
+                f"{what} holds token id {bad}, outside the vocabulary (0…{size - 1})",
             )
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
@@ -94,6 +112,17 @@ class LocalEngine(Engine):
         return len(self.prompt_token_ids(request))
 
     # ---- generation ------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        self._require_started()
+        slot, release = await self._acquire()
+        events = stream_from_thread(
+            lambda emit, cancel: self._run(slot, request, emit, cancel),
+            on_finished=release,  # once, when the thread let go of ``slot``
+        )
+        async with contextlib.aclosing(events):  # a consumer that leaves stops the thread now
+            async for event in events:
+                yield event
 
     def _decode(
         self,

@@ -22,12 +22,10 @@ kernel path for longer KV). ``replay`` removes the difference entirely.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import os
 import re
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +33,9 @@ import numpy as np
 
 from node_agent.engines._local import LocalEngine
 from node_agent.engines._text import log_softmax, top_k
-from node_agent.engines._threaded import Emit, stream_from_thread
+from node_agent.engines._threaded import Emit
 from node_agent.engines.base import (
     EngineError,
-    GenerationEvent,
     GenerationRequest,
     ModelInfo,
     PositionScore,
@@ -199,9 +196,8 @@ class LlamaCppEngine(LocalEngine):
         return str(self._formatter(messages=messages).prompt)
 
     def _tokenize(self, text: str, request: GenerationRequest) -> list[int]:
-        return list(
-            self._primary.tokenize(text.encode("utf-8"), add_bos=True, special=request.kind == "chat")
-        )
+        special = request.kind == "chat"  # chat templates spell special tokens as text
+        return list(self._primary.tokenize(text.encode("utf-8"), add_bos=True, special=special))
 
     def vocab_size(self) -> int:
         self._require_started()
@@ -253,18 +249,12 @@ class LlamaCppEngine(LocalEngine):
             is_eog=lambda token: bool(is_eog(vocab, token)),
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        self._require_started()
+    async def _acquire(self) -> tuple[Any, Any]:
+        """A free llama.cpp context from the pool (waits while all are busy)."""
         assert self._pool is not None
         pool = self._pool
         llm = await pool.get()
-        events = stream_from_thread(
-            lambda emit, cancel: self._run(llm, request, emit, cancel),
-            on_finished=lambda: pool.put_nowait(llm),  # once, when the thread let go of it
-        )
-        async with contextlib.aclosing(events):  # a consumer that leaves stops the thread now
-            async for event in events:
-                yield event
+        return llm, lambda: pool.put_nowait(llm)
 
     # ---- scoring -----------------------------------------------------------------------
 

@@ -19,22 +19,19 @@ the llama.cpp engine: prompt as one batch, continuation ids one at a time, exact
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from node_agent.engines._local import LocalEngine
-from node_agent.engines._threaded import Emit, stream_from_thread
+from node_agent.engines._threaded import Emit
 from node_agent.engines.base import (
     EngineError,
-    GenerationEvent,
     GenerationRequest,
     ModelInfo,
     PositionScore,
@@ -230,7 +227,9 @@ class TransformersEngine(LocalEngine):
         out = self._model(input_ids=input_ids, past_key_values=past, use_cache=True)
         return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
 
-    def _run(self, request: GenerationRequest, emit: Emit, cancel: threading.Event) -> None:
+    def _run(
+        self, slot: Any, request: GenerationRequest, emit: Emit, cancel: threading.Event
+    ) -> None:
         cache: list[Any] = [None]
 
         def step(token: int) -> np.ndarray:
@@ -250,13 +249,6 @@ class TransformersEngine(LocalEngine):
                 piece=self.piece,
                 is_eog=self._eos.__contains__,
             )
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        self._require_started()
-        events = stream_from_thread(lambda emit, cancel: self._run(request, emit, cancel))
-        async with contextlib.aclosing(events):  # a consumer that leaves stops the thread now
-            async for event in events:
-                yield event
 
     # ---- scoring ---------------------------------------------------------------------------
 

@@ -14,20 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from sqlalchemy.orm import Session, sessionmaker
 
 from market.chain import bootstrap, service
 from market.chain.runtime import ChainRuntime, load_identity
-from market.db import make_sync_engine, sync_session_factory
+from market.db import sync_session_factory
 from market.migrate import upgrade
 from market.models import Account, Job, Node, Receipt, utcnow
 from market.settings import MarketSettings
 from programs import settlement
 from programs.ledger import Ledger, open_ledger
 from tests.programs.conftest import LedgerServer
+from tests.support.db import postgres_schema
 
 
 @pytest.fixture(scope="session")
@@ -54,19 +54,9 @@ def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield _sqlite(tmp_path)
         return
-    base = request.getfixturevalue("postgres_url")
-    schema = f"chain_{secrets.token_hex(5)}"
-    admin = make_sync_engine(base)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
-    try:
+    with postgres_schema(request.getfixturevalue("postgres_url"), "chain") as url:
         upgrade(url)
         yield url
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @dataclass

@@ -3,6 +3,9 @@ mirrors the chain, and the min_stake registration policy."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from sqlalchemy import select
 
 from market.models import ChainTransfer, Node
@@ -93,3 +96,46 @@ async def test_a_slash_never_counts_on_stake_an_earlier_unlanded_slash_takes(db_
     assert result.counts == {"confirmed": 2}
     assert await world.ledger.token_balance(stake.account_pk) == 0
     assert await world.ledger.token_balance(world.cfg.treasury_pk) == 1_000
+
+
+async def test_link_rejects_a_node_below_min_stake(request, tmp_path, db_url):
+    """The node link server enforces min_stake from the chain before welcoming a node."""
+    from node_agent.link import NodeLink
+    from programs.ledger import open_ledger
+    from tests.chain.conftest import make_settings, make_world
+    from tests.support.engines import DeterministicEngine
+    from tests.support.market import start_market
+
+    server = request.getfixturevalue("chain_server")
+    ledger = open_ledger(server.url)
+    try:
+        settings = make_settings(tmp_path, db_url, ledger_url=server.url)
+        world = await make_world(settings, ledger)
+        _, staked = await world.node(stake=2_000)
+        _, bare = await world.node()
+        market = start_market(db_url, data_dir=settings.data_dir, ledger_url=server.url,
+                              min_stake=1_500)
+        try:
+            for keypair, welcomed in ((bare, False), (staked, True)):
+                link = NodeLink(market.url, keypair, DeterministicEngine("staked-model"),
+                                price=(1, 1), max_concurrency=1, backoff_initial=5.0)
+                task = asyncio.create_task(link.run())
+                try:
+                    if welcomed:
+                        await link.wait_ready(timeout=15)
+                    else:
+                        deadline = asyncio.get_running_loop().time() + 15
+                        while link.stats.last_reject is None:
+                            assert asyncio.get_running_loop().time() < deadline
+                            await asyncio.sleep(0.05)
+                        assert "stake below" in link.stats.last_reject
+                        assert not link.ready.is_set()
+                finally:
+                    await link.stop()
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+        finally:
+            market.stop()
+    finally:
+        await ledger.close()

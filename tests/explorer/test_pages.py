@@ -11,7 +11,7 @@ from sqlalchemy import select
 from market.models import Anchor, Receipt
 from protocol.merkle import ProofStep, merkle_root, verify_inclusion
 from protocol.receipt import ReceiptBody
-from tests.market.conftest import Buyer, Market, Nodes, unique_model
+from tests.support.market import Buyer, Market, Nodes, unique_model
 
 
 async def run_job(buyer: Buyer, model: str) -> str:

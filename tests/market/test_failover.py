@@ -14,7 +14,7 @@ import httpx
 
 from market.billing import market_fee, node_cost
 from node_agent.engines.base import EngineError, GenerationEvent, GenerationRequest
-from tests.market.conftest import Buyer, Market, Nodes, expected_output, unique_model, wait_for
+from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model, wait_for
 from tests.support.engines import DeterministicEngine
 
 STORY = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me a story"}]

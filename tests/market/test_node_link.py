@@ -17,7 +17,7 @@ from protocol.canonical import request_digest, sha256_hex, token_ids_digest
 from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
-from tests.market.conftest import (
+from tests.support.market import (
     HEARTBEAT,
     Buyer,
     Market,

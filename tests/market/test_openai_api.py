@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from market.billing import market_fee, node_cost
-from tests.market.conftest import Buyer, Market, Nodes, expected_output, unique_model
+from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model
 
 # The deterministic engine produces 119 tokens before EOS for this conversation.
 MESSAGES = [
@@ -227,7 +227,7 @@ async def test_no_healthy_node_is_503(buyer: Buyer, nodes: Nodes) -> None:
     model = unique_model()
     link = await nodes.start(model)
     await link.stop()
-    from tests.market.conftest import wait_for
+    from tests.support.market import wait_for
 
     await wait_for(lambda: link.node_id not in buyer.market.state.registry.links)
     with pytest.raises(openai.InternalServerError) as info:
@@ -237,7 +237,7 @@ async def test_no_healthy_node_is_503(buyer: Buyer, nodes: Nodes) -> None:
 
 
 async def test_rate_limit_is_429_with_retry_after(db_url: str) -> None:
-    from tests.market.conftest import start_market
+    from tests.support.market import start_market
 
     small = start_market(db_url, rate_limit_rpm=2)
     try:

@@ -139,13 +139,15 @@ def test_run_without_keypair_explains_what_to_do(tmp_path) -> None:
 
 
 def test_run_with_an_invalid_setting_says_which_and_exits_2(tmp_path) -> None:
-    from protocol.keys import save_keypair
     from solders.keypair import Keypair
+
+    from protocol.keys import save_keypair
 
     key = save_keypair(Keypair(), tmp_path / "id.json")
     proc = subprocess.run(
         [sys.executable, "-m", "node_agent.cli", "run", "--keypair", str(key),
          "--max-concurrency", "0", "--metrics-port", "0"],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
@@ -160,6 +162,7 @@ def test_run_with_an_unreadable_keypair_explains_it(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "node_agent.cli", "run", "--keypair", str(bad),
          "--metrics-port", "0"],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
