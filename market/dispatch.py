@@ -267,6 +267,7 @@ class JobRunner:
             usage=done.usage,
             finish_reason=done.finish_reason,
             expected_sampling=sampling_params_from_request(body),
+            context_length=offer.context_length if offer else None,
         )
         if failures:
             for failure in failures:

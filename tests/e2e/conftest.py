@@ -26,6 +26,7 @@ class Network:
     data_dir: Path
     market_url: str
     ledger_url: str
+    node_metrics_url: str
     api_key: str
     env: dict[str, str]
 
@@ -41,7 +42,7 @@ class Network:
 @pytest.fixture(scope="session")
 def network(tmp_path_factory: pytest.TempPathFactory, artifacts_dir: Path) -> Iterator[Network]:
     data_dir = tmp_path_factory.mktemp("network")
-    port, ledger_port = free_port(), free_port()
+    port, ledger_port, node_metrics_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "AIDP_DATA_DIR": str(data_dir),
@@ -51,6 +52,7 @@ def network(tmp_path_factory: pytest.TempPathFactory, artifacts_dir: Path) -> It
         "AIDP_CHALLENGE_WINDOW_S": "20",
         "AIDP_CHAIN_ANCHOR_INTERVAL_S": "2",
         "AIDP_CHAIN_SETTLE_INTERVAL_S": "5",
+        "AIDP_NODE_METRICS_PORT": str(node_metrics_port),
     }
     up = subprocess.run(
         [str(BIN / "aidp-market"), "up", "--ledger-port", str(ledger_port)],
@@ -61,7 +63,9 @@ def network(tmp_path_factory: pytest.TempPathFactory, artifacts_dir: Path) -> It
         assert up.returncode == 0, up.stdout + up.stderr
         demo = json.loads((data_dir / "run" / "demo.json").read_text())
         yield Network(data_dir=data_dir, market_url=demo["market_url"],
-                      ledger_url=f"http://127.0.0.1:{ledger_port}", api_key=demo["api_key"], env=env)
+                      ledger_url=f"http://127.0.0.1:{ledger_port}",
+                      node_metrics_url=f"http://127.0.0.1:{node_metrics_port}/metrics",
+                      api_key=demo["api_key"], env=env)
     finally:
         subprocess.run([str(BIN / "aidp-market"), "down"], env=env, timeout=60)
         for log in (data_dir / "run").glob("*.log"):

@@ -98,5 +98,9 @@ def test_bad_key_is_an_openai_401(network: Network) -> None:
 
 
 def test_metrics_are_exposed(network: Network) -> None:
-    text = httpx.get(f"{network.market_url}/metrics", timeout=10).text
-    assert "# TYPE" in text
+    client(network).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    market = httpx.get(f"{network.market_url}/metrics", timeout=10).text
+    node = httpx.get(network.node_metrics_url, timeout=10).text
+    assert [line for line in market.splitlines() if line.startswith("aidp_") and "ttft" in line]
+    assert [line for line in node.splitlines() if line.startswith("aidp_node_")]
