@@ -383,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference engine (default llamacpp; vllm for GPU nodes)",
     )
     run.add_argument(
-        "--price-in", type=int, metavar="N", help="AIDP base units per 1M prompt tokens (default 100000)"
+        "--price-in",
+        type=int,
+        metavar="N",
+        help="AIDP base units per 1M prompt tokens (default 100000)",
     )
     run.add_argument(
         "--price-out",
@@ -406,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--ctx", type=int, metavar="N", help="context length (default 4096)")
     run.add_argument(
-        "--pool-size", type=int, metavar="N", help="llama.cpp contexts serving in parallel (default 1)"
+        "--pool-size",
+        type=int,
+        metavar="N",
+        help="llama.cpp contexts serving in parallel (default 1)",
     )
     run.add_argument("--device", help="transformers device: auto, cpu, cuda (default auto)")
     run.add_argument(

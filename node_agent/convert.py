@@ -34,6 +34,38 @@ def _stop(value: Any) -> list[str]:
     raise BadRequest("stop must be a string or a list of strings")
 
 
+def message_text(content: Any) -> str:
+    """A message's content as the text a chat template renders.
+
+    OpenAI content is a string or a list of parts; text parts are joined with newlines
+    (as vLLM joins them), anything else (images, audio) cannot be served by a text model.
+    """
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type", "text") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise BadRequest("only text content parts {'type': 'text', 'text': ...} are served")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise BadRequest("message content must be a string or a list of text parts")
+
+
+def chat_messages(messages: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """``{role, content}`` pairs with plain-text content: what every engine templates."""
+    return [
+        {"role": str(m.get("role")), "content": message_text(m.get("content"))}
+        for m in messages or []
+    ]
+
+
 def generation_request(
     kind: str, body: dict[str, Any], continuation_token_ids: list[int] | None = None
 ) -> GenerationRequest:
@@ -49,6 +81,7 @@ def generation_request(
         if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
             raise BadRequest("messages must be a non-empty list of objects")
         messages = [dict(m) for m in raw]
+        chat_messages(messages)  # refuses content no engine can render, before any work
     elif kind == "completion":
         raw_prompt = body.get("prompt", "")
         if isinstance(raw_prompt, list):

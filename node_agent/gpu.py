@@ -11,6 +11,7 @@ a receipt gets the aggregate of the samples taken between its job's start and en
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import threading
@@ -21,6 +22,8 @@ from typing import Any
 
 from protocol.messages import GpuInfo, GpuSample
 from protocol.receipt import GpuMetrics
+
+log = logging.getLogger("aidp.node.gpu")
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,9 @@ class GpuMonitor:
         self._active = 0
         self._wake = threading.Event()
         self._stopped = False
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._read_failed = False  # warned once about a failing reading
         try:
             nvml = _nvml()
             nvml.nvmlInit()
@@ -147,7 +152,14 @@ class GpuMonitor:
     # ---- job-time sampling ---------------------------------------------------------
 
     def _record(self) -> None:
-        readings = self.read()
+        try:
+            readings = self.read()
+        except Exception as exc:  # pynvml.NVMLError: a lost or busy GPU must not fail a job
+            if not self._read_failed:
+                log.warning("GPU reading failed (%s: %s); that sample is skipped",
+                            exc.__class__.__name__, exc)
+                self._read_failed = True
+            return
         if readings:
             with self._lock:
                 self._history.append(readings)
@@ -156,7 +168,7 @@ class GpuMonitor:
         while not self._stopped:
             if self._active > 0:
                 self._record()
-                time.sleep(self.interval)
+                self._stop.wait(self.interval)  # close() wakes it at once
             else:
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -186,7 +198,11 @@ class GpuMonitor:
 
     def close(self) -> None:
         self._stopped = True
+        self._stop.set()
         self._wake.set()
+        if self._thread is not None:
+            # let the sampler finish its reading before NVML goes away under it
+            self._thread.join(timeout=self.interval + 2.0)
         if self.available:
             try:
                 _nvml().nvmlShutdown()

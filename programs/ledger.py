@@ -170,8 +170,13 @@ def tx_info_from_json(signature: str, d: dict[str, Any]) -> TxInfo:
         tx_field[0] if isinstance(tx_field, list) else tx_field["transaction"][0]
     )
     vtx = VersionedTransaction.from_bytes(raw)
-    keys = [str(k) for k in vtx.message.account_keys]
     meta = d.get("meta") or {}
+    # A v0 transaction's account indexes run on past its static keys into the accounts
+    # loaded from lookup tables (writable, then read-only): anyone can send the deposit
+    # account such a transaction, and it must parse, not stop the scanner.
+    loaded = meta.get("loadedAddresses") or {}
+    keys = [str(k) for k in vtx.message.account_keys]
+    keys += list(loaded.get("writable") or []) + list(loaded.get("readonly") or [])
 
     def balances(entries: list[dict[str, Any]] | None) -> list[TokenBalance]:
         return [

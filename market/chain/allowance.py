@@ -56,6 +56,11 @@ def register(session: Session, account_id: str, wallet: str) -> ChainAllowance:
     elif row.wallet != wallet:
         if row.credited:
             raise BadRequest("sync or revoke the current wallet's allowance first", param="wallet")
+        if session.execute(select(_pull_in_flight(account_id))).scalar():
+            # a pull is rebuilt from this wallet until it lands or expires: switching now
+            # would make its recorded transaction unreproducible
+            raise BadRequest("a pull from the current wallet is in flight; retry shortly",
+                             param="wallet")
         row.wallet = wallet
     account.wallet = wallet
     session.flush()

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from node_agent.convert import BadRequest, chat_messages
 from node_agent.engines._text import decode_loop
 from node_agent.engines._threaded import Emit, stream_from_thread
 from node_agent.engines.base import (
@@ -85,10 +86,10 @@ class LocalEngine(Engine):
         """The text the model sees before its output (chat template applied)."""
         if request.kind == "completion":
             return request.prompt or ""
-        messages = [
-            {"role": m.get("role"), "content": m.get("content") or ""}
-            for m in request.messages or []
-        ]
+        try:
+            messages = chat_messages(request.messages)
+        except BadRequest as exc:
+            raise EngineError("bad_request", str(exc)) from None
         return self._apply_chat_template(messages)
 
     def check_token_ids(self, token_ids: list[int], what: str) -> None:

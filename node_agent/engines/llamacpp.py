@@ -178,12 +178,20 @@ class LlamaCppEngine(LocalEngine):
         return self._primary.detokenize([token], special=True).decode("utf-8", errors="replace")
 
     async def close(self) -> None:
+        """Free every context, waiting for those still generating to come back: a context
+        freed under its worker thread would crash the process (generations in flight see
+        their consumer cancelled and stop at the next token)."""
         pool, self._pool = self._pool, None
-        while pool is not None and not pool.empty():
-            pool.get_nowait().close()
-        if self._scorer is not None:
-            self._scorer.close()
-            self._scorer = None
+        if pool is not None:
+            for _ in range(self.pool_size):
+                (await pool.get()).close()
+        await asyncio.to_thread(self._scorer_lock.acquire)  # not under a scoring thread
+        try:
+            if self._scorer is not None:
+                self._scorer.close()
+                self._scorer = None
+        finally:
+            self._scorer_lock.release()
 
     def _is_started(self) -> bool:
         return self._pool is not None
@@ -214,6 +222,8 @@ class LlamaCppEngine(LocalEngine):
 
     def decode(self, token_ids: list[int]) -> str:
         self._require_started()
+        # verifiers decode ids a node claims: an id out of range aborts llama.cpp
+        self.check_token_ids(list(token_ids), "token_ids")
         return self._primary.detokenize(list(token_ids)).decode("utf-8", errors="replace")
 
     # ---- generation --------------------------------------------------------------------

@@ -176,7 +176,12 @@ class TransformersEngine(LocalEngine):
             self.model = await asyncio.to_thread(self._load_sync)
 
     async def close(self) -> None:
-        self._model = None
+        # wait for a generation or scoring thread to let go of the model first
+        await asyncio.to_thread(self._lock.acquire)
+        try:
+            self._model = None
+        finally:
+            self._lock.release()
         if self.device.type == "cuda":
             self._torch.cuda.empty_cache()
 
@@ -217,6 +222,7 @@ class TransformersEngine(LocalEngine):
         return sorted(self._eos)
 
     def decode(self, token_ids: list[int]) -> str:
+        self.check_token_ids(list(token_ids), "token_ids")  # ids a node claims, unchecked
         return b"".join(self.piece(t) for t in token_ids).decode("utf-8", errors="replace")
 
     # ---- generation ----------------------------------------------------------------------

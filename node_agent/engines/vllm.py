@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from node_agent.convert import BadRequest, chat_messages
 from node_agent.engines.base import (
     Engine,
     EngineError,
@@ -218,10 +219,10 @@ class VllmEngine(Engine):
         assert self._client is not None
         body: dict[str, Any] = {"model": self.model_id}
         if request.kind == "chat":
-            body["messages"] = [
-                {"role": m.get("role"), "content": m.get("content") or ""}
-                for m in request.messages or []
-            ]
+            try:
+                body["messages"] = chat_messages(request.messages)
+            except BadRequest as exc:
+                raise EngineError("bad_request", str(exc)) from None
             body["add_generation_prompt"] = True
         else:
             body["prompt"] = request.prompt or ""

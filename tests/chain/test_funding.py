@@ -147,3 +147,24 @@ async def _allowance_flow(world) -> None:
         assert s.get(ChainAllowance, acct).active is False
         pulled = s.scalar(select(func.sum(LedgerEntry.amount)).where(LedgerEntry.kind == "pull"))
         assert pulled == 850
+
+
+async def test_wallet_cannot_change_under_a_pull_in_flight(db_world):
+    from market.chain import transfers
+    from market.errors import BadRequest
+
+    world = db_world
+    acct = world.account()
+    first, second = await world.wallet(), await world.wallet()
+    with world.sessions.begin() as s:
+        allowance_mod.register(s, acct, str(first.pubkey()))
+        transfers.plan(s, kind="pull", key=f"pull:{acct}.1", amount=5,
+                       from_address=str(world.cfg.ata(first.pubkey())),
+                       to_address=world.cfg.deposit,
+                       memo=settlement.keyed_memo("pull", f"{acct}.1"))
+    with pytest.raises(BadRequest, match="in flight"), world.sessions.begin() as s:
+        allowance_mod.register(s, acct, str(second.pubkey()))
+    with world.sessions.begin() as s:  # once it is settled either way, the switch is allowed
+        s.execute(ChainTransfer.__table__.update().values(state="cancelled"))
+        assert allowance_mod.register(s, acct, str(second.pubkey())).wallet == str(
+            second.pubkey())

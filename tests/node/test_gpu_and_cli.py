@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -169,3 +170,41 @@ def test_run_with_an_unreadable_keypair_explains_it(tmp_path) -> None:
     )
     assert proc.returncode == 2 and "cannot read the keypair" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_failing_gpu_reading_does_not_fail_the_job(monkeypatch) -> None:
+    """NVML errors (a GPU lost or busy) skip samples; the job and its receipt go on."""
+    from types import SimpleNamespace
+
+    import node_agent.gpu as gpu_mod
+
+    calls = {"n": 0}
+
+    def utilization(handle):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("NVMLError_Unknown")
+        return SimpleNamespace(gpu=80)
+
+    fake = SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda h: "NVIDIA H100",
+        nvmlDeviceGetUtilizationRates=utilization,
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=2**30, total=80 * 2**30),
+        nvmlDeviceGetTemperature=lambda h, kind: 50,
+        nvmlDeviceGetPowerUsage=lambda h: 300_000,
+        NVML_TEMPERATURE_GPU=0,
+    )
+    monkeypatch.setattr(gpu_mod, "_nvml", lambda: fake)
+    monitor = GpuMonitor(interval=60)
+    assert monitor.available
+    started = monitor.job_started()  # first reading works
+    metrics = monitor.job_finished(started)  # second one raises: skipped, not raised
+    closing = time.monotonic()
+    monitor.close()
+    assert time.monotonic() - closing < 5  # the sampler wakes up to stop, not after 60 s
+    assert metrics is not None and metrics.util_avg == 80 and metrics.samples >= 1
+    assert not monitor._thread.is_alive()

@@ -202,5 +202,34 @@ async def test_token_ids_outside_the_vocabulary_are_refused(engine) -> None:
         with pytest.raises(EngineError) as refused:
             await run(engine, generation_request("chat", chat(4), continuation_token_ids=[bad]))
         assert refused.value.code == "invalid_token"
+        with pytest.raises(EngineError, match="outside the vocabulary"):
+            engine.decode([bad])  # a verifier decoding a node's claim: no abort
     assert engine._pool.qsize() == 1  # the refused generation gave its context back
     assert (await run(engine, request))[1] == ids
+
+
+async def test_text_content_parts_prompt_like_a_string(engine) -> None:
+    parts = [{"type": "text", "text": "Write a haiku about the sea."}]
+    as_parts = generation_request("chat", {"messages": [{"role": "user", "content": parts}]})
+    as_text = generation_request("chat", {"messages": MESSAGES})
+    assert engine.render_prompt(as_parts) == engine.render_prompt(as_text)
+    assert "type" not in engine.render_prompt(as_parts)
+
+
+async def test_close_frees_a_context_that_is_still_generating() -> None:
+    engine = LlamaCppEngine(n_threads=cpu_threads(), n_ctx=512)
+    await engine.start()
+    llm = engine._pool._queue[0]
+    generating = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.generate(generation_request("chat", chat(400, temperature=1.0))):
+            generating.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(generating.wait(), 10)
+    task.cancel()
+    await asyncio.wait_for(engine.close(), 10)  # waits for the thread, then frees it
+    assert llm._ctx.ctx is None
+    with pytest.raises(asyncio.CancelledError):
+        await task

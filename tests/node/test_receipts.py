@@ -128,6 +128,17 @@ def test_weights_hash_of_a_directory(tmp_path) -> None:
     assert weights_sha256(tmp_path, tmp_path / "cache") != digest
 
 
+def test_text_content_parts_render_as_their_text() -> None:
+    from node_agent.convert import chat_messages
+
+    parts = [{"type": "text", "text": "Write a haiku"}, {"type": "text", "text": "about the sea."}]
+    r = generation_request("chat", {"messages": [{"role": "user", "content": parts}]})
+    assert chat_messages(r.messages) == [
+        {"role": "user", "content": "Write a haiku\nabout the sea."}
+    ]
+    assert r.messages[0]["content"] == parts  # the request (and its hash) stay as sent
+
+
 def test_openai_body_conversion_defaults_and_errors() -> None:
     r = generation_request("chat", {"messages": [{"role": "user", "content": "x"}]})
     assert (r.temperature, r.top_p, r.max_tokens, r.seed, r.stop) == (1.0, 1.0, 256, None, [])
@@ -151,6 +162,8 @@ def test_openai_body_conversion_defaults_and_errors() -> None:
         ("completion", {"prompt": "x", "top_p": 0}),
         ("completion", {"prompt": "x", "stop": 5}),
         ("completion", {"prompt": "x", "temperature": "hot"}),
+        ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        ("chat", {"messages": [{"role": "user", "content": 7}]}),
         ("embed", {}),
     ]:
         with pytest.raises(BadRequest):

@@ -161,3 +161,5 @@ async def test_both_engines_refuse_ids_outside_one_vocabulary(engines) -> None:
             await tf.score(request, [bad])
         with pytest.raises(EngineError, match="outside the vocabulary"):
             await run(tf, generation_request("chat", chat(PROMPTS[1], 4), [bad]))
+        with pytest.raises(EngineError, match="outside the vocabulary"):
+            tf.decode([bad])

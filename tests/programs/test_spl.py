@@ -143,3 +143,33 @@ def test_transactions_are_deterministic_and_name_missing_signers():
         assert str(member.pubkey()) in str(exc)
     else:
         raise AssertionError("a transaction without a required signature was built")
+
+
+def test_token_balances_of_lookup_table_accounts_parse() -> None:
+    """getTransaction of a v0 transaction: indexes past the static keys name accounts
+    loaded from lookup tables; a deposit scanner must read them, not crash."""
+    import base64
+
+    from solders.hash import Hash
+    from solders.keypair import Keypair
+
+    from programs.ledger import build_transaction, tx_info_from_json
+
+    payer, loaded = Keypair(), Keypair().pubkey()
+    tx = build_transaction([spl.memo("x", [payer.pubkey()])], payer, [], Hash.default())
+    static = len(tx.message.account_keys)
+    mint = str(Keypair().pubkey())
+
+    def entry(amount: int) -> dict:
+        return {"accountIndex": static, "mint": mint, "owner": str(payer.pubkey()),
+                "uiTokenAmount": {"amount": str(amount), "decimals": 6}}
+
+    info = tx_info_from_json(str(tx.signatures[0]), {
+        "slot": 5,
+        "transaction": [base64.b64encode(bytes(tx)).decode(), "base64"],
+        "meta": {"err": None, "fee": 5000, "preTokenBalances": [entry(1)],
+                 "postTokenBalances": [entry(9)],
+                 "loadedAddresses": {"writable": [str(loaded)], "readonly": []}},
+    })
+    assert info.account_keys[static] == str(loaded)
+    assert info.token_delta(loaded) == 8 and info.memos == ["x"]
