@@ -35,7 +35,8 @@ test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python bench/gateway.py
+	for b in gateway node verify verify_cost settle settle_market; do \
+	  echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf .aidp test-artifacts

@@ -6,11 +6,14 @@ process (tests, benches) without clashing on metric names.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from node_agent.gpu import GpuMonitor
+
+log = logging.getLogger("aidp.node.metrics")
 
 
 class NodeMetrics:
@@ -70,7 +73,12 @@ class NodeMetrics:
     def refresh_gpus(self) -> None:
         if self.gpu_monitor is None:
             return
-        for reading in self.gpu_monitor.read():
+        try:
+            readings = self.gpu_monitor.read()
+        except Exception:  # pynvml.NVMLError: keep the last values, serve the rest
+            log.warning("GPU reading for /metrics failed", exc_info=True)
+            return
+        for reading in readings:
             labels = (str(reading.index), reading.name)
             self.gpu_util.labels(*labels).set(reading.util_pct)
             self.gpu_mem.labels(*labels).set(reading.memory_used_mb)

@@ -208,3 +208,21 @@ def test_a_failing_gpu_reading_does_not_fail_the_job(monkeypatch) -> None:
     assert time.monotonic() - closing < 5  # the sampler wakes up to stop, not after 60 s
     assert metrics is not None and metrics.util_avg == 80 and metrics.samples >= 1
     assert not monitor._thread.is_alive()
+
+
+def test_metrics_scrape_survives_a_failing_gpu_reading() -> None:
+    from types import SimpleNamespace
+
+    def broken() -> list:
+        raise RuntimeError("NVMLError_GpuIsLost")
+
+    monitor = SimpleNamespace(available=True, read=broken)
+    metrics = NodeMetrics(monitor)  # type: ignore[arg-type]
+    metrics.running.set(1)
+    port = free_port()
+    server = metrics.serve(port)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server[0].shutdown()
+    assert "aidp_node_running_jobs 1.0" in text
