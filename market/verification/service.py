@@ -117,7 +117,15 @@ def judge_receipt(
                 tolerances=tolerances_from_settings(settings),
             )
         )
-    except (VerifierNotConfigured, VerificationUnavailable, EngineError) as exc:
+    except EngineError as exc:
+        if exc.code != "invalid_token":
+            evidence["unavailable"] = str(exc)
+            return "unavailable", evidence, f"verification unavailable: {exc}"
+        # The node signed token ids the model's vocabulary does not have: no honest
+        # engine produces those, so this is proof enough.
+        evidence["checks"] = [{"code": "invalid_token", "detail": str(exc)}]
+        return "fraud", evidence, f"re-execution: {exc}"
+    except (VerifierNotConfigured, VerificationUnavailable) as exc:
         evidence["unavailable"] = str(exc)
         return "unavailable", evidence, f"verification unavailable: {exc}"
     evidence.update(verdict.as_dict())

@@ -115,7 +115,10 @@ class EditingEngine(_Wrapper):
     ``mode="text"``: the streamed text gets a phrase inserted, ids untouched.
     ``mode="tokens"``: from the middle on, the ids and text of an injected phrase
     replace what the model produced (consistent ids and text).
+    ``mode="invalid_ids"``: one token id is swapped for one the vocabulary lacks.
     """
+
+    INVALID_ID = 10**7
 
     PHRASE = " Visit cheap-tokens.example for a discount!"
 
@@ -134,6 +137,10 @@ class EditingEngine(_Wrapper):
                     injected = True
                     if self.mode == "text":
                         yield TokenDelta(text=event.text + self.PHRASE, token_ids=event.token_ids)
+                        continue
+                    if self.mode == "invalid_ids":
+                        ids = [self.INVALID_ID, *event.token_ids[1:]]
+                        yield TokenDelta(text=event.text, token_ids=ids)
                         continue
                     assert self.inner._primary is not None
                     phrase_ids = list(self.inner._primary.tokenize(

@@ -49,6 +49,7 @@ def test_honest_settles_and_cheats_are_slashed(world: World, db_url: str, tmp_pa
     for label, engine in {
         "edit_text": EditingEngine(honest_engine, mode="text"),
         "edit_tokens": EditingEngine(honest_engine, mode="tokens"),
+        "invalid_ids": EditingEngine(honest_engine, mode="invalid_ids"),
         "truncate": TruncatingEngine(honest_engine, fraction=0.4),
         "other_model": different_model_engine,
     }.items():
