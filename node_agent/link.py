@@ -49,7 +49,7 @@ from node_agent.convert import BadRequest, generation_request
 from node_agent.engines.base import Engine, EngineError, GenerationEnd, TokenDelta
 from node_agent.gpu import GpuMonitor
 from node_agent.receipts import build_receipt
-from protocol.keys import LINK_AUTH_DOMAIN, sign
+from protocol.keys import LINK_AUTH_DOMAIN, link_auth_message, sign
 from protocol.messages import (
     Auth,
     Cancel,
@@ -338,7 +338,8 @@ class NodeLink:
             raise LinkProtocolError("challenge nonce is not hex") from None
         if len(nonce) < 16:  # a short nonce would make the signature replayable
             raise LinkProtocolError(f"challenge nonce of {len(nonce)} bytes is too short")
-        signature = sign(self.keypair, LINK_AUTH_DOMAIN, nonce)
+        host = urlsplit(self.url).netloc
+        signature = sign(self.keypair, LINK_AUTH_DOMAIN, link_auth_message(host, nonce))
         await self._send(Auth(signature=signature))
         second = parse_market_message(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT))
         if isinstance(second, Reject):

@@ -19,6 +19,24 @@ LINK_AUTH_DOMAIN = b"AIDP/node-link/auth/v1\x00"
 RECEIPT_DOMAIN = b"AIDP/receipt/v1\x00"
 
 DEFAULT_KEYPAIR_PATH = Path("~/.config/solana/id.json")
+DEFAULT_PORTS = ("80", "443")
+
+
+def canonical_host(host: str) -> str:
+    """``host[:port]`` as both link ends name it: lower case, default port dropped."""
+    host = host.strip().lower()
+    name, sep, port = host.rpartition(":")
+    return name if sep and port in DEFAULT_PORTS else host
+
+
+def link_auth_message(market_host: str, nonce: bytes) -> bytes:
+    """What a node signs on the node link: the market host it dialed, then the nonce.
+
+    Naming the host stops a malicious market from relaying another market's challenge
+    to a node and logging in there as that node: the node signs the host it dialed,
+    the real market checks against the ``Host`` its connection arrived on.
+    """
+    return canonical_host(market_host).encode() + b"\x00" + nonce
 
 
 def load_keypair(path: str | os.PathLike[str]) -> Keypair:

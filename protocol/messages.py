@@ -74,7 +74,8 @@ class Hello(_Message):
 
 
 class Auth(_Message):
-    """ed25519 signature of ``LINK_AUTH_DOMAIN + bytes.fromhex(nonce)``, base58."""
+    """Base58 ed25519 signature of ``LINK_AUTH_DOMAIN + link_auth_message(host, nonce)``
+    (``protocol.keys``), where ``host`` is the market host the node dialed."""
 
     type: Literal["auth"] = "auth"
     signature: str

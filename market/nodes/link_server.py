@@ -1,7 +1,7 @@
 """WebSocket ``/v1/node/link``: authenticate nodes and carry their jobs.
 
 Handshake: node ``hello`` → market ``challenge`` (32 fresh random bytes, used once) →
-node ``auth`` (ed25519 signature of ``LINK_AUTH_DOMAIN + nonce`` by the hello's
+node ``auth`` (ed25519 signature of the nonce and the ``Host`` it dialed by the hello's
 pubkey) → market ``welcome`` or ``reject``. Unsigned, wrongly signed and replayed
 auths (a signature over an earlier nonce) fail the check and are rejected.
 
@@ -28,7 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from market.models import Node, NodeModel, utcnow
 from market.nodes.registry import NodeConn
 from market.state import MarketState
-from protocol.keys import LINK_AUTH_DOMAIN, verify
+from protocol.keys import LINK_AUTH_DOMAIN, link_auth_message, verify
 from protocol.messages import (
     PROTOCOL_VERSION,
     Auth,
@@ -153,7 +153,8 @@ async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str
     nonce = secrets.token_hex(32)  # fresh per connection: an old signature never verifies
     await ws.send_text(encode(Challenge(nonce=nonce)))
     auth: Auth = await _expect(ws, Auth, timeout)
-    if not verify(hello.pubkey, LINK_AUTH_DOMAIN, bytes.fromhex(nonce), auth.signature):
+    signed = link_auth_message(ws.headers.get("host", ""), bytes.fromhex(nonce))
+    if not verify(hello.pubkey, LINK_AUTH_DOMAIN, signed, auth.signature):
         raise HandshakeFailed("auth signature does not verify for this pubkey and challenge")
 
     await _require_stake(state, hello.pubkey)

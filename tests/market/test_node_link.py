@@ -14,7 +14,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from protocol.canonical import request_digest, sha256_hex, token_ids_digest
-from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, sign
+from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
 from tests.support.market import (
@@ -45,6 +45,14 @@ def link_url(market: Market) -> str:
     return market.url.replace("http://", "ws://") + "/v1/node/link"
 
 
+def sign_challenge(keypair: Keypair, market: Market, challenge: dict[str, Any],
+                   host: str | None = None) -> str:
+    """The node's auth signature: the host it dialed and the market's nonce."""
+    host = host or market.url.removeprefix("http://")
+    return sign(keypair, LINK_AUTH_DOMAIN,
+                link_auth_message(host, bytes.fromhex(challenge["nonce"])))
+
+
 async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
@@ -63,7 +71,7 @@ async def test_valid_handshake_gets_welcome(market: Market) -> None:
         await ws.send(hello_frame(keypair))
         challenge = await recv_json(ws)
         assert challenge["type"] == "challenge" and len(bytes.fromhex(challenge["nonce"])) == 32
-        signature = sign(keypair, LINK_AUTH_DOMAIN, bytes.fromhex(challenge["nonce"]))
+        signature = sign_challenge(keypair, market, challenge)
         await ws.send(json.dumps({"type": "auth", "signature": signature}))
         welcome = await recv_json(ws)
         assert welcome["type"] == "welcome"
@@ -75,7 +83,7 @@ async def test_signature_by_another_key_is_rejected(market: Market) -> None:
     async with connect(link_url(market)) as ws:
         await ws.send(hello_frame(Keypair()))
         challenge = await recv_json(ws)
-        forged = sign(Keypair(), LINK_AUTH_DOMAIN, bytes.fromhex(challenge["nonce"]))
+        forged = sign_challenge(Keypair(), market, challenge)
         await ws.send(json.dumps({"type": "auth", "signature": forged}))
         assert "does not verify" in await expect_reject(ws)
 
@@ -102,12 +110,24 @@ async def test_signature_without_domain_is_rejected(market: Market) -> None:
         await expect_reject(ws)
 
 
+async def test_signature_for_another_market_host_is_rejected(market: Market) -> None:
+    """A malicious market relaying this market's challenge gets the node to sign its own
+    host, which this market refuses: the node cannot be impersonated by relay."""
+    keypair = Keypair()
+    async with connect(link_url(market)) as ws:
+        await ws.send(hello_frame(keypair))
+        challenge = await recv_json(ws)
+        relayed = sign_challenge(keypair, market, challenge, host="evil-market.example:8000")
+        await ws.send(json.dumps({"type": "auth", "signature": relayed}))
+        assert "does not verify" in await expect_reject(ws)
+
+
 async def test_replayed_nonce_signature_is_rejected(market: Market) -> None:
     keypair = Keypair()
     async with connect(link_url(market)) as first:
         await first.send(hello_frame(keypair))
         challenge = await recv_json(first)
-        signature = sign(keypair, LINK_AUTH_DOMAIN, bytes.fromhex(challenge["nonce"]))
+        signature = sign_challenge(keypair, market, challenge)
         await first.send(json.dumps({"type": "auth", "signature": signature}))
         assert (await recv_json(first))["type"] == "welcome"
     # An eavesdropper replays the captured auth on a new connection: a fresh nonce.
@@ -164,8 +184,8 @@ class RawNode:
         )
         await ws.send(encode(hello))
         challenge = await recv_json(ws)
-        await ws.send(json.dumps({"type": "auth", "signature": sign(
-            self.keypair, LINK_AUTH_DOMAIN, bytes.fromhex(challenge["nonce"]))}))
+        await ws.send(json.dumps({"type": "auth", "signature": sign_challenge(
+            self.keypair, self.market, challenge)}))
         welcome = await recv_json(ws)
         assert welcome["type"] == "welcome"
         self.node_id = welcome["node_id"]

@@ -12,7 +12,7 @@ import pytest
 from solders.keypair import Keypair
 from websockets.asyncio.server import ServerConnection, serve
 
-from protocol.keys import LINK_AUTH_DOMAIN, verify
+from protocol.keys import LINK_AUTH_DOMAIN, link_auth_message, verify
 from protocol.messages import (
     Challenge,
     Hello,
@@ -78,7 +78,8 @@ class MarketPeer:
         nonce = secrets.token_bytes(32)
         await ws.send(encode(Challenge(nonce=nonce.hex())))
         auth = parse_node_message(await ws.recv())
-        ok = verify(hello.pubkey, LINK_AUTH_DOMAIN, nonce, getattr(auth, "signature", ""))
+        signed = link_auth_message(ws.request.headers["Host"], nonce)
+        ok = verify(hello.pubkey, LINK_AUTH_DOMAIN, signed, getattr(auth, "signature", ""))
         self.auth_ok.append(ok)
         if not ok:
             await ws.send(encode(Reject(reason="bad signature")))

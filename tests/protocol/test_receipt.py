@@ -6,7 +6,16 @@ import pytest
 from solders.keypair import Keypair
 
 from protocol.canonical import canonical_json, request_digest, sha256_hex, token_ids_digest
-from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, load_keypair, save_keypair, sign, verify
+from protocol.keys import (
+    LINK_AUTH_DOMAIN,
+    RECEIPT_DOMAIN,
+    canonical_host,
+    link_auth_message,
+    load_keypair,
+    save_keypair,
+    sign,
+    verify,
+)
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
 
 
@@ -91,3 +100,13 @@ def test_keypair_file_round_trip(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("[1,2,3]")
     with pytest.raises(ValueError):
         load_keypair(tmp_path / "bad.json")
+
+
+def test_link_auth_names_the_market_host() -> None:
+    nonce = bytes(range(32))
+    assert canonical_host("Market.Example:443") == "market.example"
+    assert canonical_host("market.example:80") == "market.example"
+    assert canonical_host("127.0.0.1:8000") == "127.0.0.1:8000"
+    assert canonical_host("[::1]:8000") == "[::1]:8000"
+    assert link_auth_message("market.example:443", nonce) == link_auth_message("MARKET.example", nonce)
+    assert link_auth_message("a.example", nonce) != link_auth_message("b.example", nonce)
