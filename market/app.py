@@ -2,31 +2,32 @@
 
 Start-up (lifespan): ``alembic upgrade head``, open the database, fail jobs a crashed
 process left running (releasing their holds), learn the models nodes have offered,
-start the health monitor. Routers are listed once in :data:`ROUTERS`; a module that
-is not there yet (another engineer's) is skipped.
+start the health monitor. Every router the app serves is listed once in :data:`ROUTERS`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from market import billing
+from market.api import admin as admin_api
+from market.api import openai as openai_api
+from market.chain import api as chain_api
 from market.db import Database
 from market.errors import install_handlers
+from market.explorer import routes as explorer_routes
 from market.metrics import Metrics
 from market.models import Node, NodeModel, utcnow
 from market.nodes.link_server import node_link
@@ -35,29 +36,26 @@ from market.ratelimit import RateLimiter
 from market.router import Router
 from market.settings import MarketSettings, get_settings
 from market.state import MarketState
+from market.verification import api as verification_api
 from market.writer import BatchWriter
 
 log = logging.getLogger("market.app")
 
-# "module:attribute" of every APIRouter the app serves, in order. Optional ones (written
-# by other engineers) are included when their module exists.
-ROUTERS: list[tuple[str, bool]] = [
-    ("market.api.openai:router", True),
-    ("market.api.admin:router", True),
-    ("market.verification.api:router", False),
-    ("market.explorer.routes:router", False),
-    ("market.chain.api:router", False),
+# Every APIRouter the app serves, in order.
+ROUTERS: list[APIRouter] = [
+    openai_api.router,
+    admin_api.router,
+    verification_api.router,
+    chain_api.router,
+    explorer_routes.router,
 ]
 
 FLUSH_EVERY_S = 5.0
 
 
 def _include_routers(app: FastAPI) -> None:
-    for target, required in ROUTERS:
-        module_name, _, attribute = target.partition(":")
-        if not required and importlib.util.find_spec(module_name) is None:
-            continue
-        app.include_router(getattr(importlib.import_module(module_name), attribute))
+    for router in ROUTERS:
+        app.include_router(router)
 
 
 def _recover(db: Database, settings: MarketSettings) -> set[str]:

@@ -6,10 +6,8 @@ import argparse
 
 
 def _up(args: argparse.Namespace) -> int:
-    from market import devnet  # imported lazily: heavy, and written by another engineer
+    from market import devnet
 
-    if hasattr(devnet, "main"):
-        return int(devnet.main(args.rest) or 0)
     devnet.up(foreground=args.foreground, ledger_port=args.ledger_port)
     return 0
 
@@ -23,11 +21,18 @@ def _down(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up = subparsers.add_parser(
-        "up", help="start ledger, market, worker, beat and a CPU node; print how to call it"
+        "up", help="start ledger, market, worker, beat and a CPU node; print how to call it",
+        description="Start a whole local network on embedded defaults: aidp-ledger, the "
+        "AIDP mint and accounts (chain init), the market API (AIDP_HOST:AIDP_PORT, default "
+        "127.0.0.1:8000), a Celery worker and beat on a SQLite broker, and one node serving "
+        "SmolLM2-135M-Instruct with llama.cpp. Creates a demo buyer and prints its API key "
+        "with a curl and a Python example. Data and logs live under AIDP_DATA_DIR "
+        "(default ./.aidp); `aidp-market down` stops everything.",
     )
-    up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops all")
-    up.add_argument("--ledger-port", type=int, default=8899)
-    up.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    up.add_argument("--foreground", action="store_true",
+                    help="stay attached; Ctrl-C stops everything (default: run in background)")
+    up.add_argument("--ledger-port", type=int, default=8899,
+                    help="port of the local Solana JSON-RPC ledger (default 8899)")
     up.set_defaults(func=_up)
     down = subparsers.add_parser("down", help="stop what `up` started")
     down.set_defaults(func=_down)

@@ -90,7 +90,7 @@ def test_migrations_match_models_and_are_idempotent(db_url: str) -> None:
     with engine.connect() as conn:
         context = MigrationContext.configure(conn)
         diffs = [d for d in compare_metadata(context, Base.metadata)
-                 # tables that later migrations (other engineers') add without ORM classes here
+                 # tables that later migrations add without ORM classes here
                  if not (d[0] in ("remove_table", "remove_index")
                          and not str(getattr(d[1], "name", "")).startswith(tuple(
                              Base.metadata.tables)))]
