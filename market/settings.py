@@ -116,6 +116,10 @@ class MarketSettings(BaseSettings):
     min_stake: int = Field(
         default=0, ge=0, description="base units a node must have staked to register; 0 = off"
     )
+    unbonding_period_s: float = Field(
+        default=7 * 24 * 3600.0, ge=0,
+        description="seconds between a node's unbond request and the market co-signing its withdrawal",
+    )
     chain_deposit_interval_s: float = 5.0  # deposit scan + allowance sync
     chain_settle_interval_s: float = 30.0  # payouts, slashes, pulls, stake sync
     chain_anchor_interval_s: float = 30.0  # Merkle roots of new receipts

@@ -3,6 +3,8 @@
     aidp-node keygen                       # write ~/.config/solana/id.json (solana-keygen format)
     aidp-node doctor                       # GPUs (NVML), engines, models found here
     aidp-node run --market http://127.0.0.1:8000 --model SmolLM2-135M-Instruct
+    aidp-node unbond --market URL --amount N    # start unbonding N base units of stake
+    aidp-node withdraw --market URL             # after the unbonding period: take it back
 
 Every ``run`` flag also reads from an ``AIDP_NODE_*`` variable (see node_agent/settings.py).
 """
@@ -31,6 +33,85 @@ log = logging.getLogger("aidp.node")
 
 def _say(message: str) -> None:
     print(message, flush=True)
+
+
+# ---- unbond / withdraw -------------------------------------------------------------------
+
+
+def _post(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    resp = client.post(url, json=body)
+    data = resp.json()
+    if resp.status_code != 200:
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        raise RuntimeError(f"{resp.status_code} {err.get('code')}: {err.get('message')}")
+    return dict(data)
+
+
+def stake_unbond(client: Any, market: str, keypair: Any, amount: int) -> dict[str, Any]:
+    """Ask the market to start unbonding ``amount`` base units (signed, UNBOND_DOMAIN)."""
+    from protocol.canonical import canonical_json
+    from protocol.keys import UNBOND_DOMAIN, sign
+
+    pubkey, now = str(keypair.pubkey()), int(time.time())
+    body = {"pubkey": pubkey, "amount": amount, "requested_at": now}
+    return _post(client, f"{market.rstrip('/')}/v1/stake/unbond",
+                 {**body, "signature": sign(keypair, UNBOND_DOMAIN, canonical_json(body))})
+
+
+def stake_withdraw(client: Any, market: str, keypair: Any) -> dict[str, Any]:
+    """Withdraw unbonded stake: get the transaction message from the market, check it is
+    exactly stake → this operator's AIDP account (rebuilt here from the market's public
+    chain config), sign it, hand the signature back for the market to co-sign and send.
+
+    The check matters: the operator's signature plus the market's is 2 of 3, so the node
+    never signs a message it did not rebuild itself."""
+    import base64
+
+    from solders.pubkey import Pubkey
+
+    from programs.settlement import ChainConfig, stake_for, withdraw_message
+    from protocol.canonical import canonical_json
+    from protocol.keys import WITHDRAW_DOMAIN, sign
+
+    base, pubkey, now = market.rstrip("/"), str(keypair.pubkey()), int(time.time())
+    info = client.get(f"{base}/v1/chain").json()
+    cfg = ChainConfig(mint=info["mint"], decimals=info["decimals"], market=info["market"],
+                      deposit=info["deposit_account"], treasury=info["treasury"])
+    body = {"pubkey": pubkey, "issued_at": now}
+    offer = _post(client, f"{base}/v1/stake/withdraw",
+                  {**body, "signature": sign(keypair, WITHDRAW_DOMAIN, canonical_json(body))})
+    stake = stake_for(cfg, keypair.pubkey(), Pubkey.from_string(info["arbiter"]))
+    expected = withdraw_message(cfg, stake, int(offer["amount"]),
+                                f"unbond-{int(offer['request_id'])}", offer["blockhash"])
+    raw = base64.b64decode(offer["message"])
+    if raw != bytes(expected):
+        raise RuntimeError("the market's withdrawal message is not the expected transfer of "
+                           "stake to this operator; refusing to sign it")
+    return _post(client, f"{base}/v1/stake/withdraw/submit", {
+        "pubkey": pubkey, "request_id": offer["request_id"], "blockhash": offer["blockhash"],
+        "tx_signature": str(keypair.sign_message(raw))})
+
+
+def _stake_command(args: argparse.Namespace) -> int:
+    import httpx
+
+    from protocol.keys import load_keypair
+
+    keypair = load_keypair(args.keypair)
+    try:
+        with httpx.Client(timeout=120.0) as client:
+            if args.command == "unbond":
+                out = stake_unbond(client, args.market, keypair, args.amount)
+                _say(f"unbonding {out['amount']} base units; withdrawable from "
+                     f"{out['available_at']} (request {out['id']})")
+            else:
+                out = stake_withdraw(client, args.market, keypair)
+                _say(f"withdrawal of {out['amount']} base units: {out['state']} "
+                     f"(signature {out['signature']})")
+    except (RuntimeError, httpx.HTTPError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0 if args.command == "unbond" or out.get("confirmed") else 1
 
 
 # ---- keygen -----------------------------------------------------------------------------
@@ -451,6 +532,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
     keygen.set_defaults(func=cmd_keygen)
+
+    for name, helptext in (
+        ("unbond", "ask the market to start unbonding part of this node's stake"),
+        ("withdraw", "take unbonded stake back once the unbonding period has passed"),
+    ):
+        cmd = sub.add_parser(name, help=helptext)
+        cmd.add_argument("--market", required=True, help="market URL, e.g. https://market.example")
+        cmd.add_argument("--keypair", type=Path, default=DEFAULT_KEYPAIR_PATH,
+                         help=f"the operator keypair (default {DEFAULT_KEYPAIR_PATH})")
+        if name == "unbond":
+            cmd.add_argument("--amount", type=int, required=True, help="AIDP base units")
+        cmd.set_defaults(func=_stake_command)
 
     doctor = sub.add_parser("doctor", help="show detected GPUs, engines and models")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")

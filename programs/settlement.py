@@ -29,8 +29,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from solders.hash import Hash
 from solders.instruction import Instruction
 from solders.keypair import Keypair
+from solders.message import Message
 from solders.pubkey import Pubkey
 
 from . import spl
@@ -533,6 +535,21 @@ def withdraw_instructions(
     return _stake_transfer(
         cfg, stake, amount, dest or cfg.ata(op), [op, cosigner], keyed_memo("withdraw", key)
     )
+
+
+def withdraw_message(
+    cfg: ChainConfig, stake: Stake, amount: int, key: str, blockhash: str
+) -> Message:
+    """The message of a market-co-signed withdrawal (fee payer and co-signer: the market).
+
+    Both sides build it from the same fields, so the operator can check byte for byte
+    what it is asked to sign before its signature makes the 2 of 3."""
+    op = Pubkey.from_string(stake.operator)
+    ixs = [
+        spl.create_ata_idempotent(cfg.market_pk, op, cfg.mint_pk),
+        *withdraw_instructions(cfg, stake, amount, key, cosigner=cfg.market_pk),
+    ]
+    return Message.new_with_blockhash(ixs, cfg.market_pk, Hash.from_string(blockhash))
 
 
 # ---------------------------------------------------------------------------- payouts

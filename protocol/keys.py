@@ -17,6 +17,10 @@ from solders.signature import Signature
 
 LINK_AUTH_DOMAIN = b"AIDP/node-link/auth/v1\x00"
 RECEIPT_DOMAIN = b"AIDP/receipt/v1\x00"
+#: a node operator asking the market to start unbonding part of its stake
+UNBOND_DOMAIN = b"AIDP/stake-unbond/v1\x00"
+#: a node operator asking the market to co-sign the withdrawal of unbonded stake
+WITHDRAW_DOMAIN = b"AIDP/stake-withdraw/v1\x00"
 
 DEFAULT_KEYPAIR_PATH = Path("~/.config/solana/id.json")
 DEFAULT_PORTS = ("80", "443")

@@ -8,10 +8,15 @@
 * ``GET /v1/chain`` (no key): where and how to pay — mint, deposit account, memo format.
 * ``POST /v1/chain/allowance`` (API key): ``{"wallet": "<base58>"}`` registers the wallet
   whose ``approve`` to the market funds this account (read from chain by the worker).
+* ``POST /v1/stake/unbond``, ``POST /v1/stake/withdraw``, ``POST /v1/stake/withdraw/submit``
+  (no key: signed by the node operator's keypair): unbonding and co-signed withdrawal of
+  node stake, see ``market.chain.unbonding``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -20,10 +25,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from market.auth import Buyer, authenticate, market_state
-from market.chain import allowance
-from market.chain.runtime import ChainNotInitialized, load_identity
-from market.errors import NotFound
+from market.chain import allowance, unbonding
+from market.chain.runtime import ChainNotInitialized, ChainRuntime, load_identity, open_runtime
+from market.errors import NotFound, UpstreamFailed
 from market.models import Anchor, Receipt
+from programs.ledger import LedgerError
+from programs.localchain import ChainError
 from protocol.merkle import inclusion_proof
 
 router = APIRouter()
@@ -89,3 +96,64 @@ async def register_allowance(body: AllowanceBody, request: Request,
     async with market_state(request).db.async_sessions() as session:
         async with session.begin():
             return await session.run_sync(apply)
+
+
+class UnbondBody(BaseModel):
+    pubkey: str
+    amount: int
+    requested_at: int
+    signature: str
+
+
+class WithdrawBody(BaseModel):
+    pubkey: str
+    issued_at: int
+    signature: str
+
+
+class WithdrawSubmitBody(BaseModel):
+    pubkey: str
+    request_id: int
+    blockhash: str
+    tx_signature: str
+
+
+@contextlib.asynccontextmanager
+async def _stake_runtime(request: Request) -> AsyncIterator[tuple[ChainRuntime, Any]]:
+    """The chain runtime and the sync sessionmaker for a stake call; chain trouble becomes
+    a clear error. These calls are rare (an operator taking stake back) and do short sync
+    DB work on the market's sync engine, like the settlement worker does."""
+    state = market_state(request)
+    try:
+        async with open_runtime(state.settings) as rt:
+            yield rt, state.db.sync_sessions
+    except ChainNotInitialized:
+        raise NotFound("Chain settlement is not initialized on this market.",
+                       code="chain_not_initialized") from None
+    except (LedgerError, ChainError, OSError) as exc:
+        raise UpstreamFailed(f"The chain cannot be reached right now: {exc}",
+                             code="chain_unavailable") from None
+
+
+@router.post("/v1/stake/unbond")
+async def stake_unbond(body: UnbondBody, request: Request) -> Any:
+    async with _stake_runtime(request) as (rt, sessions):
+        return await unbonding.request_unbond(
+            rt, sessions, pubkey=body.pubkey, amount=body.amount,
+            requested_at=body.requested_at, signature=body.signature)
+
+
+@router.post("/v1/stake/withdraw")
+async def stake_withdraw(body: WithdrawBody, request: Request) -> Any:
+    async with _stake_runtime(request) as (rt, sessions):
+        return await unbonding.prepare_withdraw(
+            rt, sessions, pubkey=body.pubkey, issued_at=body.issued_at,
+            signature=body.signature)
+
+
+@router.post("/v1/stake/withdraw/submit")
+async def stake_withdraw_submit(body: WithdrawSubmitBody, request: Request) -> Any:
+    async with _stake_runtime(request) as (rt, sessions):
+        return await unbonding.submit_withdraw(
+            rt, sessions, pubkey=body.pubkey, request_id=body.request_id,
+            blockhash=body.blockhash, tx_signature=body.tx_signature)

@@ -13,13 +13,14 @@ movement; these tables say what each movement covers, so nothing is paid or anch
   ``credited`` is the part of the account's balance that stands for the live on-chain
   allowance (see ``market.chain.allowance``).
 * ``chain_cursors`` — scan positions (e.g. the newest deposit signature examined).
+* ``unbonding_requests`` — node operators' signed unbond requests (``market.chain.unbonding``).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from market.models import Base, utcnow
@@ -74,3 +75,24 @@ class ChainCursor(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str | None] = mapped_column(String(128), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UnbondingRequest(Base):
+    """A node operator's signed request to take ``amount`` of its stake back (migration
+    ``0004_unbonding``). The market co-signs the withdrawal only once ``available_at``
+    (``requested_at`` + ``settings.unbonding_period_s``) has passed; ``transfer_key`` is
+    the ``chain_transfers`` row that moves it. Unique per (node, requested_at): a replayed
+    request inserts nothing."""
+
+    __tablename__ = "unbonding_requests"
+    __table_args__ = (UniqueConstraint("node_id", "requested_at",
+                                       name="uq_unbonding_requests_node_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    requested_at: Mapped[int] = mapped_column(BigInteger)  # unix seconds, as signed
+    available_at: Mapped[datetime] = mapped_column()
+    state: Mapped[str] = mapped_column(String(16), default="requested")  # |withdrawn|cancelled
+    transfer_key: Mapped[str | None] = mapped_column(String(160), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

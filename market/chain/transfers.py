@@ -73,6 +73,7 @@ def _handler(kind: str) -> Handler:
         import market.chain.allowance  # noqa: F401  (registers pull)
         import market.chain.bootstrap  # noqa: F401  (registers mint)
         import market.chain.settle  # noqa: F401  (registers payout, fee, slash, anchor)
+        import market.chain.unbonding  # noqa: F401  (registers withdraw)
     try:
         return HANDLERS[kind]
     except KeyError:
