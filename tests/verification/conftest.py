@@ -27,9 +27,10 @@ from market.models import Job, Node, NodeModel, new_id
 from market.settings import MarketSettings
 from market.verification.engine import run_sync
 from node_agent.convert import generation_request
-from node_agent.engines.base import Engine, GenerationEnd, TokenDelta
+from node_agent.engines.base import Engine
 from node_agent.receipts import build_receipt
 from protocol.receipt import SignedReceipt
+from tests.verification import workload
 
 PRICE_IN = 2_000_000  # base units per 1M tokens
 PRICE_OUT = 8_000_000
@@ -167,23 +168,8 @@ class Served:
 
 def generate(engine: Engine, kind: str, body: dict[str, Any]) -> tuple[list[int], str, str, int]:
     """Run ``engine`` on an OpenAI body: (token ids, text, finish_reason, prompt tokens)."""
-    request = generation_request(kind, body)
-
-    async def go() -> tuple[list[int], str, str, int]:
-        ids: list[int] = []
-        text = ""
-        finish = "length"
-        prompt_tokens = 0
-        async for event in engine.generate(request):
-            if isinstance(event, TokenDelta):
-                ids += event.token_ids
-                text += event.text
-            elif isinstance(event, GenerationEnd):
-                finish = event.finish_reason
-                prompt_tokens = event.prompt_tokens
-        return ids, text, finish, prompt_tokens
-
-    return run_sync(go())
+    done = workload.generate(engine, kind, body)
+    return done.token_ids, done.text, done.finish_reason, done.prompt_tokens
 
 
 def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body: dict[str, Any],
