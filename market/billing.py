@@ -162,8 +162,9 @@ def credit_account(
     return True
 
 
-def open_job(session: Session, job: Job) -> None:
-    """Reserve ``job.hold_amount`` from the buyer's spendable balance and store the job.
+def open_job(session: Session, job: Job) -> int:
+    """Reserve ``job.hold_amount`` from the buyer's spendable balance and store the job;
+    returns the spendable balance left.
 
     Raises :class:`InsufficientBalance` (nothing written) when the account cannot cover it.
     """
@@ -179,6 +180,9 @@ def open_job(session: Session, job: Job) -> None:
     if amount:
         conn.execute(_INSERT_ENTRY, _entry("hold", f"hold:{job.id}", amount, utcnow(),
                                            account_id=job.account_id, job_id=job.id))
+    spendable = select(_accounts.c.balance - _accounts.c.held).where(
+        _accounts.c.id == job.account_id)
+    return int(conn.execute(spendable).scalar_one())
 
 
 def _row_with_defaults(table: Any, obj: Any) -> dict[str, Any]:

@@ -87,6 +87,9 @@ class JobRunner:
         self._open_tokens = 0
         self._open_price_out = 0
         self._last_failure = "none"
+        # The job's hold, when it is still being written (see market.funds): finalizing
+        # waits for it, and a hold the database refused stops the job uncharged.
+        self.hold_written: asyncio.Future[int] | None = None
 
     @property
     def text(self) -> str:

@@ -12,6 +12,7 @@ from market.nodes.registry import NodeRegistry
 from market.ratelimit import RateLimiter
 from market.router import Router
 from market.settings import MarketSettings
+from market.funds import FundsCache
 from market.writer import BatchWriter
 
 
@@ -24,6 +25,7 @@ class MarketState:
     metrics: Metrics
     ratelimiter: RateLimiter
     writer: BatchWriter
+    funds: FundsCache = field(default_factory=FundsCache)
     # key sha256 -> (key id, account id, expires at monotonic)
     key_cache: dict[str, tuple[str, str, float]] = field(default_factory=dict)
     # key sha256 -> the lookup in flight for it (concurrent misses share one query)

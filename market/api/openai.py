@@ -62,12 +62,23 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         status="running",
         hold_amount=hold,
     )
-    try:
-        await state.writer.submit(lambda session: billing.open_job(session, job))
-    except asyncio.CancelledError:
-        # The buyer left while the hold was being placed: release it once it is written.
-        state.spawn(finalize_unstarted(state, job.id))
-        raise
+    hold_written = None
+    if state.funds.try_reserve(buyer.account_id, hold):
+        # Known to be covered: dispatch now, the hold is written behind (market.funds).
+        hold_written = asyncio.ensure_future(
+            state.writer.submit(lambda session: billing.open_job(session, job)))
+        hold_written.add_done_callback(
+            lambda done: state.funds.committed(
+                buyer.account_id, hold,
+                None if done.cancelled() or done.exception() else done.result()))
+    else:
+        try:
+            available = await state.writer.submit(lambda session: billing.open_job(session, job))
+        except asyncio.CancelledError:
+            # The buyer left while the hold was being placed: release it once it is written.
+            state.spawn(finalize_unstarted(state, job.id))
+            raise
+        state.funds.observe(buyer.account_id, available)
     spec = JobSpec(
         job_id=job.id,
         kind=body.kind,
@@ -76,10 +87,18 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         sampling=sampling,
         price_cap=cap,
     )
-    return JobRunner(state, spec)
+    runner = JobRunner(state, spec)
+    runner.hold_written = hold_written
+    return runner
 
 
 async def finalize(state: MarketState, runner: JobRunner) -> None:
+    if runner.hold_written is not None:
+        try:
+            await runner.hold_written
+        except APIError as exc:  # the database refused the hold: no job, nothing to bill
+            runner.error = exc
+            return
     outcome = runner.outcome()
     window = state.settings.challenge_window_s
     job_id = runner.spec.job_id

@@ -192,6 +192,37 @@ async def test_insufficient_balance_is_402(market: Market, nodes: Nodes) -> None
     assert account["held"] == 0 and account["balance"] == 10
 
 
+async def test_hold_refused_after_a_cached_yes_stops_the_job_uncharged(
+    market: Market, nodes: Nodes
+) -> None:
+    """A second request is dispatched on the in-memory balance; when the database then
+    refuses its hold (the balance fell elsewhere), the buyer gets 402 and pays nothing."""
+    from sqlalchemy import func, select, update
+
+    from market.models import Account, Job
+
+    model = unique_model()
+    link = await nodes.start(model, price=(1_000, 1_000))
+    buyer = market.buyer(credit=1_000_000)
+    await buyer.client().chat.completions.create(model=model, messages=MESSAGES, max_tokens=5)
+    assert market.state.funds.try_reserve(buyer.account_id, 0)  # the balance is cached
+    accepted = link.stats.jobs_accepted
+    with market.state.db.session() as session:
+        session.execute(update(Account).where(Account.id == buyer.account_id).values(balance=0))
+        jobs_before = session.scalar(select(func.count()).select_from(Job))
+    with pytest.raises(openai.APIStatusError) as info:
+        await buyer.client().chat.completions.create(model=model, messages=MESSAGES, max_tokens=5)
+    assert info.value.status_code == 402
+    assert _error(info.value)["code"] == "insufficient_balance"
+    assert link.stats.jobs_accepted == accepted + 1  # dispatched before the hold was written
+    account = buyer.get("/v1/account")
+    assert account["balance"] == 0 and account["held"] == 0
+    with market.state.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == jobs_before
+    # The refusal dropped the cached balance: the next request asks the database first.
+    assert not market.state.funds.try_reserve(buyer.account_id, 1)
+
+
 async def test_unknown_model_is_404(buyer: Buyer) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         await buyer.client().chat.completions.create(model="no-such-model", messages=MESSAGES)
