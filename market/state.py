@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from market.db import Database
+from market.funds import FundsCache
 from market.metrics import Metrics
 from market.nodes.registry import NodeRegistry
 from market.ratelimit import RateLimiter
 from market.router import Router
 from market.settings import MarketSettings
-from market.funds import FundsCache
 from market.writer import BatchWriter
 
 
