@@ -12,8 +12,14 @@ deterministic engine, then at each concurrency level runs the same requests
 Added latency = market − direct, per percentile, for TTFT and for the whole request.
 Prints one JSON object. Target: added p50 ≤ 2 ms, p99 ≤ 10 ms at 32 concurrent streams.
 
+The load is steady by default: a level's streams start spread over one request's
+duration (each client's connection already open), so that many are in flight all
+along; ``--burst`` starts them at one instant instead, which measures how long the
+last of a simultaneous burst waits. The engine emits tokens on a fixed clock, as a
+real engine decoding in its own thread does, on both paths.
+
     python bench/gateway.py [--concurrency 1,32,64] [--requests 300] [--max-tokens 16]
-                            [--token-delay 0.02] [--database-url postgresql://…]
+                            [--token-delay 0.02] [--database-url postgresql://…] [--burst]
 """
 
 from __future__ import annotations
@@ -53,11 +59,13 @@ NODE_SCRIPT = textwrap.dedent(
     from solders.keypair import Keypair
     sys.path.insert(0, sys.argv[4])
     from node_agent.link import NodeLink
+    from protocol.runtime import freeze_startup_heap
     from tests.support.engines import DeterministicEngine
 
     async def main():
         engine = DeterministicEngine(model_id=sys.argv[2], token_delay=float(sys.argv[3]))
         link = NodeLink(sys.argv[1], Keypair(), engine, price=(100, 200), max_concurrency=512)
+        freeze_startup_heap()  # as `aidp-node run` does
         await link.run()
 
     asyncio.run(main())
@@ -82,7 +90,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 async def run_direct(
-    n: int, concurrency: int, max_tokens: int, token_delay: float
+    n: int, concurrency: int, max_tokens: int, token_delay: float, stagger: float = 0.0
 ) -> dict[str, Any]:
     engine = DeterministicEngine(model_id=MODEL, token_delay=token_delay)
     ttfts: list[float] = []
@@ -91,7 +99,8 @@ async def run_direct(
     for i in range(n):
         queue.put_nowait(i)
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
+        await asyncio.sleep(index * stagger)
         while not queue.empty():
             queue.get_nowait()
             request = GenerationRequest(kind="chat", messages=MESSAGES, max_tokens=max_tokens)
@@ -105,7 +114,7 @@ async def run_direct(
             totals.append(end - t0)
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     wall = time.perf_counter() - start
     return {"ttft": ttfts, "total": totals, "rps": n / wall}
 
@@ -123,10 +132,13 @@ class SSEConnection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, body: bytes) -> tuple[float | None, bool, int]:
-        """POST one streamed completion; returns (first event time, saw [DONE], status)."""
+    async def connect(self) -> None:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def request(self, body: bytes) -> tuple[float | None, bool, int]:
+        """POST one streamed completion; returns (first event time, saw [DONE], status)."""
+        await self.connect()
         assert self.reader is not None
         self.writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\n"
@@ -164,7 +176,7 @@ class SSEConnection:
 
 
 async def run_market(
-    url: str, key: str, n: int, concurrency: int, max_tokens: int
+    url: str, key: str, n: int, concurrency: int, max_tokens: int, stagger: float = 0.0
 ) -> dict[str, Any]:
     ttfts: list[float] = []
     totals: list[float] = []
@@ -175,9 +187,11 @@ async def run_market(
     ).encode()
     host, _, port = url.removeprefix("http://").partition(":")
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
         nonlocal errors, remaining
         conn = SSEConnection(host, int(port), key)
+        await conn.connect()  # a client with its connection open, as an SDK's pool keeps it
+        await asyncio.sleep(index * stagger)
         try:
             while remaining > 0:
                 remaining -= 1
@@ -193,7 +207,7 @@ async def run_market(
             conn.close()
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     wall = time.perf_counter() - start
     return {"ttft": ttfts, "total": totals, "rps": len(totals) / wall, "errors": errors}
 
@@ -258,8 +272,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         results = []
         for concurrency in args.concurrency:
             n = max(args.requests, concurrency * 4)
-            direct = await run_direct(n, concurrency, args.max_tokens, args.token_delay)
-            through = await run_market(url, api_key, n, concurrency, args.max_tokens)
+            # Streams start spread over one request's duration, so `concurrency` of them
+            # are in flight all along; --burst starts them all at the same instant.
+            stagger = 0.0 if args.burst else args.max_tokens * args.token_delay / concurrency
+            direct = await run_direct(n, concurrency, args.max_tokens, args.token_delay, stagger)
+            through = await run_market(url, api_key, n, concurrency, args.max_tokens, stagger)
             row = {
                 "concurrency": concurrency,
                 "requests": n,
@@ -284,6 +301,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "model": MODEL,
             "max_tokens": args.max_tokens,
             "token_delay_s": args.token_delay,
+            "start": "burst" if args.burst else "staggered",
             "database": "postgresql" if args.database_url else "sqlite",
             "cpus": os.cpu_count(),
             "results": results,
@@ -309,6 +327,9 @@ def main() -> None:
                         help="engine seconds per token: 0.02 = 50 tokens/s per stream, like a "
                         "GPU node; 0 = as fast as the engine goes (measures saturation)")
     parser.add_argument("--database-url", help="default: SQLite in a temp dir")
+    parser.add_argument("--burst", action="store_true",
+                        help="start every stream of a level at once (default: spread over "
+                        "one request's duration, a steady load)")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main_async(args)), indent=2))
 

@@ -47,7 +47,10 @@ _HOLD = (
     .where(_accounts.c.id == bindparam("b_account"),
            _accounts.c.balance - _accounts.c.held >= bindparam("b_amount"))
     .values(held=_accounts.c.held + bindparam("b_amount"))
+    .returning(_accounts.c.balance - _accounts.c.held)
 )
+_SPENDABLE = select(_accounts.c.balance - _accounts.c.held).where(
+    _accounts.c.id == bindparam("b_account"))
 _INSERT_JOB = insert(_jobs)
 _INSERT_ENTRY = insert(LedgerEntry.__table__)
 _INSERT_RECEIPT = insert(Receipt.__table__)
@@ -170,8 +173,8 @@ def open_job(session: Session, job: Job) -> int:
     """
     amount = job.hold_amount
     conn = session.connection()
-    result = conn.execute(_HOLD, {"b_account": job.account_id, "b_amount": amount})
-    if result.rowcount != 1:
+    spendable = conn.execute(_HOLD, {"b_account": job.account_id, "b_amount": amount}).first()
+    if spendable is None:
         raise InsufficientBalance(
             f"insufficient balance: this request may cost up to {amount} base units "
             "(worst case, held until it finishes)"
@@ -180,9 +183,13 @@ def open_job(session: Session, job: Job) -> int:
     if amount:
         conn.execute(_INSERT_ENTRY, _entry("hold", f"hold:{job.id}", amount, utcnow(),
                                            account_id=job.account_id, job_id=job.id))
-    spendable = select(_accounts.c.balance - _accounts.c.held).where(
-        _accounts.c.id == job.account_id)
-    return int(conn.execute(spendable).scalar_one())
+    return int(spendable[0])
+
+
+def spendable_balance(session: Session, account_id: str) -> int:
+    """balance − held as committed now (0 for an unknown account)."""
+    value = session.connection().execute(_SPENDABLE, {"b_account": account_id}).scalar()
+    return int(value or 0)
 
 
 def _row_with_defaults(table: Any, obj: Any) -> dict[str, Any]:

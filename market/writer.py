@@ -2,11 +2,16 @@
 
 Every write on the hot path (place a hold and open a job; finalize a job) is a small
 sync function of a ``Session``. :meth:`BatchWriter.submit` queues it; one writer task
-runs whatever is queued in ONE transaction on a worker thread (each function inside a
-SAVEPOINT, so a function that raises — e.g. insufficient balance — leaves no trace and
-does not disturb the others) and commits once. Under load many jobs share a commit;
-idle, a write is committed at once. On SQLite this also means the process never
-contends with itself for the database lock.
+runs whatever is queued in ONE transaction on a worker thread and commits once. Under
+load many jobs share a commit; idle, a write is committed at once. On SQLite this also
+means the process never contends with itself for the database lock.
+
+A function that raises (e.g. insufficient balance) must leave no trace and must not
+disturb the others. Savepoints would give that, at two statements per function on
+every write; refusals are rare, so the batch first runs without them, and only when
+a function raises is that attempt rolled back and the batch replayed with each
+function inside its own SAVEPOINT. Functions are therefore pure database work: safe
+to run twice when the first run was rolled back.
 
 Callers get the function's result or its exception. A write whose caller was cancelled
 still happens (the caller decides how to compensate).
@@ -87,6 +92,13 @@ class BatchWriter:
                     future.set_exception(value)
 
     def _apply(self, fns: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
+        try:
+            with self.db.sync_sessions.begin() as session:
+                return [(True, fn(session)) for fn in fns]
+        except Exception:  # rolled back: find out which function failed, keep the rest
+            return self._apply_isolated(fns)
+
+    def _apply_isolated(self, fns: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         with self.db.sync_sessions.begin() as session:
             for fn in fns:

@@ -27,6 +27,7 @@ from typing import Any
 from node_agent import __version__
 from node_agent.settings import NodeSettings
 from protocol.keys import DEFAULT_KEYPAIR_PATH
+from protocol.runtime import freeze_startup_heap
 
 log = logging.getLogger("aidp.node")
 
@@ -385,6 +386,8 @@ async def _serve_engine(
             if not link.draining:
                 _say("link lost; reconnecting…")
 
+    if install_signals:  # this process is the node's own: see protocol.runtime
+        freeze_startup_heap()
     _say(f"connecting to {link.url}…")
     announcer = asyncio.create_task(announce())
     try:

@@ -63,7 +63,9 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         hold_amount=hold,
     )
     hold_written = None
-    if state.funds.try_reserve(buyer.account_id, hold):
+    if state.funds.try_reserve(buyer.account_id, hold) or await _reserve_after_refresh(
+        state, buyer.account_id, hold
+    ):
         # Known to be covered: dispatch now, the hold is written behind (market.funds).
         hold_written = asyncio.ensure_future(
             state.writer.submit(lambda session: billing.open_job(session, job)))
@@ -90,6 +92,20 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
     runner = JobRunner(state, spec)
     runner.hold_written = hold_written
     return runner
+
+
+async def _reserve_after_refresh(state: MarketState, account_id: str, hold: int) -> bool:
+    """When the cached balance is unknown or stale, read it (one query shared by the
+    account's concurrent requests) and try again; too little stays a "no"."""
+    if state.funds.is_fresh(account_id):
+        return False
+
+    async def read() -> int:
+        async with state.db.async_sessions() as session:
+            return await session.run_sync(billing.spendable_balance, account_id)
+
+    await state.funds.refresh(account_id, read)
+    return state.funds.try_reserve(account_id, hold)
 
 
 async def finalize(state: MarketState, runner: JobRunner) -> None:

@@ -3,7 +3,9 @@
 Each next token is a hash of the prompt and every token before it, so a node that
 continues from any prefix produces exactly what one healthy node would have: the
 property mid-stream failover must preserve. ``token_delay`` makes streams slow
-enough to kill a node half-way.
+enough to kill a node half-way. Tokens come on a fixed clock (token *i* at start +
+*i* × ``token_delay``), as from a real engine that decodes in its own thread or on a
+GPU: time its consumer spends on each token does not push the next one back.
 """
 
 from __future__ import annotations
@@ -60,9 +62,12 @@ class DeterministicEngine(Engine):
         tokens = list(request.continuation_token_ids)
         produced = 0
         finish: str = "length"
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while produced < request.max_tokens:
             if self.token_delay:
-                await asyncio.sleep(self.token_delay)
+                due += self.token_delay
+                await asyncio.sleep(max(0.0, due - loop.time()))
             token = next_token(prompt, tokens)
             if token == EOS:
                 finish = "stop"
