@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from node_agent.engines.base import GenerationRequest, TokenDelta  # noqa: E402
+from protocol.runtime import run_event_loop  # noqa: E402
 from tests.support.engines import DeterministicEngine  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
@@ -59,7 +60,7 @@ NODE_SCRIPT = textwrap.dedent(
     from solders.keypair import Keypair
     sys.path.insert(0, sys.argv[4])
     from node_agent.link import NodeLink
-    from protocol.runtime import freeze_startup_heap
+    from protocol.runtime import freeze_startup_heap, run_event_loop
     from tests.support.engines import DeterministicEngine
 
     async def main():
@@ -68,7 +69,7 @@ NODE_SCRIPT = textwrap.dedent(
         freeze_startup_heap()  # as `aidp-node run` does
         await link.run()
 
-    asyncio.run(main())
+    run_event_loop(main())
     """
 )
 
@@ -331,7 +332,7 @@ def main() -> None:
                         help="start every stream of a level at once (default: spread over "
                         "one request's duration, a steady load)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main_async(args)), indent=2))
+    print(json.dumps(run_event_loop(main_async(args)), indent=2))
 
 
 if __name__ == "__main__":

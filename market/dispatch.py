@@ -191,8 +191,9 @@ class JobRunner:
                     left = silent_since + timeout - time.monotonic()
                     if left <= 0:
                         raise SegmentFailed("timeout", f"no message from the node in {timeout}s")
-                    try:
-                        message = await asyncio.wait_for(queue.get(), min(left, keepalive))
+                    try:  # asyncio.timeout, not wait_for: no extra task per relayed chunk
+                        async with asyncio.timeout(min(left, keepalive)):
+                            message = await queue.get()
                     except TimeoutError:
                         yield None  # nothing yet: time for an SSE keep-alive
                         continue

@@ -27,7 +27,7 @@ from typing import Any
 from node_agent import __version__
 from node_agent.settings import NodeSettings
 from protocol.keys import DEFAULT_KEYPAIR_PATH
-from protocol.runtime import freeze_startup_heap
+from protocol.runtime import freeze_startup_heap, run_event_loop
 
 log = logging.getLogger("aidp.node")
 
@@ -415,7 +415,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from node_agent.engines.base import EngineError
 
     try:
-        return asyncio.run(serve(settings))
+        return run_event_loop(serve(settings))
     except EngineError as exc:
         print(f"error: the {settings.engine} engine could not start: {exc}", file=sys.stderr)
         return 1

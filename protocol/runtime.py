@@ -1,4 +1,4 @@
-"""Process-wide settings both long-running services (market and node agent) apply.
+"""Process-wide settings the long-running services (market and node agent) apply.
 
 A full (generation 2) garbage collection walks every tracked object in the process.
 After start-up that is mostly code, modules, pydantic and SQLAlchemy metadata: an
@@ -10,7 +10,12 @@ once it is built (``gc.freeze``); later collections walk only what requests crea
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def freeze_startup_heap() -> int:
@@ -22,3 +27,14 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on uvloop where it is installed (it is with the ``market``
+    and ``node`` extras): its I/O and wake-ups cost less, which every relayed token
+    feels. The standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from market import accounts, billing
+from market.api.sse import EventStreamResponse
 from market.auth import Buyer, authenticate, market_state
 from market.dispatch import JobRunner, JobSpec
 from market.errors import APIError, UpstreamFailed
@@ -253,9 +254,8 @@ async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) 
         # The first event (or failure) before answering: errors keep their HTTP status.
         first = await _guarded(state, runner, events, anext(events, _END))
         streaming = True  # _sse observes the latency when the stream ends
-        return StreamingResponse(
+        return EventStreamResponse(
             _sse(state, runner, events, first, body, endpoint, started),
-            media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     finally:
