@@ -60,13 +60,13 @@ NODE_SCRIPT = textwrap.dedent(
     from solders.keypair import Keypair
     sys.path.insert(0, sys.argv[4])
     from node_agent.link import NodeLink
-    from protocol.runtime import freeze_startup_heap, run_event_loop
+    from protocol.runtime import run_event_loop, tune_for_latency
     from tests.support.engines import DeterministicEngine
 
     async def main():
         engine = DeterministicEngine(model_id=sys.argv[2], token_delay=float(sys.argv[3]))
         link = NodeLink(sys.argv[1], Keypair(), engine, price=(100, 200), max_concurrency=512)
-        freeze_startup_heap()  # as `aidp-node run` does
+        tune_for_latency()  # as `aidp-node run` does
         await link.run()
 
     run_event_loop(main())

@@ -38,7 +38,7 @@ from market.settings import MarketSettings, get_settings
 from market.state import MarketState
 from market.verification import api as verification_api
 from market.writer import BatchWriter
-from protocol.runtime import freeze_startup_heap
+from protocol.runtime import tune_for_latency
 
 log = logging.getLogger("market.app")
 
@@ -153,8 +153,8 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
         state.writer.start()
         app.state.market = state
         monitor = asyncio.create_task(_monitor(state), name="node-monitor")
-        if settings.gc_freeze:
-            log.info("start-up heap frozen: %d objects", freeze_startup_heap())
+        if settings.latency_tuning:
+            log.info("tuned for latency; start-up heap frozen: %d objects", tune_for_latency())
         try:
             yield
         finally:

@@ -27,7 +27,7 @@ from typing import Any
 from node_agent import __version__
 from node_agent.settings import NodeSettings
 from protocol.keys import DEFAULT_KEYPAIR_PATH
-from protocol.runtime import freeze_startup_heap, run_event_loop
+from protocol.runtime import run_event_loop, tune_for_latency
 
 log = logging.getLogger("aidp.node")
 
@@ -387,7 +387,7 @@ async def _serve_engine(
                 _say("link lost; reconnecting…")
 
     if install_signals:  # this process is the node's own: see protocol.runtime
-        freeze_startup_heap()
+        tune_for_latency()
     _say(f"connecting to {link.url}…")
     announcer = asyncio.create_task(announce())
     try:

@@ -1,17 +1,21 @@
-"""Billing on the real database (SQLite and PostgreSQL): holds, charges, idempotency."""
+"""Billing on the real database (SQLite and PostgreSQL): holds, charges, idempotency,
+and the group-commit writer the request path submits them through."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from market import accounts, billing
 from market.db import Database
 from market.errors import InsufficientBalance
 from market.migrate import upgrade
 from market.models import Account, Job, LedgerEntry, Node, Receipt, ReceiptEvent, new_id
+from market.writer import BatchWriter
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +169,59 @@ def test_stale_running_jobs_are_released(db: Database) -> None:
         assert s.get(Job, job.id).status == "failed"
         account = s.get(Account, account_id)
         assert (account.balance, account.held) == (100, 0)
+
+
+# ---- the group-commit writer ---------------------------------------------------------
+
+
+async def _submit_together(db: Database, fns: list) -> list:
+    """Submit every function before the writer runs: they share one batch."""
+    writer = BatchWriter(db)
+    futures = [asyncio.ensure_future(writer.submit(fn)) for fn in fns]
+    writer.start()
+    try:
+        return await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await writer.stop()
+        assert writer.batches == 1
+
+
+async def test_a_refusal_in_a_batch_leaves_no_trace_and_the_rest_commit(db: Database) -> None:
+    rich, poor = _account(db, 1_000), _account(db, 10)
+    jobs = [_job(rich, 100), _job(poor, 500), _job(rich, 200)]
+    results = await _submit_together(
+        db, [lambda s, j=j: billing.open_job(s, j) for j in jobs]
+    )
+    assert results[0] == 900 and results[2] == 700
+    assert isinstance(results[1], InsufficientBalance)
+    with db.session() as s:
+        assert s.get(Account, rich).held == 300
+        assert s.get(Account, poor).held == 0
+        ids = set(s.scalars(select(Job.id).where(Job.account_id.in_([rich, poor]))))
+        assert ids == {jobs[0].id, jobs[2].id}
+        holds = s.scalar(select(func.count()).select_from(LedgerEntry).where(
+            LedgerEntry.kind == "hold", LedgerEntry.account_id.in_([rich, poor])))
+        assert holds == 2
+
+
+async def test_an_unexpected_error_fails_only_its_caller(db: Database) -> None:
+    account = _account(db, 1_000)
+    job = _job(account, 100)
+
+    def broken(session: Session) -> None:
+        billing.credit_account(session, account, 5, new_id("ref"))  # written, then undone
+        raise RuntimeError("boom")
+
+    results = await _submit_together(db, [broken, lambda s: billing.open_job(s, job)])
+    assert isinstance(results[0], RuntimeError)
+    assert results[1] == 900
+    with db.session() as s:
+        assert s.get(Account, account).balance == 1_000  # the broken credit left nothing
+
+
+async def test_spendable_balance_reads_balance_minus_held(db: Database) -> None:
+    account = _account(db, 1_000)
+    await _submit_together(db, [lambda s: billing.open_job(s, _job(account, 250))])
+    with db.session() as s:
+        assert billing.spendable_balance(s, account) == 750
+        assert billing.spendable_balance(s, "acct_unknown") == 0
