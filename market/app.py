@@ -153,8 +153,6 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
         state.writer.start()
         app.state.market = state
         monitor = asyncio.create_task(_monitor(state), name="node-monitor")
-        if settings.latency_tuning:
-            log.info("tuned for latency; start-up heap frozen: %d objects", tune_for_latency())
         try:
             yield
         finally:
@@ -197,6 +195,17 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
     return app
 
 
+def serving_app(settings: MarketSettings | None = None) -> FastAPI:
+    """The app for a process that is the market's own (``aidp-market serve``, uvicorn's
+    ``--factory``): built, then the process tuned for latency (``protocol.runtime``)
+    unless ``latency_tuning`` is off. In-process servers (tests) use :func:`create_app`."""
+    settings = settings or get_settings()
+    app = create_app(settings)
+    if settings.latency_tuning:
+        log.info("tuned for latency; start-up heap frozen: %d objects", tune_for_latency())
+    return app
+
+
 def app_factory() -> FastAPI:
     """For ``uvicorn --factory market.app:app_factory``."""
-    return create_app()
+    return serving_app()

@@ -55,8 +55,8 @@ class MarketSettings(BaseSettings):
     job_stale_after_s: float = 3600.0
     # run `alembic upgrade head` when the app starts
     migrate_on_start: bool = True
-    # freeze the start-up heap and shorten the GIL switch interval (protocol.runtime);
-    # off where the app shares its process with other work (in-process test servers)
+    # `aidp-market serve`: freeze the start-up heap and shorten the GIL switch interval
+    # (protocol.runtime)
     latency_tuning: bool = True
 
     # --- verification & challenge windows (Celery) --------------------------------

@@ -10,7 +10,7 @@ from market.settings import get_settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from market.app import create_app
+    from market.app import serving_app
 
     settings = get_settings()
     host = args.host or settings.host
@@ -18,7 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"aidp-market: serving on http://{host}:{port} (database {settings.database_url})",
           flush=True)
     uvicorn.run(
-        create_app(settings),
+        serving_app(settings),
         host=host,
         port=port,
         log_level=settings.log_level,

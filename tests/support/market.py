@@ -128,7 +128,6 @@ def start_market(db_url: str, **overrides: Any) -> Market:
         "rate_limit_rpm": 100_000,
         "sse_keepalive_s": 1.0,
         "challenge_window_s": 3600.0,
-        "latency_tuning": False,  # the test process is not the market's alone
     }
     values.update(overrides)
     settings = MarketSettings(**values)
