@@ -33,7 +33,10 @@ class EventStreamResponse(Response):
         state = {"streaming": True, "left": False}
 
         async def watch_for_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # the server's receive failed: treat it as the buyer gone
                 pass
             if state["streaming"]:  # not the server's "response complete" wake-up
                 state["left"] = True
