@@ -16,8 +16,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
 
+# llama.cpp is compiled on install. On x86-64 it is built for AVX2 rather than
+# -march=native: a virtual CPU may advertise AMX that the process may not use (SIGILL
+# in ggml's AMX kernels). No pip cache: a wheel built with other flags is never reused.
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
+
 $(STAMP): $(BIN)/python pyproject.toml
 	$(PIP) install -q torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir 'llama-cpp-python>=0.3'
 	$(PIP) install -q -e '.[market,ledger,node,transformers,dev]'
 	touch $(STAMP)
 
