@@ -221,6 +221,8 @@ class Segment:
     completion_tokens: int
     node_earning: int  # node_cost at the node's price
     fee: int
+    # Output of a failed node that this segment continued from (empty: none).
+    continuation_token_ids: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -298,6 +300,7 @@ def finalize_job(
             "receipt_hash": seg.receipt_hash,
             "signature": seg.signature,
             "output_text": seg.output_text,
+            "continuation_token_ids": seg.continuation_token_ids or None,
             "prompt_tokens": seg.prompt_tokens,
             "completion_tokens": seg.completion_tokens,
             "cost": seg.cost,

@@ -295,6 +295,7 @@ class JobRunner:
                 completion_tokens=receipt.body.completion_tokens,
                 node_earning=earning,
                 fee=fee,
+                continuation_token_ids=continuation_ids,
             )
         )
         self._open_tokens = 0

@@ -232,6 +232,9 @@ class Receipt(Base):
     receipt_hash: Mapped[str] = mapped_column(String(64), unique=True)
     signature: Mapped[str] = mapped_column(String(128))
     output_text: Mapped[str] = mapped_column(Text, default="")
+    # Output an earlier node streamed before it failed, which this node continued from.
+    # Its receipt attests only the digest; the verifier needs the ids themselves.
+    continuation_token_ids: Mapped[list[Any] | None] = mapped_column(nullable=True)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost: Mapped[int] = mapped_column(BigInteger, default=0)  # buyer charge for this segment

@@ -63,8 +63,13 @@ def _request_input(kind: str, body: dict[str, Any]) -> Any:
     return prompt
 
 
-def _continuation_candidates(previous: list[list[int]]) -> list[list[int]]:
-    """No prefix, or the output of the earlier receipted segments (most recent first)."""
+def _continuation_candidates(inp: settlement.VerificationInput) -> list[list[int]]:
+    """The stored prefix; for receipts stored without one, no prefix or the output of
+    the earlier receipted segments (most recent first). Each candidate is checked
+    against the request digest the node signed, so a wrong one is never used."""
+    if inp.continuation_token_ids:
+        return [list(inp.continuation_token_ids)]
+    previous = inp.previous_token_ids
     out: list[list[int]] = [[]]
     acc: list[int] = []
     for ids in previous:
@@ -94,7 +99,7 @@ def judge_receipt(
         return "fraud", evidence, "cheap checks failed: " + ", ".join(f.code for f in failures)
     request_input = _request_input(inp.job_kind, inp.job_request)
     prefix = find_continuation(
-        signed, inp.job_kind, request_input, _continuation_candidates(inp.previous_token_ids)
+        signed, inp.job_kind, request_input, _continuation_candidates(inp)
     )
     if prefix is None:
         evidence["unavailable"] = "the continuation prefix this segment was given is not stored"

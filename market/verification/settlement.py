@@ -420,6 +420,7 @@ class VerificationInput:
     finish_reason: str | None
     is_last_segment: bool
     previous_token_ids: list[list[int]]  # output ids of earlier segments, in order
+    continuation_token_ids: list[int] | None  # the prefix this segment was given, if stored
     registered_model_sha256: str | None
     context_length: int | None
 
@@ -448,6 +449,7 @@ def load_input(session: Session, receipt_id: str) -> VerificationInput:
         finish_reason=job.finish_reason,
         is_last_segment=is_last,
         previous_token_ids=previous,
+        continuation_token_ids=receipt.continuation_token_ids,
         registered_model_sha256=offer[0] if offer else None,
         context_length=offer[1] if offer else None,
     )

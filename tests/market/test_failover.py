@@ -11,8 +11,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
+from sqlalchemy import select
 
 from market.billing import market_fee, node_cost
+from market.models import Receipt
+from market.verification.reexec import find_continuation
+from protocol.receipt import receipt_from_json
 from node_agent.engines.base import EngineError, GenerationEvent, GenerationRequest
 from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model, wait_for
 from tests.support.engines import DeterministicEngine
@@ -30,6 +34,12 @@ class BrokenEngine(DeterministicEngine):
 
 async def _job(market: Market, buyer: Buyer) -> dict:
     return buyer.get("/v1/usage?limit=1")["data"][0]
+
+
+def _receipts(market: Market, job_id: str) -> list[Receipt]:
+    with market.state.db.session() as session:
+        return list(session.execute(
+            select(Receipt).where(Receipt.job_id == job_id).order_by(Receipt.seq)).scalars())
 
 
 async def test_node_dies_before_first_token(buyer: Buyer, market: Market, nodes: Nodes) -> None:
@@ -104,6 +114,16 @@ async def test_node_killed_mid_stream_stream_completes(
     assert mid_stream._value.get() == failovers_before + 1
     # billed: the second node's receipt (prompt + the continued prefix, its own tokens)
     assert job["charged"] > 0 and job["hold"] >= job["charged"]
+    # The dead node left no receipt; the second one is stored with the prefix it was given,
+    # which is the one its signed request digest attests (so a verifier can replay it).
+    (receipt,) = _receipts(market, job["id"])
+    continued = 60 - receipt.completion_tokens
+    assert continued >= 20
+    assert receipt.continuation_token_ids == ids[:continued]
+    signed = receipt_from_json(receipt.receipt)
+    assert list(signed.output_token_ids) == ids[continued:]
+    assert find_continuation(signed, "chat", STORY, [ids[:continued]]) == ids[:continued]
+    assert find_continuation(signed, "chat", STORY, [ids[:continued - 1], []]) is None
 
 
 async def test_node_killed_mid_stream_non_stream(
@@ -125,9 +145,7 @@ async def test_node_killed_mid_stream_non_stream(
 
 
 async def test_receipts_stored_per_segment(buyer: Buyer, market: Market, nodes: Nodes) -> None:
-    from sqlalchemy import select
-
-    from market.models import Job, Receipt
+    from market.models import Job
 
     model = unique_model()
     await nodes.start(model, price=(1_000, 2_000))

@@ -166,21 +166,25 @@ class Served:
     finish_reason: str
 
 
-def generate(engine: Engine, kind: str, body: dict[str, Any]) -> tuple[list[int], str, str, int]:
+def generate(engine: Engine, kind: str, body: dict[str, Any],
+             continuation_token_ids: list[int] | None = None) -> tuple[list[int], str, str, int]:
     """Run ``engine`` on an OpenAI body: (token ids, text, finish_reason, prompt tokens)."""
-    done = workload.generate(engine, kind, body)
+    done = workload.generate(engine, kind, body, continuation_token_ids)
     return done.token_ids, done.text, done.finish_reason, done.prompt_tokens
 
 
 def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body: dict[str, Any],
-              kind: str = "chat", window_s: float = 3600.0) -> Served:
-    """Serve one job as a node would and store it as the market does."""
+              kind: str = "chat", window_s: float = 3600.0,
+              continuation_token_ids: list[int] | None = None) -> Served:
+    """Serve one job as a node would and store it as the market does. With
+    ``continuation_token_ids`` the node continues another node's output (a failover):
+    ``body`` then carries the remaining ``max_tokens``."""
     import time
 
     body = {"model": engine.model.id, **body}
     started = time.time()
-    ids, text, finish, prompt_tokens = generate(engine, kind, body)
-    request = generation_request(kind, body)
+    ids, text, finish, prompt_tokens = generate(engine, kind, body, continuation_token_ids)
+    request = generation_request(kind, body, continuation_token_ids)
     signed = build_receipt(
         keypair=keypair, job_id="", engine=engine, request=request, output_text=text,
         output_token_ids=ids, prompt_tokens=prompt_tokens, started_at=started,
@@ -208,7 +212,7 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
             node_id=node_id, seq=0, signed_receipt=signed.model_dump(mode="json"),
             receipt_hash=signed.receipt_hash, signature=signed.signature, output_text=text,
             prompt_tokens=prompt_tokens, completion_tokens=len(ids), node_earning=earning,
-            fee=fee,
+            fee=fee, continuation_token_ids=list(continuation_token_ids or []),
         )],
     )
     with world.sessions.begin() as session:

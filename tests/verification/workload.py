@@ -91,8 +91,9 @@ class Generated:
     gen_s: float
 
 
-def generate(engine: Engine, kind: str, body: dict[str, Any]) -> Generated:
-    request = generation_request(kind, body)
+def generate(engine: Engine, kind: str, body: dict[str, Any],
+             continuation_token_ids: list[int] | None = None) -> Generated:
+    request = generation_request(kind, body, continuation_token_ids)
 
     async def go() -> Generated:
         ids: list[int] = []

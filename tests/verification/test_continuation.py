@@ -1,0 +1,73 @@
+"""A failover segment is verifiable: its continuation prefix is stored with its receipt.
+
+A node that dies mid-stream leaves no receipt, so the tokens it streamed appear in no
+other receipt; the node that continued from them signed only their digest. Without
+the stored prefix the verifier cannot rebuild what that node was asked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from market.models import Receipt
+from market.verification import settlement
+from market.verification.service import judge_receipt
+from tests.verification.conftest import World, generate, make_settings, serve_job
+
+BODY = {"messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0}
+FULL_TOKENS = 24
+DEAD_AFTER = 8  # tokens the first node streamed before it died
+
+
+def test_continued_segment_is_judged_from_its_stored_prefix(
+    world: World, db_url: str, tmp_path: Path, honest_engine
+) -> None:
+    settings = make_settings(db_url, tmp_path)
+    node_id, keypair = world.add_node(honest_engine)
+    full_ids, _, _, _ = generate(honest_engine, "chat", {**BODY, "max_tokens": FULL_TOKENS})
+    prefix = full_ids[:DEAD_AFTER]
+    served = serve_job(world, node_id, keypair, honest_engine,
+                       {**BODY, "max_tokens": FULL_TOKENS - DEAD_AFTER},
+                       continuation_token_ids=prefix)
+    assert served.receipt.output_token_ids == full_ids[DEAD_AFTER:]  # greedy: same run
+
+    with world.sessions() as session:
+        receipt_id = session.execute(
+            select(Receipt.id).where(Receipt.job_id == served.job_id)).scalar_one()
+        inp = settlement.load_input(session, receipt_id)
+    assert inp.continuation_token_ids == prefix
+    outcome, evidence, reason = judge_receipt(inp, settings, lambda *_: honest_engine)
+    assert outcome == "honest", (reason, evidence)
+
+    # The same receipt stored without its prefix (as before it was kept) cannot be judged.
+    with world.sessions.begin() as session:
+        session.execute(update(Receipt).where(Receipt.id == receipt_id)
+                        .values(continuation_token_ids=None))
+    with world.sessions() as session:
+        inp = settlement.load_input(session, receipt_id)
+    outcome, _, reason = judge_receipt(inp, settings, lambda *_: honest_engine)
+    assert outcome == "unavailable" and "continuation prefix" in reason
+
+
+def test_a_wrong_stored_prefix_is_not_used(
+    world: World, db_url: str, tmp_path: Path, honest_engine
+) -> None:
+    """The prefix is market data, not signed: one that does not match the digest the
+    node signed makes the receipt unjudgeable, never a fraud."""
+    settings = make_settings(db_url, tmp_path)
+    node_id, keypair = world.add_node(honest_engine)
+    full_ids, _, _, _ = generate(honest_engine, "chat", {**BODY, "max_tokens": FULL_TOKENS})
+    served = serve_job(world, node_id, keypair, honest_engine,
+                       {**BODY, "max_tokens": FULL_TOKENS - DEAD_AFTER},
+                       continuation_token_ids=full_ids[:DEAD_AFTER])
+    with world.sessions.begin() as session:
+        session.execute(update(Receipt).where(Receipt.job_id == served.job_id)
+                        .values(continuation_token_ids=full_ids[:DEAD_AFTER - 1]))
+    with world.sessions() as session:
+        receipt_id = session.execute(
+            select(Receipt.id).where(Receipt.job_id == served.job_id)).scalar_one()
+        inp = settlement.load_input(session, receipt_id)
+    outcome, _, reason = judge_receipt(inp, settings, lambda *_: honest_engine)
+    assert outcome == "unavailable" and "continuation prefix" in reason
