@@ -11,7 +11,9 @@ keep-alive). Behind it:
 * on ``done`` the receipt is checked against what the market itself sent and relayed
   (``market.verification.checks.check_receipt``); a failing receipt counts against the
   node and the job fails over like an error;
-* if the consumer goes away (client disconnect) the node gets ``cancel``.
+* if the consumer goes away (client disconnect) the node gets ``cancel``; a node that
+  had produced tokens answers with a receipt for them (finish reason ``cancelled``),
+  which :meth:`JobRunner.wind_down` waits for so the node is paid for its work.
 
 The runner does no database work; the API layer finalizes the job with
 :meth:`JobRunner.outcome` in one transaction.
@@ -87,6 +89,8 @@ class JobRunner:
         self._open_tokens = 0
         self._open_price_out = 0
         self._last_failure = "none"
+        # Collecting a cancelled node's receipt (see _collect_cancelled).
+        self._closing: asyncio.Task[None] | None = None
         # The job's hold, when it is still being written (see market.funds): finalizing
         # waits for it, and a hold the database refused stops the job uncharged.
         self.hold_written: asyncio.Future[int] | None = None
@@ -94,6 +98,11 @@ class JobRunner:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+    async def wind_down(self) -> None:
+        """Wait for the receipt of a segment the buyer left (bounded by a timeout)."""
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -170,6 +179,7 @@ class JobRunner:
         seg_text: list[str] = []
         seg_ids: list[int] = []
         finished = False
+        consumer_left = False
         t0 = time.monotonic()
         first_at: float | None = None
         try:
@@ -240,13 +250,65 @@ class JobRunner:
                         message.message,
                         count_against_node=message.code not in NOT_STARTED,
                     )
+        except (GeneratorExit, asyncio.CancelledError):
+            consumer_left = True
+            raise
         finally:
-            if conn.inflight.get(spec.job_id) is queue:
-                del conn.inflight[spec.job_id]
-                self.state.registry.notify()
-            if not finished and not conn.closed:
-                # Abandoned (failover, timeout or the buyer went away): stop the node.
-                self.state.spawn(_send_quietly(conn, Cancel(job_id=spec.job_id)))
+            if consumer_left and seg_ids and not finished and not conn.closed:
+                # The buyer left mid-stream. No awaiting here (the consumer is being torn
+                # down): a task stops the node and collects its receipt for what it
+                # produced; finalizing waits for it (wind_down).
+                self._closing = self.state.spawn(self._collect_cancelled(
+                    conn, queue, body, continuation_ids, seg_text, seg_ids))
+            else:
+                self._release(conn, queue)
+                if not finished and not conn.closed:
+                    # Abandoned (failover, timeout, the buyer left before any token).
+                    self.state.spawn(_send_quietly(conn, Cancel(job_id=spec.job_id)))
+
+    def _release(self, conn: NodeConn, queue: asyncio.Queue[Any]) -> None:
+        """Stop routing this job's messages here; the node's slot counts as free."""
+        if conn.inflight.get(self.spec.job_id) is queue:
+            del conn.inflight[self.spec.job_id]
+            self.state.registry.notify()
+
+    async def _collect_cancelled(
+        self,
+        conn: NodeConn,
+        queue: asyncio.Queue[Any],
+        body: dict[str, Any],
+        continuation_ids: list[int],
+        seg_text: list[str],
+        seg_ids: list[int],
+    ) -> None:
+        """Send ``cancel``, then take the node's last chunks and its receipt for them. A
+        node that does not answer in time leaves the relayed tokens unreceipted."""
+        job_id = self.spec.job_id
+        try:
+            await conn.send(Cancel(job_id=job_id))
+            async with asyncio.timeout(self.state.settings.cancel_receipt_timeout_s):
+                while True:
+                    message = await queue.get()
+                    if isinstance(message, Chunk):
+                        # produced before the node saw the cancel: covered by its receipt
+                        seg_text.append(message.text)
+                        seg_ids.extend(message.token_ids)
+                        self.text_parts.append(message.text)
+                        self.token_ids.extend(message.token_ids)
+                        self._open_tokens = len(seg_ids)
+                    elif isinstance(message, Done):
+                        self._accept_done(conn, message, body, continuation_ids,
+                                          "".join(seg_text), seg_ids, cancel_sent=True)
+                        return
+                    else:  # an error: the node signed nothing
+                        return
+        except SegmentFailed as exc:
+            conn.observe_failure()
+            log.warning("job %s: receipt after cancel rejected: %s", job_id, exc)
+        except Exception as exc:  # timeout, the link went away: bill unreceipted
+            log.info("job %s: no receipt after cancel (%r)", job_id, exc)
+        finally:
+            self._release(conn, queue)
 
     def _accept_done(
         self,
@@ -256,8 +318,12 @@ class JobRunner:
         continuation_ids: list[int],
         seg_text: str,
         seg_ids: list[int],
+        *,
+        cancel_sent: bool = False,
     ) -> None:
         spec = self.spec
+        if done.finish_reason == "cancelled" and not cancel_sent:
+            raise SegmentFailed("receipt_rejected", "finish reason 'cancelled' without a cancel")
         offer = conn.models.get(spec.model)
         failures = check_receipt(
             done.receipt,

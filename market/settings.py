@@ -45,6 +45,9 @@ class MarketSettings(BaseSettings):
     heartbeat_interval: float = 5.0
     job_first_token_timeout: float = 60.0
     max_failover_attempts: int = 3
+    # after a buyer leaves mid-stream, how long to wait for the node's receipt for the
+    # tokens it produced (without one, the relayed tokens are billed unreceipted)
+    cancel_receipt_timeout_s: float = 5.0
     # a node silent for this many heartbeat intervals is marked unhealthy
     node_unhealthy_after_intervals: float = 3.0
     # seconds a node has to send its hello/auth before the link is closed

@@ -5,7 +5,8 @@ connection alive: ``hello`` → ``challenge`` → ``auth`` (the nonce signed wit
 node's Solana keypair, domain-separated) → ``welcome``; then ``status`` heartbeats at
 the interval the market asked for, ``job``s served concurrently up to
 ``max_concurrency`` (``chunk``… then ``done`` with a signed receipt, or ``error``),
-``cancel`` honoured. A dropped connection is redialled with exponential backoff and
+``cancel`` honoured (a job that already produced tokens ends with ``done``, finish
+reason ``cancelled`` and a receipt for what was produced). A dropped connection is redialled with exponential backoff and
 jitter; jobs in flight on a dropped connection are abandoned (the market fails them
 over to another node).
 
@@ -21,7 +22,8 @@ Usable in-process::
 
 Error codes a node sends in ``error``: ``model_not_found``, ``bad_request``,
 ``busy`` (over ``max_concurrency``), ``draining`` (shutting down; the job was not
-started), ``deadline_exceeded``, ``cancelled`` (after the market's ``cancel``),
+started), ``deadline_exceeded``, ``cancelled`` (after the market's ``cancel``, before
+any token),
 an engine's own code, ``internal``. Jobs failing with ``busy``/``draining`` never
 produced a token, so the market can retry them elsewhere invisibly.
 """
@@ -467,6 +469,7 @@ class NodeLink:
         text_parts: list[str] = []
         token_ids: list[int] = []
         end: GenerationEnd | None = None
+        cancelled_prompt_tokens: int | None = None  # set when the market cancelled
         t0 = time.perf_counter()
         first_token_at: float | None = None
         try:
@@ -494,11 +497,24 @@ class NodeLink:
                             end = event
             except TimeoutError as exc:
                 raise EngineError("deadline_exceeded", "the job's deadline passed") from exc
+        except asyncio.CancelledError:
+            if not (running.cancelled_by_market and token_ids):
+                raise
+            # The market's buyer left: the tokens produced so far are still this node's
+            # work, so it signs for them and the market pays for them.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            cancelled_prompt_tokens = await engine.prompt_token_count(request)
         finally:
             finished_at = time.time()
             if monitor is not None:
                 gpu = monitor.job_finished(started_at)
-        if end is None:
+        if end is not None:
+            finish_reason, prompt_tokens = end.finish_reason, end.prompt_tokens
+        elif cancelled_prompt_tokens is not None:
+            finish_reason, prompt_tokens = "cancelled", cancelled_prompt_tokens
+        else:
             raise EngineError("engine_error", "the engine ended without a GenerationEnd")
         receipt = build_receipt(
             keypair=self.keypair,
@@ -507,18 +523,18 @@ class NodeLink:
             request=request,
             output_text="".join(text_parts),
             output_token_ids=token_ids,
-            prompt_tokens=end.prompt_tokens,
+            prompt_tokens=prompt_tokens,
             started_at=started_at,
             finished_at=finished_at,
             gpu=gpu,
         )
         usage = Usage(
-            prompt_tokens=end.prompt_tokens,
+            prompt_tokens=prompt_tokens,
             completion_tokens=len(token_ids),
-            total_tokens=end.prompt_tokens + len(token_ids),
+            total_tokens=prompt_tokens + len(token_ids),
         )
         await self._send(
-            Done(job_id=job.job_id, usage=usage, finish_reason=end.finish_reason, receipt=receipt)
+            Done(job_id=job.job_id, usage=usage, finish_reason=finish_reason, receipt=receipt)
         )
         self.stats.jobs_done += 1
         self.stats.tokens += len(token_ids)

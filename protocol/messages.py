@@ -101,7 +101,8 @@ class Done(_Message):
     type: Literal["done"] = "done"
     job_id: str
     usage: Usage
-    finish_reason: Literal["stop", "length"]
+    # "cancelled": the market sent ``cancel``; the receipt covers what was produced by then.
+    finish_reason: Literal["stop", "length", "cancelled"]
     receipt: SignedReceipt
 
 

@@ -110,6 +110,7 @@ async def _reserve_after_refresh(state: MarketState, account_id: str, hold: int)
 
 
 async def finalize(state: MarketState, runner: JobRunner) -> None:
+    await runner.wind_down()
     if runner.hold_written is not None:
         try:
             await runner.hold_written

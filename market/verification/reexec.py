@@ -35,7 +35,8 @@ from node_agent.engines.base import Engine, GenerationRequest, PositionScore
 from protocol.canonical import request_digest
 from protocol.receipt import SamplingParams, SignedReceipt
 
-FinishReason = Literal["stop", "length"]
+# "cancelled": the market stopped the node (its buyer left), so the output ends anywhere.
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,9 @@ def _judge_stop(
 ) -> None:
     if context_exhausted:
         return  # the context was full: generation had to end there
+    if finish_reason == "cancelled":
+        verdict.stats["stop_checked"] = False
+        return  # the market ended it; the tokens themselves are still judged
     if finish_reason == "length":
         if n < sampling.max_tokens:
             verdict.fraud = True

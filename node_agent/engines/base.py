@@ -101,6 +101,10 @@ class Engine(abc.ABC):
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """Tokens the rendered prompt (with template and continuation) occupies."""
 
+    async def prompt_token_count(self, request: GenerationRequest) -> int:
+        """:meth:`count_prompt_tokens` for engines that must ask a server to tokenize."""
+        return self.count_prompt_tokens(request)
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights / start child processes. Called once before serving."""
 

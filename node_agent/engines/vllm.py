@@ -232,7 +232,10 @@ class VllmEngine(Engine):
         return list(response.json()["tokens"]) + list(request.continuation_token_ids)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        raise EngineError("unsupported", "use prompt_token_ids_async with the vLLM engine")
+        raise EngineError("unsupported", "use prompt_token_count with the vLLM engine")
+
+    async def prompt_token_count(self, request: GenerationRequest) -> int:
+        return len(await self.prompt_token_ids_async(request))
 
     # ---- generation --------------------------------------------------------------------
 

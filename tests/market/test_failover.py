@@ -14,7 +14,7 @@ import httpx
 from sqlalchemy import select
 
 from market.billing import market_fee, node_cost
-from market.models import Receipt
+from market.models import Job, Receipt
 from market.verification.reexec import find_continuation
 from protocol.receipt import receipt_from_json
 from node_agent.engines.base import EngineError, GenerationEvent, GenerationRequest
@@ -34,6 +34,22 @@ class BrokenEngine(DeterministicEngine):
 
 async def _job(market: Market, buyer: Buyer) -> dict:
     return buyer.get("/v1/usage?limit=1")["data"][0]
+
+
+async def _stream_then_leave(market: Market, buyer: Buyer, model: str, after_chunks: int) -> None:
+    """Stream a 100-token chat and disconnect after ``after_chunks`` chunks."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream(
+            "POST", f"{market.api}/chat/completions",
+            headers={"Authorization": f"Bearer {buyer.key}"},
+            json={"model": model, "messages": STORY, "max_tokens": 100, "stream": True},
+        ) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    seen += 1
+                if seen >= after_chunks:
+                    break
 
 
 def _receipts(market: Market, job_id: str) -> list[Receipt]:
@@ -145,8 +161,6 @@ async def test_node_killed_mid_stream_non_stream(
 
 
 async def test_receipts_stored_per_segment(buyer: Buyer, market: Market, nodes: Nodes) -> None:
-    from market.models import Job
-
     model = unique_model()
     await nodes.start(model, price=(1_000, 2_000))
     reply = await buyer.client().chat.completions.create(model=model, messages=STORY,
@@ -173,18 +187,7 @@ async def test_client_disconnect_cancels_node_and_bills_produced(
     model = unique_model()
     node = await nodes.start(model, token_delay=0.05, price=(0, 1_000_000))
     buyer = market.buyer(credit=10**9)
-    async with httpx.AsyncClient(timeout=30) as client:
-        async with client.stream(
-            "POST", f"{market.api}/chat/completions",
-            headers={"Authorization": f"Bearer {buyer.key}"},
-            json={"model": model, "messages": STORY, "max_tokens": 100, "stream": True},
-        ) as response:
-            seen = 0
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
-                    seen += 1
-                if seen >= 5:
-                    break
+    await _stream_then_leave(market, buyer, model, after_chunks=5)
     # The node is told to cancel promptly, long before its 100 tokens (5 s).
     await wait_for(lambda: node.running_jobs == 0, timeout=3)
     await wait_for(lambda: buyer.get("/v1/usage?limit=1")["data"][0]["status"] == "cancelled",
@@ -197,6 +200,39 @@ async def test_client_disconnect_cancels_node_and_bills_produced(
     account = buyer.get("/v1/account")
     assert account["held"] == 0
     assert account["balance"] == 10**9 - job["charged"]
+    # The node signed for what it produced and is paid for it, not the market.
+    (receipt,) = _receipts(market, job["id"])
+    assert receipt.completion_tokens == produced and receipt.node_earning == produced
+    assert receipt.cost == job["charged"]
+    assert receipt_from_json(receipt.receipt).signature_valid()
+    with market.state.db.session() as session:
+        assert session.get(Job, job["id"]).finish_reason == "cancelled"
+
+
+class UnsignedCancelEngine(DeterministicEngine):
+    """Cannot count its prompt after a cancel, so its node signs nothing (fault injection)."""
+
+    async def prompt_token_count(self, request: GenerationRequest) -> int:
+        raise EngineError("tokenizer_unavailable", "the tokenizer went away")
+
+
+async def test_disconnect_without_a_receipt_bills_relayed_tokens(
+    market: Market, nodes: Nodes
+) -> None:
+    model = unique_model()
+    await nodes.start(model, engine=UnsignedCancelEngine(model_id=model, token_delay=0.05),
+                      price=(0, 1_000_000))
+    buyer = market.buyer(credit=10**9)
+    await _stream_then_leave(market, buyer, model, after_chunks=5)
+    await wait_for(lambda: buyer.get("/v1/usage?limit=1")["data"][0]["status"] == "cancelled",
+                   timeout=10)
+    job = buyer.get("/v1/usage?limit=1")["data"][0]
+    produced = job["completion_tokens"]
+    assert 5 <= produced < 100
+    # No receipt: the relayed tokens are billed at the node's price, nobody is paid for them.
+    assert _receipts(market, job["id"]) == []
+    assert job["charged"] == produced + market_fee(produced, market.settings.market_fee_bps)
+    assert buyer.get("/v1/account")["held"] == 0
 
 
 async def test_two_equal_nodes_share_traffic(buyer: Buyer, nodes: Nodes) -> None:

@@ -12,6 +12,7 @@ from protocol.canonical import request_digest, sha256_hex
 from protocol.messages import Cancel, Done, JobError
 from tests.node.conftest import MarketPeer
 from tests.support.engines import DeterministicEngine
+from tests.support.market import wait_for
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0}
 
@@ -77,6 +78,21 @@ async def test_continuation_job_streams_only_new_tokens(market_peer: MarketPeer,
     await task
 
 
+async def test_cancel_before_the_first_token_is_an_error(market_peer: MarketPeer, keypair) -> None:
+    """Nothing produced, nothing to sign."""
+    link = make_link(market_peer, keypair, DeterministicEngine(token_delay=5.0))
+    task = asyncio.create_task(link.run())
+    await link.wait_ready(5)
+    await market_peer.job("unstarted", BODY)
+    await wait_for(lambda: link.running_jobs == 1)
+    await market_peer.send(Cancel(job_id="unstarted"))
+    end = await market_peer.wait_end("unstarted", timeout=3)
+    assert isinstance(end, JobError) and end.code == "cancelled"
+    assert market_peer.token_ids("unstarted") == []
+    await link.stop()
+    await task
+
+
 async def test_cancel_busy_and_errors(market_peer: MarketPeer, keypair) -> None:
     link = make_link(market_peer, keypair, DeterministicEngine(token_delay=0.05), max_concurrency=1)
     task = asyncio.create_task(link.run())
@@ -88,7 +104,14 @@ async def test_cancel_busy_and_errors(market_peer: MarketPeer, keypair) -> None:
     await asyncio.wait_for(market_peer.job_events["slow:chunk"].wait(), 5)
     await market_peer.send(Cancel(job_id="slow"))
     end = await market_peer.wait_end("slow")
-    assert isinstance(end, JobError) and end.code == "cancelled"
+    # Tokens were produced: the node signs for them rather than dropping the work.
+    assert isinstance(end, Done) and end.finish_reason == "cancelled"
+    produced = market_peer.token_ids("slow")
+    assert 1 <= len(produced) < 1000
+    assert end.receipt.output_token_ids == produced
+    assert end.receipt.body.output_sha256 == sha256_hex(market_peer.text("slow").encode())
+    assert end.usage.completion_tokens == len(produced) and end.usage.prompt_tokens > 0
+    assert end.receipt.signature_valid()
     assert link.running_jobs == 0
 
     await market_peer.job("nomodel", BODY, model="other")

@@ -175,15 +175,20 @@ def generate(engine: Engine, kind: str, body: dict[str, Any],
 
 def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body: dict[str, Any],
               kind: str = "chat", window_s: float = 3600.0,
-              continuation_token_ids: list[int] | None = None) -> Served:
+              continuation_token_ids: list[int] | None = None,
+              cancelled_after: int | None = None) -> Served:
     """Serve one job as a node would and store it as the market does. With
     ``continuation_token_ids`` the node continues another node's output (a failover):
-    ``body`` then carries the remaining ``max_tokens``."""
+    ``body`` then carries the remaining ``max_tokens``. With ``cancelled_after`` the
+    market cancels the job after that many tokens (its buyer left)."""
     import time
 
     body = {"model": engine.model.id, **body}
     started = time.time()
-    ids, text, finish, prompt_tokens = generate(engine, kind, body, continuation_token_ids)
+    produce = body if cancelled_after is None else {**body, "max_tokens": cancelled_after}
+    ids, text, finish, prompt_tokens = generate(engine, kind, produce, continuation_token_ids)
+    if cancelled_after is not None:
+        finish = "cancelled"
     request = generation_request(kind, body, continuation_token_ids)
     signed = build_receipt(
         keypair=keypair, job_id="", engine=engine, request=request, output_text=text,
@@ -206,7 +211,7 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
         finished_at=signed.body.finished_at,
     )
     outcome = billing.Outcome(
-        status="completed", prompt_tokens=prompt_tokens, completion_tokens=len(ids),
+        status="completed" if cancelled_after is None else "cancelled", prompt_tokens=prompt_tokens, completion_tokens=len(ids),
         finish_reason=finish,
         segments=[billing.Segment(
             node_id=node_id, seq=0, signed_receipt=signed.model_dump(mode="json"),

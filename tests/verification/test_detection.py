@@ -32,9 +32,11 @@ CASES = [
     (label, temperature, top_p)
     for temperature, top_p in [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0)]
     for label in ["edit_text", "edit_tokens", "truncate_stop", "truncate_length", "other_model"]
-    # At temperature 1 with top_p 1 every token is allowed: a short injected phrase or a
-    # degenerate cheaper model is only caught statistically (rates in bench/verify.py).
-    if not (temperature == 1.0 and label in ("edit_tokens", "other_model"))
+    # At temperature 1 with top_p 1 every token is allowed: a short injected phrase, a
+    # degenerate cheaper model or a stop cut where the model gives end-of-generation
+    # some mass (above verify_eos_min_logprob) is only caught statistically (rates in
+    # bench/verify.py); which seed is caught depends on the llama.cpp build.
+    if not (temperature == 1.0 and label in ("edit_tokens", "other_model", "truncate_stop"))
 ]
 
 

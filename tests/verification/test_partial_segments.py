@@ -1,8 +1,11 @@
-"""A failover segment is verifiable: its continuation prefix is stored with its receipt.
+"""Segments that are not a whole generation are judged fairly.
 
-A node that dies mid-stream leaves no receipt, so the tokens it streamed appear in no
-other receipt; the node that continued from them signed only their digest. Without
-the stored prefix the verifier cannot rebuild what that node was asked.
+A failover segment: a node that dies mid-stream leaves no receipt, so the tokens it
+streamed appear in no other receipt; the node that continued from them signed only
+their digest. The prefix is stored with the receipt so the verifier can replay it.
+
+A cancelled segment: the market stopped the node when its buyer left, so the output
+ends anywhere and must not be judged as a natural stop.
 """
 
 from __future__ import annotations
@@ -71,3 +74,29 @@ def test_a_wrong_stored_prefix_is_not_used(
         inp = settlement.load_input(session, receipt_id)
     outcome, _, reason = judge_receipt(inp, settings, lambda *_: honest_engine)
     assert outcome == "unavailable" and "continuation prefix" in reason
+
+
+def test_cancelled_segment_is_not_judged_as_a_stop(
+    world: World, db_url: str, tmp_path: Path, honest_engine
+) -> None:
+    """The market cancelled the node after a few tokens (its buyer left): the output ends
+    short of ``max_tokens`` with no end-of-generation, which is honest here and would be
+    a false natural stop otherwise."""
+    settings = make_settings(db_url, tmp_path)
+    node_id, keypair = world.add_node(honest_engine)
+    served = serve_job(world, node_id, keypair, honest_engine,
+                       {**BODY, "max_tokens": FULL_TOKENS}, cancelled_after=DEAD_AFTER)
+    assert len(served.receipt.output_token_ids) == DEAD_AFTER
+    assert served.receipt.body.sampling.max_tokens == FULL_TOKENS
+    with world.sessions() as session:
+        receipt_id = session.execute(
+            select(Receipt.id).where(Receipt.job_id == served.job_id)).scalar_one()
+        inp = settlement.load_input(session, receipt_id)
+    assert inp.finish_reason == "cancelled" and inp.is_last_segment
+    outcome, evidence, reason = judge_receipt(inp, settings, lambda *_: honest_engine)
+    assert outcome == "honest", (reason, evidence)
+    assert evidence["stats"]["stop_checked"] is False
+
+    inp.finish_reason = "stop"  # the same tokens claimed as a natural end
+    outcome, evidence, reason = judge_receipt(inp, settings, lambda *_: honest_engine)
+    assert outcome == "fraud" and "stop" in reason, (reason, evidence)
