@@ -291,6 +291,9 @@ class JobRunner:
                     message = await queue.get()
                     if isinstance(message, Chunk):
                         # produced before the node saw the cancel: covered by its receipt
+                        if len(seg_ids) + len(message.token_ids) > body["max_tokens"]:
+                            raise SegmentFailed("over_max_tokens",
+                                                "node sent more than max_tokens")
                         seg_text.append(message.text)
                         seg_ids.extend(message.token_ids)
                         self.text_parts.append(message.text)
