@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from node_agent.engines.base import GenerationRequest, TokenDelta  # noqa: E402
 from protocol.runtime import run_event_loop  # noqa: E402
-from tests.support.engines import DeterministicEngine  # noqa: E402
+from node_agent.engines.fake import DeterministicEngine  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 MODEL = "bench-model"
@@ -61,7 +61,7 @@ NODE_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[4])
     from node_agent.link import NodeLink
     from protocol.runtime import run_event_loop, tune_for_latency
-    from tests.support.engines import DeterministicEngine
+    from node_agent.engines.fake import DeterministicEngine
 
     async def main():
         engine = DeterministicEngine(model_id=sys.argv[2], token_delay=float(sys.argv[3]))

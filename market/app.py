@@ -1,8 +1,10 @@
 """The market's ASGI app: ``create_app(settings)``.
 
-Start-up (lifespan): ``alembic upgrade head``, open the database, fail jobs a crashed
-process left running (releasing their holds), learn the models nodes have offered,
-start the health monitor. Every router the app serves is listed once in :data:`ROUTERS`.
+Start-up (lifespan): ``alembic upgrade head``, open the database, write and read the
+model listings, fail jobs a crashed process left running past their deadline
+(releasing their holds), learn the models nodes have offered, start the monitor: node
+health, stats, listings and the hold sweeper, all periodic. Every router the app
+serves is listed once in :data:`ROUTERS`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from market.api import openai as openai_api
 from market.chain import api as chain_api
 from market.db import Database
 from market.errors import install_handlers
+from market.listing import Catalog, open_catalog
+from market.listing import refresh as refresh_listings
 from market.explorer import routes as explorer_routes
 from market.metrics import Metrics
 from market.models import Node, NodeModel, utcnow
@@ -34,7 +38,7 @@ from market.nodes.link_server import node_link
 from market.nodes.registry import NodeRegistry
 from market.ratelimit import RateLimiter
 from market.router import Router
-from market.settings import MarketSettings, get_settings
+from market.settings import MarketSettings, exposure_problem, get_settings
 from market.state import MarketState
 from market.verification import api as verification_api
 from market.writer import BatchWriter
@@ -59,13 +63,21 @@ def _include_routers(app: FastAPI) -> None:
         app.include_router(router)
 
 
+def sweep_holds(session: Session, settings: MarketSettings) -> int:
+    """Finalize jobs past their deadline; returns how many holds were released."""
+    now = utcnow()
+    grace = settings.cancel_receipt_timeout_s + 60.0
+    released = billing.release_expired_jobs(
+        session, now, grace_s=grace,
+        legacy_before=now - timedelta(seconds=settings.job_stale_after_s))
+    if released:
+        log.warning("released the holds of %d job(s) that ended without finalizing", released)
+    return released
+
+
 def _recover(db: Database, settings: MarketSettings) -> set[str]:
     with db.session() as session:
-        released = billing.release_stale_jobs(
-            session, utcnow() - timedelta(seconds=settings.job_stale_after_s)
-        )
-        if released:
-            log.warning("released the holds of %d job(s) left running by a crash", released)
+        sweep_holds(session, settings)
         return set(session.execute(select(NodeModel.model_id).distinct()).scalars())
 
 
@@ -74,7 +86,7 @@ async def _monitor(state: MarketState) -> None:
     settings = state.settings
     interval = max(0.05, min(1.0, settings.heartbeat_interval / 4))
     loop = asyncio.get_running_loop()
-    last_flush = loop.time()
+    last_flush = last_sweep = loop.time()
     while True:
         await asyncio.sleep(interval)
         try:
@@ -88,6 +100,10 @@ async def _monitor(state: MarketState) -> None:
             if loop.time() - last_flush >= FLUSH_EVERY_S:
                 last_flush = loop.time()
                 await _flush(state)
+                await refresh_listings(state.catalog, state.db)
+            if loop.time() - last_sweep >= settings.hold_sweep_interval_s:
+                last_sweep = loop.time()
+                await state.writer.submit(lambda session: sweep_holds(session, settings))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -116,6 +132,11 @@ async def _flush(state: MarketState) -> None:
             conn.reputation, conn.suspended = fresh[conn.node_id]
 
 
+async def _preload_vocabulary(catalog: Catalog, model_id: str) -> None:
+    with contextlib.suppress(Exception):  # logged by the catalog; requests see 503
+        await catalog.vocabulary(model_id)
+
+
 def _flush_nodes(session: Session, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Write observed node stats; read back reputation and suspension (verification's)."""
     for row in rows:
@@ -139,9 +160,11 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
 
             await asyncio.to_thread(upgrade, settings.database_url)
         db = Database(settings.database_url)
+        catalog = await open_catalog(db, settings)
         registry = NodeRegistry()
         registry.known_models.update(await asyncio.to_thread(_recover, db, settings))
         state = MarketState(
+            catalog=catalog,
             settings=settings,
             db=db,
             registry=registry,
@@ -152,6 +175,8 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
         )
         state.writer.start()
         app.state.market = state
+        for model_id in list(catalog.listings):  # read vocabularies before the first request
+            state.spawn(_preload_vocabulary(catalog, model_id))
         monitor = asyncio.create_task(_monitor(state), name="node-monitor")
         try:
             yield
@@ -200,6 +225,8 @@ def serving_app(settings: MarketSettings | None = None) -> FastAPI:
     ``--factory``): built, then the process tuned for latency (``protocol.runtime``)
     unless ``latency_tuning`` is off. In-process servers (tests) use :func:`create_app`."""
     settings = settings or get_settings()
+    if (problem := exposure_problem(settings, settings.host)) is not None:
+        raise RuntimeError(problem)
     app = create_app(settings)
     if settings.latency_tuning:
         log.info("tuned for latency; start-up heap frozen: %d objects", tune_for_latency())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from market.errors import InsufficientBalance, NotFound
@@ -103,10 +103,30 @@ def market_fee(cost: int, fee_bps: int) -> int:
 
 
 def worst_case_hold(
-    prompt_tokens_bound: int, max_tokens: int, price_in: int, price_out: int, fee_bps: int
+    prompt_tokens: int, max_tokens: int, price_in: int, price_out: int, fee_bps: int
 ) -> int:
-    cost = node_cost(prompt_tokens_bound, max_tokens, price_in, price_out)
+    """What a job may cost at most: its prompt (counted by the market) and ``max_tokens``
+    at the highest prices of the nodes it may run on, plus the fee. Failover segments
+    share this one hold (:func:`cap_to_hold`)."""
+    cost = node_cost(prompt_tokens, max_tokens, price_in, price_out)
     return cost + market_fee(cost, fee_bps)
+
+
+def cap_to_hold(earning: int, fee_bps: int, left: int) -> tuple[int, int]:
+    """(earning, fee) for a segment when only ``left`` of the job's hold remains: the
+    largest earning whose cost (earning + fee) fits. A node's claim never takes money
+    the buyer did not put on hold."""
+    left = max(0, left)
+    if earning + market_fee(earning, fee_bps) <= left:
+        return earning, market_fee(earning, fee_bps)
+    capped = left * 10_000 // (10_000 + fee_bps)
+    while capped > 0 and capped + market_fee(capped, fee_bps) > left:
+        capped -= 1
+    return capped, market_fee(capped, fee_bps)
+
+
+class HoldExceeded(RuntimeError):
+    """A finalize would charge more than the job's hold (a bug upstream): refused."""
 
 
 # ---- journal --------------------------------------------------------------------------
@@ -280,6 +300,8 @@ def finalize_job(
     if row is None:
         return False
     account_id, hold = row
+    if charged > hold:
+        raise HoldExceeded(f"job {job_id}: charge {charged} exceeds its hold {hold}")
     conn.execute(_CHARGE, {"b_account": account_id, "b_charged": charged, "b_hold": hold})
     entries = [
         _entry(kind, f"{kind}:{job_id}", amount, now, account_id=account_id, job_id=job_id)
@@ -327,16 +349,24 @@ def finalize_job(
     return True
 
 
-def release_stale_jobs(session: Session, older_than: datetime) -> int:
-    """Fail jobs still 'running' since before ``older_than`` (a crashed market) and
-    release their holds, charging nothing."""
+def release_expired_jobs(session: Session, now: datetime, *, grace_s: float,
+                         legacy_before: datetime) -> int:
+    """Fail jobs still 'running' past their deadline (plus ``grace_s`` for a finalize
+    still on its way) and release their holds, charging nothing. Whatever happened to
+    the process that ran them (a crash, a lost finalize), a hold never outlives its
+    job. Jobs stored without a deadline count from ``legacy_before``."""
+    cutoff = now - timedelta(seconds=grace_s)
     ids = session.execute(
-        select(Job.id).where(Job.status == "running", Job.created_at < older_than)
+        select(Job.id).where(
+            Job.status == "running",
+            or_(Job.deadline_at < cutoff,
+                and_(Job.deadline_at.is_(None), Job.created_at < legacy_before)),
+        ).limit(1000)
     ).scalars().all()
     count = 0
     for job_id in ids:
         count += finalize_job(
-            session, job_id, Outcome(status="failed", error="market restarted"),
+            session, job_id, Outcome(status="failed", error="job expired without finalizing"),
             challenge_window_s=0,
         )
     return count
@@ -393,14 +423,3 @@ def refund_receipt(session: Session, receipt: Receipt) -> bool:
         _journal(session, "forfeit", f"forfeit:{receipt.id}", receipt.node_earning,
                  node_id=receipt.node_id, job_id=receipt.job_id, receipt_id=receipt.id)
     return True
-
-
-def hold_for(prompt_bytes: int, max_tokens: int, price_in: int, price_out: int,
-             fee_bps: int) -> int:
-    """The hold for a request whose prompt is ``prompt_bytes`` UTF-8 bytes.
-
-    The market has no tokenizer, so the prompt's token count is bounded by its byte
-    count (a byte-level BPE token covers at least one byte; templates add a few).
-    """
-    return worst_case_hold(prompt_bytes + 16, max_tokens, price_in, price_out, fee_bps)
-

@@ -3,14 +3,22 @@
 :class:`JobRunner.events` yields text deltas (``None`` = nothing yet, time for an SSE
 keep-alive). Behind it:
 
-* a node that errors, disconnects, goes silent or times out before its first token is
-  replaced by another one, invisibly;
+* a node that errors, refuses, disconnects, goes silent or times out before its first
+  token is replaced by another one, invisibly (up to
+  ``max_attempts_before_first_token`` nodes); every such miss counts against the node;
 * a node that dies mid-stream is replaced by one that continues from the output
-  already relayed (``continuation_token_ids``/``continuation_text``, ``max_tokens``
-  reduced), so the buyer's stream completes with the text one healthy node gives;
-* on ``done`` the receipt is checked against what the market itself sent and relayed
-  (``market.verification.checks.check_receipt``); a failing receipt counts against the
-  node and the job fails over like an error;
+  already relayed (``continuation_token_ids``, ``max_tokens`` reduced), so the buyer's stream completes with the text one healthy node gives;
+* every chunk is checked before it is relayed: its token ids are in the model's
+  vocabulary, its text is what those ids decode to (the market replays the node's
+  text stream, :class:`protocol.text.ExpectedText`), no more ids than ``max_tokens``
+  and nothing after a stop string; a chunk that fails is never relayed and the node
+  is failed over;
+* on ``done`` the receipt is checked against what the market itself sent, counted and
+  relayed (``market.verification.checks.check_receipt``); a failing receipt counts
+  against the node and the job fails over like an error;
+* money stays inside the hold: nodes are only chosen at prices the hold covers, and
+  each segment earns at most what is left of it (:func:`billing.cap_to_hold`);
+* every job has a wall-clock deadline, whatever its nodes send;
 * if the consumer goes away (client disconnect) the node gets ``cancel``; a node that
   had produced tokens answers with a receipt for them (finish reason ``cancelled``),
   which :meth:`JobRunner.wind_down` waits for so the node is paid for its work.
@@ -29,21 +37,32 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from market.billing import Outcome, Segment, market_fee, node_cost, token_cost
+from market.billing import Outcome, Segment, cap_to_hold, market_fee, node_cost, token_cost
 from market.errors import APIError, ModelNotFound, NoHealthyNode, UpstreamFailed
 from market.nodes.registry import NodeConn
+from market.router import Need
 from market.state import MarketState
 from market.verification.checks import check_receipt, sampling_params_from_request
+from node_agent.engines.vocab import Vocabulary
 from protocol.canonical import request_digest
 from protocol.messages import Cancel, Chunk, Done, Job, JobError
+from protocol.text import ExpectedText, TextMismatch
 
 log = logging.getLogger("market.dispatch")
 
-# How long a node may take to generate, past its first-token allowance.
-MAX_GENERATION_S = 600.0
+# Node error codes the market knows; any other code a node sends is counted as "other"
+# (metric labels come from a closed set).
+KNOWN_NODE_ERRORS = frozenset({
+    "busy", "draining", "duplicate_job", "model_not_found", "bad_request", "cancelled",
+    "deadline_exceeded", "internal", "engine_error", "invalid_token",
+    "context_length_exceeded", "node_disconnected", "node_unhealthy", "node_reconnected",
+    "timeout", "send_failed", "receipt_rejected", "over_max_tokens", "text_mismatch",
+    "flooding",
+})
 
-# Node error codes that say "not started, try elsewhere" rather than "I failed".
-NOT_STARTED = {"busy", "draining", "duplicate_job"}
+
+def error_label(code: str) -> str:
+    return code if code in KNOWN_NODE_ERRORS else "other"
 
 
 @dataclass
@@ -53,6 +72,11 @@ class JobSpec:
     model: str
     input: Any  # messages (chat) or prompt (completion)
     sampling: dict[str, Any]  # max_tokens, temperature, top_p, seed, stop
+    vocabulary: Vocabulary
+    prompt_tokens: int  # the market's own count of the rendered prompt
+    hold: int  # what the buyer's hold covers: no job is charged more
+    price_bound: tuple[int, int]  # (input, output) per 1M tokens the hold was computed at
+    deadline: float  # event-loop time by which the job is over
     price_cap: int | None = None
 
     def body(self, max_tokens: int) -> dict[str, Any]:
@@ -64,10 +88,10 @@ class JobSpec:
 
 
 class SegmentFailed(Exception):
-    def __init__(self, reason: str, message: str, *, count_against_node: bool = True) -> None:
+    def __init__(self, reason: str, message: str, *, weight: int = 1) -> None:
         super().__init__(message)
         self.reason = reason
-        self.count_against_node = count_against_node
+        self.weight = weight  # misses counted against the node (a timeout: a quarantine)
 
 
 class JobRunner:
@@ -79,7 +103,7 @@ class JobRunner:
         self.token_ids: list[int] = []
         self.segments: list[Segment] = []
         self.finish_reason: str | None = None
-        self.prompt_tokens: int = 0
+        self.prompt_tokens: int = spec.prompt_tokens
         self.failovers = 0
         self.error: APIError | None = None
         self.cancelled = False
@@ -99,6 +123,10 @@ class JobRunner:
     def text(self) -> str:
         return "".join(self.text_parts)
 
+    @property
+    def hold_left(self) -> int:
+        return self.spec.hold - sum(s.cost for s in self.segments)
+
     async def wind_down(self) -> None:
         """Wait for the receipt of a segment the buyer left (bounded by a timeout)."""
         if self._closing is not None:
@@ -110,20 +138,28 @@ class JobRunner:
         settings = self.state.settings
         tried: list[str] = []
         attempts = 0
-        max_attempts = 1 + max(0, settings.max_failover_attempts)
         while True:
             remaining = self.max_tokens - len(self.token_ids)
             if remaining <= 0:
                 self.finish_reason = "length"
                 return
-            if attempts >= max_attempts:
+            limit = (1 + max(0, settings.max_failover_attempts) if self.token_ids
+                     else max(1, settings.max_attempts_before_first_token))
+            if attempts >= limit:
                 self._fail(UpstreamFailed(
                     f"the job failed on {attempts} node(s); last: {self._last_failure}"
                 ))
                 return
+            if self._deadline_left() <= 0:
+                self._fail(UpstreamFailed("the job ran past its deadline",
+                                          code="deadline_exceeded"))
+                return
+            need = Need(self.spec.price_cap, self.spec.price_bound,
+                        self.spec.prompt_tokens + len(self.token_ids) + 1)
             try:
                 conn = await self.state.router.acquire(
-                    self.spec.model, self.spec.price_cap, tried, settings.job_first_token_timeout
+                    self.spec.model, self.spec.price_cap, tried,
+                    min(settings.job_first_token_timeout, self._deadline_left()), need,
                 )
             except (NoHealthyNode, ModelNotFound) as exc:
                 error: APIError = exc
@@ -147,11 +183,13 @@ class JobRunner:
                 return  # done with a valid receipt
             except SegmentFailed as exc:
                 self._last_failure = f"{exc.reason}: {exc}"
-                self.state.metrics.node_errors.labels(exc.reason).inc()
-                if exc.count_against_node:
-                    conn.observe_failure()
+                self.state.metrics.node_errors.labels(error_label(exc.reason)).inc()
+                conn.observe_failure(exc.weight)
                 log.info("job %s: node %s failed (%s); failing over", self.spec.job_id,
                          conn.node_id, self._last_failure)
+
+    def _deadline_left(self) -> float:
+        return self.spec.deadline - asyncio.get_running_loop().time()
 
     def _fail(self, exc: APIError) -> None:
         if not self.token_ids:
@@ -160,23 +198,47 @@ class JobRunner:
         self.error = exc
         self.finish_reason = None
 
+    def _job_message(self, body: dict[str, Any], continuation_ids: list[int]) -> Job:
+        return Job(
+            job_id=self.spec.job_id,
+            kind=self.spec.kind,  # type: ignore[arg-type]
+            model=self.spec.model,
+            request=body,
+            deadline=time.time() + max(0.0, self._deadline_left()),
+            continuation_token_ids=continuation_ids,
+        )
+
+    def _check_chunk(self, chunk: Chunk, expected: ExpectedText, seg_ids: list[int],
+                     remaining: int) -> str:
+        """The text of one chunk, checked (raises :class:`SegmentFailed`)."""
+        ids = chunk.token_ids
+        vocabulary = self.spec.vocabulary
+        if len(seg_ids) + len(ids) > remaining:
+            raise SegmentFailed("over_max_tokens", "node sent more than max_tokens")
+        bad = next((t for t in ids if not vocabulary.valid(t)), None)
+        if bad is not None:
+            raise SegmentFailed("invalid_token", f"token id {bad} is not in the vocabulary")
+        try:
+            return expected.chunk(list(ids), chunk.text)
+        except TextMismatch as exc:
+            raise SegmentFailed("text_mismatch", str(exc)) from None
+
+    def _relay(self, conn: NodeConn, text: str, ids: list[int], seg_ids: list[int]) -> None:
+        seg_ids.extend(ids)
+        self.text_parts.append(text)
+        self.token_ids.extend(ids)
+        self._open_tokens = len(seg_ids)
+        self._open_price_out = conn.price_out
+
     async def _segment(self, conn: NodeConn, remaining: int) -> AsyncIterator[str | None]:
         settings = self.state.settings
         spec = self.spec
         continuation_ids = list(self.token_ids)
         body = spec.body(remaining)
-        job = Job(
-            job_id=spec.job_id,
-            kind=spec.kind,  # type: ignore[arg-type]
-            model=spec.model,
-            request=body,
-            deadline=time.time() + settings.job_first_token_timeout + MAX_GENERATION_S,
-            continuation_token_ids=continuation_ids,
-            continuation_text=self.text,
-        )
+        job = self._job_message(body, continuation_ids)
+        expected = ExpectedText(spec.vocabulary.piece, body["stop"], continuation_ids)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         conn.inflight[spec.job_id] = queue
-        seg_text: list[str] = []
         seg_ids: list[int] = []
         finished = False
         consumer_left = False
@@ -198,9 +260,10 @@ class JobRunner:
                     message = queue.get_nowait()
                 else:
                     silent_since = silent_since or time.monotonic()
-                    left = silent_since + timeout - time.monotonic()
+                    left = min(silent_since + timeout - time.monotonic(), self._deadline_left())
                     if left <= 0:
-                        raise SegmentFailed("timeout", f"no message from the node in {timeout}s")
+                        raise SegmentFailed("timeout", f"no message from the node in {timeout}s",
+                                            weight=conn.quarantine_after)
                     try:  # asyncio.timeout, not wait_for: no extra task per relayed chunk
                         async with asyncio.timeout(min(left, keepalive)):
                             message = await queue.get()
@@ -210,34 +273,28 @@ class JobRunner:
                 silent_since = None
                 if isinstance(message, Chunk):
                     # Coalesce chunks that are already waiting: one delta, one write.
-                    texts, ids = [message.text], list(message.token_ids)
+                    texts = [self._check_chunk(message, expected, seg_ids, remaining)]
+                    ids = list(message.token_ids)
                     while not queue.empty():
                         following = queue.get_nowait()
                         if not isinstance(following, Chunk):
                             pending = following
                             break
-                        texts.append(following.text)
+                        texts.append(self._check_chunk(following, expected,
+                                                       seg_ids + ids, remaining))
                         ids.extend(following.token_ids)
                     text = "".join(texts)
                     if not ids and not text:
                         continue
-                    if len(seg_ids) + len(ids) > remaining:
-                        raise SegmentFailed("over_max_tokens", "node sent more than max_tokens")
                     if first_at is None:
                         first_at = time.monotonic()
                         if self.first_token_at is None:
                             self.first_token_at = first_at
-                    seg_text.append(text)
-                    seg_ids.extend(ids)
-                    self.text_parts.append(text)
-                    self.token_ids.extend(ids)
-                    self._open_tokens = len(seg_ids)
-                    self._open_price_out = conn.price_out
+                    self._relay(conn, text, ids, seg_ids)
                     yield text
                 elif isinstance(message, Done):
                     finished = True
-                    self._accept_done(conn, message, body, continuation_ids,
-                                      "".join(seg_text), seg_ids)
+                    self._accept_done(conn, message, body, continuation_ids, expected, seg_ids)
                     gen_s = time.monotonic() - (first_at or t0)
                     conn.observe_success(
                         (first_at - t0) if first_at is not None else None, len(seg_ids), gen_s
@@ -245,11 +302,7 @@ class JobRunner:
                     return
                 elif isinstance(message, JobError):
                     finished = True
-                    raise SegmentFailed(
-                        message.code,
-                        message.message,
-                        count_against_node=message.code not in NOT_STARTED,
-                    )
+                    raise SegmentFailed(message.code, message.message)
         except (GeneratorExit, asyncio.CancelledError):
             consumer_left = True
             raise
@@ -259,7 +312,7 @@ class JobRunner:
                 # down): a task stops the node and collects its receipt for what it
                 # produced; finalizing waits for it (wind_down).
                 self._closing = self.state.spawn(self._collect_cancelled(
-                    conn, queue, body, continuation_ids, seg_text, seg_ids))
+                    conn, queue, body, continuation_ids, expected, seg_ids))
             else:
                 self._release(conn, queue)
                 if not finished and not conn.closed:
@@ -278,7 +331,7 @@ class JobRunner:
         queue: asyncio.Queue[Any],
         body: dict[str, Any],
         continuation_ids: list[int],
-        seg_text: list[str],
+        expected: ExpectedText,
         seg_ids: list[int],
     ) -> None:
         """Send ``cancel``, then take the node's last chunks and its receipt for them. A
@@ -291,17 +344,11 @@ class JobRunner:
                     message = await queue.get()
                     if isinstance(message, Chunk):
                         # produced before the node saw the cancel: covered by its receipt
-                        if len(seg_ids) + len(message.token_ids) > body["max_tokens"]:
-                            raise SegmentFailed("over_max_tokens",
-                                                "node sent more than max_tokens")
-                        seg_text.append(message.text)
-                        seg_ids.extend(message.token_ids)
-                        self.text_parts.append(message.text)
-                        self.token_ids.extend(message.token_ids)
-                        self._open_tokens = len(seg_ids)
+                        text = self._check_chunk(message, expected, seg_ids, body["max_tokens"])
+                        self._relay(conn, text, list(message.token_ids), seg_ids)
                     elif isinstance(message, Done):
-                        self._accept_done(conn, message, body, continuation_ids,
-                                          "".join(seg_text), seg_ids, cancel_sent=True)
+                        self._accept_done(conn, message, body, continuation_ids, expected,
+                                          seg_ids, cancel_sent=True)
                         return
                     else:  # an error: the node signed nothing
                         return
@@ -319,7 +366,7 @@ class JobRunner:
         done: Done,
         body: dict[str, Any],
         continuation_ids: list[int],
-        seg_text: str,
+        expected: ExpectedText,
         seg_ids: list[int],
         *,
         cancel_sent: bool = False,
@@ -327,12 +374,17 @@ class JobRunner:
         spec = self.spec
         if done.finish_reason == "cancelled" and not cancel_sent:
             raise SegmentFailed("receipt_rejected", "finish reason 'cancelled' without a cancel")
+        if done.finish_reason != "cancelled":
+            try:
+                expected.finish()
+            except TextMismatch as exc:
+                raise SegmentFailed("text_mismatch", str(exc)) from None
         offer = conn.models.get(spec.model)
         failures = check_receipt(
             done.receipt,
             registered_model_sha256=offer.sha256 if offer else "",
             request_sha256=request_digest(spec.kind, spec.input, continuation_ids),
-            relayed_text=seg_text,
+            relayed_text=expected.text,
             relayed_token_ids=seg_ids,
             node_pubkey=conn.pubkey,
             job_id=spec.job_id,
@@ -341,6 +393,8 @@ class JobRunner:
             finish_reason=done.finish_reason,
             expected_sampling=sampling_params_from_request(body),
             context_length=offer.context_length if offer else None,
+            expected_prompt_tokens=spec.prompt_tokens + len(continuation_ids),
+            market_id=self.state.settings.market_id,
         )
         if failures:
             for failure in failures:
@@ -351,7 +405,8 @@ class JobRunner:
         receipt = done.receipt
         earning = node_cost(receipt.body.prompt_tokens, receipt.body.completion_tokens,
                             conn.price_in, conn.price_out)
-        fee = market_fee(earning, self.state.settings.market_fee_bps)
+        fee_bps = self.state.settings.market_fee_bps
+        earning, fee = cap_to_hold(earning, fee_bps, self.hold_left)
         self.segments.append(
             Segment(
                 node_id=conn.node_id,
@@ -359,7 +414,7 @@ class JobRunner:
                 signed_receipt=receipt.model_dump(mode="json"),
                 receipt_hash=receipt.receipt_hash,
                 signature=receipt.signature,
-                output_text=seg_text,
+                output_text=expected.text,
                 prompt_tokens=receipt.body.prompt_tokens,
                 completion_tokens=receipt.body.completion_tokens,
                 node_earning=earning,
@@ -368,8 +423,6 @@ class JobRunner:
             )
         )
         self._open_tokens = 0
-        # What the buyer sees as prompt tokens: the prompt alone, without a continuation.
-        self.prompt_tokens = max(0, receipt.body.prompt_tokens - len(continuation_ids))
         self.finish_reason = done.finish_reason
 
     # ---- the result ------------------------------------------------------------------------
@@ -382,11 +435,12 @@ class JobRunner:
             status = "failed"
         else:
             status = "completed"
-        unreceipted = 0
+        unreceipted = fee = 0
         if status == "cancelled" and self._open_tokens:
             # Output the buyer received that no receipt covers (e.g. client disconnect):
-            # bill only what was produced.
-            unreceipted = token_cost(self._open_tokens, self._open_price_out)
+            # bill only what was produced, within what is left of the hold.
+            unreceipted, fee = cap_to_hold(token_cost(self._open_tokens, self._open_price_out),
+                                           fee_bps, self.hold_left)
         return Outcome(
             status=status,
             prompt_tokens=self.prompt_tokens,
@@ -395,8 +449,8 @@ class JobRunner:
             failovers=self.failovers,
             error=str(self.error) if self.error else None,
             segments=list(self.segments),
-            unreceipted_charge=unreceipted + market_fee(unreceipted, fee_bps),
-            unreceipted_fee=market_fee(unreceipted, fee_bps),
+            unreceipted_charge=unreceipted + fee,
+            unreceipted_fee=fee,
         )
 
     def usage(self) -> dict[str, int]:

@@ -87,6 +87,12 @@ class Conflict(APIError):
     code = "conflict"
 
 
+class PayloadTooLarge(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class RateLimited(APIError):
     status_code = 429
     type = "requests"

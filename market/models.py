@@ -18,6 +18,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -78,6 +79,12 @@ class Base(DeclarativeBase):
 
 class Account(Base):
     __tablename__ = "accounts"
+    # The database itself refuses a movement that would spend held funds or go below
+    # zero (held >= 0 and balance >= held imply balance >= 0), whatever code asks.
+    __table_args__ = (
+        CheckConstraint("held >= 0", name="held_not_negative"),
+        CheckConstraint("balance >= held", name="balance_covers_held"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("acct"))
     name: Mapped[str] = mapped_column(String(200))
@@ -190,7 +197,10 @@ class Job(Base):
     """One buyer request (a batch makes one job per item)."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_account_created", "account_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_account_created", "account_id", "created_at"),
+        Index("ix_jobs_status_deadline", "status", "deadline_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
@@ -210,6 +220,9 @@ class Job(Base):
     failovers: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Past this a running job is over whatever happened to its process: the hold
+    # sweeper finalizes it (failed, nothing charged) and releases the hold.
+    deadline_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
     receipts: Mapped[list[Receipt]] = relationship(back_populates="job", order_by="Receipt.seq")
@@ -298,5 +311,33 @@ class Anchor(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+# ---- what the market operator decides ------------------------------------------------------
+
+
+class ListedModelRow(Base):
+    """A model this market lists: the weights it accepts and the vocabulary it counts
+    prompts with (``market.listing``). A node may only offer listed id/hash pairs."""
+
+    __tablename__ = "listed_models"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    sha256: Mapped[list[Any]] = mapped_column()  # accepted weight hashes (hex)
+    vocabulary: Mapped[str] = mapped_column(String(1000))  # "gguf:<path>" | "fake"
+    context_length: Mapped[int] = mapped_column(Integer)  # the most a node may register
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MarketSecret(Base):
+    """Secrets the market generates at first start (``market.secrets``), shared by
+    every process of one market through its database."""
+
+    __tablename__ = "market_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 JOB_STATUSES = ("running", "completed", "failed", "cancelled")
-RECEIPT_STATES = ("pending", "verifying", "settled", "slashed")
+# escalated: sampled or challenged, and no verifier could judge it: never paid until one does
+RECEIPT_STATES = ("pending", "verifying", "settled", "slashed", "escalated")

@@ -1,7 +1,9 @@
 """Pick a node for a job.
 
-Filter: serves the model, healthy, not suspended, has capacity, within the buyer's
-price cap, not already tried for this job. Score (each part normalised to 0..1):
+Filter: serves the model, healthy, not suspended or quarantined, has capacity, its
+context holds the prompt, within the buyer's price cap and the prices the job's hold
+was computed at (so no node is paid beyond the hold), not already tried for this job.
+Score (each part normalised to 0..1):
 
 * latency 40% — observed TTFT (EWMA); best known TTFT / this node's. A node with no
   observations yet gets the median of the known ones (neither favoured nor punished).
@@ -19,6 +21,7 @@ import asyncio
 import random
 import statistics
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from market.errors import ModelNotFound, NoHealthyNode
 from market.nodes.registry import NodeConn, NodeRegistry
@@ -26,6 +29,24 @@ from market.nodes.registry import NodeConn, NodeRegistry
 W_LATENCY = 0.4
 W_LOAD = 0.4
 W_RELIABILITY = 0.2
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a node must offer to take a job (beyond serving its model)."""
+
+    cap: int | None = None  # the buyer's max_price_per_mtok, for input and output
+    price_bound: tuple[int, int] | None = None  # (input, output) the hold covers
+    min_context: int = 0  # tokens the node's context must hold
+
+    def admits(self, conn: NodeConn, model: str) -> bool:
+        if not within_cap(conn, self.cap):
+            return False
+        if self.price_bound is not None and (
+            conn.price_in > self.price_bound[0] or conn.price_out > self.price_bound[1]
+        ):
+            return False
+        return conn.models[model].context_length >= self.min_context
 
 
 def within_cap(conn: NodeConn, cap: int | None) -> bool:
@@ -53,13 +74,16 @@ class Router:
         self.rng = rng or random.Random()
 
     def candidates(
-        self, model: str, cap: int | None = None, exclude: Iterable[str] = ()
+        self, model: str, cap: int | None = None, exclude: Iterable[str] = (),
+        need: Need | None = None,
     ) -> list[NodeConn]:
         excluded = set(exclude)
+        need = need or Need(cap)
         return [
             c
             for c in self.registry.serving(model)
-            if c.available and c.has_capacity and within_cap(c, cap) and c.node_id not in excluded
+            if c.available and c.has_capacity and need.admits(c, model)
+            and c.node_id not in excluded
         ]
 
     def check_model(self, model: str) -> None:
@@ -67,9 +91,10 @@ class Router:
             raise ModelNotFound(f"The model '{model}' does not exist or no node offers it",
                                 param="model")
 
-    def choose(self, model: str, cap: int | None = None, exclude: Iterable[str] = ()) -> NodeConn:
+    def choose(self, model: str, cap: int | None = None, exclude: Iterable[str] = (),
+               need: Need | None = None) -> NodeConn:
         """The node for the next attempt, or :class:`NoHealthyNode`."""
-        pool = self.candidates(model, cap, exclude)
+        pool = self.candidates(model, cap, exclude, need)
         if not pool:
             self.check_model(model)
             serving = [c for c in self.registry.serving(model) if c.available]
@@ -90,19 +115,21 @@ class Router:
             self.choose(model, cap)  # raises the precise error
 
     async def acquire(
-        self, model: str, cap: int | None, exclude: Iterable[str], timeout: float
+        self, model: str, cap: int | None, exclude: Iterable[str], timeout: float,
+        need: Need | None = None,
     ) -> NodeConn:
         """Like :meth:`choose`, but when every suitable node is busy, wait (up to
         ``timeout``) for one to free a slot instead of failing."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         excluded = set(exclude)
+        need = need or Need(cap)
         while True:
             try:
-                return self.choose(model, cap, excluded)
+                return self.choose(model, cap, excluded, need)
             except NoHealthyNode:
                 busy = any(
-                    c.available and within_cap(c, cap) and c.node_id not in excluded
+                    c.available and need.admits(c, model) and c.node_id not in excluded
                     for c in self.registry.serving(model)
                 )
                 left = deadline - loop.time()
@@ -110,9 +137,16 @@ class Router:
                     raise
                 await self.registry.wait_changed(left)
 
-    def max_price(self, model: str, cap: int | None = None) -> tuple[int, int]:
+    def max_price(self, model: str, cap: int | None = None,
+                  min_context: int = 0) -> tuple[int, int]:
         """Highest (input, output) price among the nodes a job could land on (for holds)."""
-        pool = [c for c in self.registry.serving(model) if c.available and within_cap(c, cap)]
+        need = Need(cap, None, min_context)
+        pool = [c for c in self.registry.serving(model) if c.available and need.admits(c, model)]
         if not pool:
             return (0, 0)
         return max(c.price_in for c in pool), max(c.price_out for c in pool)
+
+    def max_context(self, model: str, cap: int | None = None) -> int:
+        """The longest context among the healthy nodes serving ``model`` within ``cap``."""
+        return max((c.models[model].context_length for c in self.registry.serving(model)
+                    if c.available and within_cap(c, cap)), default=0)

@@ -13,6 +13,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Upper bounds that keep every number a request carries inside what the database and
+# the arithmetic on it hold (BIGINT); real limits (context length) apply later.
+MAX_TOKENS_LIMIT = 1_000_000
+MAX_PRICE = 10**15
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -29,24 +34,27 @@ class ChatMessage(BaseModel):
 class _GenerationBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(min_length=1, max_length=200)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
-    user: str | None = None
-    max_price_per_mtok: int | None = Field(default=None, ge=0)
+    user: str | None = Field(default=None, max_length=256)
+    max_price_per_mtok: int | None = Field(default=None, ge=0, le=MAX_PRICE)
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
+        items = [value] if isinstance(value, str) else value or []
+        if any(len(s) > 256 for s in items):
+            raise ValueError("a stop sequence is at most 256 characters")
         return value
 
     def sampling(self, default_max_tokens: int) -> dict[str, Any]:
@@ -74,14 +82,13 @@ class ChatCompletionRequest(_GenerationBody):
     def input(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]
 
-    def prompt_bytes(self) -> int:
+    def prompt_chars(self) -> int:
         total = 0
         for m in self.messages:
             if isinstance(m.content, str):
-                total += len(m.content.encode())
+                total += len(m.content)
             elif m.content:
-                total += sum(len(str(part.get("text", "")).encode()) for part in m.content)
-            total += 8  # role and template tokens
+                total += sum(len(str(part.get("text", ""))) for part in m.content)
         return total
 
 
@@ -102,8 +109,8 @@ class CompletionRequest(_GenerationBody):
         assert isinstance(self.prompt, str)
         return self.prompt
 
-    def prompt_bytes(self) -> int:
-        return len(self.input().encode()) + 1
+    def prompt_chars(self) -> int:
+        return len(self.input())
 
 
 GenerationRequestBody = ChatCompletionRequest | CompletionRequest
@@ -117,12 +124,12 @@ class BatchRequest(BaseModel):
     model: str = Field(min_length=1)
     prompts: list[str] | None = None
     conversations: list[list[ChatMessage]] | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    max_price_per_mtok: int | None = Field(default=None, ge=0)
+    max_price_per_mtok: int | None = Field(default=None, ge=0, le=MAX_PRICE)
 
     @model_validator(mode="after")
     def _one_kind(self) -> BatchRequest:

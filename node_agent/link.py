@@ -51,7 +51,7 @@ from node_agent.convert import BadRequest, generation_request
 from node_agent.engines.base import Engine, EngineError, GenerationEnd, TokenDelta
 from node_agent.gpu import GpuMonitor
 from node_agent.receipts import build_receipt
-from protocol.keys import LINK_AUTH_DOMAIN, link_auth_message, sign
+from protocol.keys import LINK_AUTH_DOMAIN, canonical_host, link_auth_message, sign
 from protocol.messages import (
     Auth,
     Cancel,
@@ -159,6 +159,8 @@ class NodeLink:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self.url = link_url(market_url)
+        # whom this node works for: the host it dialed, signed at auth and in receipts
+        self.market_id = canonical_host(urlsplit(self.url).netloc)
         self.keypair = keypair
         self.pubkey = str(keypair.pubkey())
         self.engines: dict[str, Engine] = {e.model.id: e for e in engine_list}
@@ -340,14 +342,17 @@ class NodeLink:
             raise LinkProtocolError("challenge nonce is not hex") from None
         if len(nonce) < 16:  # a short nonce would make the signature replayable
             raise LinkProtocolError(f"challenge nonce of {len(nonce)} bytes is too short")
-        host = urlsplit(self.url).netloc
-        signature = sign(self.keypair, LINK_AUTH_DOMAIN, link_auth_message(host, nonce))
+        signature = sign(self.keypair, LINK_AUTH_DOMAIN, link_auth_message(self.market_id, nonce))
         await self._send(Auth(signature=signature))
         second = parse_market_message(await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT))
         if isinstance(second, Reject):
             raise LinkRejected(second.reason)
         if not isinstance(second, Welcome):
             raise LinkProtocolError(f"expected welcome, got {second.type}")
+        if second.market_id != self.market_id:
+            raise LinkProtocolError(
+                f"the market calls itself {second.market_id!r}, this node dialed "
+                f"{self.market_id!r}")
         self.node_id = second.node_id
         self.heartbeat_interval = second.heartbeat_interval
         self.stats.connections += 1
@@ -519,6 +524,7 @@ class NodeLink:
         receipt = build_receipt(
             keypair=self.keypair,
             job_id=job.job_id,
+            market_id=self.market_id,
             engine=engine,
             request=request,
             output_text="".join(text_parts),

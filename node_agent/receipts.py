@@ -27,6 +27,7 @@ def build_receipt(
     *,
     keypair: Keypair,
     job_id: str,
+    market_id: str,
     engine: Engine,
     request: GenerationRequest,
     output_text: str,
@@ -44,6 +45,7 @@ def build_receipt(
     """
     body = ReceiptBody(
         job_id=job_id,
+        market_id=market_id,
         node_pubkey=str(keypair.pubkey()),
         model_id=engine.model.id,
         model_sha256=engine.model.sha256,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from protocol.receipt import SignedReceipt
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class _Message(BaseModel):
@@ -125,6 +125,8 @@ class Welcome(_Message):
     type: Literal["welcome"] = "welcome"
     node_id: str
     heartbeat_interval: float
+    market_id: str  # the market's identity (its public host), named in receipts
+    max_frame_bytes: int  # the largest frame the market accepts on this link
 
 
 class Reject(_Message):
@@ -134,9 +136,9 @@ class Reject(_Message):
 
 class Job(_Message):
     """One generation. ``request`` is the buyer's OpenAI body (model, messages or prompt,
-    sampling fields). ``continuation_token_ids``/``continuation_text`` are output an
-    earlier node already streamed before failing: the node must continue after them
-    and stream only new tokens; ``max_tokens`` in ``request`` is already reduced."""
+    sampling fields). ``continuation_token_ids`` are output an earlier node already
+    streamed before failing: the node must continue after them and stream only new
+    tokens; ``max_tokens`` in ``request`` is already reduced."""
 
     type: Literal["job"] = "job"
     job_id: str
@@ -145,7 +147,6 @@ class Job(_Message):
     request: dict[str, Any]
     deadline: float  # unix seconds
     continuation_token_ids: list[int] = Field(default_factory=list)
-    continuation_text: str = ""
 
 
 class Cancel(_Message):

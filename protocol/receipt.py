@@ -15,7 +15,7 @@ from solders.keypair import Keypair
 from protocol.canonical import canonical_json, sha256_hex, token_ids_digest
 from protocol.keys import RECEIPT_DOMAIN, sign, verify
 
-RECEIPT_VERSION = 1
+RECEIPT_VERSION = 2
 
 
 class SamplingParams(BaseModel):
@@ -54,6 +54,9 @@ class ReceiptBody(BaseModel):
 
     version: int = RECEIPT_VERSION
     job_id: str
+    # the market the job came from (its public host, as in the node link signature): a
+    # receipt is worth nothing at another market
+    market_id: str
     node_pubkey: str
     model_id: str
     model_sha256: str

@@ -1,8 +1,9 @@
 """Admin API (``Authorization: Bearer <settings.admin_token>``): accounts, API keys,
-dev credit, usage, nodes."""
+dev credit, usage, nodes, listed models."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -11,6 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from market import accounts, billing
+from market import listing as listing_mod
+from market.errors import BadRequest, NotFound
 from market.auth import forget_key, market_state, require_admin
 from market.models import Node, new_id
 
@@ -148,3 +151,49 @@ async def nodes(request: Request) -> Any:
             }
         )
     return {"object": "list", "data": out}
+
+
+# ---- listed models (market.listing) ----------------------------------------------------
+
+
+class ModelListingBody(BaseModel):
+    sha256: list[str] = Field(min_length=1, max_length=64)
+    vocabulary: str = Field(min_length=1, max_length=1000)
+    context_length: int = Field(default=8192, ge=1, le=10_000_000)
+
+
+def _listing_dict(listing: listing_mod.ListedModel) -> dict[str, Any]:
+    return {"id": listing.id, "sha256": sorted(listing.sha256),
+            "vocabulary": listing.vocabulary, "context_length": listing.context_length}
+
+
+@router.get("/models")
+async def list_listings(request: Request) -> Any:
+    listings = await _sync(request, listing_mod.read_all)
+    return {"object": "list", "data": [_listing_dict(v) for _, v in sorted(listings.items())]}
+
+
+@router.put("/models/{model_id}")
+async def put_listing(model_id: str, body: ModelListingBody, request: Request) -> Any:
+    """List a model (or change its listing). The vocabulary must load here first: the
+    market counts every prompt of the model with it."""
+    state = market_state(request)
+    listing = listing_mod.validate_listing(model_id, body.sha256, body.vocabulary,
+                                           body.context_length)
+    try:
+        await asyncio.to_thread(listing_mod.load_vocabulary, listing.vocabulary)
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the operator's input
+        raise BadRequest(f"vocabulary {listing.vocabulary!r} cannot be read: {exc}",
+                         param="vocabulary") from None
+    await _sync(request, listing_mod.upsert, listing)
+    await listing_mod.refresh(state.catalog, state.db)
+    return _listing_dict(listing)
+
+
+@router.delete("/models/{model_id}")
+async def delete_listing(model_id: str, request: Request) -> Any:
+    state = market_state(request)
+    if not await _sync(request, listing_mod.remove, model_id):
+        raise NotFound(f"model {model_id!r} is not listed", param="model_id")
+    await listing_mod.refresh(state.catalog, state.db)
+    return {"id": model_id, "deleted": True}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import timedelta
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,8 +17,8 @@ from market import accounts, billing
 from market.api.sse import EventStreamResponse
 from market.auth import Buyer, authenticate, market_state
 from market.dispatch import JobRunner, JobSpec
-from market.errors import APIError, UpstreamFailed
-from market.models import Job, new_id
+from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
+from market.models import Job, new_id, utcnow
 from market.schemas import (
     BatchRequest,
     ChatCompletionRequest,
@@ -27,12 +28,23 @@ from market.schemas import (
     stream_chunk,
     usage_dict,
 )
+from market.settings import MarketSettings
 from market.state import MarketState
+from node_agent.convert import BadRequest as ConvertBadRequest
+from node_agent.convert import generation_request
+from node_agent.engines.base import EngineError
+from node_agent.engines.vocab import Vocabulary
+from protocol.messages import Job as JobMessage
+from protocol.messages import encode
 
 router = APIRouter()
 
 _END = object()
 BATCH_CONCURRENCY = 16
+# prompts longer than this are tokenized in a worker thread, not on the event loop
+TOKENIZE_INLINE_CHARS = 16_384
+# JSON bytes one continuation token id may add to a job frame ("262143," is 7)
+CONTINUATION_ID_BYTES = 8
 
 
 def _dumps(value: Any) -> str:
@@ -42,18 +54,73 @@ def _dumps(value: Any) -> str:
 # ---- the job lifecycle ------------------------------------------------------------------
 
 
+def _count_prompt(vocabulary: Vocabulary, kind: str, body: dict[str, Any]) -> int:
+    """The rendered prompt's tokens, counted as a node must count them."""
+    try:
+        request = generation_request(kind, body)
+        return len(vocabulary.prompt_token_ids(request))
+    except ConvertBadRequest as exc:
+        raise BadRequest(str(exc)) from None
+    except EngineError as exc:
+        raise BadRequest(f"the prompt cannot be rendered for this model: {exc}",
+                         code=exc.code) from None
+
+
+def _check_frame(spec: JobSpec, settings: MarketSettings) -> None:
+    """413 unless the job frame fits the node link however far it fails over (the
+    continuation ids it may carry included)."""
+    max_tokens = spec.sampling["max_tokens"]
+    frame = len(encode(JobMessage(job_id=spec.job_id, kind=spec.kind, model=spec.model,  # type: ignore[arg-type]
+                           request=spec.body(max_tokens), deadline=0.0)).encode())
+    worst = frame + max_tokens * CONTINUATION_ID_BYTES
+    if worst > settings.link_max_frame_bytes:
+        raise PayloadTooLarge(
+            f"this request needs up to {worst} bytes on the node link, more than its "
+            f"{settings.link_max_frame_bytes}: send a shorter prompt or a smaller max_tokens")
+
+
 async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> JobRunner:
-    """Check the model and capacity, hold the worst case, store the job: one transaction."""
+    """Check the model and capacity, count the prompt, hold the worst case, store the job."""
     settings = state.settings
     cap = body.max_price_per_mtok
+    state.catalog.require(body.model)
     state.router.ensure_available(body.model, cap)
+    vocabulary = await state.catalog.vocabulary(body.model)
     sampling = body.sampling(settings.default_max_tokens)
-    price_in, price_out = state.router.max_price(body.model, cap)
-    hold = billing.hold_for(
-        body.prompt_bytes(), sampling["max_tokens"], price_in, price_out, settings.market_fee_bps
+    job_id = new_id("job")
+    request_body = {"model": body.model, ("messages" if body.kind == "chat" else "prompt"):
+                    body.input(), **sampling}
+    if body.prompt_chars() > TOKENIZE_INLINE_CHARS:
+        prompt_tokens = await asyncio.to_thread(_count_prompt, vocabulary, body.kind,
+                                                request_body)
+    else:
+        prompt_tokens = _count_prompt(vocabulary, body.kind, request_body)
+    context = state.router.max_context(body.model, cap)
+    if prompt_tokens >= context:
+        raise BadRequest(
+            f"the prompt is {prompt_tokens} tokens; the longest context any node serving "
+            f"'{body.model}' offers is {context}", param="messages", code="context_length_exceeded")
+    price_in, price_out = state.router.max_price(body.model, cap, prompt_tokens + 1)
+    hold = billing.worst_case_hold(
+        prompt_tokens, sampling["max_tokens"], price_in, price_out, settings.market_fee_bps
     )
+    lifetime = settings.job_first_token_timeout + settings.job_max_duration_s
+    spec = JobSpec(
+        job_id=job_id,
+        kind=body.kind,
+        model=body.model,
+        input=body.input(),
+        sampling=sampling,
+        vocabulary=vocabulary,
+        prompt_tokens=prompt_tokens,
+        hold=hold,
+        price_bound=(price_in, price_out),
+        deadline=asyncio.get_running_loop().time() + lifetime,
+        price_cap=cap,
+    )
+    _check_frame(spec, settings)
     job = Job(
-        id=new_id("job"),
+        id=job_id,
         account_id=buyer.account_id,
         api_key_id=buyer.key_id,
         model=body.model,
@@ -62,6 +129,7 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         stream=body.stream,
         status="running",
         hold_amount=hold,
+        deadline_at=utcnow() + timedelta(seconds=lifetime),
     )
     hold_written = None
     if state.funds.try_reserve(buyer.account_id, hold) or await _reserve_after_refresh(
@@ -82,14 +150,6 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
             state.spawn(finalize_unstarted(state, job.id))
             raise
         state.funds.observe(buyer.account_id, available)
-    spec = JobSpec(
-        job_id=job.id,
-        kind=body.kind,
-        model=body.model,
-        input=body.input(),
-        sampling=sampling,
-        price_cap=cap,
-    )
     runner = JobRunner(state, spec)
     runner.hold_written = hold_written
     return runner

@@ -57,6 +57,8 @@ class ChainDeposit(Base):
 
 class ChainAllowance(Base):
     __tablename__ = "chain_allowances"
+    # one wallet funds one account
+    __table_args__ = (UniqueConstraint("wallet", name="uq_chain_allowances_wallet"),)
 
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
     wallet: Mapped[str] = mapped_column(String(64))
@@ -65,6 +67,11 @@ class ChainAllowance(Base):
     token_balance: Mapped[int] = mapped_column(BigInteger, default=0)  # last seen on chain
     active: Mapped[bool] = mapped_column(Boolean, default=False)  # market is the delegate
     pulls: Mapped[int] = mapped_column(Integer, default=0)  # pull counter (idempotency keys)
+    # owed charges the allowance no longer covers (revoked before the pull): repaid first
+    # from the next approval, never written off
+    shortfall: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # the wallet's signed registration (unix seconds): a replayed or older one is refused
+    signed_at: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     refreshed_at: Mapped[datetime | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from market.settings import get_settings
 
@@ -11,10 +12,14 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from market.app import serving_app
+    from market.settings import exposure_problem
 
     settings = get_settings()
     host = args.host or settings.host
     port = args.port or settings.port
+    if (problem := exposure_problem(settings, host)) is not None:
+        print(f"aidp-market: {problem}", file=sys.stderr)
+        return 2
     print(f"aidp-market: serving on http://{host}:{port} (database {settings.database_url})",
           flush=True)
     uvicorn.run(
@@ -22,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         log_level=settings.log_level,
-        ws_max_size=2**24,
+        ws_max_size=settings.link_max_frame_bytes,
         ws_ping_interval=20,
         ws_ping_timeout=20,
     )

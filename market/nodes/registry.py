@@ -5,6 +5,12 @@ last heartbeat, its in-flight jobs (job id → ``asyncio.Queue`` that the link's
 task fills with ``chunk``/``done``/``error``), and what the market observed about it
 (TTFT, tokens/s, failure rate; EWMAs). The router reads these; a health monitor marks
 silent nodes unhealthy and fails their in-flight jobs over.
+
+Capacity a node advertises is a claim, not a fact: a node that refuses work it
+advertised (``busy``, ``draining``) or lets a job time out pays like a failure, and
+after ``quarantine_after`` such misses in a row (a timeout counts as that many at once)
+it sits out of routing for a while, twice as long on each repeat. Its advertised
+``max_concurrency`` counts only up to the market's cap.
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ class NodeConn:
     closed: bool = False
     inflight: dict[str, asyncio.Queue[Any]] = field(default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    concurrency_cap: int = 64
+    quarantine_after: int = 3
+    quarantine_s: float = 30.0
+    misses_in_a_row: int = 0  # refusals, failures and timeouts since the last success
+    quarantines: int = 0
+    quarantined_until: float = 0.0
     models: dict[str, ModelOffer] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -57,7 +69,7 @@ class NodeConn:
 
     @property
     def max_concurrency(self) -> int:
-        return self.hello.max_concurrency
+        return max(1, min(self.hello.max_concurrency, self.concurrency_cap))
 
     @property
     def load(self) -> float:
@@ -67,8 +79,12 @@ class NodeConn:
         return max(len(self.inflight), reported) / self.max_concurrency
 
     @property
+    def quarantined(self) -> bool:
+        return self.quarantined_until > time.monotonic()
+
+    @property
     def available(self) -> bool:
-        return self.healthy and not self.closed and not self.suspended
+        return self.healthy and not self.closed and not self.suspended and not self.quarantined
 
     @property
     def has_capacity(self) -> bool:
@@ -96,10 +112,18 @@ class NodeConn:
             self.tokens_per_s = ewma(self.tokens_per_s, tokens / gen_s)
         self.failure_rate = ewma(self.failure_rate, 0.0)
         self.jobs_total += 1
+        self.misses_in_a_row = 0
 
-    def observe_failure(self) -> None:
+    def observe_failure(self, weight: int = 1) -> None:
+        """A job the node failed, refused or let time out (``weight`` misses at once)."""
         self.failure_rate = ewma(self.failure_rate, 1.0)
         self.jobs_failed += 1
+        self.misses_in_a_row += weight
+        if self.misses_in_a_row >= self.quarantine_after:
+            self.misses_in_a_row = 0
+            factor = min(20.0, 2.0 ** self.quarantines)
+            self.quarantines += 1
+            self.quarantined_until = time.monotonic() + self.quarantine_s * factor
 
 
 class NodeRegistry:

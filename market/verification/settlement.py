@@ -143,6 +143,7 @@ def decide_sampling(
         .order_by(Receipt.created_at, Receipt.id)
         .limit(settings.verify_batch)
     ).all()
+    key = sampling.sampling_key(session, settings) if rows else b""
     for rid, node_id, rhash, created_at, challenged, reputation in rows:
         prior = session.execute(
             select(func.count(Receipt.id)).where(
@@ -154,7 +155,7 @@ def decide_sampling(
             )
         ).scalar_one()
         rate = sampling.sample_rate(settings, prior_jobs=prior, reputation=reputation)
-        chosen = sampling.draw(sampling.sampling_key(settings), rhash) < rate
+        chosen = sampling.draw(key, rhash) < rate
         if challenged:
             reason = "challenge"
         elif prior < settings.verify_first_jobs:

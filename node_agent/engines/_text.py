@@ -2,55 +2,13 @@
 
 from __future__ import annotations
 
-import codecs
 import threading
 from collections.abc import Callable
 
 import numpy as np
 
 from node_agent.engines.base import GenerationEnd, GenerationEvent, GenerationRequest, TokenDelta
-
-
-class TextStream:
-    """Turns per-token byte pieces into text deltas, honouring stop strings.
-
-    Bytes of a multi-byte character split across tokens are held until complete, and
-    text that might be the start of a stop string is held until it is known not to
-    be. ``push`` returns (text to emit now, whether a stop string was hit).
-    """
-
-    def __init__(self, stop: list[str]) -> None:
-        self.stop = [s for s in stop if s]
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._held = ""
-
-    def prime(self, pieces: list[bytes]) -> None:
-        """Feed bytes already streamed by an earlier node (continuation); emit nothing."""
-        for piece in pieces:
-            self._decoder.decode(piece)
-
-    def push(self, piece: bytes) -> tuple[str, bool]:
-        buffer = self._held + self._decoder.decode(piece)
-        if not self.stop:
-            self._held = ""
-            return buffer, False
-        hit = min((i for i in (buffer.find(s) for s in self.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            self._held = ""
-            return buffer[:hit], True
-        keep = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(buffer)), keep, -1):
-                if buffer.endswith(s[:k]):
-                    keep = k
-                    break
-        self._held = buffer[len(buffer) - keep :]
-        return buffer[: len(buffer) - keep], False
-
-    def flush(self) -> str:
-        text = self._held + self._decoder.decode(b"", final=True)
-        self._held = ""
-        return text
+from protocol.text import TextStream
 
 
 def sample_token(

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from node_agent.convert import BadRequest, chat_messages
 from node_agent.engines._local import LocalEngine
 from node_agent.engines._text import log_softmax, top_k
 from node_agent.engines._threaded import Emit
@@ -40,6 +41,7 @@ from node_agent.engines.base import (
     ModelInfo,
     PositionScore,
 )
+from node_agent.engines.vocab import Vocabulary
 from node_agent.receipts import weights_sha256
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -91,6 +93,73 @@ def _quantization(path: Path, metadata: dict[str, str]) -> str | None:
         return None
 
 
+class LlamaCppVocabulary(Vocabulary):
+    """A GGUF's vocabulary and chat template, as llama.cpp tokenizes and renders them.
+
+    Built on a loaded ``llama_cpp.Llama`` (the engine's own context, or a
+    ``vocab_only`` one: :meth:`load`, which is how a market reads a listed model's
+    tokenizer without its weights). Pieces are read once into a table.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        import llama_cpp
+
+        self._llm = llm
+        self.size = int(llm.n_vocab())
+        vocab = llm._model.vocab
+        self.eog_token_ids = tuple(
+            t for t in range(self.size) if llama_cpp.llama_vocab_is_eog(vocab, t)
+        )
+        self._pieces = [bytes(llm.detokenize([t])) for t in range(self.size)]
+        metadata: dict[str, str] = dict(llm.metadata)
+        self._formatter: Any = None
+        template = metadata.get("tokenizer.chat_template")
+        if template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._special_text(llm.token_eos()),
+                bos_token=self._special_text(llm.token_bos()),
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LlamaCppVocabulary:
+        import llama_cpp
+
+        if not Path(path).is_file():
+            raise EngineError("model_not_found", f"no GGUF file at {path}")
+        return cls(llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False))
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        if self._formatter is None:
+            raise EngineError("no_chat_template", "this GGUF carries no chat template")
+        return str(self._formatter(messages=messages).prompt)
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=special))
+
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        if request.kind == "chat":
+            try:
+                messages = chat_messages(request.messages)
+            except BadRequest as exc:
+                raise EngineError("bad_request", str(exc)) from None
+            # chat templates spell special tokens as text
+            ids = self.tokenize(self.apply_chat_template(messages), special=True)
+        else:
+            ids = self.tokenize(request.prompt or "", special=False)
+        return ids + list(request.continuation_token_ids)
+
+    def piece(self, token_id: int) -> bytes:
+        return self._pieces[token_id]
+
+
 class LlamaCppEngine(LocalEngine):
     name = "llamacpp"
 
@@ -123,9 +192,8 @@ class LlamaCppEngine(LocalEngine):
         self._pool: asyncio.Queue[Any] | None = None
         self._scorer: Any = None
         self._scorer_lock = threading.Lock()
-        self._formatter: Any = None
         self._primary: Any = None
-        self._eog: list[int] | None = None
+        self.vocabulary: LlamaCppVocabulary | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -159,23 +227,10 @@ class LlamaCppEngine(LocalEngine):
             quantization=_quantization(self.path, metadata),
             context_length=self.n_ctx,
         )
-        self._eos_text = self._piece_text(self._primary.token_eos())
-        self._bos_text = self._piece_text(self._primary.token_bos())
-        template = metadata.get("tokenizer.chat_template")
-        if template:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-            self._formatter = Jinja2ChatFormatter(
-                template=template, eos_token=self._eos_text, bos_token=self._bos_text
-            )
+        self.vocabulary = LlamaCppVocabulary(self._primary)
         self._pool = asyncio.Queue()
         for ctx in contexts:
             self._pool.put_nowait(ctx)
-
-    def _piece_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._primary.detokenize([token], special=True).decode("utf-8", errors="replace")
 
     async def close(self) -> None:
         """Free every context, waiting for those still generating to come back: a context
@@ -199,26 +254,19 @@ class LlamaCppEngine(LocalEngine):
     # ---- prompts ---------------------------------------------------------------------
 
     def _apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        if self._formatter is None:
-            raise EngineError("no_chat_template", "this GGUF carries no chat template")
-        return str(self._formatter(messages=messages).prompt)
+        return self.vocabulary.apply_chat_template(messages)
 
     def _tokenize(self, text: str, request: GenerationRequest) -> list[int]:
-        special = request.kind == "chat"  # chat templates spell special tokens as text
-        return list(self._primary.tokenize(text.encode("utf-8"), add_bos=True, special=special))
+        return self.vocabulary.tokenize(text, special=request.kind == "chat")
 
     def vocab_size(self) -> int:
         self._require_started()
-        return int(self._primary.n_vocab())
+        return self.vocabulary.size
 
     def eog_token_ids(self) -> list[int]:
         """Every id llama.cpp treats as end of generation (EOS, EOT, ...)."""
         self._require_started()
-        if self._eog is None:
-            vocab = self._primary._model.vocab
-            is_eog = self._llama_cpp.llama_vocab_is_eog
-            self._eog = [t for t in range(self._primary.n_vocab()) if is_eog(vocab, t)]
-        return list(self._eog)
+        return list(self.vocabulary.eog_token_ids)
 
     def decode(self, token_ids: list[int]) -> str:
         self._require_started()

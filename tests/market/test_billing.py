@@ -153,22 +153,73 @@ def test_settle_and_refund_are_idempotent(db: Database) -> None:
         assert account.held == 0
 
 
-def test_stale_running_jobs_are_released(db: Database) -> None:
+def test_jobs_past_their_deadline_are_released_and_others_are_not(db: Database) -> None:
     from datetime import timedelta
 
     from market.models import utcnow
 
     account_id = _account(db, 100)
+    expired, live, legacy = _job(account_id, 50), _job(account_id, 20), _job(account_id, 10)
+    expired.deadline_at = utcnow() - timedelta(minutes=5)
+    live.deadline_at = utcnow() + timedelta(minutes=5)
+    legacy.created_at = utcnow() - timedelta(hours=2)  # stored before jobs had deadlines
+    with db.session() as s:
+        for job in (expired, live, legacy):
+            billing.open_job(s, job)
+    with db.session() as s:
+        now = utcnow()
+        assert billing.release_expired_jobs(
+            s, now, grace_s=60, legacy_before=now - timedelta(hours=1)) == 2
+    with db.session() as s:
+        assert s.get(Job, expired.id).status == "failed"
+        assert s.get(Job, legacy.id).status == "failed"
+        assert s.get(Job, live.id).status == "running"
+        account = s.get(Account, account_id)
+        assert (account.balance, account.held) == (100, 20)
+
+
+def test_the_database_refuses_a_balance_below_what_is_held(db: Database) -> None:
+    from sqlalchemy import update
+    from sqlalchemy.exc import IntegrityError
+
+    account_id = _account(db, 100)
+    with db.session() as s:
+        billing.open_job(s, _job(account_id, 60))
+    for values in ({"balance": 59}, {"held": -1}, {"balance": -5, "held": 0}):
+        with pytest.raises(IntegrityError), db.session() as s:
+            s.execute(update(Account).where(Account.id == account_id).values(**values))
+    with db.session() as s:
+        account = s.get(Account, account_id)
+        assert (account.balance, account.held) == (100, 60)
+
+
+def test_a_charge_beyond_the_hold_is_refused_and_changes_nothing(db: Database) -> None:
+    account_id, node_id = _account(db, 1_000), _node(db)
     job = _job(account_id, 50)
-    job.created_at = utcnow() - timedelta(hours=2)
     with db.session() as s:
         billing.open_job(s, job)
+    outcome = billing.Outcome(status="completed", segments=[_segment(node_id, 70, 7)])
+    with pytest.raises(billing.HoldExceeded), db.session() as s:
+        billing.finalize_job(s, job.id, outcome, challenge_window_s=60)
     with db.session() as s:
-        assert billing.release_stale_jobs(s, utcnow() - timedelta(hours=1)) >= 1
-    with db.session() as s:
-        assert s.get(Job, job.id).status == "failed"
+        assert s.get(Job, job.id).status == "running"
         account = s.get(Account, account_id)
-        assert (account.balance, account.held) == (100, 0)
+        assert (account.balance, account.held) == (1_000, 50)
+        assert s.scalar(select(func.count()).select_from(Receipt)
+                        .where(Receipt.job_id == job.id)) == 0
+
+
+@pytest.mark.parametrize("earning,left,fee_bps", [(70, 77, 1000), (70, 76, 1000), (70, 0, 1000),
+                                                  (1_000_003, 999, 250), (5, 1_000, 0)])
+def test_cap_to_hold_never_exceeds_what_is_left(earning: int, left: int, fee_bps: int) -> None:
+    capped, fee = billing.cap_to_hold(earning, fee_bps, left)
+    assert capped + fee <= left
+    assert fee == billing.market_fee(capped, fee_bps)
+    assert capped <= earning
+    if earning + billing.market_fee(earning, fee_bps) <= left:
+        assert capped == earning
+    else:  # the largest earning that fits: one more would not
+        assert capped + 1 + billing.market_fee(capped + 1, fee_bps) > left
 
 
 # ---- the group-commit writer ---------------------------------------------------------

@@ -65,6 +65,11 @@ async def expect_reject(ws: ClientConnection) -> str:
     return str(reply["reason"])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _raw_model_listed(market: Market) -> None:
+    market.list_model("raw-model", "ab" * 32)
+
+
 async def test_valid_handshake_gets_welcome(market: Market) -> None:
     keypair = Keypair()
     async with connect(link_url(market)) as ws:
@@ -174,9 +179,10 @@ class RawNode:
         self.gate.set()
 
     async def start(self) -> None:
+        model_sha = sha256_hex(self.model)  # what DeterministicEngine registers
+        self.market.list_model(self.model, model_sha)
         self.ws = await connect(link_url(self.market))
         ws = self.ws
-        model_sha = sha256_hex(self.model)  # what DeterministicEngine registers
         hello = Hello(
             pubkey=str(self.keypair.pubkey()), agent_version="raw",
             models=[ModelOffer(id=self.model, sha256=model_sha, engine="raw", context_length=4096)],
@@ -230,8 +236,12 @@ class RawNode:
         text = "".join(VOCAB[t] for t in out_ids)
         if self.tamper == "output":
             text = text + " (edited)"
+        prompt_tokens = len(prompt.split()) + len(job["continuation_token_ids"])
+        if self.tamper == "prompt_tokens":
+            prompt_tokens += 1000
         body = ReceiptBody(
-            job_id=job["job_id"], node_pubkey=str(self.keypair.pubkey()), model_id=self.model,
+            job_id=job["job_id"], market_id=self.market.settings.market_id,
+            node_pubkey=str(self.keypair.pubkey()), model_id=self.model,
             model_sha256=sha256_hex(self.model) if self.tamper != "model" else "00" * 32,
             engine="raw", engine_version="1",
             sampling=SamplingParams(
@@ -241,7 +251,7 @@ class RawNode:
             request_sha256=request_digest(job["kind"], messages if job["kind"] == "chat"
                                           else request["prompt"], job["continuation_token_ids"]),
             output_sha256=sha256_hex(text), output_token_ids_sha256=token_ids_digest(out_ids),
-            prompt_tokens=3, completion_tokens=len(out_ids),
+            prompt_tokens=prompt_tokens, completion_tokens=len(out_ids),
             started_at=time.time(), finished_at=time.time(),
         )
         receipt = sign_receipt(self.keypair, body, out_ids).model_dump(mode="json")
@@ -251,8 +261,8 @@ class RawNode:
             receipt["signature"] = other
         await self.ws.send(json.dumps({
             "type": "done", "job_id": job["job_id"], "finish_reason": finish, "receipt": receipt,
-            "usage": {"prompt_tokens": 3, "completion_tokens": len(out_ids),
-                      "total_tokens": 3 + len(out_ids)},
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(out_ids),
+                      "total_tokens": prompt_tokens + len(out_ids)},
         }))
 
     async def close(self) -> None:
@@ -306,7 +316,7 @@ async def test_silent_node_marked_unhealthy_within_three_intervals(market: Marke
         await node.close()
 
 
-@pytest.mark.parametrize("tamper", ["output", "signature", "model"])
+@pytest.mark.parametrize("tamper", ["output", "signature", "model", "prompt_tokens"])
 async def test_bad_receipt_is_rejected_and_job_fails_over(
     buyer: Buyer, market: Market, nodes: Nodes, tamper: str
 ) -> None:
@@ -328,7 +338,8 @@ async def test_bad_receipt_is_rejected_and_job_fails_over(
             model=model, messages=messages, max_tokens=30
         ))
         await wait_for(lambda: bool(cheat.jobs))
-        honest = await nodes.start(model)
+        # at the cheat's prices: the job's hold covers no more than those
+        honest = await nodes.start(model, price=cheat.price)
         cheat.gate.set()
         reply = await request
         assert reply.choices[0].message.content == text
@@ -381,7 +392,7 @@ async def test_silent_node_mid_job_fails_over(buyer: Buyer, market: Market, node
         async def start_honest() -> None:
             while not hung.jobs:
                 await asyncio.sleep(0.005)
-            await nodes.start(model)
+            await nodes.start(model, price=hung.price)
 
         helper = asyncio.create_task(start_honest())
         messages = [{"role": "user", "content": "count to ten"}]

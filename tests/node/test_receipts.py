@@ -32,6 +32,7 @@ def make(keypair: Keypair, **overrides) -> SignedReceipt:
     values = dict(
         keypair=keypair,
         job_id="job-1",
+        market_id="market.example",
         engine=DeterministicEngine(),
         request=request,
         output_text=" w1 w2é",

@@ -23,6 +23,7 @@ def make_body(keypair: Keypair, **overrides: object) -> ReceiptBody:
     token_ids = [5, 6, 7]
     fields: dict[str, object] = dict(
         job_id="job-1",
+        market_id="market.example",
         node_pubkey=str(keypair.pubkey()),
         model_id="SmolLM2-135M-Instruct",
         model_sha256="ab" * 32,

@@ -86,6 +86,14 @@ class Market:
             return Buyer(account_id=account["id"], key=key.raise_for_status().json()["key"],
                          market=self)
 
+    def list_model(self, model_id: str, sha256: str, vocabulary: str = "fake",
+                   context_length: int = 8192) -> None:
+        """List a model on this market (as its operator does) so nodes may offer it."""
+        with self.admin() as client:
+            client.put(f"/admin/models/{model_id}", json={
+                "sha256": [sha256], "vocabulary": vocabulary,
+                "context_length": context_length}).raise_for_status()
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
@@ -184,8 +192,11 @@ class Nodes:
         max_concurrency: int = 8,
         token_delay: float = 0.0,
         keypair: Keypair | None = None,
+        listed: bool = True,
     ) -> NodeLink:
         engine = engine or DeterministicEngine(model_id=model, token_delay=token_delay)
+        if listed and isinstance(engine, DeterministicEngine):
+            self.market.list_model(model, engine.model.sha256)
         link = NodeLink(self.market.url, keypair or Keypair(), engine, price=price,
                         max_concurrency=max_concurrency, backoff_initial=0.05, backoff_max=0.5)
         task = asyncio.create_task(link.run())

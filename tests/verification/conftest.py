@@ -191,7 +191,7 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
         finish = "cancelled"
     request = generation_request(kind, body, continuation_token_ids)
     signed = build_receipt(
-        keypair=keypair, job_id="", engine=engine, request=request, output_text=text,
+        keypair=keypair, job_id="", market_id="market.example", engine=engine, request=request, output_text=text,
         output_token_ids=ids, prompt_tokens=prompt_tokens, started_at=started,
         finished_at=time.time(),
     )
@@ -206,7 +206,7 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
         job_id = job.id
     # The receipt names the job: sign it now that the id exists.
     signed = build_receipt(
-        keypair=keypair, job_id=job_id, engine=engine, request=request, output_text=text,
+        keypair=keypair, job_id=job_id, market_id="market.example", engine=engine, request=request, output_text=text,
         output_token_ids=ids, prompt_tokens=prompt_tokens, started_at=signed.body.started_at,
         finished_at=signed.body.finished_at,
     )

@@ -18,7 +18,8 @@ def _signed(keypair: Keypair | None = None, **overrides):
     keypair = keypair or Keypair()
     ids = [5, 6, 7]
     fields = dict(
-        job_id="job_1", node_pubkey=str(keypair.pubkey()), model_id="m", model_sha256=SHA,
+        job_id="job_1", market_id="market.example", node_pubkey=str(keypair.pubkey()),
+        model_id="m", model_sha256=SHA,
         engine="llamacpp", engine_version="1",
         sampling=SamplingParams(temperature=0.0, top_p=1.0, max_tokens=8),
         request_sha256=request_digest("chat", MESSAGES), output_sha256=sha256_hex("abc"),

@@ -120,7 +120,7 @@ _KEYPAIR = Keypair()
 def receipt_for(engine: Engine, gen: Generated, job_id: str = "job_bench") -> SignedReceipt:
     now = time.time()
     return build_receipt(
-        keypair=_KEYPAIR, job_id=job_id, engine=engine,
+        keypair=_KEYPAIR, job_id=job_id, market_id="market.example", engine=engine,
         request=generation_request(gen.kind, gen.body), output_text=gen.text,
         output_token_ids=gen.token_ids, prompt_tokens=gen.prompt_tokens,
         started_at=now - gen.gen_s, finished_at=now,

@@ -1,0 +1,117 @@
+"""The text a sequence of token ids stands for: one definition shared by node and market.
+
+A node streams token ids and text; the text is not free: it is what the ids' byte
+pieces decode to as UTF-8, with a stop string (and anything after it) cut. Bytes of a
+multi-byte character split across tokens are held until complete, and text that
+might be the start of a stop string is held until it is known not to be. Engines
+produce their text with :class:`TextStream`; the market replays the same stream
+(:class:`ExpectedText`) over the ids a node sends and refuses any chunk whose text
+differs, so a buyer never receives text that the ids do not decode to.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable, Iterable
+
+Piece = Callable[[int], bytes]
+
+
+class TextStream:
+    """Turns per-token byte pieces into text deltas, honouring stop strings.
+
+    ``push`` returns (text to emit now, whether a stop string was hit).
+    """
+
+    def __init__(self, stop: Iterable[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+
+    def prime(self, pieces: Iterable[bytes]) -> None:
+        """Feed bytes already streamed by an earlier node (continuation); emit nothing."""
+        for piece in pieces:
+            self._decoder.decode(piece)
+
+    def push(self, piece: bytes) -> tuple[str, bool]:
+        buffer = self._held + self._decoder.decode(piece)
+        if not self.stop:
+            self._held = ""
+            return buffer, False
+        hit = min((i for i in (buffer.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self._held = ""
+            return buffer[:hit], True
+        keep = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(buffer)), keep, -1):
+                if buffer.endswith(s[:k]):
+                    keep = k
+                    break
+        self._held = buffer[len(buffer) - keep :]
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        text = self._held + self._decoder.decode(b"", final=True)
+        self._held = ""
+        return text
+
+
+class TextMismatch(ValueError):
+    """A chunk's text is not what its token ids decode to, or ids follow a stop."""
+
+
+class ExpectedText:
+    """The market's replay of a node's :class:`TextStream` for one segment.
+
+    ``chunk(ids, text)`` checks one streamed chunk: a chunk with ids must carry exactly
+    the text those ids release; a chunk without ids is the final flush of held text
+    and may come once, last. Raises :class:`TextMismatch` on any difference.
+    """
+
+    def __init__(self, piece: Piece, stop: Iterable[str], continuation_ids: Iterable[int] = ()):
+        self._piece = piece
+        self._stream = TextStream(stop)
+        self._stream.prime(piece(t) for t in continuation_ids)
+        self.stopped = False
+        self.flushed = False
+        self.parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def chunk(self, token_ids: list[int], text: str) -> str:
+        """The text this chunk must carry (raises when ``text`` differs)."""
+        if self.flushed:
+            raise TextMismatch("a chunk arrived after the final text")
+        if token_ids:
+            if self.stopped:
+                raise TextMismatch("token ids arrived after a stop string ended the output")
+            released = []
+            for position, token in enumerate(token_ids):
+                delta, stopped = self._stream.push(self._piece(token))
+                released.append(delta)
+                if stopped:
+                    self.stopped = True
+                    if position != len(token_ids) - 1:
+                        raise TextMismatch("token ids follow a stop string in one chunk")
+            expected = "".join(released)
+        else:
+            expected = "" if self.stopped else self._stream.flush()
+            self.flushed = True
+        if text != expected:
+            raise TextMismatch(
+                f"chunk text {text[:40]!r} is not what its token ids decode to "
+                f"({expected[:40]!r})"
+            )
+        self.parts.append(expected)
+        return expected
+
+    def finish(self) -> None:
+        """The segment ended: nothing the ids released may be missing from the text."""
+        if not self.flushed and not self.stopped:
+            rest = self._stream.flush()
+            self.flushed = True
+            if rest:
+                raise TextMismatch(f"the output ends without its final text {rest[:40]!r}")
