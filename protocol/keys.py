@@ -21,6 +21,8 @@ RECEIPT_DOMAIN = b"AIDP/receipt/v1\x00"
 UNBOND_DOMAIN = b"AIDP/stake-unbond/v1\x00"
 #: a node operator asking the market to co-sign the withdrawal of unbonded stake
 WITHDRAW_DOMAIN = b"AIDP/stake-withdraw/v1\x00"
+#: a wallet owner naming the market account its SPL approval funds
+ALLOWANCE_DOMAIN = b"AIDP/allowance-register/v1\x00"
 
 DEFAULT_KEYPAIR_PATH = Path("~/.config/solana/id.json")
 DEFAULT_PORTS = ("80", "443")
@@ -41,6 +43,19 @@ def link_auth_message(market_host: str, nonce: bytes) -> bytes:
     the real market checks against the ``Host`` its connection arrived on.
     """
     return canonical_host(market_host).encode() + b"\x00" + nonce
+
+
+def allowance_message(market_id: str, account_id: str, wallet: str, signed_at: int) -> bytes:
+    """What a wallet owner signs to fund ``account_id`` at ``market_id`` from its approval.
+
+    Naming the market and the account stops the signature being replayed for another
+    account or at another market; ``signed_at`` (unix seconds) must be recent and newer
+    than the account's last registration, so an old one is never accepted again.
+    """
+    from protocol.canonical import canonical_json
+
+    return canonical_json({"market": canonical_host(market_id), "account": account_id,
+                           "wallet": wallet, "signed_at": int(signed_at)})
 
 
 def load_keypair(path: str | os.PathLike[str]) -> Keypair:

@@ -7,12 +7,19 @@ The seam into billing is the account's own ``balance`` — billing's hold check
 
 where ``credited`` (``chain_allowances.credited``) is the spendable on-chain allowance
 last seen, ``min(delegated amount, token balance)`` and 0 once revoked. So
-``balance − held`` is exactly "on-chain allowance minus what is held or owed".
+``balance − held`` is exactly "on-chain allowance minus what is held or owed", and
+``credited − balance`` is what the market still has to pull.
 
+* :func:`register` binds a wallet to an account only with the wallet's own signature
+  (``protocol.keys.allowance_message``: market, account, wallet, a recent timestamp
+  newer than the last one used): nobody can spend another wallet's approval. One
+  wallet funds one account (a unique constraint).
 * :func:`sync` reads each allowance from chain and moves ``balance`` by the change of
-  ``credited`` (journal ``allowance:…``). A revoked allowance drops ``credited`` to 0,
-  the balance falls to what was pulled minus charged (≤ 0 while anything is owed), and
-  the next request gets 402.
+  ``credited`` (journal ``allowance:…``). When the allowance falls below what is held
+  or owed (the buyer revoked before a pull), the balance falls only to what is held
+  (the database forbids less) and the rest is kept as ``shortfall``: the next approval
+  repays it first, so an unpaid charge is never written off and the next request gets
+  402.
 * :func:`plan_pulls` pulls what is owed (``credited − balance``), never more than the live
   allowance, with ``transfer_checked`` as delegate (memo ``aidp:pull:v1:<account>.<n>``).
   A confirmed pull of X lowers ``credited`` by X (the chain's allowance fell by X) and
@@ -22,6 +29,7 @@ last seen, ``min(delegated amount, token balance)`` and 0 once revoked. So
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from solders.instruction import Instruction
@@ -33,25 +41,49 @@ from sqlalchemy.orm import Session, sessionmaker
 from market.chain import transfers
 from market.chain.models import ChainAllowance
 from market.chain.runtime import ChainRuntime
-from market.errors import BadRequest, NotFound
+from market.errors import BadRequest, Conflict, Forbidden, NotFound
 from market.models import Account, ChainTransfer, LedgerEntry, new_id, utcnow
 from programs import settlement
 from programs.ledger import TxStatus
+from protocol.keys import ALLOWANCE_DOMAIN, allowance_message, verify
+
+#: how far a signed registration's timestamp may be from the market's clock
+MAX_SKEW_S = 300
 
 
-def register(session: Session, account_id: str, wallet: str) -> ChainAllowance:
-    """Fund ``account_id`` from ``wallet``'s approval (the next :func:`sync` reads it)."""
+def register(session: Session, account_id: str, wallet: str, *, market_id: str,
+             signed_at: int, signature: str, now: float | None = None) -> ChainAllowance:
+    """Fund ``account_id`` from ``wallet``'s approval (the next :func:`sync` reads it),
+    once the wallet has signed :func:`protocol.keys.allowance_message` for it."""
     try:
         Pubkey.from_string(wallet)
     except ValueError:
         raise BadRequest(f"not a Solana address: {wallet!r}", param="wallet") from None
+    now = time.time() if now is None else now
+    if abs(now - signed_at) > MAX_SKEW_S:
+        raise BadRequest(f"signed_at is more than {MAX_SKEW_S}s from the market's clock",
+                         param="signed_at")
+    message = allowance_message(market_id, account_id, wallet, signed_at)
+    if not verify(wallet, ALLOWANCE_DOMAIN, message, signature):
+        raise Forbidden("the signature does not prove this wallet asks to fund this account "
+                        "at this market", param="signature", code="bad_wallet_signature")
     account = session.get(Account, account_id)
     if account is None:
         raise NotFound(f"no account {account_id}")
+    owner = session.execute(
+        select(ChainAllowance.account_id).where(ChainAllowance.wallet == wallet)
+    ).scalar()
+    if owner is not None and owner != account_id:
+        raise Conflict("this wallet already funds another account", param="wallet",
+                       code="wallet_in_use")
     row = session.get(ChainAllowance, account_id)
+    if row is not None and signed_at <= row.signed_at:
+        raise Conflict("a registration signed at this time or later was already used",
+                       param="signed_at", code="replayed_registration")
     if row is None:
         row = ChainAllowance(account_id=account_id, wallet=wallet, credited=0, delegated=0,
-                             token_balance=0, active=False, pulls=0, created_at=utcnow())
+                             token_balance=0, active=False, pulls=0, shortfall=0,
+                             signed_at=signed_at, created_at=utcnow())
         session.add(row)
     elif row.wallet != wallet:
         if row.credited:
@@ -62,6 +94,7 @@ def register(session: Session, account_id: str, wallet: str) -> ChainAllowance:
             raise BadRequest("a pull from the current wallet is in flight; retry shortly",
                              param="wallet")
         row.wallet = wallet
+    row.signed_at = signed_at
     account.wallet = wallet
     session.flush()
     return row
@@ -110,17 +143,45 @@ async def sync(rt: ChainRuntime, sessions: sessionmaker[Session],
             if done != 1:
                 continue  # another sync moved it: its view wins
             result.synced += 1
-            delta = live - credited
-            if delta:
-                session.execute(update(Account).where(Account.id == account_id)
-                                .values(balance=Account.balance + delta))
+            change = _apply_change(session, account_id, live - credited)
+            if change:
                 session.add(LedgerEntry(
                     kind="allowance", idempotency_key=new_id(f"allowance:{account_id}"),
-                    amount=delta, account_id=account_id,
+                    amount=change, account_id=account_id,
                     memo=f"on-chain allowance of {wallet} is now {live}",
                 ))
-                result.changed[account_id] = delta
+                result.changed[account_id] = change
     return result
+
+
+def _apply_change(session: Session, account_id: str, delta: int) -> int:
+    """Move the balance by an allowance change ``delta``; returns how much it moved.
+
+    A fall is taken from what is spendable only (never below what is held: the
+    database refuses that); the part it cannot take becomes ``shortfall``. A rise
+    repays the shortfall first."""
+    if delta == 0:
+        return 0
+    balance, held = session.execute(
+        select(Account.balance, Account.held).where(Account.id == account_id).with_for_update()
+    ).one()
+    shortfall = session.execute(
+        select(ChainAllowance.shortfall).where(ChainAllowance.account_id == account_id)
+    ).scalar_one()
+    if delta < 0:
+        taken = min(-delta, balance - held)
+        shortfall += -delta - taken
+        change = -taken
+    else:
+        repaid = min(delta, shortfall)
+        shortfall -= repaid
+        change = delta - repaid
+    session.execute(update(ChainAllowance).where(ChainAllowance.account_id == account_id)
+                    .values(shortfall=shortfall))
+    if change:
+        session.execute(update(Account).where(Account.id == account_id)
+                        .values(balance=Account.balance + change))
+    return change
 
 
 # ---- pulls ----------------------------------------------------------------------------------

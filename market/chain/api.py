@@ -6,8 +6,12 @@
   Leaves are the anchor's receipt hashes sorted ascending, the order the anchoring task
   built the tree in; ``protocol.merkle.verify_inclusion`` (or the explorer's JS) checks it.
 * ``GET /v1/chain`` (no key): where and how to pay — mint, deposit account, memo format.
-* ``POST /v1/chain/allowance`` (API key): ``{"wallet": "<base58>"}`` registers the wallet
-  whose ``approve`` to the market funds this account (read from chain by the worker).
+* ``POST /v1/chain/allowance`` (API key): ``{"wallet", "signed_at", "signature"}``
+  registers the wallet whose ``approve`` to the market funds this account (read from
+  chain by the worker). ``signature`` is the wallet's own (base58, ed25519) over
+  ``ALLOWANCE_DOMAIN + allowance_message(market, account, wallet, signed_at)``
+  (``protocol.keys``; ``aidp-market chain allowance --sign`` makes one): an API key alone
+  cannot claim somebody else's approval.
 * ``POST /v1/stake/unbond``, ``POST /v1/stake/withdraw``, ``POST /v1/stake/withdraw/submit``
   (no key: signed by the node operator's keypair): unbonding and co-signed withdrawal of
   node stake, see ``market.chain.unbonding``.
@@ -20,7 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -82,14 +86,19 @@ async def chain_info(request: Request) -> Any:
 
 
 class AllowanceBody(BaseModel):
-    wallet: str
+    wallet: str = Field(max_length=64)
+    signed_at: int = Field(ge=0, le=2**40)
+    signature: str = Field(max_length=128)
 
 
 @router.post("/v1/chain/allowance")
 async def register_allowance(body: AllowanceBody, request: Request,
                              buyer: Buyer = Depends(authenticate)) -> Any:
+    market_id = market_state(request).settings.market_id
+
     def apply(session: Session) -> dict[str, Any]:
-        row = allowance.register(session, buyer.account_id, body.wallet)
+        row = allowance.register(session, buyer.account_id, body.wallet, market_id=market_id,
+                                 signed_at=body.signed_at, signature=body.signature)
         return {"account_id": row.account_id, "wallet": row.wallet, "credited": row.credited,
                 "active": row.active}
 

@@ -20,7 +20,9 @@ from typing import Any
 EPILOG = """examples:
   aidp-market chain init
   AIDP_LEDGER_URL=http://127.0.0.1:8899 aidp-market chain reconcile
-  aidp-market chain allowance acct_0123 7Yx...wallet   # fund an account from an approve()"""
+  aidp-market chain allowance acct_0123 --keypair wallet.json   # fund an account from an approve()
+  aidp-market chain allowance acct_0123 --keypair wallet.json --sign --market https://market.example
+                                         # the signed body a buyer POSTs to /v1/chain/allowance"""
 
 
 def _sessions():  # type: ignore[no-untyped-def]
@@ -122,13 +124,35 @@ def _tick(args: argparse.Namespace) -> int:
 
 
 def _allowance(args: argparse.Namespace) -> int:
-    from market.chain import allowance
+    import time
 
+    from market.chain import allowance
+    from market.settings import get_settings
+    from protocol.keys import ALLOWANCE_DOMAIN, allowance_message, load_keypair, sign
+
+    wallet = load_keypair(args.keypair)
+    market_id = _market_id(args.market) if args.market else get_settings().market_id
+    signed_at = int(time.time())
+    message = allowance_message(market_id, args.account, str(wallet.pubkey()), signed_at)
+    body = {"wallet": str(wallet.pubkey()), "signed_at": signed_at,
+            "signature": sign(wallet, ALLOWANCE_DOMAIN, message)}
+    if args.sign:
+        print(json.dumps(body))
+        return 0
     with _sessions().begin() as session:
-        row = allowance.register(session, args.account, args.wallet)
+        row = allowance.register(session, args.account, body["wallet"], market_id=market_id,
+                                 signed_at=signed_at, signature=body["signature"])
         print(f"{row.account_id} is funded by the allowance of {row.wallet} "
               "(read from chain on the next funding step)")
     return 0
+
+
+def _market_id(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    from protocol.keys import canonical_host
+
+    return canonical_host(urlsplit(url if "//" in url else f"//{url}").netloc)
 
 
 def _claim(args: argparse.Namespace) -> int:
@@ -189,9 +213,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="funding, settle and/or anchor (default: all three, in that order)")
     p.set_defaults(func=_guard(_tick))
 
-    p = sub.add_parser("allowance", help="fund an account from a wallet's approve() to the market")
+    p = sub.add_parser("allowance", help="fund an account from a wallet's approve() to the market",
+                       description="Sign, with the wallet's own keypair, that its approval funds "
+                       "ACCOUNT, and register it (or, with --sign, print the signed body for "
+                       "POST /v1/chain/allowance).")
     p.add_argument("account", help="the market account id to fund (acct_…)")
-    p.add_argument("wallet", help="base58 wallet address whose AIDP account approved the market")
+    p.add_argument("--keypair", required=True,
+                   help="the wallet's keypair file (solana-keygen format); it signs, it is not sent")
+    p.add_argument("--sign", action="store_true",
+                   help="only print the signed registration body (JSON), register nothing")
+    p.add_argument("--market", help="the market's public URL (default: AIDP_PUBLIC_URL)")
     p.set_defaults(func=_guard(_allowance))
 
     p = sub.add_parser("claim", help="credit an unclaimed deposit to an account")

@@ -30,6 +30,29 @@ from tests.programs.conftest import LedgerServer
 from tests.support.db import postgres_schema
 
 
+def registration(wallet: Keypair, account_id: str, market_id: str,
+                 signed_at: int | None = None) -> dict[str, Any]:
+    """The body a wallet owner POSTs to /v1/chain/allowance (signed by the wallet)."""
+    import time
+
+    from protocol.keys import ALLOWANCE_DOMAIN, allowance_message, sign
+
+    signed_at = int(time.time()) if signed_at is None else signed_at
+    message = allowance_message(market_id, account_id, str(wallet.pubkey()), signed_at)
+    return {"wallet": str(wallet.pubkey()), "signed_at": signed_at,
+            "signature": sign(wallet, ALLOWANCE_DOMAIN, message)}
+
+
+def register_allowance(session: Session, wallet: Keypair, account_id: str,
+                       market_id: str = "market.example", signed_at: int | None = None) -> Any:
+    """Register ``wallet``'s allowance for ``account_id`` as its owner would (signed)."""
+    from market.chain import allowance
+
+    body = registration(wallet, account_id, market_id, signed_at)
+    return allowance.register(session, account_id, body["wallet"], market_id=market_id,
+                              signed_at=body["signed_at"], signature=body["signature"])
+
+
 @pytest.fixture(scope="session")
 def chain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LedgerServer]:
     server = LedgerServer(tmp_path_factory.mktemp("chain-ledger")).start()

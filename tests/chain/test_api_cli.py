@@ -6,9 +6,11 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from sqlalchemy import select
 
@@ -21,7 +23,7 @@ from market.db import sync_session_factory
 from programs import settlement
 from programs.ledger import open_ledger
 from protocol.merkle import ProofStep, verify_inclusion
-from tests.chain.conftest import make_settings
+from tests.chain.conftest import make_settings, registration
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,16 +53,35 @@ async def test_proof_endpoint_is_public_and_verifies_on_chain(db_world):
         assert info["deposit_account"] == world.cfg.deposit and info["mint"] == world.cfg.mint
 
         wallet = await world.wallet()
-        assert client.post("/v1/chain/allowance", json={"wallet": str(wallet.pubkey())}
-                           ).status_code == 401
-        resp = client.post("/v1/chain/allowance", json={"wallet": str(wallet.pubkey())},
-                           headers={"Authorization": f"Bearer {key}"})
+        market_id = settings.market_id
+        auth = {"Authorization": f"Bearer {key}"}
+        body = registration(wallet, buyer, market_id)
+        assert client.post("/v1/chain/allowance", json=body).status_code == 401
+        # somebody else's wallet: the API key alone proves nothing about it
+        foreign = {**body, "signature": registration(Keypair(), buyer, market_id)["signature"]}
+        assert client.post("/v1/chain/allowance", json=foreign, headers=auth).status_code == 403
+        for_other_market = registration(wallet, buyer, "other-market.example")
+        assert client.post("/v1/chain/allowance", json=for_other_market,
+                           headers=auth).status_code == 403
+        resp = client.post("/v1/chain/allowance", json=body, headers=auth)
         assert resp.status_code == 200, resp.text
-        bad = client.post("/v1/chain/allowance", json={"wallet": "nope"},
-                          headers={"Authorization": f"Bearer {key}"})
+        replay = client.post("/v1/chain/allowance", json=body, headers=auth)
+        assert replay.status_code == 409 and replay.json()["error"]["code"] == \
+            "replayed_registration"
+        stale = registration(wallet, buyer, market_id, signed_at=int(time.time()) - 3600)
+        assert client.post("/v1/chain/allowance", json=stale, headers=auth).status_code == 400
+        bad = client.post("/v1/chain/allowance", json={**body, "wallet": "nope"}, headers=auth)
         assert bad.status_code == 400
+        # one wallet funds one account: another buyer cannot register it, even signed
+        other = world.account()
+        with world.sessions.begin() as s:
+            _, other_key = accounts.issue_key(s, other)
+        taken = client.post("/v1/chain/allowance", json=registration(wallet, other, market_id),
+                            headers={"Authorization": f"Bearer {other_key}"})
+        assert taken.status_code == 409 and taken.json()["error"]["code"] == "wallet_in_use"
     with world.sessions() as s:
         assert s.get(ChainAllowance, buyer).wallet == str(wallet.pubkey())
+        assert s.get(ChainAllowance, other) is None
 
 
 async def test_init_is_idempotent_and_keys_are_private(tmp_path, db_url):

@@ -3,17 +3,19 @@ revocation stopping new jobs (402) — through billing's real hold check."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import func, select
 
 from market import billing
 from market.chain import deposits
-from market.chain import allowance as allowance_mod
 from market.chain.models import ChainAllowance, ChainDeposit
 from market.errors import InsufficientBalance
 from market.models import Account, ChainTransfer, Job, LedgerEntry, new_id
 from programs import settlement
 from programs.ledger import TransactionRejected
+from tests.chain.conftest import register_allowance
 
 
 def _balance(world, account_id: str) -> int:
@@ -97,7 +99,7 @@ async def _allowance_flow(world) -> None:
     await world.ledger.execute(settlement.approve_instructions(world.cfg, wallet.pubkey(), 1_000),
                                wallet)
     with world.sessions.begin() as s:
-        allowance_mod.register(s, acct, str(wallet.pubkey()))
+        register_allowance(s, wallet, acct)
     await world.step("funding")
     assert _balance(world, acct) == 1_000  # spendable = on-chain allowance
 
@@ -135,18 +137,38 @@ async def _allowance_flow(world) -> None:
         await world.ledger.execute(settlement.pull_instructions(
             world.cfg, wallet.pubkey(), 1, "manual"), world.rt.market)
 
-    # revocation: the balance drops to what is owed, new jobs get 402
+    # revocation: the balance cannot go below zero (the database refuses it); what is
+    # still owed is kept as a shortfall, and new jobs get 402
     await world.ledger.execute(settlement.approve_instructions(world.cfg, wallet.pubkey(), 0),
                                wallet)
     await world.ledger.execute(settlement.revoke_instructions(world.cfg, wallet.pubkey()), wallet)
     await world.step("funding")
-    assert _balance(world, acct) == -150  # 1000 charged, 850 pulled
+    assert _balance(world, acct) == 0
     with pytest.raises(InsufficientBalance):
         _open_job(world, acct, 1)
     with world.sessions() as s:
-        assert s.get(ChainAllowance, acct).active is False
+        row = s.get(ChainAllowance, acct)
+        assert row.active is False
+        assert row.shortfall == 150  # 1000 charged, 850 pulled
         pulled = s.scalar(select(func.sum(LedgerEntry.amount)).where(LedgerEntry.kind == "pull"))
         assert pulled == 850
+
+    # a new approval repays the shortfall first: the buyer can spend only the rest, and
+    # the market pulls the 150 it was owed
+    await world.ledger.execute([spl.transfer_checked(
+        world.cfg.ata(other.pubkey()), world.cfg.mint_pk, world.cfg.ata(wallet.pubkey()),
+        other.pubkey(), 1_000, world.cfg.decimals)], other)
+    await world.ledger.execute(settlement.approve_instructions(world.cfg, wallet.pubkey(), 400),
+                               wallet)
+    await world.step("funding")
+    assert _balance(world, acct) == 250
+    with world.sessions() as s:
+        assert s.get(ChainAllowance, acct).shortfall == 0
+    out = await world.step("settle")
+    assert out["settle"]["pulls"] == {"confirmed": 1}
+    with world.sessions() as s:
+        pulled = s.scalar(select(func.sum(LedgerEntry.amount)).where(LedgerEntry.kind == "pull"))
+        assert pulled == 1_000  # every charge paid
 
 
 async def test_wallet_cannot_change_under_a_pull_in_flight(db_world):
@@ -157,14 +179,13 @@ async def test_wallet_cannot_change_under_a_pull_in_flight(db_world):
     acct = world.account()
     first, second = await world.wallet(), await world.wallet()
     with world.sessions.begin() as s:
-        allowance_mod.register(s, acct, str(first.pubkey()))
+        register_allowance(s, first, acct, signed_at=int(time.time()) - 2)
         transfers.plan(s, kind="pull", key=f"pull:{acct}.1", amount=5,
                        from_address=str(world.cfg.ata(first.pubkey())),
                        to_address=world.cfg.deposit,
                        memo=settlement.keyed_memo("pull", f"{acct}.1"))
     with pytest.raises(BadRequest, match="in flight"), world.sessions.begin() as s:
-        allowance_mod.register(s, acct, str(second.pubkey()))
+        register_allowance(s, second, acct, signed_at=int(time.time()) - 1)
     with world.sessions.begin() as s:  # once it is settled either way, the switch is allowed
         s.execute(ChainTransfer.__table__.update().values(state="cancelled"))
-        assert allowance_mod.register(s, acct, str(second.pubkey())).wallet == str(
-            second.pubkey())
+        assert register_allowance(s, second, acct).wallet == str(second.pubkey())

@@ -116,6 +116,7 @@ async def test_link_rejects_a_node_below_min_stake(request, tmp_path, db_url):
         market = start_market(db_url, data_dir=settings.data_dir, ledger_url=server.url,
                               min_stake=1_500)
         try:
+            market.list_model("staked-model", DeterministicEngine("staked-model").model.sha256)
             for keypair, welcomed in ((bare, False), (staked, True)):
                 link = NodeLink(market.url, keypair, DeterministicEngine("staked-model"),
                                 price=(1, 1), max_concurrency=1, backoff_initial=5.0)

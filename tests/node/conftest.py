@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncio
 import os
 import secrets
@@ -78,7 +80,8 @@ class MarketPeer:
         nonce = secrets.token_bytes(32)
         await ws.send(encode(Challenge(nonce=nonce.hex())))
         auth = parse_node_message(await ws.recv())
-        signed = link_auth_message(ws.request.headers["Host"], nonce)
+        market_id = f"127.0.0.1:{ws.local_address[1]}"  # the market identity it was dialed at
+        signed = link_auth_message(market_id, nonce)
         ok = verify(hello.pubkey, LINK_AUTH_DOMAIN, signed, getattr(auth, "signature", ""))
         self.auth_ok.append(ok)
         if not ok:
@@ -87,7 +90,8 @@ class MarketPeer:
         await ws.send(
             encode(
                 Welcome(
-                    node_id=f"node-{len(self.hellos)}", heartbeat_interval=self.heartbeat_interval
+                    node_id=f"node-{len(self.hellos)}", heartbeat_interval=self.heartbeat_interval,
+                    market_id=market_id, max_frame_bytes=1 << 22,
                 )
             )
         )
@@ -158,8 +162,14 @@ class RealMarket:
         from tests.support.net import free_port
 
         self.port = free_port()
+        from node_agent.engines.fake import fake_sha256
+
         values: dict[str, Any] = {
             "database_url": f"sqlite:///{db_path}",
+            "data_dir": str(Path(db_path).parent),
+            # the deterministic engine's test model; SmolLM2 is listed by default
+            "models": {"node-it-model": {"sha256": [fake_sha256("node-it-model")],
+                                         "vocabulary": "fake"}},
             "host": "127.0.0.1",
             "port": self.port,
             "admin_token": ADMIN_TOKEN,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -128,6 +129,7 @@ def start_market(db_url: str, **overrides: Any) -> Market:
     port = free_port()
     values: dict[str, Any] = {
         "database_url": db_url,
+        "data_dir": tempfile.mkdtemp(prefix="aidp-market-"),
         "host": "127.0.0.1",
         "port": port,
         "admin_token": ADMIN_TOKEN,

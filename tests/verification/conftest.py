@@ -199,7 +199,7 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
     fee = billing.market_fee(earning, 1000)
     with world.sessions.begin() as session:
         job = Job(id=new_id("job"), account_id=world.account_id, model=engine.model.id, kind=kind, request=body,
-                  hold_amount=billing.hold_for(4096, body.get("max_tokens", 256), PRICE_IN,
+                  hold_amount=billing.worst_case_hold(prompt_tokens, body.get("max_tokens", 256), PRICE_IN,
                                                PRICE_OUT, 1000))
         billing.open_job(session, job)
         session.flush()
