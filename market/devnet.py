@@ -5,12 +5,18 @@ and one CPU node serving SmolLM2 through llama.cpp; creates a demo buyer with an
 key and credit; prints how to call it. By default the services keep running in the
 background (pids under ``.aidp/run``) and ``aidp-market down`` stops them; with
 ``--foreground`` they run until Ctrl-C.
+
+Nothing is left at a default a stranger could guess: the network gets its own random
+admin token (``.aidp/admin-token``, mode 600, kept across restarts, printed), and its
+node must hold real stake (``DEVNET_MIN_STAKE`` of a demo wallet's AIDP, bonded in the
+node's stake account before it starts) because the market requires it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,6 +31,7 @@ from market.settings import MarketSettings, get_settings
 
 NODE_MODEL = "SmolLM2-135M-Instruct"
 DEMO_CREDIT = 1_000_000_000  # 1,000 AIDP at 6 decimals
+DEVNET_MIN_STAKE = 10_000_000  # 10 AIDP: what the local market asks each node to bond
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,21 @@ def _run_dir(settings: MarketSettings) -> Path:
     return path
 
 
-def plan_services(settings: MarketSettings, ledger_port: int, node_keypair: Path) -> list[Service]:
+def network_admin_token(settings: MarketSettings) -> str:
+    """This network's admin token: AIDP_ADMIN_TOKEN when set, else a random one made once
+    and kept in ``<data_dir>/admin-token`` (mode 600)."""
+    if "AIDP_ADMIN_TOKEN" in os.environ:
+        return settings.admin_token
+    path = settings.data_dir / "admin-token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def plan_services(settings: MarketSettings, ledger_port: int, node_keypair: Path,
+                  admin_token: str) -> list[Service]:
     market_url = f"http://{settings.host}:{settings.port}"
     ledger_url = f"http://127.0.0.1:{ledger_port}"
     env = {
@@ -62,6 +83,8 @@ def plan_services(settings: MarketSettings, ledger_port: int, node_keypair: Path
         "AIDP_LEDGER_URL": ledger_url,
         "AIDP_DATABASE_URL": settings.database_url,
         "AIDP_BROKER_URL": settings.broker_url,
+        "AIDP_ADMIN_TOKEN": admin_token,
+        "AIDP_MIN_STAKE": os.environ.get("AIDP_MIN_STAKE", str(DEVNET_MIN_STAKE)),
         "AIDP_CHALLENGE_WINDOW_S": os.environ.get("AIDP_CHALLENGE_WINDOW_S", "30"),
     }
     return [
@@ -129,8 +152,8 @@ def _wait_for_model(market_url: str, api_key: str, timeout: float = 300) -> None
     raise SystemExit(f"no node offered {NODE_MODEL} after {timeout:.0f}s; see node.log")
 
 
-def _create_demo_buyer(market_url: str, settings: MarketSettings) -> str:
-    admin = {"Authorization": f"Bearer {settings.admin_token}"}
+def _create_demo_buyer(market_url: str, admin_token: str) -> str:
+    admin = {"Authorization": f"Bearer {admin_token}"}
     with httpx.Client(base_url=market_url, headers=admin, timeout=10) as client:
         account = client.post("/admin/accounts", json={"name": "demo"}).raise_for_status().json()
         client.post(
@@ -141,13 +164,15 @@ def _create_demo_buyer(market_url: str, settings: MarketSettings) -> str:
         return str(key.raise_for_status().json()["key"])
 
 
-def _print_usage(market_url: str, api_key: str, run_dir: Path) -> None:
+def _print_usage(market_url: str, api_key: str, run_dir: Path, admin_token: str,
+                 token_file: Path) -> None:
     print(
         f"""
 Neural Cloud is up.
   market API   {market_url}/v1          explorer  {market_url}/explorer
   metrics      {market_url}/metrics     logs      {run_dir}/*.log
   API key      {api_key}
+  admin token  {admin_token}  (this network's own; kept in {token_file})
 
 curl:
   curl {market_url}/v1/chat/completions \\
@@ -167,11 +192,16 @@ Stop everything with: .venv/bin/aidp-market down
     )
 
 
-def _chain_init(env: dict[str, str], run_dir: Path) -> None:
-    """Create the AIDP mint, treasury and deposit accounts on the fresh ledger (idempotent)."""
-    print("initialising the chain (AIDP mint, treasury, deposit account) …", flush=True)
+def _chain_init(env: dict[str, str], run_dir: Path, node_keypair: Path) -> None:
+    """Create the AIDP mint, treasury and deposit accounts on the fresh ledger, and bond
+    the node's stake from a demo wallet (both idempotent)."""
+    print("initialising the chain (AIDP mint, treasury, deposit account, node stake) …",
+          flush=True)
     with open(run_dir / "chain-init.log", "ab") as log:
         subprocess.run([_bin("aidp-market"), "chain", "init"], env={**os.environ, **env},
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
+        subprocess.run([_bin("aidp-market"), "chain", "stake-demo", str(node_keypair),
+                        "--amount", env["AIDP_MIN_STAKE"]], env={**os.environ, **env},
                        stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
@@ -189,7 +219,9 @@ def up(foreground: bool = False, ledger_port: int = 8899) -> None:
     if any(run_dir.glob("*.pid")):
         down()
     market_url = f"http://{settings.host}:{settings.port}"
-    services = plan_services(settings, ledger_port, _ensure_node_keypair(settings))
+    admin_token = network_admin_token(settings)
+    node_keypair = _ensure_node_keypair(settings)
+    services = plan_services(settings, ledger_port, node_keypair, admin_token)
     processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for service in services:
@@ -198,12 +230,12 @@ def up(foreground: bool = False, ledger_port: int = 8899) -> None:
             if service.ready:
                 _wait_ready(service.ready, processes[service.name], service.name)
             if service.name == "ledger":
-                _chain_init(service.env, run_dir)
-        api_key = _create_demo_buyer(market_url, settings)
+                _chain_init(service.env, run_dir, node_keypair)
+        api_key = _create_demo_buyer(market_url, admin_token)
         print(f"waiting for the node to load {NODE_MODEL} …", flush=True)
         _wait_for_model(market_url, api_key)
         (run_dir / "demo.json").write_text(json.dumps({"market_url": market_url, "api_key": api_key}))
-        _print_usage(market_url, api_key, run_dir)
+        _print_usage(market_url, api_key, run_dir, admin_token, settings.data_dir / "admin-token")
     except BaseException:
         down()
         raise

@@ -145,3 +145,33 @@ def _build_mint(
 
 
 transfers.register("mint", transfers.Handler(_build_mint))
+
+
+async def stake_from_demo_wallet(settings: MarketSettings, node: Keypair, amount: int, *,
+                                 ledger: Ledger | None = None, wallet: int = 1) -> int:
+    """Local chains: bond ``amount`` of a demo wallet's AIDP as ``node``'s stake, as an
+    operator would (the wallet pays the node's AIDP account, the node deposits into its
+    2-of-3 stake account). Returns the stake on chain; tops up only what is missing."""
+    base = chain_dir(settings)
+    market, arbiter = load_keypair(base / "market.json"), load_keypair(base / "arbiter.json")
+    demo = load_keypair(base / f"demo-{wallet}.json")
+    own = ledger is None
+    led = ledger or open_ledger(settings.ledger_url, settings.data_dir)
+    try:
+        if not led.local:
+            raise RuntimeError("demo staking is for local chains only")
+        cfg = settlement.ChainConfig.load(config_path(settings))
+        stake = await settlement.create_stake(led, cfg, market, node.pubkey(), arbiter.pubkey())
+        have = await led.token_balance(stake.account_pk)
+        missing = amount - have
+        if missing <= 0:
+            return have
+        await settlement.fund_wallet(led, cfg, market, node.pubkey())  # SOL for fees, its ATA
+        await led.execute([spl.transfer_checked(
+            cfg.ata(demo.pubkey()), cfg.mint_pk, cfg.ata(node.pubkey()), demo.pubkey(),
+            missing, cfg.decimals)], demo)
+        await led.execute(settlement.stake_deposit_instructions(cfg, stake, missing), node)
+        return await led.token_balance(stake.account_pk)
+    finally:
+        if own:
+            await led.close()

@@ -155,6 +155,18 @@ def _market_id(url: str) -> str:
     return canonical_host(urlsplit(url if "//" in url else f"//{url}").netloc)
 
 
+def _stake_demo(args: argparse.Namespace) -> int:
+    from market.chain.bootstrap import stake_from_demo_wallet
+    from market.settings import get_settings
+    from protocol.keys import load_keypair
+
+    node = load_keypair(args.node_keypair)
+    staked = asyncio.run(stake_from_demo_wallet(get_settings(), node, args.amount,
+                                                wallet=args.wallet))
+    print(f"node {node.pubkey()} has {staked} base units staked")
+    return 0
+
+
 def _claim(args: argparse.Namespace) -> int:
     from market.chain.deposits import claim
 
@@ -224,6 +236,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="only print the signed registration body (JSON), register nothing")
     p.add_argument("--market", help="the market's public URL (default: AIDP_PUBLIC_URL)")
     p.set_defaults(func=_guard(_allowance))
+
+    p = sub.add_parser("stake-demo", help="local chains: stake a node from a demo wallet")
+    p.add_argument("node_keypair", help="the node's keypair file (it signs the deposit)")
+    p.add_argument("--amount", type=int, required=True, help="AIDP base units to have staked")
+    p.add_argument("--wallet", type=int, default=1, help="demo wallet number (default 1)")
+    p.set_defaults(func=_guard(_stake_demo))
 
     p = sub.add_parser("claim", help="credit an unclaimed deposit to an account")
     p.add_argument("signature", help="transaction signature of the deposit (chain_deposits)")
