@@ -116,7 +116,8 @@ class MarketSettings(BaseSettings):
     verify_scan_interval_s: float = 5.0
     verify_batch: int = 500  # receipts per beat tick and step
     verify_timeout_s: float = 900.0  # a 'verifying' receipt older than this is re-dispatched
-    verify_max_attempts: int = 3
+    verify_max_attempts: int = 3  # verifiers that may fail to judge a receipt before escalation
+    verify_retry_s: float = 30.0  # backoff before the next verifier tries (doubles per attempt)
     # below this reputation the sample rate rises linearly to 100% at reputation 0
     verify_low_reputation: float = 0.5
     # HMAC key of the sampling draw; empty = the random key generated at first start

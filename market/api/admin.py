@@ -197,3 +197,13 @@ async def delete_listing(model_id: str, request: Request) -> Any:
         raise NotFound(f"model {model_id!r} is not listed", param="model_id")
     await listing_mod.refresh(state.catalog, state.db)
     return {"id": model_id, "deleted": True}
+
+
+@router.post("/receipts/{receipt_id}/requeue")
+async def requeue_receipt(receipt_id: str, request: Request) -> Any:
+    """Send an escalated receipt (no verifier could judge it) back to verification."""
+    from market.verification.settlement import requeue
+
+    if not await _sync(request, requeue, receipt_id):
+        raise NotFound(f"receipt {receipt_id!r} is not escalated", param="receipt_id")
+    return {"id": receipt_id, "state": "pending"}

@@ -62,7 +62,7 @@ from market.chain.models import UnbondingRequest
 from market.chain.runtime import ChainRuntime
 from market.chain.stake import unsettled_slashes
 from market.errors import BadRequest, Conflict, Forbidden, NotFound
-from market.models import ChainTransfer, Node, utcnow
+from market.models import ChainTransfer, Node, Receipt, utcnow
 from programs import settlement
 from programs.ledger import PreparedTx, TransactionRejected, TxState, TxStatus
 from protocol.canonical import canonical_json
@@ -72,6 +72,8 @@ log = logging.getLogger("market.chain.unbonding")
 
 #: how far a signed request's timestamp may be from the market's clock
 MAX_SKEW_S = 300
+#: receipt states that may still end in a slash
+OPEN_RECEIPT_STATES = ("pending", "verifying", "escalated")
 
 
 # ---- signed requests (what the operator signs) -----------------------------------------
@@ -231,7 +233,23 @@ def _due(session: Session, node_id: str, request_id: int | None) -> UnbondingReq
         raise Conflict("A slash of this node has not landed on chain yet; slashes are taken "
                        "before any withdrawal. Try again after it settles.",
                        code="slash_pending")
+    open_until = _open_window(session, node_id)
+    if open_until is not None:
+        raise Conflict("Receipts of this node are still in their challenge window (or being "
+                       f"verified) until {open_until.isoformat()}: the stake answers for "
+                       "them until they settle.", code="challenge_window_open")
     return req
+
+
+def _open_window(session: Session, node_id: str) -> datetime | None:
+    """When the last open challenge of the node's receipts closes (None: none is open).
+
+    A receipt is open until it is settled or slashed, whatever its window says: one being
+    verified, or escalated because no verifier could judge it, may still be slashed."""
+    return session.execute(
+        select(func.max(Receipt.window_closes_at)).where(
+            Receipt.node_id == node_id, Receipt.state.in_(OPEN_RECEIPT_STATES))
+    ).scalar()
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 ``verification_tasks`` keeps the verifier's bookkeeping out of the market's
 ``receipts`` table: whether the receipt was sampled (and at what rate), why it is
 verified (``first_jobs`` / ``sampled`` / ``challenge``), how many attempts ran and
-the outcome. The challenge state itself (pending/verifying/settled/slashed) and the
-evidence stay on ``receipts``, where the buyer API and explorer read them.
+the outcome. The challenge state itself (pending/verifying/settled/slashed/escalated) and
+the evidence stay on ``receipts``, where the buyer API and explorer read them.
 """
 
 from __future__ import annotations
@@ -33,4 +33,6 @@ class VerificationTask(Base):
     outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # after a verifier could not judge it: not dispatched again before this (backoff)
+    not_before: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -543,12 +543,16 @@ async def reexecute(
         edited = matches is False
 
     eog_ids = eog_token_ids(engine)
+    # prompt + output filled the node's context: generation had to end there (honest)
+    context_exhausted = bool(
+        context_length and body.prompt_tokens + len(claimed) >= context_length)
     # A stop the text shows was a stop string needs no end-of-generation mass; without
     # the text, a stop under stop strings cannot be told apart, so it is not judged.
     natural_stop = (
         finish_reason == "stop"
         and len(claimed) < sampling.max_tokens
         and not stop_string_seen
+        and not context_exhausted
         and (output_text is not None or not sampling.stop)
     )
     scored_ids = claimed + [eog_ids[0]] if natural_stop and eog_ids else claimed
@@ -562,6 +566,7 @@ async def reexecute(
         stop_explained=stop_string_seen,
         eog_score=eog_score,
         eog_token_ids=eog_ids,
+        context_exhausted=context_exhausted,
         tolerances=tol,
         vocab_size=vocab_size(engine),
     )

@@ -8,6 +8,8 @@ between loading its input and applying its outcome.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,12 @@ from node_agent.engines.base import Engine, EngineError
 from protocol.receipt import receipt_from_json
 
 log = logging.getLogger("market.verification")
+
+
+
+def verifier_id() -> str:
+    """Which verifier process judged (or failed to judge) a receipt, kept in its evidence."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -152,6 +160,7 @@ def verify(
         return f"skipped ({inp.state})"
     outcome, evidence, reason = judge_receipt(inp, settings, engine_for)
     evidence["outcome"] = outcome
+    evidence["verifier"] = verifier_id()
     with sessions.begin() as session:
         if outcome == "fraud":
             done = settlement.slash(session, receipt_id, settings, reason=reason[:2000],
@@ -160,8 +169,8 @@ def verify(
             done = settlement.settle_verified(session, receipt_id, settings,
                                               verification=evidence)
         else:
-            done = settlement.release_unverifiable(session, receipt_id, reason=reason[:2000],
-                                                   verification=evidence)
+            done = settlement.release_unverifiable(session, receipt_id, settings,
+                                                   reason=reason[:2000], verification=evidence)
     if not done:
         return "skipped (moved by another worker)"
     log.info("receipt %s: %s (%s)", receipt_id, outcome, reason)

@@ -1,7 +1,13 @@
 """Challenge-window state machine: sampling, dispatch, settlement and slashing.
 
 Receipt states: ``pending`` → ``verifying`` → ``settled`` | ``slashed``, and
-``pending`` → ``settled`` when the window closes unverified. Every transition is one
+``pending`` → ``settled`` when the window closes and the receipt was not sampled.
+
+Verification fails closed: a receipt that was sampled or challenged is paid only on an
+honest verdict. When a verifier cannot judge it (no engine for the model, a timeout, a
+crash), it goes back to ``pending`` to be tried again, on whichever verifier takes it,
+after a growing backoff; after ``verify_max_attempts`` it is ``escalated``: unpaid,
+its node's reputation unchanged, until an operator re-queues it (``requeue``). Every transition is one
 ``UPDATE receipts … WHERE id = :id AND state = :expected`` whose row count is
 checked, plus a ``receipt_events`` row, in the caller's transaction — so two workers
 racing on one receipt cannot both act, and a replayed task is a no-op.
@@ -221,6 +227,7 @@ def claim_for_verification(
             VerificationTask.verify.is_(True),
             VerificationTask.outcome.is_(None),
             VerificationTask.attempts < settings.verify_max_attempts,
+            or_(VerificationTask.not_before.is_(None), VerificationTask.not_before <= now),
         )
         .order_by(Receipt.created_at)
         .limit(settings.verify_batch)
@@ -247,12 +254,10 @@ def claim_for_verification(
     ).all()
     for rid, attempts in stuck:
         if attempts >= settings.verify_max_attempts:
-            # Give up judging: back to pending, settled when the window closes.
-            if transition(session, rid, "verifying", "pending",
-                          f"verification gave up after {attempts} attempts", now=now):
-                session.execute(update(VerificationTask)
-                                .where(VerificationTask.receipt_id == rid)
-                                .values(outcome="unavailable", finished_at=now))
+            # No verifier finished it: never paid unverified, escalated to the operator.
+            if transition(session, rid, "verifying", "escalated",
+                          f"no verifier finished it in {attempts} attempts", now=now):
+                _finish_task(session, rid, "unavailable", now)
         elif transition(session, rid, "verifying", "verifying",
                         "verification re-dispatched (timed out)", now=now):
             session.execute(
@@ -294,11 +299,10 @@ def close_expired_windows(
 ) -> list[str]:
     """Settle pending receipts whose window closed and that await no verification."""
     now = now or utcnow()
+    # a sampled or challenged receipt is settled by its honest verdict only, never here
     awaiting = exists().where(
         VerificationTask.receipt_id == Receipt.id,
         VerificationTask.verify.is_(True),
-        VerificationTask.outcome.is_(None),
-        VerificationTask.attempts < settings.verify_max_attempts,
     )
     decided = exists().where(VerificationTask.receipt_id == Receipt.id)
     ids = session.execute(
@@ -389,15 +393,40 @@ def settle_verified(
 
 
 def release_unverifiable(
-    session: Session, receipt_id: str, *, reason: str, verification: dict[str, Any],
-    now: datetime | None = None,
+    session: Session, receipt_id: str, settings: MarketSettings, *, reason: str,
+    verification: dict[str, Any], now: datetime | None = None,
 ) -> bool:
-    """verifying → pending when the verifier cannot judge (never slash without proof)."""
+    """The verifier cannot judge (never slash without proof, never pay without one):
+    verifying → pending, to be tried again after a backoff, or → escalated once
+    ``verify_max_attempts`` verifiers have failed. Reputation is left alone."""
     now = now or utcnow()
+    attempts = session.execute(
+        select(VerificationTask.attempts).where(VerificationTask.receipt_id == receipt_id)
+    ).scalar() or 0
+    if attempts >= settings.verify_max_attempts:
+        if not transition(session, receipt_id, "verifying", "escalated",
+                          f"{reason} (after {attempts} attempts: escalated, unpaid)", now=now,
+                          verification=verification):
+            return False
+        _finish_task(session, receipt_id, "unavailable", now)
+        return True
     if not transition(session, receipt_id, "verifying", "pending", reason, now=now,
                       verification=verification):
         return False
-    _finish_task(session, receipt_id, "unavailable", now)
+    backoff = min(settings.verify_retry_s * 2 ** max(0, attempts - 1), 3600.0)
+    session.execute(update(VerificationTask).where(VerificationTask.receipt_id == receipt_id)
+                    .values(not_before=now + timedelta(seconds=backoff)))
+    return True
+
+
+def requeue(session: Session, receipt_id: str, *, now: datetime | None = None) -> bool:
+    """escalated → pending with a fresh set of attempts (an operator fixed the verifier)."""
+    now = now or utcnow()
+    if not transition(session, receipt_id, "escalated", "pending", "re-queued by the operator",
+                      now=now):
+        return False
+    session.execute(update(VerificationTask).where(VerificationTask.receipt_id == receipt_id)
+                    .values(outcome=None, attempts=0, not_before=None, finished_at=None))
     return True
 
 

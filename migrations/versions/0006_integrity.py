@@ -1,4 +1,5 @@
-"""integrity: listed models, market secrets, balance constraints, job deadlines, owned allowances
+"""integrity: listed models, market secrets, balance constraints, job deadlines, owned
+allowances, verification retries
 
 Revision ID: 0006_integrity
 Revises: 0005_continuation_prefix
@@ -43,6 +44,8 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("deadline_at", UTCDateTime(), nullable=True))
     op.create_index("ix_jobs_status_deadline", "jobs", ["status", "deadline_at"])
+    with op.batch_alter_table("verification_tasks") as batch:
+        batch.add_column(sa.Column("not_before", UTCDateTime(), nullable=True))
     with op.batch_alter_table("chain_allowances") as batch:
         batch.add_column(sa.Column("shortfall", sa.BigInteger(), nullable=False,
                                    server_default="0"))
@@ -56,6 +59,8 @@ def downgrade() -> None:
         batch.drop_constraint("uq_chain_allowances_wallet", type_="unique")
         batch.drop_column("signed_at")
         batch.drop_column("shortfall")
+    with op.batch_alter_table("verification_tasks") as batch:
+        batch.drop_column("not_before")
     op.drop_index("ix_jobs_status_deadline", table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("deadline_at")

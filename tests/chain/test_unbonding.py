@@ -189,6 +189,32 @@ async def test_a_slash_planned_before_the_withdrawal_is_taken_first(db_world):
     assert await world.ledger.token_balance(world.cfg.treasury_pk) == 1_000
 
 
+async def test_a_withdrawal_waits_for_the_nodes_open_challenge_windows(db_world):
+    """Stake answers for receipts that may still be slashed: while one of the node's
+    receipts is in its window (or being verified, or escalated), nothing is withdrawn."""
+    from sqlalchemy import update
+
+    from market.models import Receipt
+
+    world = db_world
+    buyer = world.account(balance=10_000)
+    node_id, operator = await world.node(stake=5_000)
+    rt = _rt(world, 5)
+    await _unbond(rt, world, operator, 2_000, int(time.time()) - 10)
+    r = world.receipt(node_id, buyer, earning=90, fee=10, state="pending")
+    for state in ("pending", "verifying", "escalated"):
+        with world.sessions.begin() as s:
+            s.execute(update(Receipt).where(Receipt.id == r.id).values(state=state))
+        with pytest.raises(APIError) as exc:
+            await _withdraw(rt, world, operator)
+        assert (exc.value.status_code, exc.value.code) == (409, "challenge_window_open"), state
+        assert await _balances(world, operator) == (5_000, 0)
+    with world.sessions.begin() as s:
+        s.execute(update(Receipt).where(Receipt.id == r.id).values(state="settled"))
+    out = await _withdraw(rt, world, operator)
+    assert out["confirmed"] and out["amount"] == 2_000
+
+
 async def test_unbond_and_withdraw_over_http_through_aidp_ledger(request, tmp_path, db_url):
     """The endpoints and ``aidp-node``'s client against a real ``aidp-ledger`` server."""
     from market.app import create_app
