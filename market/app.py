@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from market import billing
 from market.api import admin as admin_api
 from market.api import openai as openai_api
+from market.api.gate import Gate
 from market.chain import api as chain_api
 from market.db import Database
 from market.errors import install_handlers
@@ -201,6 +202,7 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
         description="OpenAI-compatible inference marketplace gateway",
     )
     install_handlers(app)
+    app.add_middleware(Gate)
     _include_routers(app)
     app.add_api_websocket_route("/v1/node/link", node_link)
 

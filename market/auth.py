@@ -91,10 +91,13 @@ def forget_key(state: MarketState, key_id: str) -> None:
 
 
 async def authenticate(request: Request) -> Buyer:
-    """The buyer behind the request's API key (401 otherwise); applies the rate limit."""
+    """The buyer behind the request's API key (401 otherwise); applies the rate limit.
+
+    ``market.api.gate`` has usually looked the key up already, before the body was read."""
     state = market_state(request)
-    token = _bearer(request)
-    buyer = await lookup_key(state, token)
+    buyer = getattr(request.state, "buyer", None)
+    if buyer is None:
+        buyer = await lookup_key(state, _bearer(request))
     if buyer is None:
         raise AuthenticationFailed("Incorrect API key provided.")
     state.ratelimiter.check(buyer.key_id)

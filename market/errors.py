@@ -121,9 +121,11 @@ def error_body(
 
 def _count(request: Request, status: int) -> None:
     """Count an error response in the app's request metrics (when the app has them)."""
+    from market.metrics import endpoint_label
+
     state = getattr(request.app.state, "market", None)
     if state is not None and request.scope.get("type") == "http":
-        state.metrics.requests.labels(request.url.path, str(status)).inc()
+        state.metrics.requests.labels(endpoint_label(request.scope), str(status)).inc()
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -41,3 +43,11 @@ class Metrics:
         self.charged = Counter(
             "aidp_charged_base_units", "Buyer charges (AIDP base units)", registry=r,
         )
+
+
+def endpoint_label(scope: Any) -> str:
+    """The route template a request matched (``/v1/jobs/{job_id}``), never its raw path:
+    metric labels come from a closed set, whatever URLs clients send."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"

@@ -19,6 +19,34 @@ MAX_TOKENS_LIMIT = 1_000_000
 MAX_PRICE = 10**15
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+class RequestBody(BaseModel):
+    """Base of every JSON body the market accepts: text must be valid Unicode.
+
+    JSON may spell a lone surrogate (``"\\ud800"``), which no UTF-8 encoder, tokenizer
+    or database takes; such a body is a 400 here rather than a 500 deep inside."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if _has_lone_surrogate(data):
+            raise ValueError("text must be valid Unicode (a lone surrogate escape was sent)")
+        return data
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
@@ -31,7 +59,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class _GenerationBody(BaseModel):
+class _GenerationBody(RequestBody):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=200)
@@ -116,7 +144,7 @@ class CompletionRequest(_GenerationBody):
 GenerationRequestBody = ChatCompletionRequest | CompletionRequest
 
 
-class BatchRequest(BaseModel):
+class BatchRequest(RequestBody):
     """Several prompts (completions) or conversations (chat) with shared parameters."""
 
     model_config = ConfigDict(extra="allow")

@@ -7,29 +7,30 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from market import accounts, billing
 from market import listing as listing_mod
-from market.errors import BadRequest, NotFound
 from market.auth import forget_key, market_state, require_admin
+from market.errors import BadRequest, NotFound
 from market.models import Node, new_id
+from market.schemas import RequestBody
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 
-class NewAccount(BaseModel):
+class NewAccount(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     wallet: str | None = None
 
 
-class NewKey(BaseModel):
+class NewKey(RequestBody):
     name: str | None = None
 
 
-class Credit(BaseModel):
+class Credit(RequestBody):
     amount: int = Field(gt=0)
     reference: str | None = Field(
         default=None, description="idempotency reference; the same one never credits twice"
@@ -156,7 +157,7 @@ async def nodes(request: Request) -> Any:
 # ---- listed models (market.listing) ----------------------------------------------------
 
 
-class ModelListingBody(BaseModel):
+class ModelListingBody(RequestBody):
     sha256: list[str] = Field(min_length=1, max_length=64)
     vocabulary: str = Field(min_length=1, max_length=1000)
     context_length: int = Field(default=8192, ge=1, le=10_000_000)

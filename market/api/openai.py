@@ -28,6 +28,7 @@ from market.schemas import (
     stream_chunk,
     usage_dict,
 )
+from market.metrics import endpoint_label
 from market.settings import MarketSettings
 from market.state import MarketState
 from node_agent.convert import BadRequest as ConvertBadRequest
@@ -304,7 +305,7 @@ async def _sse(
 
 async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) -> Any:
     state = market_state(request)
-    endpoint = request.url.path
+    endpoint = endpoint_label(request.scope)
     started = time.monotonic()
     streaming = False
     try:
@@ -332,7 +333,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, buyer: Buyer = Depends(authenticate)
 ) -> Any:
     response = await generate(request, buyer, body)
-    market_state(request).metrics.requests.labels(request.url.path, "200").inc()
+    market_state(request).metrics.requests.labels(endpoint_label(request.scope), "200").inc()
     return response
 
 
@@ -341,7 +342,7 @@ async def completions(
     body: CompletionRequest, request: Request, buyer: Buyer = Depends(authenticate)
 ) -> Any:
     response = await generate(request, buyer, body)
-    market_state(request).metrics.requests.labels(request.url.path, "200").inc()
+    market_state(request).metrics.requests.labels(endpoint_label(request.scope), "200").inc()
     return response
 
 
@@ -366,7 +367,7 @@ async def batch(body: BatchRequest, request: Request, buyer: Buyer = Depends(aut
     completion = sum(
         r["response"]["usage"]["completion_tokens"] for r in results if "response" in r
     )
-    state.metrics.requests.labels(request.url.path, "200").inc()
+    state.metrics.requests.labels(endpoint_label(request.scope), "200").inc()
     return {
         "object": "batch.completion",
         "model": body.model,

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,7 @@ from market.chain import allowance, unbonding
 from market.chain.runtime import ChainNotInitialized, ChainRuntime, load_identity, open_runtime
 from market.errors import NotFound, UpstreamFailed
 from market.models import Anchor, Receipt
+from market.schemas import RequestBody
 from programs.ledger import LedgerError
 from programs.localchain import ChainError
 from protocol.merkle import inclusion_proof
@@ -85,7 +86,7 @@ async def chain_info(request: Request) -> Any:
     }
 
 
-class AllowanceBody(BaseModel):
+class AllowanceBody(RequestBody):
     wallet: str = Field(max_length=64)
     signed_at: int = Field(ge=0, le=2**40)
     signature: str = Field(max_length=128)
@@ -107,20 +108,20 @@ async def register_allowance(body: AllowanceBody, request: Request,
             return await session.run_sync(apply)
 
 
-class UnbondBody(BaseModel):
+class UnbondBody(RequestBody):
     pubkey: str
     amount: int
     requested_at: int
     signature: str
 
 
-class WithdrawBody(BaseModel):
+class WithdrawBody(RequestBody):
     pubkey: str
     issued_at: int
     signature: str
 
 
-class WithdrawSubmitBody(BaseModel):
+class WithdrawSubmitBody(RequestBody):
     pubkey: str
     request_id: int
     blockhash: str

@@ -24,9 +24,13 @@ class Page(Generic[T]):
     has_next: bool
 
 
+# past this the offset would overflow what a database accepts; nobody pages that far
+MAX_PAGE = 100_000
+
+
 async def paginate(session: AsyncSession, query: Select[Any], number: int) -> Page[Any]:
     """One page of ``query``; fetches one extra row to know whether another page exists."""
-    number = max(number, 1)
+    number = min(max(number, 1), MAX_PAGE)
     rows = (await session.execute(query.limit(PAGE_SIZE + 1).offset((number - 1) * PAGE_SIZE))).all()
     items = [row[0] if len(row) == 1 else tuple(row) for row in rows[:PAGE_SIZE]]
     return Page(items=items, number=number, has_next=len(rows) > PAGE_SIZE)

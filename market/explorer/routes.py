@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -27,6 +27,9 @@ from protocol.receipt import ReceiptBody
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M:%S UTC") if v else "—"
+# ?page=N of every listing, bounded so no page number reaches the database as an overflow
+PageNumber = Annotated[int, Query(ge=1, le=queries.MAX_PAGE)]
+
 router = APIRouter(prefix="/explorer", include_in_schema=False)
 CHART_MINUTES = 30
 
@@ -195,7 +198,7 @@ async def job_page(request: Request, job_id: str,
 
 
 @router.get("/nodes/{node_ref}", name="explorer_node")
-async def node_page(request: Request, node_ref: str, page: int = Query(1, ge=1),
+async def node_page(request: Request, node_ref: str, page: PageNumber = 1,
                     session: AsyncSession = Depends(db_session)) -> HTMLResponse:
     node = await queries.node_by_ref(session, node_ref)
     if node is None:
@@ -216,14 +219,14 @@ async def _list(request: Request, session: AsyncSession, title: str, query: Any,
 
 
 @router.get("/anchors", name="explorer_anchors")
-async def anchors_page(request: Request, page: int = Query(1, ge=1),
+async def anchors_page(request: Request, page: PageNumber = 1,
                        session: AsyncSession = Depends(db_session)) -> HTMLResponse:
     return await _list(request, session, "Anchors", queries.anchors_query(), page, ANCHOR_COLUMNS,
                        anchor_row, "Merkle roots of receipt batches, each written on chain in a Memo.")
 
 
 @router.get("/jobs", name="explorer_jobs")
-async def jobs_page(request: Request, page: int = Query(1, ge=1),
+async def jobs_page(request: Request, page: PageNumber = 1,
                     session: AsyncSession = Depends(db_session)) -> HTMLResponse:
     def row(job: Job) -> list[dict[str, Any]]:
         return [code(job.id, str(request.url_for("explorer_job", job_id=job.id)), n=16), text(job.model),
@@ -234,7 +237,7 @@ async def jobs_page(request: Request, page: int = Query(1, ge=1),
 
 
 @router.get("/nodes", name="explorer_nodes")
-async def nodes_page(request: Request, page: int = Query(1, ge=1),
+async def nodes_page(request: Request, page: PageNumber = 1,
                      session: AsyncSession = Depends(db_session)) -> HTMLResponse:
     decimals = settings_of(request).token_decimals
 
@@ -248,7 +251,7 @@ async def nodes_page(request: Request, page: int = Query(1, ge=1),
 
 
 @router.get("/settlements", name="explorer_settlements")
-async def settlements_page(request: Request, page: int = Query(1, ge=1),
+async def settlements_page(request: Request, page: PageNumber = 1,
                            session: AsyncSession = Depends(db_session)) -> HTMLResponse:
     decimals = settings_of(request).token_decimals
     return await _list(request, session, "Settlements", queries.transfers_query("payout"), page,
@@ -257,7 +260,7 @@ async def settlements_page(request: Request, page: int = Query(1, ge=1),
 
 
 @router.get("/slashes", name="explorer_slashes")
-async def slashes_page(request: Request, page: int = Query(1, ge=1),
+async def slashes_page(request: Request, page: PageNumber = 1,
                        session: AsyncSession = Depends(db_session)) -> HTMLResponse:
     query = queries.receipts_query().where(Receipt.state == "slashed")
     result = await queries.paginate(session, query, page)
