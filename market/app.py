@@ -64,13 +64,15 @@ def _include_routers(app: FastAPI) -> None:
         app.include_router(router)
 
 
-def sweep_holds(session: Session, settings: MarketSettings) -> int:
-    """Finalize jobs past their deadline; returns how many holds were released."""
+def sweep_holds(session: Session, settings: MarketSettings,
+                skip: frozenset[str] = frozenset()) -> int:
+    """Finalize jobs past their deadline (but ``skip``, whose finalize this process is
+    still retrying); returns how many holds were released."""
     now = utcnow()
-    grace = settings.cancel_receipt_timeout_s + 60.0
+    grace = settings.cancel_receipt_timeout_s + settings.hold_sweep_grace_s
     released = billing.release_expired_jobs(
         session, now, grace_s=grace,
-        legacy_before=now - timedelta(seconds=settings.job_stale_after_s))
+        legacy_before=now - timedelta(seconds=settings.job_stale_after_s), skip=skip)
     if released:
         log.warning("released the holds of %d job(s) that ended without finalizing", released)
     return released
@@ -104,7 +106,8 @@ async def _monitor(state: MarketState) -> None:
                 await refresh_listings(state.catalog, state.db)
             if loop.time() - last_sweep >= settings.hold_sweep_interval_s:
                 last_sweep = loop.time()
-                await state.writer.submit(lambda session: sweep_holds(session, settings))
+                skip = frozenset(state.finalizing)
+                await state.writer.submit(lambda session: sweep_holds(session, settings, skip))
         except asyncio.CancelledError:
             raise
         except Exception:

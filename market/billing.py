@@ -350,7 +350,7 @@ def finalize_job(
 
 
 def release_expired_jobs(session: Session, now: datetime, *, grace_s: float,
-                         legacy_before: datetime) -> int:
+                         legacy_before: datetime, skip: frozenset[str] = frozenset()) -> int:
     """Fail jobs still 'running' past their deadline (plus ``grace_s`` for a finalize
     still on its way) and release their holds, charging nothing. Whatever happened to
     the process that ran them (a crash, a lost finalize), a hold never outlives its
@@ -365,6 +365,8 @@ def release_expired_jobs(session: Session, now: datetime, *, grace_s: float,
     ).scalars().all()
     count = 0
     for job_id in ids:
+        if job_id in skip:
+            continue
         count += finalize_job(
             session, job_id, Outcome(status="failed", error="job expired without finalizing"),
             challenge_window_s=0,

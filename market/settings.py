@@ -47,6 +47,9 @@ class MarketSettings(BaseSettings):
         description="The URL nodes dial (https://market.example). Node link signatures "
         "must name its host; defaults to http://host:port.",
     )
+    # serve https:// and wss:// (PEM files); behind a TLS proxy leave unset
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
     # largest request body accepted before parsing (413 beyond)
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
 
@@ -96,8 +99,10 @@ class MarketSettings(BaseSettings):
     # refusals (busy, draining) and timeouts in a row before a node sits out
     node_quarantine_after: int = 3
     node_quarantine_s: float = 30.0  # first sit-out; doubles on each repeat up to 20×
-    # how often running jobs past their deadline are finalized (holds released)
+    # how often running jobs past their deadline are finalized (holds released), and how
+    # long past its deadline (plus cancel_receipt_timeout_s) a job's finalize may still land
     hold_sweep_interval_s: float = 30.0
+    hold_sweep_grace_s: float = 60.0
     # running jobs older than this are failed and their holds released (crash recovery)
     job_stale_after_s: float = 3600.0
     # run `alembic upgrade head` when the app starts

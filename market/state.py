@@ -29,6 +29,8 @@ class MarketState:
     catalog: Catalog = field(default_factory=Catalog)
     funds: FundsCache = field(default_factory=FundsCache)
     pending_handshakes: int = 0  # node links not authenticated yet
+    # jobs whose finalize is being retried (the hold sweeper leaves them alone)
+    finalizing: set[str] = field(default_factory=set)
     # key sha256 -> (key id, account id, expires at monotonic)
     key_cache: dict[str, tuple[str, str, float]] = field(default_factory=dict)
     # key sha256 -> the lookup in flight for it (concurrent misses share one query)

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -261,6 +262,7 @@ def _settings_from_args(args: argparse.Namespace) -> NodeSettings:
         key: value
         for key, value in {
             "market_url": args.market,
+            "ca_file": args.ca_file,
             "keypair": args.keypair,
             "model": args.model,
             "model_path": args.model_path,
@@ -345,6 +347,7 @@ async def _serve_engine(
         region=settings.region,
         gpu_monitor=gpu,
         metrics=metrics,
+        ssl_context=tls_context(settings.ca_file),
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -396,6 +399,13 @@ async def _serve_engine(
         announcer.cancel()
     _say(f"stopped after {link.stats.jobs_done} job(s), {link.stats.tokens} token(s)")
     return 0
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext | None:
+    """The TLS trust for a wss:// market: the system's CAs, or ``ca_file``'s."""
+    if ca_file is None:
+        return None
+    return ssl.create_default_context(cafile=str(ca_file.expanduser()))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -482,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrency", type=int, metavar="N", help="jobs accepted at once (default 4)"
     )
     run.add_argument("--region", help="region label shown to the market (default local)")
+    run.add_argument(
+        "--ca-file", type=Path, metavar="PEM",
+        help="CA certificate(s) to trust for an https:// market (default: the system's)",
+    )
     run.add_argument(
         "--metrics-port",
         type=int,

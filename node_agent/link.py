@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -76,6 +77,9 @@ log = logging.getLogger("aidp.node.link")
 
 LINK_PATH = "/v1/node/link"
 HANDSHAKE_TIMEOUT = 15.0
+# the largest frame this node accepts from a market (a market refuses any request whose
+# job frame would not fit its own, smaller, limit)
+MAX_FRAME_BYTES = 16 << 20
 
 StatusProvider = Callable[[], Mapping[str, Any]]
 
@@ -152,6 +156,7 @@ class NodeLink:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         metrics: Any | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         engine_list = [engines] if isinstance(engines, Engine) else list(engines)
         if not engine_list:
@@ -174,6 +179,8 @@ class NodeLink:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.metrics = metrics
+        # wss:// only: whom to trust (None: the system's CAs); ws:// needs none
+        self.ssl_context = ssl_context if self.url.startswith("wss://") else None
 
         self.node_id: str | None = None
         self.heartbeat_interval: float | None = None
@@ -312,7 +319,8 @@ class NodeLink:
             ping_timeout=20,
             close_timeout=5,
             compression=None,
-            max_size=2**24,
+            max_size=MAX_FRAME_BYTES,
+            **({"ssl": self.ssl_context} if self.ssl_context is not None else {}),
         ) as ws:
             self._ws = ws
             try:

@@ -22,6 +22,11 @@ class NodeSettings(BaseSettings):
 
     # --- market & identity -----------------------------------------------------------
     market_url: str = Field(default="http://127.0.0.1:8000", description="the market's base URL")
+    ca_file: Path | None = Field(
+        default=None,
+        description="PEM file of the certificate authority a wss:// market's certificate is "
+        "checked against (default: the system's)",
+    )
     keypair: Path = Field(
         default=DEFAULT_KEYPAIR_PATH, description="Solana keypair file (solana-keygen format)"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from datetime import timedelta
 from collections.abc import AsyncIterator
@@ -46,6 +47,11 @@ BATCH_CONCURRENCY = 16
 TOKENIZE_INLINE_CHARS = 16_384
 # JSON bytes one continuation token id may add to a job frame ("262143," is 7)
 CONTINUATION_ID_BYTES = 8
+# a finalize the database refused is retried after these pauses (doubling)
+FINALIZE_RETRY_FIRST_S = 0.5
+FINALIZE_RETRY_MAX_S = 30.0
+
+log = logging.getLogger("market.api")
 
 
 def _dumps(value: Any) -> str:
@@ -179,11 +185,16 @@ async def finalize(state: MarketState, runner: JobRunner) -> None:
             runner.error = exc
             return
     outcome = runner.outcome()
-    window = state.settings.challenge_window_s
     job_id = runner.spec.job_id
-    await state.writer.submit(
-        lambda session: billing.finalize_job(session, job_id, outcome, challenge_window_s=window)
-    )
+    try:
+        await _write_outcome(state, job_id, outcome)
+    except billing.HoldExceeded:
+        log.error("job %s: finalize refused, it would charge beyond the hold", job_id)
+        raise
+    except Exception as exc:  # the database is away: the outcome is kept until it lands
+        log.warning("job %s: finalize failed (%r); retrying until it lands", job_id, exc)
+        state.finalizing.add(job_id)
+        state.spawn(_finalize_until_it_lands(state, job_id, outcome))
     metrics = state.metrics
     model = runner.spec.model
     if runner.first_token_at is not None:
@@ -191,6 +202,35 @@ async def finalize(state: MarketState, runner: JobRunner) -> None:
     metrics.tokens.labels(model, "prompt").inc(outcome.prompt_tokens)
     metrics.tokens.labels(model, "completion").inc(outcome.completion_tokens)
     metrics.charged.inc(sum(s.cost for s in outcome.segments) + outcome.unreceipted_charge)
+
+
+async def _write_outcome(state: MarketState, job_id: str, outcome: billing.Outcome) -> bool:
+    window = state.settings.challenge_window_s
+    return bool(await state.writer.submit(
+        lambda session: billing.finalize_job(session, job_id, outcome, challenge_window_s=window)
+    ))
+
+
+async def _finalize_until_it_lands(state: MarketState, job_id: str,
+                                   outcome: billing.Outcome) -> None:
+    """Retry a finalize (receipts, charge, hold release) with a growing pause until the
+    database takes it; the hold sweeper leaves the job alone meanwhile."""
+    delay = FINALIZE_RETRY_FIRST_S
+    try:
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await _write_outcome(state, job_id, outcome)
+                log.info("job %s: finalized after a retry", job_id)
+                return
+            except billing.HoldExceeded:
+                log.error("job %s: finalize refused, it would charge beyond the hold", job_id)
+                return
+            except Exception as exc:
+                log.warning("job %s: finalize retry failed (%r)", job_id, exc)
+                delay = min(delay * 2, FINALIZE_RETRY_MAX_S)
+    finally:
+        state.finalizing.discard(job_id)
 
 
 async def finalize_unstarted(state: MarketState, job_id: str) -> None:

@@ -58,6 +58,7 @@ def _init(args: argparse.Namespace) -> int:
 def _reconcile(args: argparse.Namespace) -> int:
     from market.chain.reconcile import reconcile, render
     from market.chain.runtime import open_runtime
+    from market.journal_audit import audit
     from market.settings import get_settings
 
     sessions = _sessions()
@@ -68,7 +69,24 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     lines = asyncio.run(run())
     print(render(lines))
-    return 0 if all(line.ok for line in lines) else 1
+    with sessions() as session:
+        journal = audit(session)
+    print()
+    print(render_audit(journal))
+    return 0 if all(line.ok for line in lines + journal) else 1
+
+
+def render_audit(lines: list[Any]) -> str:
+    head = ("check", "subject", "database", "journal", "difference", "status")
+    rows = [head] + [(ln.item, ln.subject, str(ln.db), str(ln.journal), f"{ln.diff:+d}",
+                      "ok" if ln.ok else "MISMATCH") for ln in lines]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+           for row in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    bad = sum(not ln.ok for ln in lines)
+    out.append(f"{len(lines)} journal checks, {bad} mismatch{'es' if bad != 1 else ''}")
+    return "\n".join(out)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -20,7 +20,8 @@ def _serve(args: argparse.Namespace) -> int:
     if (problem := exposure_problem(settings, host)) is not None:
         print(f"aidp-market: {problem}", file=sys.stderr)
         return 2
-    print(f"aidp-market: serving on http://{host}:{port} (database {settings.database_url})",
+    scheme = "https" if settings.tls_certfile else "http"
+    print(f"aidp-market: serving on {scheme}://{host}:{port} (database {settings.database_url})",
           flush=True)
     uvicorn.run(
         serving_app(settings),
@@ -30,6 +31,8 @@ def _serve(args: argparse.Namespace) -> int:
         ws_max_size=settings.link_max_frame_bytes,
         ws_ping_interval=20,
         ws_ping_timeout=20,
+        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
     )
     return 0
 

@@ -276,3 +276,43 @@ async def test_spendable_balance_reads_balance_minus_held(db: Database) -> None:
     with db.session() as s:
         assert billing.spendable_balance(s, account) == 750
         assert billing.spendable_balance(s, "acct_unknown") == 0
+
+
+def test_the_journal_audit_finds_any_balance_or_hold_the_journal_does_not_explain(
+    db: Database,
+) -> None:
+    from sqlalchemy import update
+
+    from market.journal_audit import audit
+
+    account_id, node_id = _account(db, 1_000), _node(db)
+    done, running = _job(account_id, 300), _job(account_id, 100)
+    with db.session() as s:
+        billing.open_job(s, done)
+        billing.open_job(s, running)
+        billing.finalize_job(s, done.id, billing.Outcome(
+            status="completed", segments=[_segment(node_id, 70, 7)]), challenge_window_s=60)
+
+    def mine() -> list:
+        with db.session() as s:
+            return [ln for ln in audit(s) if ln.subject in (account_id, "all jobs")]
+
+    lines = mine()
+    assert all(ln.ok for ln in lines), lines
+    assert {(ln.item, ln.db) for ln in lines if ln.subject == account_id} == {
+        ("balance", 1_000 - 77), ("held", 100)}
+    for column, value in (("balance", 1_000), ("held", 0)):
+        with db.session() as s:  # a write that bypassed the journal
+            before = s.get(Account, account_id)
+            saved = (before.balance, before.held)
+            s.execute(update(Account).where(Account.id == account_id).values(**{column: value}))
+        bad = [ln for ln in mine() if not ln.ok]
+        assert [ln.item for ln in bad] == [column], bad
+        with db.session() as s:
+            s.execute(update(Account).where(Account.id == account_id)
+                      .values(balance=saved[0], held=saved[1]))
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == done.id).values(charged_amount=301))
+    bad = [ln for ln in mine() if not ln.ok]
+    assert sorted(ln.item for ln in bad) == ["job charges not in the journal",
+                                             "jobs charged beyond their hold"]
