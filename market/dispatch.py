@@ -163,7 +163,11 @@ class JobRunner:
                 )
             except (NoHealthyNode, ModelNotFound) as exc:
                 error: APIError = exc
-                if attempts and not self.token_ids:
+                if self.token_ids:
+                    error = UpstreamFailed(
+                        "the node serving this stream failed and no other node could continue "
+                        f"it (last: {self._last_failure})")
+                elif attempts:
                     error = UpstreamFailed(
                         f"no other node could take the job after: {self._last_failure}"
                     )
