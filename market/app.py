@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from market import billing
+from market import billing, secret_store
 from market.api import admin as admin_api
 from market.api import openai as openai_api
 from market.api.gate import Gate
@@ -79,6 +79,8 @@ def sweep_holds(session: Session, settings: MarketSettings,
 
 
 def _recover(db: Database, settings: MarketSettings) -> set[str]:
+    with db.session() as session:
+        secret_store.get_or_create(session, secret_store.SAMPLING_KEY)  # made at first start
     with db.session() as session:
         sweep_holds(session, settings)
         return set(session.execute(select(NodeModel.model_id).distinct()).scalars())

@@ -156,7 +156,7 @@ def install_handlers(app: FastAPI) -> None:
         _count(request, exc.status_code)
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(
-            error_body(str(exc.detail), type_, None, None),
+            error_body(str(exc.detail), type_, None, getattr(exc, "code", None)),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

@@ -17,6 +17,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
+
 from market.errors import APIError, AuthenticationFailed, PayloadTooLarge
 
 Scope = MutableMapping[str, Any]
@@ -33,8 +35,15 @@ def needs_api_key(path: str) -> bool:
     return path.startswith("/v1/") and not path.startswith(PUBLIC_PREFIXES) or path == "/v1"
 
 
-class BodyTooLarge(Exception):
-    """Raised from ``receive`` when the streamed body passes the limit."""
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when the streamed body passes the limit. An HTTP exception,
+    so the framework reading the body passes it on (as a 413) instead of calling it a
+    parse error."""
+
+    code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds {limit} bytes")
 
 
 async def _respond(send: Send, error: APIError) -> None:
@@ -86,7 +95,7 @@ class Gate:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracked_send(message: Message) -> None:

@@ -104,3 +104,44 @@ def test_metrics_are_exposed(network: Network) -> None:
     node = httpx.get(network.node_metrics_url, timeout=10).text
     assert [line for line in market.splitlines() if line.startswith("aidp_") and "ttft" in line]
     assert [line for line in node.splitlines() if line.startswith("aidp_node_")]
+
+
+def test_the_network_guards_itself_by_default(network: Network) -> None:
+    """``make up`` leaves nothing at a guessable default: its own admin token (private
+    file), a random sampling key in the database, and a node that had to bond real stake
+    on the local chain to be welcomed."""
+    import stat
+
+    from sqlalchemy import text
+
+    from market.devnet import DEVNET_MIN_STAKE
+    from market.settings import DEFAULT_ADMIN_TOKEN
+
+    token_file = network.data_dir / "admin-token"
+    token = token_file.read_text().strip()
+    assert token != DEFAULT_ADMIN_TOKEN and len(token) >= 32
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    admin = httpx.get(f"{network.market_url}/admin/nodes",
+                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert admin.status_code == 200
+    assert httpx.get(f"{network.market_url}/admin/nodes", timeout=10,
+                     headers={"Authorization": f"Bearer {DEFAULT_ADMIN_TOKEN}"}
+                     ).status_code == 401
+    engine = make_sync_engine(network.database_url)
+    try:
+        with engine.connect() as conn:
+            key = conn.execute(text(
+                "SELECT value FROM market_secrets WHERE name = 'verify_sampling_key'")).scalar()
+    finally:
+        engine.dispose()
+    assert key and len(bytes.fromhex(key)) == 32
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:  # nodes.stake mirrors the chain after the next settle step
+        nodes = httpx.get(f"{network.market_url}/admin/nodes", timeout=10,
+                          headers={"Authorization": f"Bearer {token}"}).json()["data"]
+        if nodes and nodes[0]["stake"] >= DEVNET_MIN_STAKE:
+            break
+        assert time.monotonic() < deadline, nodes
+        time.sleep(1)

@@ -44,9 +44,11 @@ class MarketPeer:
     every frame a node sends, and lets a test send jobs and cancels.
     """
 
-    def __init__(self, heartbeat_interval: float = 0.1, reject_reason: str | None = None) -> None:
+    def __init__(self, heartbeat_interval: float = 0.1, reject_reason: str | None = None,
+                 welcome_market_id: str | None = None) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.reject_reason = reject_reason
+        self.welcome_market_id = welcome_market_id  # a market that names itself otherwise
         self.hellos: list[Hello] = []
         self.auth_ok: list[bool] = []
         self.frames: dict[str, list[Any]] = defaultdict(list)  # job_id -> frames
@@ -91,7 +93,7 @@ class MarketPeer:
             encode(
                 Welcome(
                     node_id=f"node-{len(self.hellos)}", heartbeat_interval=self.heartbeat_interval,
-                    market_id=market_id, max_frame_bytes=1 << 22,
+                    market_id=self.welcome_market_id or market_id, max_frame_bytes=1 << 22,
                 )
             )
         )

@@ -255,3 +255,19 @@ async def test_the_engine_stream_is_closed_when_the_deadline_passes(
     assert engine.closed_at is not None  # the engine was told to stop generating
     await link.stop()
     await task
+
+
+async def test_a_market_that_names_itself_otherwise_is_not_served(keypair) -> None:
+    """The node signs the market it dialed and names it in every receipt: a welcome from a
+    market calling itself something else (a relay) ends the session before any job."""
+    async with MarketPeer(welcome_market_id="evil-market.example") as peer:
+        link = make_link(peer, keypair)
+        task = asyncio.create_task(link.run())
+        try:
+            await wait_for(lambda: link.stats.last_error is not None, timeout=5)
+            assert "evil-market.example" in (link.stats.last_error or "")
+            assert not link.ready.is_set() and link.stats.connections == 0
+        finally:
+            await link.stop()
+            await asyncio.wait_for(task, 5)
+    assert link.market_id == f"127.0.0.1:{peer.port}"
