@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from node_agent.engines.base import GenerationRequest, TokenDelta  # noqa: E402
 from protocol.runtime import run_event_loop  # noqa: E402
-from node_agent.engines.fake import DeterministicEngine  # noqa: E402
+from node_agent.engines.fake import DeterministicEngine, fake_sha256  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 MODEL = "bench-model"
@@ -218,7 +218,8 @@ def start_market(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[
         [sys.executable, "-m", "uvicorn", "--factory", "market.app:app_factory",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
          "--no-access-log"],
-        env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**env, "AIDP_PORT": str(port)},  # the market's identity nodes sign
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
 
 
@@ -244,6 +245,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "AIDP_ADMIN_TOKEN": ADMIN,
         "AIDP_RATE_LIMIT_RPM": "100000000",
         "AIDP_DATA_DIR": str(tmp),
+        "AIDP_LIST_DEFAULT_MODEL": "false",
+        "AIDP_MODELS": json.dumps({MODEL: {"sha256": [fake_sha256(MODEL)],
+                                           "vocabulary": "fake"}}),
         "PYTHONPATH": str(ROOT),
     }
     market = start_market(port, env, tmp / "market.log")

@@ -134,6 +134,7 @@ class MarketProcess:
             "AIDP_DATABASE_URL": f"sqlite:///{workdir}/market.db",
             "AIDP_DATA_DIR": workdir,
             "AIDP_ADMIN_TOKEN": self.admin,
+            "AIDP_PORT": str(self.port),  # the market's identity nodes sign
             "AIDP_HEARTBEAT_INTERVAL": "1.0",
             "AIDP_RATE_LIMIT_RPM": "1000000",
             "AIDP_BROKER_URL": f"sqla+sqlite:///{workdir}/broker.db",

@@ -17,6 +17,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     host = args.host or settings.host
     port = args.port or settings.port
+    # the market's identity (what nodes sign) follows where it really listens
+    settings = settings.model_copy(update={"host": host, "port": port})
     if (problem := exposure_problem(settings, host)) is not None:
         print(f"aidp-market: {problem}", file=sys.stderr)
         return 2

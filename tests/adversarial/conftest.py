@@ -10,12 +10,11 @@ from typing import Any
 import pytest
 
 from tests.adversarial.hostile import Behaviour, HostileNode
-from tests.support.market import _close_clients, buyer, db_url, market, nodes  # noqa: F401
-from tests.support.market import Market
+from tests.support.market import Market, _close_clients, buyer, db_url, market, nodes  # noqa: F401
 
 
 @pytest.fixture
-async def hostile(market: Market) -> AsyncIterator[Callable[..., Any]]:
+async def hostile(market: Market) -> AsyncIterator[Callable[..., Any]]:  # noqa: F811
     """Start hostile nodes on the market (their model listed); closed after the test."""
     started: list[HostileNode] = []
 

@@ -19,9 +19,9 @@ from typing import Any
 from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 
-from node_agent.engines.fake import EOS, FakeVocabulary, fake_sha256, next_token, prompt_text
-from node_agent.engines.base import GenerationRequest
 from node_agent.convert import generation_request
+from node_agent.engines.base import GenerationRequest
+from node_agent.engines.fake import EOS, FakeVocabulary, fake_sha256, next_token, prompt_text
 from protocol.canonical import request_digest, sha256_hex, token_ids_digest
 from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
@@ -217,3 +217,51 @@ async def fail_at_once(node: HostileNode, job: dict[str, Any]) -> None:
 
 async def hang(node: HostileNode, job: dict[str, Any]) -> None:
     await asyncio.sleep(3600)
+
+
+async def dies_after(node: HostileNode, job: dict, tokens: int,
+                      when: asyncio.Event | None = None) -> None:
+    out = honest_output(job)
+    for text, ids in out.chunks[:tokens]:
+        await node.chunk(job, text, ids)
+    if when is not None:
+        await when.wait()
+    await asyncio.sleep(0.05)
+    assert node.ws is not None
+    node.ws.transport.abort()  # the node dies mid-stream: no receipt
+
+
+def streaming(mangle: Callable[[int, str, list[int]], list[tuple[str, list[int]]]]) -> Behaviour:
+    """Honest ids; each chunk passed through ``mangle(index, text, ids)`` first."""
+    async def behaviour(node: HostileNode, job: dict) -> None:
+        out = honest_output(job)
+        for i, (text, ids) in enumerate(out.chunks):
+            for frame in mangle(i, text, ids):
+                await node.chunk(job, *frame)
+        receipt = node.receipt(job, out.ids, out.text, prompt_tokens=out.prompt_tokens)
+        await node.done(job, out.finish, receipt, out.prompt_tokens, len(out.ids))
+    return behaviour
+
+
+MANGLERS = {
+    # text the ids do not decode to (an ad, a phishing link …)
+    "text_not_from_ids": lambda i, t, ids: [("VISIT evil.example" if i == 2 else t, ids)],
+    # ids outside the vocabulary
+    "ids_outside_vocabulary": lambda i, t, ids: [(t, [10**6] if i == 2 else ids)],
+    # a flood of empty chunks to keep the job alive
+    "empty_chunks": lambda i, t, ids: [(t, ids)] + ([("", [])] * 500 if i == 1 else []),
+    # text without token ids (free words)
+    "text_without_ids": lambda i, t, ids: [(t, ids)] + ([(" free", [])] if i == 1 else []),
+}
+
+
+# receipt fields a cheat lies about (with honest output): each must be refused
+LIES = {
+    "prompt_tokens": {"prompt_tokens": 10_000},
+    "completion_tokens": {"completion_tokens": 9},
+    "model_sha256": {"model_sha256": "ee" * 32},
+    "market_id": {"market_id": "another-market.example"},
+    "job_id": {"job_id": "job_someone_elses"},
+    "temperature": {"sampling": SamplingParams(temperature=1.0, top_p=1.0, max_tokens=8)},
+    "signed_by_another_key": {"keypair": Keypair()},
+}

@@ -12,20 +12,23 @@ import logging
 
 import openai
 import pytest
-from solders.keypair import Keypair
 from sqlalchemy import select
 
 from market import billing
 from market.journal_audit import audit
 from market.models import Job, Node, Receipt
 from tests.adversarial.hostile import (
+    LIES,
+    MANGLERS,
     HostileNode,
     claiming,
+    dies_after,
     fail_at_once,
     hang,
     honest_output,
     refuse_busy,
     serve_honestly,
+    streaming,
 )
 from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model, wait_for
 
@@ -89,28 +92,12 @@ async def test_advertised_concurrency_counts_only_up_to_the_cap(hostile, market)
 # ---- receipts that lie ------------------------------------------------------------------------
 
 
-LIES = {
-    "prompt_tokens": {"prompt_tokens": 10_000},
-    "completion_tokens": {"completion_tokens": 9},
-    "model_sha256": {"model_sha256": "ee" * 32},
-    "market_id": {"market_id": "another-market.example"},
-    "job_id": {"job_id": "job_someone_elses"},
-    "temperature": {"sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 8}},
-    "signed_by_another_key": {"keypair": Keypair()},
-}
-
-
 @pytest.mark.parametrize("lie", sorted(LIES))
 async def test_a_lying_receipt_is_rejected_and_nobody_is_paid_for_it(
     hostile, market: Market, buyer: Buyer, lie: str
 ) -> None:
     model = unique_model("liar")
-    overrides = dict(LIES[lie])
-    if "sampling" in overrides:
-        from protocol.receipt import SamplingParams
-
-        overrides["sampling"] = SamplingParams(**overrides["sampling"])
-    cheat = await hostile(model, claiming(**overrides))
+    cheat = await hostile(model, claiming(**LIES[lie]))
     before = buyer.get("/v1/account")
     reply = await _ask(buyer, model, max_tokens=8, temperature=0)
     job_id = reply.id.removeprefix("chatcmpl-")
@@ -153,36 +140,12 @@ async def test_a_receipt_replayed_from_an_earlier_job_is_rejected(
 # ---- chunks that lie --------------------------------------------------------------------------
 
 
-def _streaming(mangle):
-    """Honest ids; each chunk passed through ``mangle(index, text, ids)`` first."""
-    async def behaviour(node: HostileNode, job: dict) -> None:
-        out = honest_output(job)
-        for i, (text, ids) in enumerate(out.chunks):
-            for frame in mangle(i, text, ids):
-                await node.chunk(job, *frame)
-        receipt = node.receipt(job, out.ids, out.text, prompt_tokens=out.prompt_tokens)
-        await node.done(job, out.finish, receipt, out.prompt_tokens, len(out.ids))
-    return behaviour
-
-
-MANGLERS = {
-    # text the ids do not decode to (an ad, a phishing link …)
-    "text_not_from_ids": lambda i, t, ids: [("VISIT evil.example" if i == 2 else t, ids)],
-    # ids outside the vocabulary
-    "ids_outside_vocabulary": lambda i, t, ids: [(t, [10**6] if i == 2 else ids)],
-    # a flood of empty chunks to keep the job alive
-    "empty_chunks": lambda i, t, ids: [(t, ids)] + ([("", [])] * 500 if i == 1 else []),
-    # text without token ids (free words)
-    "text_without_ids": lambda i, t, ids: [(t, ids)] + ([(" free", [])] if i == 1 else []),
-}
-
-
 @pytest.mark.parametrize("mangle", sorted(MANGLERS))
 async def test_a_chunk_that_lies_is_never_relayed_and_the_job_moves_on(
     hostile, nodes: Nodes, market: Market, buyer: Buyer, mangle: str
 ) -> None:
     model = unique_model("mangler")
-    cheat = await hostile(model, _streaming(MANGLERS[mangle]))
+    cheat = await hostile(model, streaming(MANGLERS[mangle]))
     await nodes.start(model, price=cheat.price)
     chunks = []
     for _ in range(20):  # the router picks at random: ask until the cheat was tried
@@ -249,18 +212,6 @@ async def test_the_hold_is_exact_and_counts_the_prompt_as_the_market_tokenizes_i
     assert job.charged_amount <= job.hold_amount
 
 
-async def _dies_after(node: HostileNode, job: dict, tokens: int,
-                      when: asyncio.Event | None = None) -> None:
-    out = honest_output(job)
-    for text, ids in out.chunks[:tokens]:
-        await node.chunk(job, text, ids)
-    if when is not None:
-        await when.wait()
-    await asyncio.sleep(0.05)
-    assert node.ws is not None
-    node.ws.transport.abort()  # the node dies mid-stream: no receipt
-
-
 async def test_failover_segments_share_one_hold(hostile, nodes: Nodes, market: Market,
                                                  buyer: Buyer) -> None:
     """Input priced far above output: the continuing node's receipt (prompt + the
@@ -269,7 +220,7 @@ async def test_failover_segments_share_one_hold(hostile, nodes: Nodes, market: M
     model = unique_model("shared-hold")
     price = (1_000_000_000, 1_000_000)  # per 1M tokens: 1,000 per input token, 1 per output
     replacement_up = asyncio.Event()
-    dying = await hostile(model, lambda n, j: _dies_after(n, j, 10, replacement_up),
+    dying = await hostile(model, lambda n, j: dies_after(n, j, 10, replacement_up),
                           price=price)
     reply_task = asyncio.create_task(_ask(buyer, model, max_tokens=30, temperature=0))
     await wait_for(lambda: bool(dying.jobs))
@@ -293,7 +244,7 @@ async def test_a_node_dearer_than_the_hold_is_never_used(hostile, nodes: Nodes,
                                                           market: Market, buyer: Buyer) -> None:
     model = unique_model("dear")
     dear_up = asyncio.Event()
-    cheap = await hostile(model, lambda n, j: _dies_after(n, j, 3, dear_up), price=(10, 10))
+    cheap = await hostile(model, lambda n, j: dies_after(n, j, 3, dear_up), price=(10, 10))
     reply_task = asyncio.create_task(_ask(buyer, model, max_tokens=20, temperature=0,
                                           stream=True))
     await wait_for(lambda: bool(cheap.jobs))
