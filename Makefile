@@ -41,7 +41,7 @@ test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install
-	for b in gateway node verify verify_cost settle settle_market; do \
+	for b in adversarial gateway node verify verify_cost settle settle_market; do \
 	  echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:

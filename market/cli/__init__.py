@@ -17,6 +17,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: list[str] = [
     "market.cli.serve",  # serve, migrate
     "market.cli.accounts",  # accounts, keys, credit, usage
+    "market.cli.models",  # models list / add / remove
     "market.cli.devnet",  # up, down
     "market.cli.worker",  # worker, beat (verification engineer)
     "market.cli.chain",  # chain init / reconcile (settlement engineer)
