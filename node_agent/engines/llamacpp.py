@@ -93,6 +93,22 @@ def _quantization(path: Path, metadata: dict[str, str]) -> str | None:
         return None
 
 
+def _token_piece(vocab: Any, token: int) -> bytes:
+    """The output bytes of one token, however long. (llama-cpp-python's ``detokenize``
+    reads pieces into a 32-byte buffer and silently drops longer ones: a run of 32
+    spaces of indentation would vanish from the text.)"""
+    import llama_cpp
+
+    size = 64
+    while True:
+        buffer = (ctypes.c_char * size)()
+        n = llama_cpp.llama_token_to_piece(vocab, llama_cpp.llama_token(token), buffer, size, 0,
+                                           False)
+        if n >= 0:
+            return bytes(buffer[:n])
+        size = -n
+
+
 class LlamaCppVocabulary(Vocabulary):
     """A GGUF's vocabulary and chat template, as llama.cpp tokenizes and renders them.
 
@@ -110,7 +126,7 @@ class LlamaCppVocabulary(Vocabulary):
         self.eog_token_ids = tuple(
             t for t in range(self.size) if llama_cpp.llama_vocab_is_eog(vocab, t)
         )
-        self._pieces = [bytes(llm.detokenize([t])) for t in range(self.size)]
+        self._pieces = [_token_piece(vocab, t) for t in range(self.size)]
         metadata: dict[str, str] = dict(llm.metadata)
         self._formatter: Any = None
         template = metadata.get("tokenizer.chat_template")
@@ -270,9 +286,10 @@ class LlamaCppEngine(LocalEngine):
 
     def decode(self, token_ids: list[int]) -> str:
         self._require_started()
-        # verifiers decode ids a node claims: an id out of range aborts llama.cpp
+        # verifiers decode ids a node claims: an id out of range would index past the table
         self.check_token_ids(list(token_ids), "token_ids")
-        return self._primary.detokenize(list(token_ids)).decode("utf-8", errors="replace")
+        pieces = b"".join(self.vocabulary.piece(t) for t in token_ids)
+        return pieces.decode("utf-8", errors="replace")
 
     # ---- generation --------------------------------------------------------------------
 
@@ -303,7 +320,7 @@ class LlamaCppEngine(LocalEngine):
             cancel,
             prefill=prefill,
             step=step,
-            piece=lambda token: llm.detokenize([token]),
+            piece=self.vocabulary.piece,
             is_eog=lambda token: bool(is_eog(vocab, token)),
         )
 

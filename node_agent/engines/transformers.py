@@ -161,6 +161,10 @@ class TransformersEngine(LocalEngine):
         vocab = self._tok.get_vocab()
         eos.update(vocab[name] for name in _EOG_NAMES if name in vocab)
         self._eos = {int(e) for e in eos}
+        # control tokens add no text (as llama.cpp renders them): the protocol's text rule
+        self._control = {int(i) for i in self._tok.all_special_ids} | {
+            int(i) for i, t in getattr(self._tok, "added_tokens_decoder", {}).items()
+            if getattr(t, "special", False)}
         max_pos = getattr(model.config, "max_position_embeddings", self.n_ctx) or self.n_ctx
         self.n_ctx = min(self.n_ctx, int(max_pos))
         return ModelInfo(
@@ -206,7 +210,9 @@ class TransformersEngine(LocalEngine):
         return int(self._model.get_output_embeddings().weight.shape[0])
 
     def piece(self, token: int) -> bytes:
-        """The bytes one token contributes to the output text."""
+        """The bytes one token contributes to the output text (none for control tokens)."""
+        if int(token) in self._control:
+            return b""
         text = self._tok.convert_ids_to_tokens(int(token))
         if text is None:
             return b""

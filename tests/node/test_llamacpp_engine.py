@@ -233,3 +233,26 @@ async def test_close_frees_a_context_that_is_still_generating() -> None:
     assert llm._ctx.ctx is None
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_the_markets_vocabulary_counts_and_spells_as_the_node_does(engine) -> None:
+    """The market reads the GGUF's vocabulary without its weights and must count every
+    prompt and spell every token exactly as the serving engine does: receipts are checked
+    against it. Pieces longer than 32 bytes (runs of indentation) are spelled in full,
+    where llama-cpp-python's own detokenize drops them."""
+    from node_agent.engines.llamacpp import LlamaCppVocabulary, default_gguf
+
+    market = LlamaCppVocabulary.load(default_gguf())
+    assert market.size == engine.vocab_size()
+    assert list(market.eog_token_ids) == engine.eog_token_ids()
+    for kind, body in (("chat", chat()), ("completion", {"prompt": "def f():\n    return 1"}),
+                       ("chat", {"messages": [{"role": "system", "content": "héllo 世界"},
+                                              {"role": "user", "content": "a\n\n  b"}]})):
+        request = generation_request(kind, body, [42, 43])
+        assert market.prompt_token_ids(request) == engine.prompt_token_ids(request)
+    long_pieces = [t for t in range(market.size) if len(market.piece(t)) > 32]
+    assert long_pieces, "SmolLM2's vocabulary has pieces longer than 32 bytes"
+    for token in long_pieces[:5]:
+        assert market.piece(token) == engine.vocabulary.piece(token)
+        # and the engine's text for it is those bytes, not nothing
+        assert engine.decode([token]).encode() == market.piece(token)

@@ -73,6 +73,10 @@ async def test_same_model_identity_prompt_and_tokens(engines) -> None:
     _, ids = await run(lc, request)
     assert tf.decode(ids) == lc.decode(ids)
     assert set(lc.eog_token_ids()) >= set(tf.eog_token_ids())
+    # every token spells the same bytes on both (control tokens none): the market checks a
+    # node's text against the GGUF vocabulary, whichever engine the node runs
+    assert [tf.piece(t) for t in range(lc.vocab_size())] == \
+        [lc.vocabulary.piece(t) for t in range(lc.vocab_size())]
 
 
 async def test_transformers_scores_llamacpp_greedy_outputs(engines, artifacts_dir) -> None:
