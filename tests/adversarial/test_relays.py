@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import threading
 import time
@@ -38,8 +39,9 @@ async def test_a_relayed_challenge_signed_for_another_market_is_refused(market: 
     market.list_model(model, DeterministicEngine(model).model.sha256)
     victim = Keypair()
     evil_host = "evil-market.example:8000"
-    url = market.url.replace("http://", "ws://") + "/v1/node/link"
-    async with connect(url, additional_headers={"Host": evil_host}) as ws:
+    # E's own connection to the real market, asking for E's name in its Host header
+    sock = socket.create_connection(("127.0.0.1", int(market.url.rsplit(":", 1)[1])))
+    async with connect(f"ws://{evil_host}/v1/node/link", sock=sock) as ws:
         await ws.send(encode(Hello(
             pubkey=str(victim.pubkey()), agent_version="relayed",
             models=[ModelOffer(id=model, sha256=DeterministicEngine(model).model.sha256,
