@@ -209,7 +209,8 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(16))  # chat | completion
     request: Mapped[dict[str, Any]] = mapped_column()
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
-    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    # indexed with deadline_at (ix_jobs_status_deadline), which also serves status alone
+    status: Mapped[str] = mapped_column(String(16), default="running")
     hold_amount: Mapped[int] = mapped_column(BigInteger, default=0)
     charged_amount: Mapped[int] = mapped_column(BigInteger, default=0)  # total buyer charge
     fee_amount: Mapped[int] = mapped_column(BigInteger, default=0)  # market fee within it

@@ -86,7 +86,6 @@ class Gate:
             state.metrics.requests.labels(_gate_label(scope), str(exc.status_code)).inc()
             await _respond(send, exc)
             return
-        started = False
         received = 0
 
         async def limited_receive() -> Message:
@@ -98,16 +97,12 @@ class Gate:
                     raise BodyTooLarge(limit)
             return message
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        # ``send`` passes untouched: nothing here sits on a streamed response's path. A
+        # BodyTooLarge the framework did not turn into its 413 comes before any response.
         try:
-            await self.app(scope, limited_receive, tracked_send)
+            await self.app(scope, limited_receive, send)
         except BodyTooLarge:
-            if not started:
-                await _respond(send, _too_large(limit))
+            await _respond(send, _too_large(limit))
 
     async def _authenticate(self, scope: Scope, state: Any) -> None:
         from market.auth import lookup_key

