@@ -41,6 +41,7 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from solders.keypair import Keypair  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from market.journal_audit import audit  # noqa: E402
@@ -48,7 +49,6 @@ from market.models import Job, Node, Receipt  # noqa: E402
 from market.verification import service, settlement  # noqa: E402
 from node_agent.engines.fake import DeterministicEngine  # noqa: E402
 from node_agent.link import NodeLink  # noqa: E402
-from solders.keypair import Keypair  # noqa: E402
 from tests.adversarial.hostile import (  # noqa: E402
     LIES,
     MANGLERS,

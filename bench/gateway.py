@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from node_agent.engines.base import GenerationRequest, TokenDelta  # noqa: E402
-from protocol.runtime import run_event_loop  # noqa: E402
 from node_agent.engines.fake import DeterministicEngine, fake_sha256  # noqa: E402
+from protocol.runtime import run_event_loop  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 MODEL = "bench-model"

@@ -30,9 +30,9 @@ from market.api.gate import Gate
 from market.chain import api as chain_api
 from market.db import Database
 from market.errors import install_handlers
+from market.explorer import routes as explorer_routes
 from market.listing import Catalog, open_catalog
 from market.listing import refresh as refresh_listings
-from market.explorer import routes as explorer_routes
 from market.metrics import Metrics
 from market.models import Node, NodeModel, utcnow
 from market.nodes.link_server import node_link

@@ -7,7 +7,8 @@ keep-alive). Behind it:
   token is replaced by another one, invisibly (up to
   ``max_attempts_before_first_token`` nodes); every such miss counts against the node;
 * a node that dies mid-stream is replaced by one that continues from the output
-  already relayed (``continuation_token_ids``, ``max_tokens`` reduced), so the buyer's stream completes with the text one healthy node gives;
+  already relayed (``continuation_token_ids``, ``max_tokens`` reduced), so the buyer's
+  stream completes with the text one healthy node gives;
 * every chunk is checked before it is relayed: its token ids are in the model's
   vocabulary, its text is what those ids decode to (the market replays the node's
   text stream, :class:`protocol.text.ExpectedText`), no more ids than ``max_tokens``
@@ -37,7 +38,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from market.billing import Outcome, Segment, cap_to_hold, market_fee, node_cost, token_cost
+from market.billing import Outcome, Segment, cap_to_hold, node_cost, token_cost
 from market.errors import APIError, ModelNotFound, NoHealthyNode, UpstreamFailed
 from market.nodes.registry import NodeConn
 from market.router import Need

@@ -7,8 +7,8 @@ import asyncio
 import json
 import logging
 import time
-from datetime import timedelta
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -19,6 +19,7 @@ from market.api.sse import EventStreamResponse
 from market.auth import Buyer, authenticate, market_state
 from market.dispatch import JobRunner, JobSpec
 from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
+from market.metrics import endpoint_label
 from market.models import Job, new_id, utcnow
 from market.schemas import (
     BatchRequest,
@@ -29,7 +30,6 @@ from market.schemas import (
     stream_chunk,
     usage_dict,
 )
-from market.metrics import endpoint_label
 from market.settings import MarketSettings
 from market.state import MarketState
 from node_agent.convert import BadRequest as ConvertBadRequest
@@ -84,8 +84,9 @@ def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> 
     if prompt_chars * 6 + FRAME_OVERHEAD_BYTES + max_tokens * CONTINUATION_ID_BYTES \
             <= settings.link_max_frame_bytes:
         return
-    frame = len(encode(JobMessage(job_id=spec.job_id, kind=spec.kind, model=spec.model,  # type: ignore[arg-type]
-                           request=spec.body(max_tokens), deadline=0.0)).encode())
+    message = JobMessage(job_id=spec.job_id, kind=spec.kind,  # type: ignore[arg-type]
+                         model=spec.model, request=spec.body(max_tokens), deadline=0.0)
+    frame = len(encode(message).encode())
     worst = frame + max_tokens * CONTINUATION_ID_BYTES
     if worst > settings.link_max_frame_bytes:
         raise PayloadTooLarge(

@@ -249,7 +249,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        "POST /v1/chain/allowance).")
     p.add_argument("account", help="the market account id to fund (acct_…)")
     p.add_argument("--keypair", required=True,
-                   help="the wallet's keypair file (solana-keygen format); it signs, it is not sent")
+                   help="the wallet's keypair file (solana-keygen format): it signs, it is "
+                   "not sent")
     p.add_argument("--sign", action="store_true",
                    help="only print the signed registration body (JSON), register nothing")
     p.add_argument("--market", help="the market's public URL (default: AIDP_PUBLIC_URL)")

@@ -7,7 +7,9 @@ Verification fails closed: a receipt that was sampled or challenged is paid only
 honest verdict. When a verifier cannot judge it (no engine for the model, a timeout, a
 crash), it goes back to ``pending`` to be tried again, on whichever verifier takes it,
 after a growing backoff; after ``verify_max_attempts`` it is ``escalated``: unpaid,
-its node's reputation unchanged, until an operator re-queues it (``requeue``). Every transition is one
+its node's reputation unchanged, until an operator re-queues it (``requeue``).
+
+Every transition is one
 ``UPDATE receipts … WHERE id = :id AND state = :expected`` whose row count is
 checked, plus a ``receipt_events`` row, in the caller's transaction — so two workers
 racing on one receipt cannot both act, and a replayed task is a no-op.

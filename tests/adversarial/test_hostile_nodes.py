@@ -263,7 +263,7 @@ async def test_a_node_dearer_than_the_hold_is_never_used(hostile, nodes: Nodes,
     _journal_ok(market)
 
 
-# ---- capacity cannot be faked ---------------------------------------------------------------------
+# ---- capacity cannot be faked ----------------------------------------------------------------
 
 
 async def test_sybils_that_refuse_fail_or_hang_fail_no_request(
@@ -298,7 +298,7 @@ async def test_sybils_that_refuse_fail_or_hang_fail_no_request(
     _journal_ok(market)
 
 
-# ---- links are bounded -----------------------------------------------------------------------------
+# ---- links are bounded -----------------------------------------------------------------------
 
 
 async def _link_closed(market: Market, node: HostileNode) -> None:

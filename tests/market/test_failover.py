@@ -16,10 +16,10 @@ from sqlalchemy import select
 from market.billing import market_fee, node_cost
 from market.models import Job, Receipt
 from market.verification.reexec import find_continuation
-from protocol.receipt import receipt_from_json
 from node_agent.engines.base import EngineError, GenerationEvent, GenerationRequest
-from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model, wait_for
+from protocol.receipt import receipt_from_json
 from tests.support.engines import DeterministicEngine
+from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model, wait_for
 
 STORY = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me a story"}]
 

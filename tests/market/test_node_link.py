@@ -17,6 +17,7 @@ from protocol.canonical import request_digest, sha256_hex, token_ids_digest
 from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
+from tests.support.engines import VOCAB, next_token
 from tests.support.market import (
     HEARTBEAT,
     Buyer,
@@ -26,7 +27,6 @@ from tests.support.market import (
     unique_model,
     wait_for,
 )
-from tests.support.engines import VOCAB, next_token
 
 
 def hello_frame(keypair: Keypair, model: str = "raw-model", price: tuple[int, int] = (1, 1)) -> str:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import asyncio
 import os
 import secrets
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -271,3 +272,25 @@ async def test_a_market_that_names_itself_otherwise_is_not_served(keypair) -> No
             await link.stop()
             await asyncio.wait_for(task, 5)
     assert link.market_id == f"127.0.0.1:{peer.port}"
+
+
+async def test_a_frame_over_the_nodes_limit_closes_the_link_and_runs_nothing(
+    market_peer: MarketPeer, keypair
+) -> None:
+    """A hostile market cannot make a node buffer an endless frame: past MAX_FRAME_BYTES
+    the node drops the connection (and dials again), and starts no job from it."""
+    from node_agent.link import MAX_FRAME_BYTES
+
+    link = make_link(market_peer, keypair)
+    task = asyncio.create_task(link.run())
+    try:
+        await link.wait_ready(5)
+        huge = {"type": "job", "job_id": "huge", "kind": "completion", "model": "test-model",
+                "request": {"prompt": "x" * (MAX_FRAME_BYTES + 1), "max_tokens": 1},
+                "deadline": 0.0}
+        await market_peer.connections[-1].send(json.dumps(huge))
+        await wait_for(lambda: len(market_peer.hellos) >= 2, timeout=10)  # it dialled again
+        assert link.stats.jobs_accepted == 0 and "huge" not in market_peer.frames
+    finally:
+        await link.stop()
+        await asyncio.wait_for(task, 5)

@@ -27,8 +27,8 @@ from solders.keypair import Keypair
 from market.app import create_app
 from market.settings import MarketSettings
 from node_agent.link import NodeLink
-from tests.support.engines import DeterministicEngine
 from tests.support.db import postgres_schema
+from tests.support.engines import DeterministicEngine
 from tests.support.net import free_port
 
 ADMIN_TOKEN = "test-admin-token"

@@ -191,7 +191,8 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
         finish = "cancelled"
     request = generation_request(kind, body, continuation_token_ids)
     signed = build_receipt(
-        keypair=keypair, job_id="", market_id="market.example", engine=engine, request=request, output_text=text,
+        keypair=keypair, job_id="", market_id="market.example", engine=engine, request=request,
+        output_text=text,
         output_token_ids=ids, prompt_tokens=prompt_tokens, started_at=started,
         finished_at=time.time(),
     )
@@ -199,14 +200,15 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
     fee = billing.market_fee(earning, 1000)
     with world.sessions.begin() as session:
         job = Job(id=new_id("job"), account_id=world.account_id, model=engine.model.id, kind=kind, request=body,
-                  hold_amount=billing.worst_case_hold(prompt_tokens, body.get("max_tokens", 256), PRICE_IN,
-                                               PRICE_OUT, 1000))
+                  hold_amount=billing.worst_case_hold(prompt_tokens, body.get("max_tokens", 256),
+                                                      PRICE_IN, PRICE_OUT, 1000))
         billing.open_job(session, job)
         session.flush()
         job_id = job.id
     # The receipt names the job: sign it now that the id exists.
     signed = build_receipt(
-        keypair=keypair, job_id=job_id, market_id="market.example", engine=engine, request=request, output_text=text,
+        keypair=keypair, job_id=job_id, market_id="market.example", engine=engine,
+        request=request, output_text=text,
         output_token_ids=ids, prompt_tokens=prompt_tokens, started_at=signed.body.started_at,
         finished_at=signed.body.finished_at,
     )
