@@ -27,12 +27,15 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# /v1 paths that need no API key: they are public, or signed by a node operator's key
-PUBLIC_PREFIXES = ("/v1/chain", "/v1/receipts/", "/v1/stake/", "/v1/node/")
+# /v1 paths that need no API key: public, or signed by a node operator's own key
+PUBLIC_PATHS = frozenset({"/v1/chain"})
+PUBLIC_PREFIXES = ("/v1/receipts/", "/v1/stake/", "/v1/node/")
 
 
 def needs_api_key(path: str) -> bool:
-    return path.startswith("/v1/") and not path.startswith(PUBLIC_PREFIXES) or path == "/v1"
+    if not (path == "/v1" or path.startswith("/v1/")):
+        return False
+    return path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES)
 
 
 class BodyTooLarge(HTTPException):
