@@ -6,7 +6,8 @@ multi-byte character split across tokens are held until complete, and text that
 might be the start of a stop string is held until it is known not to be. Engines
 produce their text with :class:`TextStream`; the market replays the same stream
 (:class:`ExpectedText`) over the ids a node sends and refuses any chunk whose text
-differs, so a buyer never receives text that the ids do not decode to.
+disagrees, and relays the replay's text, so a buyer never receives text that the ids do
+not decode to.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class TextStream:
         self._held = ""
         return text
 
+    @property
+    def held(self) -> str:
+        """Text decoded but not released yet (it may start a stop string)."""
+        return self._held
+
 
 class TextMismatch(ValueError):
     """A chunk's text is not what its token ids decode to, or ids follow a stop."""
@@ -64,9 +70,12 @@ class TextMismatch(ValueError):
 class ExpectedText:
     """The market's replay of a node's :class:`TextStream` for one segment.
 
-    ``chunk(ids, text)`` checks one streamed chunk: a chunk with ids must carry exactly
-    the text those ids release; a chunk without ids is the final flush of held text
-    and may come once, last. Raises :class:`TextMismatch` on any difference.
+    The text relayed to the buyer is the replay's, never the node's: what the ids
+    release under the protocol's rule. The node's own text must agree: at every chunk,
+    everything it sent so far and everything its ids decode to so far must be one a
+    prefix of the other (an engine may release held-back text a chunk earlier or later,
+    never other text), and at the end they must be equal. A chunk without ids is the
+    final release of held text and may come once, last. Raises :class:`TextMismatch`.
     """
 
     def __init__(self, piece: Piece, stop: Iterable[str], continuation_ids: Iterable[int] = ()):
@@ -75,14 +84,16 @@ class ExpectedText:
         self._stream.prime(piece(t) for t in continuation_ids)
         self.stopped = False
         self.flushed = False
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # what the replay released, chunk by chunk
+        self._released = ""
+        self._claimed = ""  # what the node sent
 
     @property
     def text(self) -> str:
-        return "".join(self.parts)
+        return self._released
 
     def chunk(self, token_ids: list[int], text: str) -> str:
-        """The text this chunk must carry (raises when ``text`` differs)."""
+        """Check one streamed chunk; returns the text to relay for it."""
         if self.flushed:
             raise TextMismatch("a chunk arrived after the final text")
         if token_ids:
@@ -96,22 +107,28 @@ class ExpectedText:
                     self.stopped = True
                     if position != len(token_ids) - 1:
                         raise TextMismatch("token ids follow a stop string in one chunk")
-            expected = "".join(released)
+            delta = "".join(released)
         else:
-            expected = "" if self.stopped else self._stream.flush()
+            delta = "" if self.stopped else self._stream.flush()
             self.flushed = True
-        if text != expected:
+        self._released += delta
+        self._claimed += text
+        decodable = self._released + self._stream.held
+        if not (decodable.startswith(self._claimed) or self._claimed.startswith(decodable)):
             raise TextMismatch(
-                f"chunk text {text[:40]!r} is not what its token ids decode to "
-                f"({expected[:40]!r})"
-            )
-        self.parts.append(expected)
-        return expected
+                f"the node's text {self._claimed[-40:]!r} is not what its token ids decode "
+                f"to ({decodable[-40:]!r})")
+        if self.flushed and self._claimed != self._released:
+            raise TextMismatch("the node's final text is not what its token ids decode to")
+        self.parts.append(delta)
+        return delta
 
     def finish(self) -> None:
-        """The segment ended: nothing the ids released may be missing from the text."""
+        """The segment ended: the node's text and the ids' text must be equal."""
         if not self.flushed and not self.stopped:
-            rest = self._stream.flush()
+            self._released += self._stream.flush()
             self.flushed = True
-            if rest:
-                raise TextMismatch(f"the output ends without its final text {rest[:40]!r}")
+        if self._claimed != self._released:
+            raise TextMismatch(
+                f"the node's text ends {self._claimed[-40:]!r}, its token ids "
+                f"{self._released[-40:]!r}")
