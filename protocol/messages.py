@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from protocol.receipt import SignedReceipt
 
@@ -21,7 +21,9 @@ PROTOCOL_VERSION = 2
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are not JSON numbers a peer may send: they cannot be hashed
+    # canonically, so a frame carrying one is malformed
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelOffer(_Message):
@@ -66,11 +68,18 @@ class Hello(_Message):
     protocol_version: int = PROTOCOL_VERSION
     pubkey: str
     agent_version: str
-    models: list[ModelOffer] = Field(min_length=1)
-    gpus: list[GpuInfo] = Field(default_factory=list)
+    models: list[ModelOffer] = Field(min_length=1, max_length=64)
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
     price: Price
     max_concurrency: int = Field(ge=1)
-    region: str = "local"
+    region: str = Field(default="local", max_length=64)
+
+    @field_validator("models")
+    @classmethod
+    def _one_offer_per_model(cls, models: list[ModelOffer]) -> list[ModelOffer]:
+        if len({m.id for m in models}) != len(models):
+            raise ValueError("each model may be offered once")
+        return models
 
 
 class Auth(_Message):

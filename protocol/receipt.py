@@ -21,7 +21,7 @@ RECEIPT_VERSION = 2
 class SamplingParams(BaseModel):
     """The sampling knobs that determine what output is legitimate."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float
     top_p: float
@@ -37,7 +37,7 @@ class SamplingParams(BaseModel):
 class GpuMetrics(BaseModel):
     """GPU readings sampled while the job ran (absent on CPU-only nodes)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     util_avg: float
@@ -50,7 +50,7 @@ class GpuMetrics(BaseModel):
 class ReceiptBody(BaseModel):
     """Everything a node attests about one job. Field names are part of the hash."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     version: int = RECEIPT_VERSION
     job_id: str
@@ -83,7 +83,7 @@ class ReceiptBody(BaseModel):
 class SignedReceipt(BaseModel):
     """A receipt body, its signature, and the token ids whose hash the body holds."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     body: ReceiptBody
     signature: str

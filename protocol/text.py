@@ -18,37 +18,75 @@ from collections.abc import Callable, Iterable
 Piece = Callable[[int], bytes]
 
 
+class _StopMatcher:
+    """Knuth-Morris-Pratt over characters for one stop string: how much of it the text
+    so far ends with, updated in amortised constant time per character (a stop string
+    of hundreds of characters costs no more per token than a short one)."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.state = 0  # the longest prefix of ``stop`` the text ends with
+        self._fail = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self._fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self._fail[i] = k
+
+    def feed(self, char: str) -> bool:
+        """Advance by one character; True when the stop string is complete."""
+        stop, state = self.stop, self.state
+        while state and stop[state] != char:
+            state = self._fail[state - 1]
+        if stop[state] == char:
+            state += 1
+        if state == len(stop):
+            self.state = self._fail[state - 1]
+            return True
+        self.state = state
+        return False
+
+
 class TextStream:
     """Turns per-token byte pieces into text deltas, honouring stop strings.
 
-    ``push`` returns (text to emit now, whether a stop string was hit).
+    ``push`` returns (text to emit now, whether a stop string was hit). A stop string
+    ends the text where it starts (the earliest start among those found in the text not
+    yet released); text that may be the start of one is held until it is known not to
+    be.
     """
 
     def __init__(self, stop: Iterable[str]) -> None:
         self.stop = [s for s in stop if s]
+        self._matchers = [_StopMatcher(s) for s in self.stop]
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
 
     def prime(self, pieces: Iterable[bytes]) -> None:
-        """Feed bytes already streamed by an earlier node (continuation); emit nothing."""
+        """Replay output an earlier node already streamed (a continuation): its text was
+        released by that node, except what it still held, which stays held here, so a
+        stop string split across the two nodes is still seen."""
         for piece in pieces:
-            self._decoder.decode(piece)
+            self.push(piece)
 
     def push(self, piece: bytes) -> tuple[str, bool]:
-        buffer = self._held + self._decoder.decode(piece)
+        new = self._decoder.decode(piece)
+        buffer = self._held + new
         if not self.stop:
             self._held = ""
             return buffer, False
-        hit = min((i for i in (buffer.find(s) for s in self.stop) if i >= 0), default=-1)
+        base, hit = len(self._held), -1
+        for offset, char in enumerate(new):
+            for matcher in self._matchers:
+                if matcher.feed(char):
+                    start = base + offset + 1 - len(matcher.stop)
+                    hit = start if hit < 0 else min(hit, start)
         if hit >= 0:
             self._held = ""
             return buffer[:hit], True
-        keep = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(buffer)), keep, -1):
-                if buffer.endswith(s[:k]):
-                    keep = k
-                    break
+        keep = max(matcher.state for matcher in self._matchers)
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False
 
@@ -71,12 +109,15 @@ class ExpectedText:
     """The market's replay of a node's :class:`TextStream` for one segment.
 
     The text relayed to the buyer is the replay's, never the node's: what the ids
-    release under the protocol's rule. The node's own text must agree: at every chunk,
-    everything it sent so far and everything its ids decode to so far must be one a
-    prefix of the other (an engine may release held-back text a chunk earlier or later,
-    never other text), and at the end they must be equal. A chunk without ids is the
-    final release of held text and may come once, last. Raises :class:`TextMismatch`.
+    release under the protocol's rule. The node's own text must agree: it may lag the
+    replay (an engine that holds text back longer) by at most ``MAX_LAG_CHARS``, or run
+    ahead of it only into text the ids already decode to but the replay still holds;
+    at the end the two are equal. A chunk without ids is the final release of held text
+    and may come once, last. Work per chunk is bounded by the chunk and the lag, never
+    by the length of the output. Raises :class:`TextMismatch`.
     """
+
+    MAX_LAG_CHARS = 4096
 
     def __init__(self, piece: Piece, stop: Iterable[str], continuation_ids: Iterable[int] = ()):
         self._piece = piece
@@ -85,12 +126,12 @@ class ExpectedText:
         self.stopped = False
         self.flushed = False
         self.parts: list[str] = []  # what the replay released, chunk by chunk
-        self._released = ""
-        self._claimed = ""  # what the node sent
+        self._owed = ""  # released by the replay, not yet sent by the node
+        self._early = ""  # sent by the node, still held by the replay
 
     @property
     def text(self) -> str:
-        return self._released
+        return "".join(self.parts)
 
     def chunk(self, token_ids: list[int], text: str) -> str:
         """Check one streamed chunk; returns the text to relay for it."""
@@ -111,24 +152,37 @@ class ExpectedText:
         else:
             delta = "" if self.stopped else self._stream.flush()
             self.flushed = True
-        self._released += delta
-        self._claimed += text
-        decodable = self._released + self._stream.held
-        if not (decodable.startswith(self._claimed) or self._claimed.startswith(decodable)):
-            raise TextMismatch(
-                f"the node's text {self._claimed[-40:]!r} is not what its token ids decode "
-                f"to ({decodable[-40:]!r})")
-        if self.flushed and self._claimed != self._released:
-            raise TextMismatch("the node's final text is not what its token ids decode to")
         self.parts.append(delta)
+        self._agree(delta, text)
+        if self.flushed and (self._owed or self._early):
+            raise TextMismatch("the node's final text is not what its token ids decode to")
         return delta
+
+    def _agree(self, released: str, claimed: str) -> None:
+        sent, due = self._early + claimed, self._owed + released
+        common = min(len(sent), len(due))
+        if sent[:common] != due[:common]:
+            raise TextMismatch(f"the node's text {sent[:40]!r} is not what its token ids "
+                               f"decode to ({due[:40]!r})")
+        self._early, self._owed = sent[common:], due[common:]
+        if self._early and not self._stream.held.startswith(self._early):
+            raise TextMismatch(f"the node sent text {self._early[:40]!r} its token ids do not "
+                               "decode to")
+        if len(self._owed) > self.MAX_LAG_CHARS:
+            raise TextMismatch(f"the node's text lags its token ids by more than "
+                               f"{self.MAX_LAG_CHARS} characters")
 
     def finish(self) -> None:
         """The segment ended: the node's text and the ids' text must be equal."""
         if not self.flushed and not self.stopped:
-            self._released += self._stream.flush()
+            rest = self._stream.flush()
             self.flushed = True
-        if self._claimed != self._released:
+            self.parts.append(rest)
+            self._owed += rest
+            if self._early.startswith(rest) or rest.startswith(self._early):
+                common = min(len(rest), len(self._early))
+                self._early, self._owed = self._early[common:], self._owed[common:]
+        if self._owed or self._early:
             raise TextMismatch(
-                f"the node's text ends {self._claimed[-40:]!r}, its token ids "
-                f"{self._released[-40:]!r}")
+                f"the node's text ends otherwise than its token ids (owed {self._owed[:40]!r}, "
+                f"sent early {self._early[:40]!r})")

@@ -34,6 +34,7 @@ from typing import Any, Literal
 from node_agent.engines.base import Engine, GenerationRequest, PositionScore
 from protocol.canonical import request_digest
 from protocol.receipt import SamplingParams, SignedReceipt
+from protocol.text import TextStream
 
 # "cancelled": the market stopped the node (its buyer left), so the output ends anywhere.
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -440,6 +441,13 @@ def _decode(engine: Engine, token_ids: Sequence[int]) -> str | None:
     return out
 
 
+def _piece_of(engine: Engine) -> Any:
+    """The engine's token → bytes function, if it exposes one."""
+    vocabulary = getattr(engine, "vocabulary", None)
+    piece = getattr(vocabulary, "piece", None) or getattr(engine, "piece", None)
+    return piece if callable(piece) else None
+
+
 def text_matches_tokens(
     engine: Engine,
     output_text: str,
@@ -449,10 +457,43 @@ def text_matches_tokens(
 ) -> tuple[bool | None, bool]:
     """Is ``output_text`` exactly what ``claimed`` decodes to (after ``prefix_ids``)?
 
-    Returns (matches — None when the engine cannot decode, stop_string_seen). When a
-    stop string ended generation, the ids decode to the text, then the stop string
-    (the node cut it, as OpenAI does), then possibly a partial token's remainder.
+    Returns (matches — None when the engine cannot decode, stop_string_seen). With the
+    engine's pieces this is the protocol's own rule (:class:`protocol.text.TextStream`
+    replayed over the continuation, then the claimed ids; a segment cut short by a
+    cancel may lack the held tail). Ids after the stop string that ended the text do not
+    match.
     """
+    piece = _piece_of(engine)
+    if piece is not None:
+        check = getattr(engine, "check_token_ids", None)
+        if check is not None:  # ids from a node: outside the vocabulary is invalid_token
+            check(list(prefix_ids) + list(claimed), "token_ids")
+        stream = TextStream(stop)
+        stream.prime(piece(t) for t in prefix_ids)
+        parts: list[str] = []
+        stopped = False
+        for position, token in enumerate(claimed):
+            delta, stopped = stream.push(piece(token))
+            parts.append(delta)
+            if stopped:
+                if position != len(claimed) - 1:
+                    return False, True
+                break
+        released = "".join(parts)
+        if stopped:
+            return output_text == released, True
+        return output_text in (released + stream.flush(), released), False
+    return _text_matches_decoded(engine, output_text, claimed, prefix_ids, stop)
+
+
+def _text_matches_decoded(
+    engine: Engine,
+    output_text: str,
+    claimed: Sequence[int],
+    prefix_ids: Sequence[int],
+    stop: Sequence[str],
+) -> tuple[bool | None, bool]:
+    """The same question for an engine that can only decode whole sequences."""
     full = _decode(engine, list(prefix_ids) + list(claimed))
     if full is None:
         return None, False

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 
 from node_agent.engines.base import (
     Engine,
+    EngineError,
     GenerationEnd,
     GenerationEvent,
     GenerationRequest,
@@ -96,6 +97,13 @@ class DeterministicEngine(Engine):
 
     def vocab_size(self) -> int:
         return len(VOCAB)
+
+    def check_token_ids(self, token_ids: list[int], what: str) -> None:
+        """Refuse ids outside the vocabulary (they come from other machines)."""
+        bad = next((t for t in token_ids if not self.vocabulary.valid(t)), None)
+        if bad is not None:
+            raise EngineError("invalid_token", f"{what} holds token id {bad}, outside the "
+                              f"vocabulary (0…{len(VOCAB) - 1})")
 
     def decode(self, token_ids: list[int]) -> str:
         return b"".join(self.vocabulary.piece(t) for t in token_ids).decode(errors="replace")
