@@ -240,6 +240,11 @@ class JobRunner:
         spec = self.spec
         continuation_ids = list(self.token_ids)
         body = spec.body(remaining)
+        # no more output than the node's own context holds after prompt and continuation
+        offer = conn.models.get(spec.model)
+        if offer is not None:
+            room = offer.context_length - spec.prompt_tokens - len(continuation_ids)
+            remaining = max(1, min(remaining, room))
         job = self._job_message(body, continuation_ids)
         expected = ExpectedText(spec.vocabulary.piece, body["stop"], continuation_ids)
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -384,23 +389,13 @@ class JobRunner:
                 expected.finish()
             except TextMismatch as exc:
                 raise SegmentFailed("text_mismatch", str(exc)) from None
-        offer = conn.models.get(spec.model)
-        failures = check_receipt(
-            done.receipt,
-            registered_model_sha256=offer.sha256 if offer else "",
-            request_sha256=request_digest(spec.kind, spec.input, continuation_ids),
-            relayed_text=expected.text,
-            relayed_token_ids=seg_ids,
-            node_pubkey=conn.pubkey,
-            job_id=spec.job_id,
-            model_id=spec.model,
-            usage=done.usage,
-            finish_reason=done.finish_reason,
-            expected_sampling=sampling_params_from_request(body),
-            context_length=offer.context_length if offer else None,
-            expected_prompt_tokens=spec.prompt_tokens + len(continuation_ids),
-            market_id=self.state.settings.market_id,
-        )
+        try:
+            failures = self._check_receipt(conn, done, body, continuation_ids, expected, seg_ids)
+        except Exception as exc:  # whatever a node sent, it fails its segment, not the job
+            log.exception("job %s: receipt of node %s could not be checked", spec.job_id,
+                          conn.node_id)
+            raise SegmentFailed("receipt_rejected", f"receipt could not be checked: {exc}") \
+                from None
         if failures:
             for failure in failures:
                 self.state.metrics.receipts_rejected.labels(failure.code).inc()
@@ -429,6 +424,28 @@ class JobRunner:
         )
         self._open_tokens = 0
         self.finish_reason = done.finish_reason
+
+    def _check_receipt(self, conn: NodeConn, done: Done, body: dict[str, Any],
+                       continuation_ids: list[int], expected: ExpectedText,
+                       seg_ids: list[int]) -> list[Any]:
+        spec = self.spec
+        offer = conn.models.get(spec.model)
+        return check_receipt(
+            done.receipt,
+            registered_model_sha256=offer.sha256 if offer else "",
+            request_sha256=request_digest(spec.kind, spec.input, continuation_ids),
+            relayed_text=expected.text,
+            relayed_token_ids=seg_ids,
+            node_pubkey=conn.pubkey,
+            job_id=spec.job_id,
+            model_id=spec.model,
+            usage=done.usage,
+            finish_reason=done.finish_reason,
+            expected_sampling=sampling_params_from_request(body),
+            context_length=offer.context_length if offer else None,
+            expected_prompt_tokens=spec.prompt_tokens + len(continuation_ids),
+            market_id=self.state.settings.market_id,
+        )
 
     # ---- the result ------------------------------------------------------------------------
 

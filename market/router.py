@@ -49,6 +49,10 @@ class Need:
         return conn.models[model].context_length >= self.min_context
 
 
+def _total_price(conn: NodeConn) -> int:
+    return conn.price_in + conn.price_out
+
+
 def within_cap(conn: NodeConn, cap: int | None) -> bool:
     return cap is None or (conn.price_in <= cap and conn.price_out <= cap)
 
@@ -137,14 +141,20 @@ class Router:
                     raise
                 await self.registry.wait_changed(left)
 
-    def max_price(self, model: str, cap: int | None = None,
-                  min_context: int = 0) -> tuple[int, int]:
-        """Highest (input, output) price among the nodes a job could land on (for holds)."""
+    def hold_prices(self, model: str, cap: int | None = None, min_context: int = 0,
+                    nodes: int = 4, spread: float = 4.0) -> tuple[int, int]:
+        """The (input, output) prices a job's hold is computed at: the highest among the
+        ``nodes`` cheapest that could serve it (enough to fail over on), leaving out any
+        asking more than ``spread`` times the (lower) median price. Nodes above these
+        prices are not offered the job, so a node asking a fortune sets nobody's hold."""
         need = Need(cap, None, min_context)
-        pool = [c for c in self.registry.serving(model) if c.available and need.admits(c, model)]
+        pool = sorted((c for c in self.registry.serving(model)
+                       if c.available and need.admits(c, model)), key=_total_price)
         if not pool:
             return (0, 0)
-        return max(c.price_in for c in pool), max(c.price_out for c in pool)
+        median = _total_price(pool[(len(pool) - 1) // 2])
+        chosen = [c for c in pool if _total_price(c) <= spread * median][:max(1, nodes)]
+        return max(c.price_in for c in chosen), max(c.price_out for c in chosen)
 
     def max_context(self, model: str, cap: int | None = None) -> int:
         """The longest context among the healthy nodes serving ``model`` within ``cap``."""

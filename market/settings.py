@@ -91,11 +91,18 @@ class MarketSettings(BaseSettings):
     # largest frame either side sends or accepts; a request whose job frame would not fit
     # is refused with 413 before dispatch
     link_max_frame_bytes: int = Field(default=4 << 20, ge=64 << 10)
-    link_max_pending_handshakes: int = 64  # unauthenticated links open at once
+    link_max_pending_handshakes: int = 256  # unauthenticated links open at once
+    link_max_pending_per_peer: int = 8  # ... from one client address
     link_messages_per_s: float = 2000.0  # per node, with a burst of twice that
     link_malformed_logged: int = 3  # malformed frames logged per link (then only counted)
     link_max_malformed: int = 50  # malformed frames before the link is closed
     node_max_concurrency: int = 64  # the most a node may advertise
+    node_max_price_per_mtok: int = Field(default=10**12, ge=0)  # dearer offers are refused
+    # a job's hold is computed at the prices of the cheapest this many eligible nodes,
+    # leaving out any asking more than this many times the median; dearer nodes are not
+    # offered the job
+    hold_price_nodes: int = Field(default=4, ge=1)
+    hold_price_spread: float = Field(default=4.0, ge=1.0)
     # refusals (busy, draining) and timeouts in a row before a node sits out
     node_quarantine_after: int = 3
     node_quarantine_s: float = 30.0  # first sit-out; doubles on each repeat up to 20×

@@ -29,6 +29,7 @@ class MarketState:
     catalog: Catalog = field(default_factory=Catalog)
     funds: FundsCache = field(default_factory=FundsCache)
     pending_handshakes: int = 0  # node links not authenticated yet
+    pending_by_peer: dict[str, int] = field(default_factory=dict)  # ... by client address
     # jobs whose finalize is being retried (the hold sweeper leaves them alone)
     finalizing: set[str] = field(default_factory=set)
     # key sha256 -> (key id, account id, expires at monotonic)

@@ -115,7 +115,9 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         raise BadRequest(
             f"the prompt is {prompt_tokens} tokens; the longest context any node serving "
             f"'{body.model}' offers is {context}", param="messages", code="context_length_exceeded")
-    price_in, price_out = state.router.max_price(body.model, cap, prompt_tokens + 1)
+    price_in, price_out = state.router.hold_prices(
+        body.model, cap, prompt_tokens + 1, settings.hold_price_nodes,
+        settings.hold_price_spread)
     hold = billing.worst_case_hold(
         prompt_tokens, sampling["max_tokens"], price_in, price_out, settings.market_fee_bps
     )

@@ -195,6 +195,9 @@ async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str
         raise HandshakeFailed("pubkey is not a base58 ed25519 public key") from exc
     if (refusal := state.catalog.refusal(hello.models)) is not None:
         raise HandshakeFailed(refusal)
+    if max(hello.price.input, hello.price.output) > settings.node_max_price_per_mtok:
+        raise HandshakeFailed(f"price above this market's maximum of "
+                              f"{settings.node_max_price_per_mtok} per 1M tokens")
 
     nonce = secrets.token_hex(32)  # fresh per connection: an old signature never verifies
     await ws.send_text(encode(Challenge(nonce=nonce)))
@@ -214,11 +217,15 @@ async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str
 
 async def node_link(ws: WebSocket) -> None:
     state: MarketState = ws.app.state.market
-    if state.pending_handshakes >= state.settings.link_max_pending_handshakes:
+    settings = state.settings
+    peer = ws.client.host if ws.client else "?"
+    if (state.pending_handshakes >= settings.link_max_pending_handshakes
+            or state.pending_by_peer.get(peer, 0) >= settings.link_max_pending_per_peer):
         state.metrics.node_errors.labels("too_many_handshakes").inc()
         await ws.close(code=1013)  # try again later
         return
     state.pending_handshakes += 1
+    state.pending_by_peer[peer] = state.pending_by_peer.get(peer, 0) + 1
     try:
         await ws.accept()
         hello, info = await _handshake(state, ws)
@@ -232,8 +239,18 @@ async def node_link(ws: WebSocket) -> None:
         if ws.client_state == WebSocketState.CONNECTED:
             await _reject(ws, "handshake timed out")
         return
+    except Exception:  # a bug must cost the node its link, not the market a traceback storm
+        log.exception("node link handshake failed")
+        state.metrics.node_errors.labels("handshake_error").inc()
+        await _reject(ws, "the handshake could not be completed")
+        return
     finally:
         state.pending_handshakes -= 1
+        left = state.pending_by_peer.get(peer, 1) - 1
+        if left > 0:
+            state.pending_by_peer[peer] = left
+        else:
+            state.pending_by_peer.pop(peer, None)
 
     conn = NodeConn(
         node_id=info["id"],
@@ -311,5 +328,10 @@ async def _read_loop(state: MarketState, conn: NodeConn) -> None:
             conn.status = message
             if not conn.healthy:
                 conn.healthy = True
-        else:
-            log.warning("node %s sent %s after the handshake", conn.node_id, message.type)
+        else:  # a handshake frame after the handshake: as bad as a malformed one
+            malformed += 1
+            state.metrics.node_errors.labels("malformed_frame").inc()
+            if malformed <= settings.link_malformed_logged:
+                log.warning("node %s sent %s after the handshake", conn.node_id, message.type)
+            if malformed >= settings.link_max_malformed:
+                raise LinkAbuse(f"{malformed} malformed frames")

@@ -23,6 +23,9 @@ from typing import Any
 from protocol.messages import Hello, JobError, ModelOffer, Status, encode
 
 EWMA_ALPHA = 0.2
+# frames a job may have waiting for its consumer (a buyer reading slowly); past this the
+# node is flooding it and the job fails over
+MAX_QUEUED_PER_JOB = 4096
 
 
 def ewma(previous: float | None, value: float, alpha: float = EWMA_ALPHA) -> float:
@@ -97,8 +100,13 @@ class NodeConn:
 
     def route(self, job_id: str, message: Any) -> None:
         queue = self.inflight.get(job_id)
-        if queue is not None:
+        if queue is None:
+            return
+        if queue.qsize() < MAX_QUEUED_PER_JOB:
             queue.put_nowait(message)
+        elif queue.qsize() == MAX_QUEUED_PER_JOB:  # once: the rest is dropped
+            queue.put_nowait(JobError(job_id=job_id, code="flooding",
+                                      message=f"more than {MAX_QUEUED_PER_JOB} frames waiting"))
 
     def fail_inflight(self, code: str, message: str) -> None:
         """Push a synthetic error into every in-flight job (link lost / node silent)."""

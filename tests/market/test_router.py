@@ -77,3 +77,18 @@ def test_filters_health_capacity_price_and_tried() -> None:
 def test_unknown_latency_gets_the_median() -> None:
     ranked = rank([conn("new"), conn("a", ttft=10), conn("b", ttft=30), conn("c", ttft=20)])
     assert [c.node_id for _, c in ranked].index("new") in (1, 2)
+
+
+def test_a_node_asking_a_fortune_sets_no_hold() -> None:
+    """The hold is priced at the cheapest few nodes, leaving out any far above the median:
+    one gouger cannot make every buyer's hold unaffordable (and is not offered the job)."""
+    fair = [conn(f"fair{i}", price=(100 + i, 200 + i)) for i in range(3)]
+    gouger = conn("gouger", price=(10**12, 10**12))
+    r = router(*fair, gouger)
+    assert r.hold_prices("m") == (102, 202)
+    assert router(fair[0], gouger).hold_prices("m") == (100, 200)  # even one against one
+    cheap = conn("cheap", price=(1, 1))  # a cheap node does not exclude the fair ones
+    assert router(cheap, *fair).hold_prices("m") == (102, 202)
+    many = [conn(f"n{i}", price=(10 * (i + 1), 10 * (i + 1))) for i in range(8)]
+    assert router(*many).hold_prices("m", nodes=4) == (40, 40)  # the four cheapest
+    assert router(*many).hold_prices("m", cap=25) == (20, 20)
