@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -94,15 +95,19 @@ def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> 
             f"{settings.link_max_frame_bytes}: send a shorter prompt or a smaller max_tokens")
 
 
-async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> JobRunner:
-    """Check the model and capacity, count the prompt, hold the worst case, store the job."""
-    settings = state.settings
-    cap = body.max_price_per_mtok
-    state.catalog.require(body.model)
-    state.router.ensure_available(body.model, cap)
-    vocabulary = await state.catalog.vocabulary(body.model)
-    sampling = body.sampling(settings.default_max_tokens)
-    job_id = new_id("job")
+@dataclass(frozen=True)
+class _Quote:
+    """What a job may cost, from the market's own count of its prompt."""
+
+    prompt_tokens: int
+    prices: tuple[int, int]  # (input, output) per 1M tokens the hold covers
+    hold: int
+
+
+async def _quote(state: MarketState, body: GenerationRequestBody, vocabulary: Vocabulary,
+                 sampling: dict[str, Any]) -> _Quote:
+    """Count the prompt as a node must, check it fits a node, price the worst case."""
+    settings, cap = state.settings, body.max_price_per_mtok
     request_body = {"model": body.model, ("messages" if body.kind == "chat" else "prompt"):
                     body.input(), **sampling}
     if body.prompt_chars() > TOKENIZE_INLINE_CHARS:
@@ -114,31 +119,42 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
     if prompt_tokens >= context:
         raise BadRequest(
             f"the prompt is {prompt_tokens} tokens; the longest context any node serving "
-            f"'{body.model}' offers is {context}", param="messages", code="context_length_exceeded")
-    price_in, price_out = state.router.hold_prices(
-        body.model, cap, prompt_tokens + 1, settings.hold_price_nodes,
-        settings.hold_price_spread)
-    hold = billing.worst_case_hold(
-        prompt_tokens, sampling["max_tokens"], price_in, price_out, settings.market_fee_bps
-    )
+            f"'{body.model}' offers is {context}",
+            param="messages" if body.kind == "chat" else "prompt",
+            code="context_length_exceeded")
+    prices = state.router.hold_prices(body.model, cap, prompt_tokens + 1,
+                                      settings.hold_price_nodes, settings.hold_price_spread)
+    hold = billing.worst_case_hold(prompt_tokens, sampling["max_tokens"], *prices,
+                                   settings.market_fee_bps)
+    return _Quote(prompt_tokens, prices, hold)
+
+
+async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> JobRunner:
+    """Check the model and capacity, count the prompt, hold the worst case, store the job."""
+    settings = state.settings
+    state.catalog.require(body.model)
+    state.router.ensure_available(body.model, body.max_price_per_mtok)
+    vocabulary = await state.catalog.vocabulary(body.model)
+    sampling = body.sampling(settings.default_max_tokens)
+    quote = await _quote(state, body, vocabulary, sampling)
     lifetime = settings.job_first_token_timeout + settings.job_max_duration_s
     spec = JobSpec(
-        job_id=job_id,
+        job_id=new_id("job"),
         kind=body.kind,
         model=body.model,
         input=body.input(),
         sampling=sampling,
         vocabulary=vocabulary,
-        prompt_tokens=prompt_tokens,
-        hold=hold,
-        price_bound=(price_in, price_out),
+        prompt_tokens=quote.prompt_tokens,
+        hold=quote.hold,
+        price_bound=quote.prices,
         deadline=asyncio.get_running_loop().time() + lifetime,
-        price_cap=cap,
+        price_cap=body.max_price_per_mtok,
     )
     _check_frame(spec, settings, body.prompt_chars() + MESSAGE_OVERHEAD_CHARS * len(
         getattr(body, "messages", ())))
     job = Job(
-        id=job_id,
+        id=spec.job_id,
         account_id=buyer.account_id,
         api_key_id=buyer.key_id,
         model=body.model,
@@ -146,31 +162,37 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         request=body.model_dump(mode="json", exclude_none=True),
         stream=body.stream,
         status="running",
-        hold_amount=hold,
+        hold_amount=quote.hold,
         deadline_at=utcnow() + timedelta(seconds=lifetime),
     )
-    hold_written = None
+    runner = JobRunner(state, spec)
+    runner.hold_written = await _place_hold(state, buyer, job)
+    return runner
+
+
+async def _place_hold(state: MarketState, buyer: Buyer, job: Job) -> asyncio.Future[int] | None:
+    """Write the job and its hold. When the in-memory balance covers it, the write goes
+    behind and the job starts now (the returned future; ``market.funds``); otherwise the
+    write is awaited (402 when the database refuses it)."""
+    hold = job.hold_amount
     if state.funds.try_reserve(buyer.account_id, hold) or await _reserve_after_refresh(
         state, buyer.account_id, hold
     ):
-        # Known to be covered: dispatch now, the hold is written behind (market.funds).
         hold_written = asyncio.ensure_future(
             state.writer.submit(lambda session: billing.open_job(session, job)))
         hold_written.add_done_callback(
             lambda done: state.funds.committed(
                 buyer.account_id, hold,
                 None if done.cancelled() or done.exception() else done.result()))
-    else:
-        try:
-            available = await state.writer.submit(lambda session: billing.open_job(session, job))
-        except asyncio.CancelledError:
-            # The buyer left while the hold was being placed: release it once it is written.
-            state.spawn(finalize_unstarted(state, job.id))
-            raise
-        state.funds.observe(buyer.account_id, available)
-    runner = JobRunner(state, spec)
-    runner.hold_written = hold_written
-    return runner
+        return hold_written
+    try:
+        available = await state.writer.submit(lambda session: billing.open_job(session, job))
+    except asyncio.CancelledError:
+        # The buyer left while the hold was being placed: release it once it is written.
+        state.spawn(finalize_unstarted(state, job.id))
+        raise
+    state.funds.observe(buyer.account_id, available)
+    return None
 
 
 async def _reserve_after_refresh(state: MarketState, account_id: str, hold: int) -> bool:

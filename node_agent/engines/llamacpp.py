@@ -209,7 +209,7 @@ class LlamaCppEngine(LocalEngine):
         self._scorer: Any = None
         self._scorer_lock = threading.Lock()
         self._primary: Any = None
-        self.vocabulary: LlamaCppVocabulary | None = None
+        self.vocabulary: LlamaCppVocabulary = None  # type: ignore[assignment]  # set by start()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
