@@ -343,8 +343,9 @@ async def sybils(bench: Bench, requests: int) -> dict[str, Any]:
         try:
             await bench.ask(model, messages=[{"role": "user", "content": f"r{i}"}],
                             max_tokens=4, temperature=0)
-        except openai.APIError:
+        except openai.APIError as exc:
             failures += 1
+            print(f"sybil request {i} failed: {exc}", file=sys.stderr)
 
     started = time.perf_counter()
     for start in range(0, requests, 10):
@@ -356,8 +357,11 @@ async def sybils(bench: Bench, requests: int) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="aidp-adversarial-"))
     db_url = args.database_url or f"sqlite:///{tmp}/market.db"
+    # heartbeats every second (the tests' 0.2 s marks nodes of this loaded, one-process
+    # network silent when the verifier holds the CPU; production's default is 5 s)
     market = start_market(db_url, data_dir=str(tmp), job_first_token_timeout=5.0,
-                          verify_first_jobs=10**6, list_default_model=args.llama > 0)
+                          heartbeat_interval=1.0, verify_first_jobs=10**6,
+                          list_default_model=args.llama > 0)
     bench = Bench(market)
     attacks: dict[str, dict[str, Any]] = {}
     try:

@@ -134,11 +134,17 @@ class NodeConn:
             self.quarantined_until = time.monotonic() + self.quarantine_s * factor
 
 
+def _standing_of(conn: NodeConn) -> tuple[int, int, float]:
+    return conn.misses_in_a_row, conn.quarantines, conn.quarantined_until
+
+
 class NodeRegistry:
     def __init__(self) -> None:
         self.links: dict[str, NodeConn] = {}
         self.known_models: set[str] = set()
         self._changed = asyncio.Event()
+        # a node's misses and sit-outs outlive its link: reconnecting does not wipe them
+        self._standing: dict[str, tuple[int, int, float]] = {}
 
     def notify(self) -> None:
         """Capacity or membership changed: wake jobs waiting for a free node."""
@@ -154,6 +160,10 @@ class NodeRegistry:
     def add(self, conn: NodeConn) -> NodeConn | None:
         """Register a link; returns the older link of the same node, if any (to close)."""
         previous = self.links.get(conn.node_id)
+        standing = (self._standing.pop(conn.node_id, None) if previous is None
+                    else _standing_of(previous))
+        if standing is not None:
+            conn.misses_in_a_row, conn.quarantines, conn.quarantined_until = standing
         self.links[conn.node_id] = conn
         self.known_models.update(conn.models)
         self.notify()
@@ -163,6 +173,8 @@ class NodeRegistry:
         conn.closed = True
         if self.links.get(conn.node_id) is conn:
             del self.links[conn.node_id]
+            if conn.misses_in_a_row or conn.quarantines:
+                self._standing[conn.node_id] = _standing_of(conn)
         self.notify()
 
     def serving(self, model: str) -> list[NodeConn]:

@@ -92,3 +92,19 @@ def test_a_node_asking_a_fortune_sets_no_hold() -> None:
     many = [conn(f"n{i}", price=(10 * (i + 1), 10 * (i + 1))) for i in range(8)]
     assert router(*many).hold_prices("m", nodes=4) == (40, 40)  # the four cheapest
     assert router(*many).hold_prices("m", cap=25) == (20, 20)
+
+
+def test_a_node_cannot_shed_its_sit_out_by_reconnecting() -> None:
+    registry = NodeRegistry()
+    first = conn("sybil")
+    registry.add(first)
+    for _ in range(first.quarantine_after):
+        first.observe_failure()
+    assert first.quarantined and not first.available
+    registry.remove(first)  # it drops its link ...
+    again = conn("sybil")
+    registry.add(again)  # ... and dials in again
+    assert again.quarantined and again.quarantines == 1
+    replaced = conn("sybil")
+    registry.add(replaced)  # a second link while the first is up inherits it too
+    assert replaced.quarantined
