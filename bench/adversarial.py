@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 from solders.keypair import Keypair  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
+from inference.fake import DeterministicEngine  # noqa: E402
 from market.journal_audit import audit  # noqa: E402
 from market.models import Job, Node, Receipt  # noqa: E402
 from market.verification import service, settlement  # noqa: E402
-from node_agent.engines.fake import DeterministicEngine  # noqa: E402
 from node_agent.link import NodeLink  # noqa: E402
 from tests.adversarial.hostile import (  # noqa: E402
     LIES,
@@ -172,7 +172,7 @@ async def junk_output(bench: Bench, temperature: float) -> dict[str, Any]:
     async def junk(node: HostileNode, job: dict[str, Any]) -> None:
         out = honest_output(job)
         ids = [rng.randrange(1, 64) for _ in out.ids] or [5]
-        from node_agent.engines.fake import VOCAB
+        from inference.fake import VOCAB
 
         text = "".join(VOCAB[t] for t in ids)
         for t in ids:
@@ -231,8 +231,8 @@ async def overdraw_race(bench: Bench) -> dict[str, Any]:
     model = unique_model("overdraw")
     await bench.honest(DeterministicEngine(model, token_delay=0.05), price=(10**6, 10**6),
                        max_concurrency=32)
-    from node_agent.convert import generation_request
-    from node_agent.engines.fake import FakeVocabulary
+    from inference.convert import generation_request
+    from inference.fake import FakeVocabulary
 
     messages = [{"role": "user", "content": "spend"}]
     prompt = len(FakeVocabulary().prompt_token_ids(generation_request(
@@ -299,9 +299,9 @@ async def honest_llama_jobs(bench: Bench, n: int) -> dict[str, Any]:
     fills before max_tokens, half on a 4096-token one; all verified by the real verifier."""
     if n <= 0:
         return {"jobs": 0, "context_full": 0, "slashed": 0, "verified": 0}
+    from inference.llamacpp import LlamaCppEngine, default_gguf
     from market.listing import DEFAULT_MODEL_ID
     from market.verification.engine import get_engine
-    from node_agent.engines.llamacpp import LlamaCppEngine, default_gguf
 
     small_id = DEFAULT_MODEL_ID + "-ctx64"
     normal = LlamaCppEngine(n_threads=2)

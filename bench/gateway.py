@@ -42,8 +42,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from node_agent.engines.base import GenerationRequest, TokenDelta  # noqa: E402
-from node_agent.engines.fake import DeterministicEngine, fake_sha256  # noqa: E402
+from inference.base import GenerationRequest, TokenDelta  # noqa: E402
+from inference.fake import DeterministicEngine, fake_sha256  # noqa: E402
 from protocol.runtime import run_event_loop  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
@@ -61,7 +61,7 @@ NODE_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[4])
     from node_agent.link import NodeLink
     from protocol.runtime import run_event_loop, tune_for_latency
-    from node_agent.engines.fake import DeterministicEngine
+    from inference.fake import DeterministicEngine
 
     async def main():
         engine = DeterministicEngine(model_id=sys.argv[2], token_delay=float(sys.argv[3]))

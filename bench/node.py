@@ -59,8 +59,8 @@ def summarize(ttfts: list[float], tokens: int, wall: float) -> dict[str, Any]:
 
 
 async def bench_direct(engine: Any, n: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
-    from node_agent.convert import generation_request
-    from node_agent.engines.base import TokenDelta
+    from inference.base import TokenDelta
+    from inference.convert import generation_request
 
     sem = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []

@@ -33,11 +33,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from inference.convert import generation_request  # noqa: E402
+from inference.llamacpp import LlamaCppEngine  # noqa: E402
 from market.settings import MarketSettings  # noqa: E402
 from market.verification.engine import run_sync  # noqa: E402
 from market.verification.reexec import tolerances_from_settings  # noqa: E402
-from node_agent.convert import generation_request  # noqa: E402
-from node_agent.engines.llamacpp import LlamaCppEngine  # noqa: E402
 from tests.verification.cheaters import (  # noqa: E402
     DifferentModelEngine,
     EditingEngine,
@@ -231,7 +231,7 @@ def bench_noise(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
 def _transformers_noise(base: LlamaCppEngine, gens: list[Generated],
                         ref: dict[int, Any]) -> dict[str, Any]:
     try:
-        from node_agent.engines.transformers import TransformersEngine  # type: ignore
+        from inference.transformers import TransformersEngine  # type: ignore
     except Exception as exc:  # noqa: BLE001
         return {"skipped": f"no transformers engine: {exc!r}"[:300]}
     try:

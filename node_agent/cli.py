@@ -197,10 +197,10 @@ def doctor_report(settings: NodeSettings) -> dict[str, Any]:
         import torch
 
         engines["transformers"]["cuda"] = torch.cuda.is_available()
-    from node_agent.receipts import weights_sha256
+    from inference.weights import weights_sha256
 
     with contextlib.suppress(Exception):
-        from node_agent.engines.llamacpp import DEFAULT_MODEL_ID, default_gguf
+        from inference.llamacpp import DEFAULT_MODEL_ID, default_gguf
 
         path = default_gguf()
         report["models"].append(
@@ -431,7 +431,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from node_agent.engines.base import EngineError
+    from inference.base import EngineError
 
     try:
         return run_event_loop(serve(settings))

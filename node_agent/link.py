@@ -47,9 +47,9 @@ from pydantic import ValidationError
 from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 
+from inference.base import Engine, EngineError, GenerationEnd, TokenDelta
+from inference.convert import BadRequest, generation_request
 from node_agent import __version__
-from node_agent.convert import BadRequest, generation_request
-from node_agent.engines.base import Engine, EngineError, GenerationEnd, TokenDelta
 from node_agent.gpu import GpuMonitor
 from node_agent.receipts import build_receipt
 from protocol.keys import LINK_AUTH_DOMAIN, canonical_host, link_auth_message, sign

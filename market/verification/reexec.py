@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from node_agent.engines.base import Engine, GenerationRequest, PositionScore
+from inference.base import Engine, GenerationRequest, PositionScore
 from protocol.canonical import request_digest
 from protocol.receipt import SamplingParams, SignedReceipt
 from protocol.text import TextStream

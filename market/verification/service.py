@@ -16,6 +16,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from inference.base import Engine, EngineError
+from inference.convert import BadRequest, generation_request
 from market.settings import MarketSettings
 from market.verification import settlement
 from market.verification.checks import check_receipt
@@ -27,8 +29,6 @@ from market.verification.reexec import (
     reexecute,
     tolerances_from_settings,
 )
-from node_agent.convert import BadRequest, generation_request
-from node_agent.engines.base import Engine, EngineError
 from protocol.receipt import receipt_from_json
 
 log = logging.getLogger("market.verification")

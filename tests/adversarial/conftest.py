@@ -37,6 +37,6 @@ async def hostile(market: Market) -> AsyncIterator[Callable[..., Any]]:  # noqa:
 
 
 def _fake_sha(model: str) -> str:
-    from node_agent.engines.fake import fake_sha256
+    from inference.fake import fake_sha256
 
     return fake_sha256(model)

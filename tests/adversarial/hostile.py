@@ -19,9 +19,9 @@ from typing import Any
 from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 
-from node_agent.convert import generation_request
-from node_agent.engines.base import GenerationRequest
-from node_agent.engines.fake import EOS, FakeVocabulary, fake_sha256, next_token, prompt_text
+from inference.base import GenerationRequest
+from inference.convert import generation_request
+from inference.fake import EOS, FakeVocabulary, fake_sha256, next_token, prompt_text
 from protocol.canonical import request_digest, sha256_hex, token_ids_digest
 from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode

@@ -22,12 +22,12 @@ from solders.keypair import Keypair
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from inference.fake import fake_sha256
 from market import billing
 from market.accounts import create_account
 from market.db import Database
 from market.journal_audit import audit
 from market.models import Account, Job, LedgerEntry, new_id, utcnow
-from node_agent.engines.fake import fake_sha256
 from node_agent.link import NodeLink
 from tests.support.engines import DeterministicEngine
 from tests.support.market import ADMIN_TOKEN, Market, Nodes, start_market, unique_model, wait_for
@@ -107,7 +107,7 @@ async def test_a_failed_finalize_is_retried_until_it_lands_and_charges_once(
         with db.session() as s:
             return s.get(Job, job_id).status == "completed"
 
-    await wait_for(finalized, timeout=15)
+    await wait_for(lambda: finalized() and job_id not in market.state.finalizing, timeout=15)
     with db.session() as s:
         job = s.get(Job, job_id)
         charges = s.scalars(select(LedgerEntry.amount).where(
@@ -115,7 +115,6 @@ async def test_a_failed_finalize_is_retried_until_it_lands_and_charges_once(
     assert calls[job_id] == 3 and charges == [job.charged_amount] and job.charged_amount > 0
     balance, held = _account(db, buyer.account_id)
     assert held == 0 and balance == 10**9 - job.charged_amount
-    assert job_id not in market.state.finalizing
     _journal_ok(db)
 
 

@@ -36,8 +36,8 @@ async def test_twenty_concurrent_requests_against_a_balance_for_three(
     await nodes.start(model, price=price, max_concurrency=32, token_delay=0.05)
     messages = [{"role": "user", "content": "spend it all"}]
     max_tokens = 20
-    from node_agent.convert import generation_request
-    from node_agent.engines.fake import FakeVocabulary
+    from inference.convert import generation_request
+    from inference.fake import FakeVocabulary
 
     prompt = len(FakeVocabulary().prompt_token_ids(generation_request(
         "chat", {"messages": messages, "max_tokens": max_tokens})))

@@ -194,8 +194,8 @@ async def test_ids_after_a_stop_string_are_refused(hostile, nodes, market, buyer
 async def test_the_hold_is_exact_and_counts_the_prompt_as_the_market_tokenizes_it(
     nodes: Nodes, market: Market, buyer: Buyer
 ) -> None:
-    from node_agent.convert import generation_request
-    from node_agent.engines.fake import FakeVocabulary
+    from inference.convert import generation_request
+    from inference.fake import FakeVocabulary
 
     model = unique_model("exact")
     await nodes.start(model, price=(1_000_000, 3_000_000))

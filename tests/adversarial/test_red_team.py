@@ -17,9 +17,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from inference.convert import generation_request
+from inference.fake import fake_sha256
 from market.journal_audit import audit
-from node_agent.convert import generation_request
-from node_agent.engines.fake import fake_sha256
 from protocol.messages import ModelOffer
 from tests.adversarial.hostile import (
     VOCABULARY,

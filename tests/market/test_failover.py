@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 import httpx
 from sqlalchemy import select
 
+from inference.base import EngineError, GenerationEvent, GenerationRequest
 from market.billing import market_fee, node_cost
 from market.models import Job, Receipt
 from market.verification.reexec import find_continuation
-from node_agent.engines.base import EngineError, GenerationEvent, GenerationRequest
 from protocol.receipt import receipt_from_json
 from tests.support.engines import DeterministicEngine
 from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model, wait_for

@@ -163,7 +163,7 @@ class RealMarket:
         from tests.support.net import free_port
 
         self.port = free_port()
-        from node_agent.engines.fake import fake_sha256
+        from inference.fake import fake_sha256
 
         values: dict[str, Any] = {
             "database_url": f"sqlite:///{db_path}",

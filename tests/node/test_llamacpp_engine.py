@@ -9,9 +9,9 @@ import time
 import pytest
 import pytest_asyncio
 
-from node_agent.convert import generation_request
-from node_agent.engines.base import GenerationEnd, TokenDelta
-from node_agent.engines.llamacpp import LlamaCppEngine
+from inference.base import GenerationEnd, TokenDelta
+from inference.convert import generation_request
+from inference.llamacpp import LlamaCppEngine
 from tests.node.conftest import cpu_threads
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -191,7 +191,7 @@ async def test_cancellation_stops_generation_and_frees_the_context(engine) -> No
 async def test_token_ids_outside_the_vocabulary_are_refused(engine) -> None:
     """Ids from other machines (a continuation, a claimed output) are checked: -1 would
     silently score the last vocabulary entry and a too-large id would crash llama.cpp."""
-    from node_agent.engines.base import EngineError
+    from inference.base import EngineError
 
     request = generation_request("chat", chat(4))
     _, ids, _ = await run(engine, request)
@@ -240,7 +240,7 @@ async def test_the_markets_vocabulary_counts_and_spells_as_the_node_does(engine)
     prompt and spell every token exactly as the serving engine does: receipts are checked
     against it. Pieces longer than 32 bytes (runs of indentation) are spelled in full,
     where llama-cpp-python's own detokenize drops them."""
-    from node_agent.engines.llamacpp import LlamaCppVocabulary, default_gguf
+    from inference.llamacpp import LlamaCppVocabulary, default_gguf
 
     market = LlamaCppVocabulary.load(default_gguf())
     assert market.size == engine.vocab_size()

@@ -8,9 +8,9 @@ import time
 import pytest
 from solders.keypair import Keypair
 
-import node_agent.receipts as receipts
-from node_agent.convert import BadRequest, generation_request, request_sha256
-from node_agent.receipts import build_receipt, weights_sha256
+from inference.convert import BadRequest, generation_request, request_sha256
+from inference.weights import weights_sha256
+from node_agent.receipts import build_receipt
 from protocol.canonical import request_digest, sha256_hex, token_ids_digest
 from protocol.receipt import GpuMetrics, SignedReceipt, receipt_from_json
 from tests.support.engines import DeterministicEngine
@@ -107,8 +107,10 @@ def test_weights_hash_is_cached_by_path_mtime_size(tmp_path, monkeypatch) -> Non
     weights = tmp_path / "model.gguf"
     weights.write_bytes(b"weights" * 1000)
     calls = []
-    real = receipts._hash_file
-    monkeypatch.setattr(receipts, "_hash_file", lambda p: calls.append(p) or real(p))
+    from inference import weights as weights_module
+
+    real = weights_module._hash_file
+    monkeypatch.setattr(weights_module, "_hash_file", lambda p: calls.append(p) or real(p))
     cache = tmp_path / "cache"
     first = weights_sha256(weights, cache)
     assert first == sha256_hex(b"weights" * 1000)
@@ -130,7 +132,7 @@ def test_weights_hash_of_a_directory(tmp_path) -> None:
 
 
 def test_text_content_parts_render_as_their_text() -> None:
-    from node_agent.convert import chat_messages
+    from inference.convert import chat_messages
 
     parts = [{"type": "text", "text": "Write a haiku"}, {"type": "text", "text": "about the sea."}]
     r = generation_request("chat", {"messages": [{"role": "user", "content": parts}]})

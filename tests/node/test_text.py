@@ -6,8 +6,8 @@ import threading
 
 import numpy as np
 
-from node_agent.engines._text import decode_loop, sample_token
-from node_agent.engines.base import GenerationEnd, GenerationRequest, TokenDelta
+from inference._text import decode_loop, sample_token
+from inference.base import GenerationEnd, GenerationRequest, TokenDelta
 
 VOCAB = 16
 

@@ -13,10 +13,10 @@ import json
 import pytest
 import pytest_asyncio
 
-from node_agent.convert import generation_request
-from node_agent.engines.base import TokenDelta
-from node_agent.engines.llamacpp import LlamaCppEngine
-from node_agent.engines.transformers import TransformersEngine
+from inference.base import TokenDelta
+from inference.convert import generation_request
+from inference.llamacpp import LlamaCppEngine
+from inference.transformers import TransformersEngine
 from tests.node.conftest import cpu_threads
 
 pytest.importorskip("torch")
@@ -155,7 +155,7 @@ async def test_random_weights_from_a_config(tmp_path) -> None:
 
 
 async def test_both_engines_refuse_ids_outside_one_vocabulary(engines) -> None:
-    from node_agent.engines.base import EngineError
+    from inference.base import EngineError
 
     tf, lc = engines
     assert tf.vocab_size() == lc.vocab_size() == 49152

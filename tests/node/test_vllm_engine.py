@@ -15,8 +15,8 @@ import sys
 import pytest
 import pytest_asyncio
 
-from node_agent.convert import generation_request
-from node_agent.engines.base import TokenDelta
+from inference.base import TokenDelta
+from inference.convert import generation_request
 
 VLLM_URL = os.environ.get("AIDP_TEST_VLLM_URL")
 VLLM_PYTHON = os.environ.get("AIDP_TEST_VLLM_PYTHON") or (
@@ -38,7 +38,7 @@ def smollm2_hf_dir(target) -> str:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from node_agent.engines.llamacpp import default_gguf
+    from inference.llamacpp import default_gguf
 
     gguf = default_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -55,7 +55,7 @@ def smollm2_hf_dir(target) -> str:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(tmp_path_factory):
-    from node_agent.engines.vllm import VllmEngine
+    from inference.vllm import VllmEngine
 
     model = os.environ.get("AIDP_TEST_VLLM_MODEL") or smollm2_hf_dir(tmp_path_factory.mktemp("hf"))
     engine = VllmEngine(

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from node_agent.engines.base import EngineError
-from node_agent.engines.vllm import VllmEngine
+from inference.base import EngineError
+from inference.vllm import VllmEngine
 
 
 def quiet(line: str) -> None:

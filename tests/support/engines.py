@@ -1,5 +1,5 @@
-"""The deterministic engine (``node_agent.engines.fake``) under the names tests use."""
+"""The deterministic engine (``inference.fake``) under the names tests use."""
 
-from node_agent.engines.fake import EOS, VOCAB, DeterministicEngine, fake_sha256, next_token
+from inference.fake import EOS, VOCAB, DeterministicEngine, fake_sha256, next_token
 
 __all__ = ["EOS", "VOCAB", "DeterministicEngine", "fake_sha256", "next_token"]

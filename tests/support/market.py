@@ -242,7 +242,7 @@ def unique_model(prefix: str = "m") -> str:
 async def expected_output(kind: str, model: str, max_tokens: int, *, messages: Any = None,
                           prompt: str | None = None) -> tuple[str, list[int]]:
     """What one healthy node produces for this request (the deterministic reference)."""
-    from node_agent.engines.base import GenerationRequest, TokenDelta
+    from inference.base import GenerationRequest, TokenDelta
 
     engine = DeterministicEngine(model_id=model)
     request = GenerationRequest(kind=kind, messages=messages, prompt=prompt,  # type: ignore[arg-type]

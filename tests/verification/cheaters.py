@@ -18,7 +18,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from node_agent.engines.base import (
+from inference.base import (
     Engine,
     GenerationEnd,
     GenerationEvent,
@@ -26,7 +26,7 @@ from node_agent.engines.base import (
     PositionScore,
     TokenDelta,
 )
-from node_agent.engines.llamacpp import LlamaCppEngine, default_gguf
+from inference.llamacpp import LlamaCppEngine, default_gguf
 
 
 def pruned_gguf(keep_blocks: int, target: Path, source: Path | None = None) -> Path:

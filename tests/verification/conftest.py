@@ -19,6 +19,8 @@ import pytest
 from solders.keypair import Keypair
 from sqlalchemy.orm import Session, sessionmaker
 
+from inference.base import Engine
+from inference.convert import generation_request
 from market import billing
 from market.accounts import create_account
 from market.db import sync_session_factory
@@ -26,8 +28,6 @@ from market.migrate import upgrade
 from market.models import Job, Node, NodeModel, new_id
 from market.settings import MarketSettings
 from market.verification.engine import run_sync
-from node_agent.convert import generation_request
-from node_agent.engines.base import Engine
 from node_agent.receipts import build_receipt
 from protocol.receipt import SignedReceipt
 from tests.verification import workload
@@ -38,7 +38,7 @@ PRICE_OUT = 8_000_000
 
 @pytest.fixture(scope="session")
 def honest_engine() -> Iterator[Engine]:
-    from node_agent.engines.llamacpp import LlamaCppEngine
+    from inference.llamacpp import LlamaCppEngine
 
     engine = LlamaCppEngine(n_threads=2)
     run_sync(engine.start())

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from inference.llamacpp import LlamaCppEngine
 from market.models import Node, Receipt, ReceiptEvent, utcnow
 from market.verification import service, settlement
 from market.verification.engine import VerifierNotConfigured, run_sync
 from market.verification.models import VerificationTask
-from node_agent.engines.llamacpp import LlamaCppEngine
 from tests.verification.conftest import make_settings, serve_job
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import select
-
 import pytest
+from sqlalchemy import select
 
 from market.db import sync_session_factory
 from market.models import LedgerEntry, Node, Receipt, ReceiptEvent

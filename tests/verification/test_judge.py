@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from inference.base import PositionScore
+from market.settings import MarketSettings
 from market.verification.reexec import Tolerances, judge
 from market.verification.sampling import (
     draw,
@@ -11,8 +13,6 @@ from market.verification.sampling import (
     reputation_after_honest,
     sample_rate,
 )
-from market.settings import MarketSettings
-from node_agent.engines.base import PositionScore
 from protocol.receipt import SamplingParams
 
 LOGP = {1: math.log(0.6), 2: math.log(0.3), 3: math.log(0.09), 4: math.log(0.01)}

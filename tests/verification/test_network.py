@@ -82,7 +82,7 @@ def test_network_honest_settles_cheater_slashed(tmp_path: Path, sessions, db_url
     loop = Loop()
     worker = None
     try:
-        from node_agent.engines.llamacpp import LlamaCppEngine
+        from inference.llamacpp import LlamaCppEngine
 
         async def make_engine() -> LlamaCppEngine:
             engine = LlamaCppEngine(n_threads=2)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
+from inference.base import Engine
 from market.models import Receipt
 from market.verification import settlement
 from market.verification.service import judge_receipt
-from node_agent.engines.base import Engine
 from tests.verification.conftest import Served, World, generate, make_settings, serve_job
 
 BODY = {"messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0}

@@ -14,10 +14,10 @@ from typing import Any
 
 from solders.keypair import Keypair
 
+from inference.base import Engine, GenerationEnd, TokenDelta
+from inference.convert import generation_request
 from market.verification.engine import run_sync
 from market.verification.reexec import Tolerances, Verdict, reexecute
-from node_agent.convert import generation_request
-from node_agent.engines.base import Engine, GenerationEnd, TokenDelta
 from node_agent.receipts import build_receipt
 from protocol.receipt import SignedReceipt
 

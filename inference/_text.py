@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from node_agent.engines.base import GenerationEnd, GenerationEvent, GenerationRequest, TokenDelta
+from inference.base import GenerationEnd, GenerationEvent, GenerationRequest, TokenDelta
 from protocol.text import TextStream
 
 

@@ -28,16 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.engines._local import LocalEngine
-from node_agent.engines._threaded import Emit
-from node_agent.engines.base import (
+from inference._local import LocalEngine
+from inference._threaded import Emit
+from inference.base import (
     EngineError,
     GenerationRequest,
     ModelInfo,
     PositionScore,
 )
-from node_agent.engines.llamacpp import DEFAULT_MODEL_ID, default_gguf
-from node_agent.receipts import weights_sha256
+from inference.llamacpp import DEFAULT_MODEL_ID, default_gguf
+from inference.weights import weights_sha256
 from protocol.canonical import digest_json
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from node_agent.engines.base import GenerationRequest
+from inference.base import GenerationRequest
 
 
 class Vocabulary(abc.ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from node_agent.engines.base import GenerationRequest
+from inference.base import GenerationRequest
 from protocol.canonical import request_digest
 from protocol.receipt import SamplingParams
 

@@ -31,8 +31,7 @@ from typing import Any
 
 import httpx
 
-from node_agent.convert import BadRequest, chat_messages
-from node_agent.engines.base import (
+from inference.base import (
     Engine,
     EngineError,
     GenerationEnd,
@@ -42,7 +41,8 @@ from node_agent.engines.base import (
     PositionScore,
     TokenDelta,
 )
-from node_agent.receipts import weights_sha256
+from inference.convert import BadRequest, chat_messages
+from inference.weights import weights_sha256
 from protocol.canonical import sha256_hex
 
 

@@ -31,18 +31,18 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.convert import BadRequest, chat_messages
-from node_agent.engines._local import LocalEngine
-from node_agent.engines._text import log_softmax, top_k
-from node_agent.engines._threaded import Emit
-from node_agent.engines.base import (
+from inference._local import LocalEngine
+from inference._text import log_softmax, top_k
+from inference._threaded import Emit
+from inference.base import (
     EngineError,
     GenerationRequest,
     ModelInfo,
     PositionScore,
 )
-from node_agent.engines.vocab import Vocabulary
-from node_agent.receipts import weights_sha256
+from inference.convert import BadRequest, chat_messages
+from inference.vocab import Vocabulary
+from inference.weights import weights_sha256
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 
-from node_agent.engines.base import (
+from inference.base import (
     Engine,
     EngineError,
     GenerationEnd,
@@ -30,7 +30,7 @@ from node_agent.engines.base import (
     PositionScore,
     TokenDelta,
 )
-from node_agent.engines.vocab import Vocabulary
+from inference.vocab import Vocabulary
 from protocol.text import TextStream
 
 VOCAB = ["<eos>"] + [f" w{i}" for i in range(1, 64)]

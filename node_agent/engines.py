@@ -1,10 +1,10 @@
-"""Engines behind one interface (:mod:`node_agent.engines.base`); built by name."""
+"""Engines behind one interface (:mod:`inference.base`); built by name."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from node_agent.engines.base import Engine, EngineError
+from inference.base import Engine, EngineError
 
 if TYPE_CHECKING:
     from node_agent.settings import NodeSettings
@@ -16,7 +16,7 @@ def create_engine(settings: NodeSettings) -> Engine:
     """Build (not start) the engine the settings ask for; imports it lazily."""
     cache_dir = settings.cache_dir.expanduser()
     if settings.engine == "llamacpp":
-        from node_agent.engines.llamacpp import LlamaCppEngine
+        from inference.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(
             settings.model_path,
@@ -27,7 +27,7 @@ def create_engine(settings: NodeSettings) -> Engine:
             cache_dir=cache_dir,
         )
     if settings.engine == "transformers":
-        from node_agent.engines.transformers import TransformersEngine
+        from inference.transformers import TransformersEngine
 
         return TransformersEngine(
             settings.model_path,
@@ -38,7 +38,7 @@ def create_engine(settings: NodeSettings) -> Engine:
             cache_dir=cache_dir,
         )
     if settings.engine == "vllm":
-        from node_agent.engines.vllm import VllmEngine
+        from inference.vllm import VllmEngine
 
         return VllmEngine(
             settings.model_path or settings.model,

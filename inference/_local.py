@@ -23,16 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.convert import BadRequest, chat_messages
-from node_agent.engines._text import decode_loop
-from node_agent.engines._threaded import Emit, stream_from_thread
-from node_agent.engines.base import (
+from inference._text import decode_loop
+from inference._threaded import Emit, stream_from_thread
+from inference.base import (
     Engine,
     EngineError,
     GenerationEvent,
     GenerationRequest,
     PositionScore,
 )
+from inference.convert import BadRequest, chat_messages
 
 Logits = np.ndarray
 

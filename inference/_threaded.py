@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from node_agent.engines.base import GenerationEvent
+from inference.base import GenerationEvent
 
 Emit = Callable[[GenerationEvent], None]
 Work = Callable[[Emit, threading.Event], None]
