@@ -38,6 +38,7 @@ up: install
 	$(BIN)/aidp-market up
 
 test: install $(CHROMIUM)
+	$(BIN)/lint-imports  # the dependency rule in pyproject.toml
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: install

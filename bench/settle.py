@@ -37,7 +37,8 @@ from solders.keypair import Keypair  # noqa: E402
 
 from programs import settlement as S  # noqa: E402
 from programs import spl  # noqa: E402
-from programs.ledger import Ledger, TxState, open_ledger  # noqa: E402
+from programs.ledger import Ledger, TxState  # noqa: E402
+from programs.ledgers import open_ledger  # noqa: E402
 from protocol.merkle import merkle_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

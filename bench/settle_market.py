@@ -42,7 +42,7 @@ from market.db import sync_session_factory  # noqa: E402
 from market.migrate import upgrade  # noqa: E402
 from market.models import Account, ChainTransfer, Job, Node, Receipt, new_id, utcnow  # noqa: E402
 from market.settings import MarketSettings  # noqa: E402
-from programs.ledger import open_ledger  # noqa: E402
+from programs.ledgers import open_ledger  # noqa: E402
 
 EARNING, FEE = 900, 100
 

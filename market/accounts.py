@@ -77,16 +77,6 @@ def list_keys(session: Session, account_id: str | None = None) -> list[ApiKey]:
     return list(session.execute(query).scalars())
 
 
-def find_key(session: Session, plaintext: str) -> tuple[str, str] | None:
-    """(key id, account id) for a live key, else None."""
-    row = session.execute(
-        select(ApiKey.id, ApiKey.account_id).where(
-            ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None)
-        )
-    ).first()
-    return (row[0], row[1]) if row else None
-
-
 def account_dict(account: Account) -> dict[str, Any]:
     return {
         "object": "account",

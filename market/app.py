@@ -25,9 +25,10 @@ from sqlalchemy.orm import Session
 
 from market import billing, secret_store
 from market.api import admin as admin_api
+from market.api import chain as chain_api
 from market.api import openai as openai_api
+from market.api import verification as verification_api
 from market.api.gate import Gate
-from market.chain import api as chain_api
 from market.db import Database
 from market.errors import install_handlers
 from market.explorer import routes as explorer_routes
@@ -41,7 +42,6 @@ from market.ratelimit import RateLimiter
 from market.router import Router
 from market.settings import MarketSettings, exposure_problem, get_settings
 from market.state import MarketState
-from market.verification import api as verification_api
 from market.writer import BatchWriter
 from protocol.runtime import tune_for_latency
 

@@ -36,7 +36,6 @@ class MarketSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
-    log_json: bool = False
     admin_token: str = Field(
         default=DEFAULT_ADMIN_TOKEN,
         description="Bearer token for /admin endpoints. The server refuses to listen on a "

@@ -2,7 +2,7 @@
 
 Everything above this module (bootstrap, deposits, allowances, stake, payouts,
 anchors, the market's settlement tasks) talks to a ``Ledger`` and never knows which
-backend it has. ``open_ledger(url, data_dir)`` is the factory the market calls with
+backend it has. ``programs.ledgers.open_ledger(url, data_dir)`` is the factory the market calls with
 ``MarketSettings.ledger_url``:
 
 * ``"inprocess"`` — a ``LocalChain`` (LiteSVM) inside this process, persisted under
@@ -37,7 +37,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from solders.account import Account
@@ -555,23 +554,3 @@ def local_transaction_json(rec: Any, encoding: str = "base64") -> dict[str, Any]
         "meta": rec.meta,
         "version": version,
     }
-
-
-def open_ledger(url: str, data_dir: Path | str | None = None, **kwargs: Any) -> Ledger:
-    """The factory behind ``MarketSettings.ledger_url``.
-
-    ``"inprocess"`` persists under ``data_dir/ledger`` (or in memory without a
-    ``data_dir``); ``"memory"`` never persists; an ``http(s)://`` URL is a JSON-RPC node.
-    """
-    from .localchain import LocalChain
-
-    if url in ("inprocess", "memory"):
-        path = Path(data_dir) / "ledger" if (url == "inprocess" and data_dir is not None) else None
-        return InProcessLedger(LocalChain(path, **kwargs))
-    if url.startswith(("http://", "https://")):
-        from .rpc import RpcLedger
-
-        return RpcLedger(url, **kwargs)
-    raise ValueError(
-        f"ledger url must be 'inprocess', 'memory' or an http(s) JSON-RPC URL, not {url!r}"
-    )

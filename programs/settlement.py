@@ -629,18 +629,6 @@ def fee_instructions(cfg: ChainConfig, rnd: PayoutRound) -> list[Instruction]:
     ]
 
 
-def refund_instructions(
-    cfg: ChainConfig, buyer: Pubkey, amount: int, key: str
-) -> list[Instruction]:
-    return [
-        spl.create_ata_idempotent(cfg.market_pk, buyer, cfg.mint_pk),
-        spl.transfer_checked(
-            cfg.deposit_pk, cfg.mint_pk, cfg.ata(buyer), cfg.market_pk, amount, cfg.decimals
-        ),
-        spl.memo(keyed_memo("refund", key), [cfg.market_pk]),
-    ]
-
-
 def round_transactions(
     cfg: ChainConfig, rnd: PayoutRound
 ) -> list[tuple[str, str, list[Instruction]]]:

@@ -28,7 +28,8 @@ from market.chain.runtime import ChainRuntime, chain_dir, config_path
 from market.models import ChainTransfer
 from market.settings import MarketSettings
 from programs import settlement, spl
-from programs.ledger import Ledger, open_ledger
+from programs.ledger import Ledger
+from programs.ledgers import open_ledger
 from protocol.keys import load_keypair, save_keypair
 
 BACKING_KEY = "mint:deposit-backing"

@@ -22,7 +22,8 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from market.settings import MarketSettings
-from programs.ledger import Ledger, open_ledger
+from programs.ledger import Ledger
+from programs.ledgers import open_ledger
 from programs.settlement import ChainConfig, Stake, stake_for
 from protocol.keys import load_keypair
 

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from market.chain.runtime import ChainRuntime, load_identity
 from market.models import ChainTransfer, LedgerEntry, Node
 from market.settings import MarketSettings, get_settings
-from programs.ledger import Ledger, open_ledger
+from programs.ledger import Ledger
+from programs.ledgers import open_ledger
 from programs.settlement import stake_for
 
 

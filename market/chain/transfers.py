@@ -69,11 +69,8 @@ def register(kind: str, handler: Handler) -> None:
 
 
 def _handler(kind: str) -> Handler:
-    if kind not in HANDLERS:
-        import market.chain.allowance  # noqa: F401  (registers pull)
-        import market.chain.bootstrap  # noqa: F401  (registers mint)
-        import market.chain.settle  # noqa: F401  (registers payout, fee, slash, anchor)
-        import market.chain.unbonding  # noqa: F401  (registers withdraw)
+    # every kind's module registers its handler when imported; ``market.chain`` imports
+    # them all, so nothing here needs to know them (and no import runs back up to them)
     try:
         return HANDLERS[kind]
     except KeyError:

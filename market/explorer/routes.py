@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from market.chain.api import proof_view
+from market.chain.proofs import proof_view
 from market.explorer import queries
 from market.explorer.charts import bar_chart
 from market.models import Anchor, ChainTransfer, Job, Node, Receipt

@@ -28,7 +28,7 @@ import json
 import logging
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from solders.pubkey import Pubkey
@@ -38,7 +38,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from market.models import Node, NodeModel, utcnow
 from market.nodes.registry import NodeConn
-from market.state import MarketState
 from protocol.keys import LINK_AUTH_DOMAIN, link_auth_message, verify
 from protocol.messages import (
     PROTOCOL_VERSION,
@@ -54,6 +53,9 @@ from protocol.messages import (
     encode,
     parse_node_message,
 )
+
+if TYPE_CHECKING:  # the state holds the registry this module fills: no runtime import
+    from market.state import MarketState
 
 log = logging.getLogger("market.link")
 

@@ -15,9 +15,8 @@ checked, plus a ``receipt_events`` row, in the caller's transaction — so two w
 racing on one receipt cannot both act, and a replayed task is a no-op.
 
 Functions take a sync ``Session`` and never commit (the Celery tasks own the
-transactions). Money moves through ``market.billing`` (idempotent journal keys) and
-the :class:`SettlementSink` seam (on-chain payouts and slashes come later through a
-ledger; the default records them in the database only).
+transactions). Money moves through ``market.billing`` and the journal (idempotent keys);
+the chain layer sends payouts and slashes from there.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -39,59 +38,21 @@ from market.verification.models import VerificationTask
 log = logging.getLogger("market.verification")
 
 
-# ---- the ledger seam ------------------------------------------------------------------------
+# ---- the slash record ----------------------------------------------------------------------
 
 
-class SettlementSink(Protocol):
-    """Where settled payouts and slashes go beyond the database journal.
-
-    Called inside the transaction that settles/slashes; must be idempotent per
-    receipt (the chain layer keys its ``chain_transfers`` on the receipt id).
-    """
-
-    def record_payout(self, session: Session, receipt: Receipt, amount: int) -> None: ...
-
-    def record_slash(self, session: Session, receipt: Receipt, node: Node, amount: int) -> None: ...
-
-
-class DbSettlementSink:
-    """DB-only default: the journal is the record (no chain movement)."""
-
-    def record_payout(self, session: Session, receipt: Receipt, amount: int) -> None:
-        # billing.settle_receipt_earnings already journaled ``settle:<receipt>``; the
-        # on-chain payout batches earned_settled per node later.
-        return None
-
-    def record_slash(self, session: Session, receipt: Receipt, node: Node, amount: int) -> None:
-        key = f"slash:{receipt.id}"
-        if session.execute(
-            select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)
-        ).first():
-            return
-        session.add(
-            LedgerEntry(
-                kind="slash",
-                idempotency_key=key,
-                amount=amount,
-                node_id=node.id,
-                job_id=receipt.job_id,
-                receipt_id=receipt.id,
-                memo=f"slashed {amount} of stake for fraud on receipt {receipt.receipt_hash}",
-            )
-        )
-
-
-_sink: SettlementSink = DbSettlementSink()
-
-
-def set_settlement_sink(sink: SettlementSink) -> None:
-    """Install the chain-backed sink (done by the chain layer at start-up)."""
-    global _sink
-    _sink = sink
-
-
-def get_settlement_sink() -> SettlementSink:
-    return _sink
+def _record_slash(session: Session, receipt: Receipt, node: Node, amount: int) -> None:
+    """Journal a slash once per receipt (``slash:<receipt>``); the chain layer sends it
+    from the stake account (``market.chain.settle``) and ``stake.unsettled_slashes``
+    counts it until then."""
+    key = f"slash:{receipt.id}"
+    if session.execute(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)).first():
+        return
+    session.add(LedgerEntry(
+        kind="slash", idempotency_key=key, amount=amount, node_id=node.id,
+        job_id=receipt.job_id, receipt_id=receipt.id,
+        memo=f"slashed {amount} of stake for fraud on receipt {receipt.receipt_hash}",
+    ))
 
 
 # ---- transitions ------------------------------------------------------------------------------
@@ -282,9 +243,9 @@ def settle(
     reason: str,
     verification: dict[str, Any] | None = None,
     now: datetime | None = None,
-    sink: SettlementSink | None = None,
 ) -> bool:
-    """``from_state`` → settled: the node is credited ``node_earning`` (price − fee)."""
+    """``from_state`` → settled: the node is credited ``node_earning`` (its price; the
+    on-chain payout batches it later)."""
     values: dict[str, Any] = {}
     if verification is not None:
         values["verification"] = verification
@@ -292,7 +253,6 @@ def settle(
         return False
     receipt = _receipt(session, receipt_id)
     billing.settle_receipt_earnings(session, receipt)
-    (sink or _sink).record_payout(session, receipt, receipt.node_earning)
     return True
 
 
@@ -335,7 +295,6 @@ def slash(
     reason: str,
     verification: dict[str, Any],
     now: datetime | None = None,
-    sink: SettlementSink | None = None,
 ) -> SlashResult | None:
     """verifying → slashed: refund the buyer, slash stake, cut reputation, maybe suspend."""
     now = now or utcnow()
@@ -359,7 +318,7 @@ def slash(
                 suspended=suspend)
         .execution_options(synchronize_session=False)
     )
-    (sink or _sink).record_slash(session, receipt, node, amount)
+    _record_slash(session, receipt, node, amount)
     if suspend and not node.suspended:
         log.warning("node %s suspended after %d frauds", node.id, fraud_count)
     verification = dict(verification)

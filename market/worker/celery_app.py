@@ -13,9 +13,9 @@ from pathlib import Path
 
 from celery import Celery
 
-from market.chain.schedule import TASKS_MODULE as CHAIN_TASKS
-from market.chain.schedule import beat_schedule as chain_beat_schedule
 from market.settings import MarketSettings, get_settings
+from market.worker.chain_schedule import TASKS_MODULE as CHAIN_TASKS
+from market.worker.chain_schedule import beat_schedule as chain_beat_schedule
 
 TICK_TASK = "market.verification.tick"
 VERIFY_TASK = "market.verification.verify_receipt"

@@ -25,7 +25,8 @@ from market.migrate import upgrade
 from market.models import Account, Job, Node, Receipt, utcnow
 from market.settings import MarketSettings
 from programs import settlement
-from programs.ledger import Ledger, open_ledger
+from programs.ledger import Ledger
+from programs.ledgers import open_ledger
 from tests.programs.conftest import LedgerServer
 from tests.support.db import postgres_schema
 

@@ -21,7 +21,7 @@ from market.chain.models import ChainAllowance
 from market.chain.runtime import chain_dir
 from market.db import sync_session_factory
 from programs import settlement
-from programs.ledger import open_ledger
+from programs.ledgers import open_ledger
 from protocol.merkle import ProofStep, verify_inclusion
 from tests.chain.conftest import make_settings, registration
 

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from market.models import ChainTransfer, LedgerEntry
-from programs.ledger import open_ledger
+from programs.ledgers import open_ledger
 from tests.chain.conftest import make_settings, make_world, open_backend
 
 REPO = Path(__file__).resolve().parents[2]

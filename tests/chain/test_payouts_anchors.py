@@ -6,8 +6,8 @@ from solders.pubkey import Pubkey
 from sqlalchemy import func, select
 
 from market.chain import reconcile
-from market.chain.api import proof_view
 from market.chain.models import ChainPayoutItem
+from market.chain.proofs import proof_view
 from market.models import Anchor, ChainTransfer, Receipt
 from programs import settlement
 from protocol.merkle import ProofStep, merkle_root, verify_inclusion

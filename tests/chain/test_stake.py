@@ -101,7 +101,7 @@ async def test_a_slash_never_counts_on_stake_an_earlier_unlanded_slash_takes(db_
 async def test_link_rejects_a_node_below_min_stake(request, tmp_path, db_url):
     """The node link server enforces min_stake from the chain before welcoming a node."""
     from node_agent.link import NodeLink
-    from programs.ledger import open_ledger
+    from programs.ledgers import open_ledger
     from tests.chain.conftest import make_settings, make_world
     from tests.support.engines import DeterministicEngine
     from tests.support.market import start_market

@@ -7,10 +7,11 @@ import asyncio
 
 from solders.keypair import Keypair
 
-from market.chain import bootstrap, tasks
+from market.chain import bootstrap
 from market.chain.runtime import open_runtime
 from market.db import sync_session_factory
 from market.models import Account
+from market.worker import chain_tasks as tasks
 from market.worker.celery_app import celery_app
 from programs import settlement
 from tests.chain.conftest import make_settings

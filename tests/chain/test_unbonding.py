@@ -219,7 +219,7 @@ async def test_unbond_and_withdraw_over_http_through_aidp_ledger(request, tmp_pa
     """The endpoints and ``aidp-node``'s client against a real ``aidp-ledger`` server."""
     from market.app import create_app
     from node_agent.cli import stake_unbond, stake_withdraw
-    from programs.ledger import open_ledger
+    from programs.ledgers import open_ledger
     from tests.chain.conftest import make_settings, make_world
 
     server = request.getfixturevalue("chain_server")

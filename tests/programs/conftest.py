@@ -17,7 +17,8 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
 from programs import settlement
-from programs.ledger import Ledger, open_ledger
+from programs.ledger import Ledger
+from programs.ledgers import open_ledger
 from programs.settlement import ChainConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ from solders.signature import Signature
 
 from programs import settlement as S
 from programs import spl
-from programs.ledger import TxState, open_ledger
+from programs.ledger import TxState
+from programs.ledgers import open_ledger
 from programs.localchain import ChainError, LocalChain
 
 from .conftest import REPO, LedgerServer

@@ -25,42 +25,18 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from market.auth import Buyer, authenticate, market_state
 from market.chain import allowance, unbonding
+from market.chain.proofs import proof_view
 from market.chain.runtime import ChainNotInitialized, ChainRuntime, load_identity, open_runtime
 from market.errors import NotFound, UpstreamFailed
-from market.models import Anchor, Receipt
 from market.schemas import RequestBody
 from programs.ledger import LedgerError
 from programs.localchain import ChainError
-from protocol.merkle import inclusion_proof
 
 router = APIRouter()
-
-
-def proof_view(session: Session, receipt_hash: str) -> dict[str, Any]:
-    receipt_hash = receipt_hash.lower()
-    row = session.execute(
-        select(Receipt.anchor_id).where(Receipt.receipt_hash == receipt_hash)
-    ).first()
-    if row is None:
-        raise NotFound(f"No receipt {receipt_hash!r}.", param="receipt_hash",
-                       code="receipt_not_found")
-    body: dict[str, Any] = {"receipt_hash": receipt_hash, "anchor": None, "proof": []}
-    anchor = session.get(Anchor, row.anchor_id) if row.anchor_id is not None else None
-    if anchor is None or not anchor.tx_signature:
-        return body
-    leaves = sorted(session.execute(
-        select(Receipt.receipt_hash).where(Receipt.anchor_id == anchor.id)
-    ).scalars())
-    body["anchor"] = {"root": anchor.merkle_root, "tx_signature": anchor.tx_signature,
-                      "slot": anchor.slot, "receipt_count": anchor.receipt_count}
-    body["proof"] = [{"sibling": s.sibling, "side": s.side}
-                     for s in inclusion_proof(leaves, leaves.index(receipt_hash))]
-    return body
 
 
 @router.get("/v1/receipts/{receipt_hash}/proof")

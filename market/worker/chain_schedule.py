@@ -10,7 +10,7 @@ from market.settings import MarketSettings
 FUNDING_TASK = "market.chain.funding"
 SETTLE_TASK = "market.chain.settle"
 ANCHOR_TASK = "market.chain.anchor"
-TASKS_MODULE = "market.chain.tasks"
+TASKS_MODULE = "market.worker.chain_tasks"
 
 
 def beat_schedule(settings: MarketSettings) -> dict[str, dict[str, Any]]:
