@@ -178,7 +178,7 @@ async def junk_output(bench: Bench, temperature: float) -> dict[str, Any]:
         for t in ids:
             await node.chunk(job, VOCAB[t], [t])
         receipt = node.receipt(job, ids, text, prompt_tokens=out.prompt_tokens)
-        await node.done(job, "length" if len(ids) >= job["request"]["max_tokens"] else "stop",
+        await node.done(job, "length" if len(ids) >= job["request"]["sampling"]["max_tokens"] else "stop",
                         receipt, out.prompt_tokens, len(ids))
 
     model = unique_model(f"junk-t{temperature}")

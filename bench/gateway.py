@@ -42,7 +42,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inference.base import GenerationRequest, TokenDelta  # noqa: E402
+from inference.base import TokenDelta  # noqa: E402
+from inference.convert import generation_request  # noqa: E402
 from inference.fake import DeterministicEngine, fake_sha256  # noqa: E402
 from protocol.runtime import run_event_loop  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
@@ -104,7 +105,8 @@ async def run_direct(
         await asyncio.sleep(index * stagger)
         while not queue.empty():
             queue.get_nowait()
-            request = GenerationRequest(kind="chat", messages=MESSAGES, max_tokens=max_tokens)
+            request = generation_request("chat", {"messages": MESSAGES,
+                                                  "max_tokens": max_tokens})
             t0 = time.perf_counter()
             first = None
             async for event in engine.generate(request):

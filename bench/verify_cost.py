@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inference.base import Engine, GenerationRequest, TokenDelta  # noqa: E402
+from inference.convert import generation_request  # noqa: E402
 from node_agent.engines import create_engine  # noqa: E402
 from node_agent.settings import NodeSettings  # noqa: E402
 
@@ -53,10 +54,9 @@ async def score(engine: Engine, request: GenerationRequest, ids: list[int]) -> f
 
 
 def job(i: int, max_tokens: int) -> GenerationRequest:
-    return GenerationRequest(
-        kind="chat", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-        max_tokens=max_tokens, temperature=0.0,
-    )
+    return generation_request("chat", {
+        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+        "max_tokens": max_tokens, "temperature": 0.0})
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

@@ -32,7 +32,6 @@ from inference.base import (
     GenerationRequest,
     PositionScore,
 )
-from inference.convert import BadRequest, chat_messages
 
 Logits = np.ndarray
 
@@ -86,10 +85,7 @@ class LocalEngine(Engine):
         """The text the model sees before its output (chat template applied)."""
         if request.kind == "completion":
             return request.prompt or ""
-        try:
-            messages = chat_messages(request.messages)
-        except BadRequest as exc:
-            raise EngineError("bad_request", str(exc)) from None
+        messages = request.messages or []
         return self._apply_chat_template(messages)
 
     def check_token_ids(self, token_ids: list[int], what: str) -> None:

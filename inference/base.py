@@ -11,7 +11,9 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from protocol.job import JobKind, JobRequest, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -23,24 +25,57 @@ class ModelInfo:
     context_length: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
-    """What to generate, in engine-neutral terms (built from an OpenAI body)."""
+    """What an engine is asked: the job (``protocol.job.JobRequest``, which holds every
+    default) and the output earlier nodes produced, to continue right after."""
 
-    kind: Literal["chat", "completion"]
-    messages: list[dict[str, Any]] | None = None
-    prompt: str | None = None
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    # Output an earlier node already produced; continue right after these tokens.
+    job: JobRequest
     continuation_token_ids: list[int] = field(default_factory=list)
 
     @property
+    def kind(self) -> JobKind:
+        return self.job.kind
+
+    @property
+    def messages(self) -> list[dict[str, str]] | None:
+        return self.job.input if self.job.kind == "chat" else None  # type: ignore[return-value]
+
+    @property
+    def prompt(self) -> str | None:
+        return self.job.prompt
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.job.sampling
+
+    @property
+    def max_tokens(self) -> int:
+        return self.job.sampling.max_tokens
+
+    @property
+    def temperature(self) -> float:
+        return self.job.sampling.temperature
+
+    @property
+    def top_p(self) -> float:
+        return self.job.sampling.top_p
+
+    @property
+    def seed(self) -> int | None:
+        return self.job.sampling.seed
+
+    @property
+    def stop(self) -> list[str]:
+        return self.job.sampling.stop
+
+    @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.job.sampling.greedy
+
+    def digest(self) -> str:
+        """The receipt's ``request_sha256``: the job and its continuation prefix."""
+        return self.job.digest(self.continuation_token_ids)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ from inference.base import (
     ModelInfo,
     PositionScore,
 )
-from inference.convert import BadRequest, chat_messages
 from inference.vocab import Vocabulary
 from inference.weights import weights_sha256
 
@@ -162,10 +161,7 @@ class LlamaCppVocabulary(Vocabulary):
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         if request.kind == "chat":
-            try:
-                messages = chat_messages(request.messages)
-            except BadRequest as exc:
-                raise EngineError("bad_request", str(exc)) from None
+            messages = request.messages or []
             # chat templates spell special tokens as text
             ids = self.tokenize(self.apply_chat_template(messages), special=True)
         else:

@@ -41,7 +41,6 @@ from inference.base import (
     PositionScore,
     TokenDelta,
 )
-from inference.convert import BadRequest, chat_messages
 from inference.weights import weights_sha256
 from protocol.canonical import sha256_hex
 
@@ -219,10 +218,7 @@ class VllmEngine(Engine):
         assert self._client is not None
         body: dict[str, Any] = {"model": self.model_id}
         if request.kind == "chat":
-            try:
-                body["messages"] = chat_messages(request.messages)
-            except BadRequest as exc:
-                raise EngineError("bad_request", str(exc)) from None
+            body["messages"] = request.messages or []
             body["add_generation_prompt"] = True
         else:
             body["prompt"] = request.prompt or ""

@@ -44,8 +44,8 @@ from market.errors import APIError, ModelNotFound, NoHealthyNode, UpstreamFailed
 from market.nodes.registry import NodeConn
 from market.router import Need
 from market.state import MarketState
-from market.verification.checks import check_receipt, sampling_params_from_request
-from protocol.canonical import request_digest
+from market.verification.checks import check_receipt
+from protocol.job import JobRequest
 from protocol.messages import Cancel, Chunk, Done, Job, JobError
 from protocol.text import ExpectedText, TextMismatch
 
@@ -69,10 +69,7 @@ def error_label(code: str) -> str:
 @dataclass
 class JobSpec:
     job_id: str
-    kind: str  # chat | completion
-    model: str
-    input: Any  # messages (chat) or prompt (completion)
-    sampling: dict[str, Any]  # max_tokens, temperature, top_p, seed, stop
+    request: JobRequest  # what the buyer asked, sampling defaults applied
     vocabulary: Vocabulary
     prompt_tokens: int  # the market's own count of the rendered prompt
     hold: int  # what the buyer's hold covers: no job is charged more
@@ -80,12 +77,9 @@ class JobSpec:
     deadline: float  # event-loop time by which the job is over
     price_cap: int | None = None
 
-    def body(self, max_tokens: int) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model}
-        body["messages" if self.kind == "chat" else "prompt"] = self.input
-        body.update(self.sampling)
-        body["max_tokens"] = max_tokens
-        return body
+    @property
+    def model(self) -> str:
+        return self.request.model
 
 
 class SegmentFailed(Exception):
@@ -99,7 +93,7 @@ class JobRunner:
     def __init__(self, state: MarketState, spec: JobSpec) -> None:
         self.state = state
         self.spec = spec
-        self.max_tokens: int = spec.sampling["max_tokens"]
+        self.max_tokens: int = spec.request.sampling.max_tokens
         self.text_parts: list[str] = []
         self.token_ids: list[int] = []
         self.segments: list[Segment] = []
@@ -203,12 +197,10 @@ class JobRunner:
         self.error = exc
         self.finish_reason = None
 
-    def _job_message(self, body: dict[str, Any], continuation_ids: list[int]) -> Job:
+    def _job_message(self, request: JobRequest, continuation_ids: list[int]) -> Job:
         return Job(
             job_id=self.spec.job_id,
-            kind=self.spec.kind,  # type: ignore[arg-type]
-            model=self.spec.model,
-            request=body,
+            request=request,
             deadline=time.time() + max(0.0, self._deadline_left()),
             continuation_token_ids=continuation_ids,
         )
@@ -239,14 +231,14 @@ class JobRunner:
         settings = self.state.settings
         spec = self.spec
         continuation_ids = list(self.token_ids)
-        body = spec.body(remaining)
+        request = spec.request.with_max_tokens(remaining)
         # no more output than the node's own context holds after prompt and continuation
         offer = conn.models.get(spec.model)
         if offer is not None:
             room = offer.context_length - spec.prompt_tokens - len(continuation_ids)
             remaining = max(1, min(remaining, room))
-        job = self._job_message(body, continuation_ids)
-        expected = ExpectedText(spec.vocabulary.piece, body["stop"], continuation_ids)
+        job = self._job_message(request, continuation_ids)
+        expected = ExpectedText(spec.vocabulary.piece, request.sampling.stop, continuation_ids)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         conn.inflight[spec.job_id] = queue
         seg_ids: list[int] = []
@@ -304,7 +296,7 @@ class JobRunner:
                     yield text
                 elif isinstance(message, Done):
                     finished = True
-                    self._accept_done(conn, message, body, continuation_ids, expected, seg_ids)
+                    self._accept_done(conn, message, request, continuation_ids, expected, seg_ids)
                     gen_s = time.monotonic() - (first_at or t0)
                     conn.observe_success(
                         (first_at - t0) if first_at is not None else None, len(seg_ids), gen_s
@@ -322,7 +314,7 @@ class JobRunner:
                 # down): a task stops the node and collects its receipt for what it
                 # produced; finalizing waits for it (wind_down).
                 self._closing = self.state.spawn(self._collect_cancelled(
-                    conn, queue, body, continuation_ids, expected, seg_ids))
+                    conn, queue, request, continuation_ids, expected, seg_ids))
             else:
                 self._release(conn, queue)
                 if not finished and not conn.closed:
@@ -339,7 +331,7 @@ class JobRunner:
         self,
         conn: NodeConn,
         queue: asyncio.Queue[Any],
-        body: dict[str, Any],
+        request: JobRequest,
         continuation_ids: list[int],
         expected: ExpectedText,
         seg_ids: list[int],
@@ -354,10 +346,11 @@ class JobRunner:
                     message = await queue.get()
                     if isinstance(message, Chunk):
                         # produced before the node saw the cancel: covered by its receipt
-                        text = self._check_chunk(message, expected, seg_ids, body["max_tokens"])
+                        text = self._check_chunk(message, expected, seg_ids,
+                                                 request.sampling.max_tokens)
                         self._relay(conn, text, list(message.token_ids), seg_ids)
                     elif isinstance(message, Done):
-                        self._accept_done(conn, message, body, continuation_ids, expected,
+                        self._accept_done(conn, message, request, continuation_ids, expected,
                                           seg_ids, cancel_sent=True)
                         return
                     else:  # an error: the node signed nothing
@@ -374,7 +367,7 @@ class JobRunner:
         self,
         conn: NodeConn,
         done: Done,
-        body: dict[str, Any],
+        request: JobRequest,
         continuation_ids: list[int],
         expected: ExpectedText,
         seg_ids: list[int],
@@ -390,7 +383,8 @@ class JobRunner:
             except TextMismatch as exc:
                 raise SegmentFailed("text_mismatch", str(exc)) from None
         try:
-            failures = self._check_receipt(conn, done, body, continuation_ids, expected, seg_ids)
+            failures = self._check_receipt(conn, done, request, continuation_ids, expected,
+                                           seg_ids)
         except Exception as exc:  # whatever a node sent, it fails its segment, not the job
             log.exception("job %s: receipt of node %s could not be checked", spec.job_id,
                           conn.node_id)
@@ -425,7 +419,7 @@ class JobRunner:
         self._open_tokens = 0
         self.finish_reason = done.finish_reason
 
-    def _check_receipt(self, conn: NodeConn, done: Done, body: dict[str, Any],
+    def _check_receipt(self, conn: NodeConn, done: Done, request: JobRequest,
                        continuation_ids: list[int], expected: ExpectedText,
                        seg_ids: list[int]) -> list[Any]:
         spec = self.spec
@@ -433,7 +427,7 @@ class JobRunner:
         return check_receipt(
             done.receipt,
             registered_model_sha256=offer.sha256 if offer else "",
-            request_sha256=request_digest(spec.kind, spec.input, continuation_ids),
+            request_sha256=request.digest(continuation_ids),
             relayed_text=expected.text,
             relayed_token_ids=seg_ids,
             node_pubkey=conn.pubkey,
@@ -441,7 +435,7 @@ class JobRunner:
             model_id=spec.model,
             usage=done.usage,
             finish_reason=done.finish_reason,
-            expected_sampling=sampling_params_from_request(body),
+            expected_sampling=request.sampling,
             context_length=offer.context_length if offer else None,
             expected_prompt_tokens=spec.prompt_tokens + len(continuation_ids),
             market_id=self.state.settings.market_id,

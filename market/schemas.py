@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.job import JobRequest
+
 # Upper bounds that keep every number a request carries inside what the database and
 # the arithmetic on it hold (BIGINT); real limits (context length) apply later.
 MAX_TOKENS_LIMIT = 1_000_000
@@ -85,17 +87,11 @@ class _GenerationBody(RequestBody):
             raise ValueError("a stop sequence is at most 256 characters")
         return value
 
-    def sampling(self, default_max_tokens: int) -> dict[str, Any]:
-        """The sampling fields sent to the node, every one explicit (receipts sign them)."""
-        stop = self.stop
-        return {
-            "max_tokens": self.max_completion_tokens or self.max_tokens or default_max_tokens,
-            "temperature": 1.0 if self.temperature is None else float(self.temperature),
-            "top_p": 1.0 if self.top_p is None else float(self.top_p),
-            "seed": self.seed,
-            # empty stop strings mean nothing (nodes drop them too)
-            "stop": [s for s in ([stop] if isinstance(stop, str) else stop or []) if s],
-        }
+    def job_request(self, default_max_tokens: int) -> JobRequest:
+        """The job this body asks for, read once (``protocol.job`` holds the defaults);
+        raises ``protocol.job.InvalidJobRequest``."""
+        return JobRequest.from_openai(
+            self.kind, self.model_dump(mode="json", exclude_none=True), default_max_tokens)
 
     @property
     def include_usage(self) -> bool:
@@ -106,9 +102,6 @@ class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
 
     kind: ClassVar[str] = "chat"
-
-    def input(self) -> list[dict[str, Any]]:
-        return [m.model_dump(exclude_none=True) for m in self.messages]
 
     def prompt_chars(self) -> int:
         total = 0
@@ -133,12 +126,8 @@ class CompletionRequest(_GenerationBody):
             self.prompt = self.prompt[0]
         return self
 
-    def input(self) -> str:
-        assert isinstance(self.prompt, str)
-        return self.prompt
-
     def prompt_chars(self) -> int:
-        return len(self.input())
+        return len(self.prompt)
 
 
 GenerationRequestBody = ChatCompletionRequest | CompletionRequest

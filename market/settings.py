@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol.job import DEFAULT_MAX_TOKENS
 from protocol.keys import canonical_host
 
 DATA_DIR = Path(".aidp")
@@ -63,7 +64,7 @@ class MarketSettings(BaseSettings):
     # --- billing (integer AIDP base units) ---------------------------------------
     market_fee_bps: int = Field(default=1000, ge=0, le=10_000, description="10% = 1000 bps")
     token_decimals: int = 6
-    default_max_tokens: int = 256
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
 
     # --- rate limits -------------------------------------------------------------
     rate_limit_rpm: int = Field(default=600, description="requests per minute per API key")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import ssl
@@ -48,7 +49,7 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 
 from inference.base import Engine, EngineError, GenerationEnd, TokenDelta
-from inference.convert import BadRequest, generation_request
+from inference.convert import engine_request
 from node_agent import __version__
 from node_agent.gpu import GpuMonitor
 from node_agent.receipts import build_receipt
@@ -409,6 +410,7 @@ class NodeLink:
             message = parse_market_message(raw)
         except ValidationError as exc:
             log.warning("ignoring a malformed frame from the market: %s", exc.errors()[:1])
+            self._refuse_malformed_job(raw)
             return
         if isinstance(message, Job):
             self._accept(message)
@@ -422,6 +424,23 @@ class NodeLink:
 
     # ---- jobs ----------------------------------------------------------------------------
 
+    def _refuse_malformed_job(self, raw: str | bytes) -> None:
+        """A job frame that names its job but asks for something no engine can serve is
+        answered ``bad_request`` at once, so the market fails over instead of waiting."""
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            return
+        job_id = frame.get("job_id") if isinstance(frame, dict) else None
+        if frame.get("type") == "job" and isinstance(job_id, str) and job_id not in self._jobs:
+            self.stats.jobs_failed += 1
+            self._reply_error(job_id, "bad_request", "the job request is not valid")
+
+    def _reply_error(self, job_id: str, code: str, message: str) -> None:
+        reply = asyncio.create_task(self._send_error(job_id, code, message))
+        self._replies.add(reply)
+        reply.add_done_callback(self._replies.discard)
+
     def _accept(self, job: Job) -> None:
         refuse: tuple[str, str] | None = None
         if job.job_id in self._jobs:
@@ -432,9 +451,7 @@ class NodeLink:
             refuse = ("busy", f"node is at max_concurrency={self.max_concurrency}")
         if refuse is not None:
             self.stats.jobs_failed += 1
-            reply = asyncio.create_task(self._send_error(job.job_id, *refuse))
-            self._replies.add(reply)
-            reply.add_done_callback(self._replies.discard)
+            self._reply_error(job.job_id, *refuse)
             return
         self.stats.jobs_accepted += 1
         running = _RunningJob(job=job)
@@ -448,13 +465,11 @@ class NodeLink:
     async def _serve(self, running: _RunningJob) -> None:
         job = running.job
         try:
-            engine = self.engines.get(job.model)
+            model = job.request.model
+            engine = self.engines.get(model)
             if engine is None:
-                raise EngineError("model_not_found", f"this node does not serve {job.model!r}")
-            try:
-                request = generation_request(job.kind, job.request, job.continuation_token_ids)
-            except BadRequest as exc:
-                raise EngineError("bad_request", str(exc)) from exc
+                raise EngineError("model_not_found", f"this node does not serve {model!r}")
+            request = engine_request(job.request, job.continuation_token_ids)
             await self._generate(running, engine, request)
         except asyncio.CancelledError:
             if running.cancelled_by_market:

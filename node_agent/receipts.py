@@ -5,7 +5,6 @@ from __future__ import annotations
 from solders.keypair import Keypair
 
 from inference.base import Engine, GenerationRequest
-from inference.convert import request_sha256, sampling_params
 from protocol.canonical import sha256_hex, token_ids_digest
 from protocol.receipt import GpuMetrics, ReceiptBody, SignedReceipt, sign_receipt
 
@@ -38,8 +37,8 @@ def build_receipt(
         model_sha256=engine.model.sha256,
         engine=engine.name,
         engine_version=engine.version,
-        sampling=sampling_params(request),
-        request_sha256=request_sha256(request),
+        sampling=request.sampling,
+        request_sha256=request.digest(),
         output_sha256=sha256_hex(output_text),
         output_token_ids_sha256=token_ids_digest(output_token_ids),
         prompt_tokens=prompt_tokens,

@@ -31,29 +31,6 @@ def digest_json(value: Any) -> str:
     return sha256_hex(canonical_json(value))
 
 
-def request_digest(
-    kind: str,
-    request_input: str | list[dict[str, Any]],
-    continuation_token_ids: list[int] | None = None,
-) -> str:
-    """Digest of what the model was asked: the prompt or messages, plus any prefix.
-
-    ``continuation_token_ids`` are the tokens a previous node already produced when a
-    job fails over mid-stream; the new node's receipt covers prompt + that prefix.
-    Messages are reduced to role and content so extra client fields do not matter.
-    """
-    if kind == "chat":
-        assert isinstance(request_input, list)
-        normalized: Any = [
-            {"role": m.get("role"), "content": m.get("content")} for m in request_input
-        ]
-    else:
-        normalized = request_input
-    return digest_json(
-        {"kind": kind, "input": normalized, "continuation": list(continuation_token_ids or [])}
-    )
-
-
 def token_ids_digest(token_ids: list[int]) -> str:
     """Digest of a token id sequence (receipts carry the hash, the ids ride beside)."""
     return digest_json(list(token_ids))

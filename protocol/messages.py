@@ -15,9 +15,10 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from protocol.job import FinishReason, JobRequest, Usage
 from protocol.receipt import SignedReceipt
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class _Message(BaseModel):
@@ -52,12 +53,6 @@ class GpuSample(_Message):
     memory_used_mb: int
     temperature_c: float
     power_w: float
-
-
-class Usage(_Message):
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-    total_tokens: int = Field(ge=0)
 
 
 # ---- node → market -------------------------------------------------------------
@@ -110,8 +105,7 @@ class Done(_Message):
     type: Literal["done"] = "done"
     job_id: str
     usage: Usage
-    # "cancelled": the market sent ``cancel``; the receipt covers what was produced by then.
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: FinishReason
     receipt: SignedReceipt
 
 
@@ -144,16 +138,13 @@ class Reject(_Message):
 
 
 class Job(_Message):
-    """One generation. ``request`` is the buyer's OpenAI body (model, messages or prompt,
-    sampling fields). ``continuation_token_ids`` are output an earlier node already
-    streamed before failing: the node must continue after them and stream only new
-    tokens; ``max_tokens`` in ``request`` is already reduced."""
+    """One generation. ``continuation_token_ids`` are output earlier nodes already
+    streamed before failing: the node continues after them and streams only new tokens;
+    ``request.sampling.max_tokens`` is what is left."""
 
     type: Literal["job"] = "job"
     job_id: str
-    kind: Literal["chat", "completion"]
-    model: str
-    request: dict[str, Any]
+    request: JobRequest
     deadline: float  # unix seconds
     continuation_token_ids: list[int] = Field(default_factory=list)
 

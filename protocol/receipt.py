@@ -9,29 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from solders.keypair import Keypair
 
 from protocol.canonical import canonical_json, sha256_hex, token_ids_digest
+from protocol.job import SamplingParams
 from protocol.keys import RECEIPT_DOMAIN, sign, verify
 
 RECEIPT_VERSION = 2
-
-
-class SamplingParams(BaseModel):
-    """The sampling knobs that determine what output is legitimate."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    temperature: float
-    top_p: float
-    max_tokens: int
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 class GpuMetrics(BaseModel):
@@ -115,3 +100,7 @@ def sign_receipt(keypair: Keypair, body: ReceiptBody, output_token_ids: list[int
 
 def receipt_from_json(data: dict[str, Any]) -> SignedReceipt:
     return SignedReceipt.model_validate(data)
+
+
+__all__ = ["GpuMetrics", "ReceiptBody", "SamplingParams", "SignedReceipt", "sign_receipt",
+           "receipt_from_json", "RECEIPT_VERSION"]

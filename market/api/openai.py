@@ -16,8 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from inference.base import EngineError
-from inference.convert import BadRequest as ConvertBadRequest
-from inference.convert import generation_request
+from inference.convert import engine_request
 from inference.vocab import Vocabulary
 from market import accounts, billing
 from market.api.sse import EventStreamResponse
@@ -37,6 +36,7 @@ from market.schemas import (
 )
 from market.settings import MarketSettings
 from market.state import MarketState
+from protocol.job import InvalidJobRequest, JobRequest
 from protocol.messages import Job as JobMessage
 from protocol.messages import encode
 
@@ -65,13 +65,10 @@ def _dumps(value: Any) -> str:
 # ---- the job lifecycle ------------------------------------------------------------------
 
 
-def _count_prompt(vocabulary: Vocabulary, kind: str, body: dict[str, Any]) -> int:
+def _count_prompt(vocabulary: Vocabulary, request: JobRequest) -> int:
     """The rendered prompt's tokens, counted as a node must count them."""
     try:
-        request = generation_request(kind, body)
-        return len(vocabulary.prompt_token_ids(request))
-    except ConvertBadRequest as exc:
-        raise BadRequest(str(exc)) from None
+        return len(vocabulary.prompt_token_ids(engine_request(request)))
     except EngineError as exc:
         raise BadRequest(f"the prompt cannot be rendered for this model: {exc}",
                          code=exc.code) from None
@@ -81,12 +78,11 @@ def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> 
     """413 unless the job frame fits the node link however far it fails over (the
     continuation ids it may carry included). Encoded only when a cheap bound does not
     already show it fits (a character is at most 6 bytes of JSON)."""
-    max_tokens = spec.sampling["max_tokens"]
+    max_tokens = spec.request.sampling.max_tokens
     if prompt_chars * 6 + FRAME_OVERHEAD_BYTES + max_tokens * CONTINUATION_ID_BYTES \
             <= settings.link_max_frame_bytes:
         return
-    message = JobMessage(job_id=spec.job_id, kind=spec.kind,  # type: ignore[arg-type]
-                         model=spec.model, request=spec.body(max_tokens), deadline=0.0)
+    message = JobMessage(job_id=spec.job_id, request=spec.request, deadline=0.0)
     frame = len(encode(message).encode())
     worst = frame + max_tokens * CONTINUATION_ID_BYTES
     if worst > settings.link_max_frame_bytes:
@@ -105,16 +101,13 @@ class _Quote:
 
 
 async def _quote(state: MarketState, body: GenerationRequestBody, vocabulary: Vocabulary,
-                 sampling: dict[str, Any]) -> _Quote:
+                 request: JobRequest) -> _Quote:
     """Count the prompt as a node must, check it fits a node, price the worst case."""
     settings, cap = state.settings, body.max_price_per_mtok
-    request_body = {"model": body.model, ("messages" if body.kind == "chat" else "prompt"):
-                    body.input(), **sampling}
     if body.prompt_chars() > TOKENIZE_INLINE_CHARS:
-        prompt_tokens = await asyncio.to_thread(_count_prompt, vocabulary, body.kind,
-                                                request_body)
+        prompt_tokens = await asyncio.to_thread(_count_prompt, vocabulary, request)
     else:
-        prompt_tokens = _count_prompt(vocabulary, body.kind, request_body)
+        prompt_tokens = _count_prompt(vocabulary, request)
     context = state.router.max_context(body.model, cap)
     if prompt_tokens >= context:
         raise BadRequest(
@@ -124,7 +117,7 @@ async def _quote(state: MarketState, body: GenerationRequestBody, vocabulary: Vo
             code="context_length_exceeded")
     prices = state.router.hold_prices(body.model, cap, prompt_tokens + 1,
                                       settings.hold_price_nodes, settings.hold_price_spread)
-    hold = billing.worst_case_hold(prompt_tokens, sampling["max_tokens"], *prices,
+    hold = billing.worst_case_hold(prompt_tokens, request.sampling.max_tokens, *prices,
                                    settings.market_fee_bps)
     return _Quote(prompt_tokens, prices, hold)
 
@@ -135,15 +128,15 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
     state.catalog.require(body.model)
     state.router.ensure_available(body.model, body.max_price_per_mtok)
     vocabulary = await state.catalog.vocabulary(body.model)
-    sampling = body.sampling(settings.default_max_tokens)
-    quote = await _quote(state, body, vocabulary, sampling)
+    try:
+        request = body.job_request(settings.default_max_tokens)
+    except InvalidJobRequest as exc:
+        raise BadRequest(str(exc)) from None
+    quote = await _quote(state, body, vocabulary, request)
     lifetime = settings.job_first_token_timeout + settings.job_max_duration_s
     spec = JobSpec(
         job_id=new_id("job"),
-        kind=body.kind,
-        model=body.model,
-        input=body.input(),
-        sampling=sampling,
+        request=request,
         vocabulary=vocabulary,
         prompt_tokens=quote.prompt_tokens,
         hold=quote.hold,
@@ -159,7 +152,7 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
         api_key_id=buyer.key_id,
         model=body.model,
         kind=body.kind,
-        request=body.model_dump(mode="json", exclude_none=True),
+        request=request.model_dump(mode="json"),
         stream=body.stream,
         status="running",
         hold_amount=quote.hold,

@@ -11,12 +11,12 @@ Usage::
         job_id=job.id,
         node_pubkey=node.pubkey,
         registered_model_sha256=offer.sha256,
-        request_sha256=request_digest(kind, messages_or_prompt, continuation_ids),
+        request_sha256=job_request.digest(continuation_ids),
         relayed_text="".join(chunk.text for chunk in chunks),
         relayed_token_ids=[t for chunk in chunks for t in chunk.token_ids],
         usage=done.usage,
         finish_reason=done.finish_reason,
-        expected_sampling=sampling_params_from_request(request_body, default_max_tokens),
+        expected_sampling=job_request.sampling,
     )
     if failures: reject
 """
@@ -43,33 +43,6 @@ class CheckFailure:
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
-
-
-def sampling_params_from_request(
-    body: Mapping[str, Any], default_max_tokens: int = 256
-) -> SamplingParams:
-    """The sampling parameters an OpenAI request body asks for (OpenAI defaults).
-
-    ``max_completion_tokens`` is accepted as an alias of ``max_tokens``; ``stop`` may be
-    a string or a list. The defaults (temperature 1.0, top_p 1.0) are OpenAI's.
-    """
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    temperature = body.get("temperature")
-    top_p = body.get("top_p")
-    return SamplingParams(
-        temperature=1.0 if temperature is None else float(temperature),
-        top_p=1.0 if top_p is None else float(top_p),
-        max_tokens=int(max_tokens),
-        seed=body.get("seed"),
-        stop=list(stop),
-    )
 
 
 def _close(a: float, b: float) -> bool:

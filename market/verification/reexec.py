@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from inference.base import Engine, GenerationRequest, PositionScore
-from protocol.canonical import request_digest
-from protocol.receipt import SamplingParams, SignedReceipt
+from protocol.job import JobRequest, SamplingParams
+from protocol.receipt import SignedReceipt
 from protocol.text import TextStream
 
 # "cancelled": the market stopped the node (its buyer left), so the output ends anywhere.
@@ -503,7 +503,7 @@ def _text_matches_decoded(
         if not full.startswith(pre):
             return False, False
         generated = full[len(pre) :]
-        candidates = [generated[i:] for i in range(0, min(2, len(generated)) + 1)]
+        candidates = [generated[i:] for i in range(min(2, len(generated)) + 1)]
     else:
         candidates = [full]
     for text in candidates:
@@ -518,13 +518,12 @@ def _text_matches_decoded(
 
 def find_continuation(
     receipt: SignedReceipt,
-    kind: str,
-    request_input: Any,
+    request: JobRequest,
     candidates: Sequence[Sequence[int]],
 ) -> list[int] | None:
     """The continuation prefix whose request digest the receipt attests, among candidates."""
     for cand in candidates:
-        if request_digest(kind, request_input, list(cand)) == receipt.body.request_sha256:
+        if request.digest(cand) == receipt.body.request_sha256:
             return list(cand)
     return None
 

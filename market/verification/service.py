@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.base import Engine, EngineError
-from inference.convert import BadRequest, generation_request
+from inference.convert import engine_request
 from market.settings import MarketSettings
 from market.verification import settlement
 from market.verification.checks import check_receipt
@@ -62,15 +62,6 @@ def tick(sessions: sessionmaker[Session], settings: MarketSettings) -> TickResul
     return result
 
 
-def _request_input(kind: str, body: dict[str, Any]) -> Any:
-    if kind == "chat":
-        return body.get("messages") or []
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    return prompt
-
-
 def _continuation_candidates(inp: settlement.VerificationInput) -> list[list[int]]:
     """The stored prefix; for receipts stored without one, no prefix or the output of
     the earlier receipted segments (most recent first). Each candidate is checked
@@ -105,18 +96,14 @@ def judge_receipt(
     if failures:
         evidence["checks"] = [f.as_dict() for f in failures]
         return "fraud", evidence, "cheap checks failed: " + ", ".join(f.code for f in failures)
-    request_input = _request_input(inp.job_kind, inp.job_request)
-    prefix = find_continuation(
-        signed, inp.job_kind, request_input, _continuation_candidates(inp)
-    )
+    if inp.job_request is None:
+        evidence["unavailable"] = "the stored request is not a job request"
+        return "unavailable", evidence, "verification unavailable: request not replayable"
+    prefix = find_continuation(signed, inp.job_request, _continuation_candidates(inp))
     if prefix is None:
         evidence["unavailable"] = "the continuation prefix this segment was given is not stored"
         return "unavailable", evidence, "verification unavailable: unknown continuation prefix"
-    try:
-        request = generation_request(inp.job_kind, inp.job_request, prefix)
-    except BadRequest as exc:
-        evidence["unavailable"] = f"request not replayable: {exc}"
-        return "unavailable", evidence, "verification unavailable: request not replayable"
+    request = engine_request(inp.job_request, prefix)
     try:
         engine = engine_for(body.model_id, settings)
         verdict: Verdict = run_sync(

@@ -34,6 +34,7 @@ from market.models import Job, LedgerEntry, Node, NodeModel, Receipt, ReceiptEve
 from market.settings import MarketSettings
 from market.verification import sampling
 from market.verification.models import VerificationTask
+from protocol.job import JobRequest
 
 log = logging.getLogger("market.verification")
 
@@ -405,8 +406,7 @@ class VerificationInput:
     state: str
     signed: dict[str, Any]
     output_text: str
-    job_kind: str
-    job_request: dict[str, Any]
+    job_request: JobRequest | None  # None: the stored request does not parse
     job_model: str
     finish_reason: str | None
     is_last_segment: bool
@@ -414,6 +414,13 @@ class VerificationInput:
     continuation_token_ids: list[int] | None  # the prefix this segment was given, if stored
     registered_model_sha256: str | None
     context_length: int | None
+
+
+def _stored_request(data: Any) -> JobRequest | None:
+    try:
+        return JobRequest.model_validate(data)
+    except ValueError:
+        return None
 
 
 def load_input(session: Session, receipt_id: str) -> VerificationInput:
@@ -434,8 +441,7 @@ def load_input(session: Session, receipt_id: str) -> VerificationInput:
         state=receipt.state,
         signed=dict(receipt.receipt),
         output_text=receipt.output_text,
-        job_kind=job.kind,
-        job_request=dict(job.request),
+        job_request=_stored_request(job.request),
         job_model=job.model,
         finish_reason=job.finish_reason,
         is_last_segment=is_last,

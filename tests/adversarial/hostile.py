@@ -20,9 +20,10 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 
 from inference.base import GenerationRequest
-from inference.convert import generation_request
+from inference.convert import engine_request
 from inference.fake import EOS, FakeVocabulary, fake_sha256, next_token, prompt_text
-from protocol.canonical import request_digest, sha256_hex, token_ids_digest
+from protocol.canonical import sha256_hex, token_ids_digest
+from protocol.job import JobRequest
 from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
@@ -46,9 +47,15 @@ class Honest:
         return "".join(t for t, _ in self.chunks)
 
 
+def with_sampling(job: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """The job frame with some sampling fields changed (what a cheat pretends it got)."""
+    request = job["request"]
+    return {**job, "request": {**request, "sampling": {**request["sampling"], **changes}}}
+
+
 def honest_output(job: dict[str, Any]) -> Honest:
-    request: GenerationRequest = generation_request(job["kind"], job["request"],
-                                                    job["continuation_token_ids"])
+    request: GenerationRequest = engine_request(JobRequest.model_validate(job["request"]),
+                                                job["continuation_token_ids"])
     prompt = prompt_text(request)
     tokens = list(request.continuation_token_ids)
     stream = TextStream(request.stop)
@@ -145,17 +152,13 @@ class HostileNode:
     def receipt(self, job: dict[str, Any], ids: list[int], text: str, *,
                 prompt_tokens: int, keypair: Keypair | None = None,
                 **overrides: Any) -> dict[str, Any]:
-        request = job["request"]
-        messages = request.get("messages")
+        request = JobRequest.model_validate(job["request"])
         fields: dict[str, Any] = dict(
             job_id=job["job_id"], market_id=self.market_id, node_pubkey=self.pubkey,
             model_id=self.model, model_sha256=self.sha256 or fake_sha256(self.model),
             engine="hostile", engine_version="1",
-            sampling=SamplingParams(temperature=request["temperature"], top_p=request["top_p"],
-                                    max_tokens=request["max_tokens"], seed=request.get("seed"),
-                                    stop=request.get("stop", [])),
-            request_sha256=request_digest(job["kind"], messages if job["kind"] == "chat"
-                                          else request["prompt"], job["continuation_token_ids"]),
+            sampling=request.sampling,
+            request_sha256=request.digest(job["continuation_token_ids"]),
             output_sha256=sha256_hex(text), output_token_ids_sha256=token_ids_digest(ids),
             prompt_tokens=prompt_tokens, completion_tokens=len(ids),
             started_at=time.time(), finished_at=time.time(),

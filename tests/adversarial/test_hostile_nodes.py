@@ -29,6 +29,7 @@ from tests.adversarial.hostile import (
     refuse_busy,
     serve_honestly,
     streaming,
+    with_sampling,
 )
 from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model, wait_for
 
@@ -169,8 +170,7 @@ async def test_ids_after_a_stop_string_are_refused(hostile, nodes, market, buyer
     stop = full.split()[3]  # a word the honest output contains
 
     async def ignoring_stop(node: HostileNode, job: dict) -> None:
-        body = dict(job["request"], stop=[])
-        out = honest_output({**job, "request": body})  # keeps going past the stop
+        out = honest_output(with_sampling(job, stop=[]))  # keeps going past the stop
         for text, chunk_ids in out.chunks:
             await node.chunk(job, text, chunk_ids)
         receipt = node.receipt(job, out.ids, out.text, prompt_tokens=out.prompt_tokens)

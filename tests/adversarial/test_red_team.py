@@ -28,6 +28,7 @@ from tests.adversarial.hostile import (
     dies_after,
     honest_output,
     serve_honestly,
+    with_sampling,
 )
 from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model, wait_for
 
@@ -175,7 +176,7 @@ async def test_no_more_output_than_the_nodes_own_context_is_taken(
     model = unique_model("ctx")
 
     async def overflowing(node: HostileNode, job: dict[str, Any]) -> None:
-        out = honest_output({**job, "request": {**job["request"], "max_tokens": 60}})
+        out = honest_output(with_sampling(job, max_tokens=60))
         for text, ids in out.chunks:
             await node.chunk(job, text, ids)
 

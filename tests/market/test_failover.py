@@ -17,6 +17,7 @@ from inference.base import EngineError, GenerationEvent, GenerationRequest
 from market.billing import market_fee, node_cost
 from market.models import Job, Receipt
 from market.verification.reexec import find_continuation
+from protocol.job import JobRequest
 from protocol.receipt import receipt_from_json
 from tests.support.engines import DeterministicEngine
 from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model, wait_for
@@ -138,8 +139,9 @@ async def test_node_killed_mid_stream_stream_completes(
     assert receipt.continuation_token_ids == ids[:continued]
     signed = receipt_from_json(receipt.receipt)
     assert list(signed.output_token_ids) == ids[continued:]
-    assert find_continuation(signed, "chat", STORY, [ids[:continued]]) == ids[:continued]
-    assert find_continuation(signed, "chat", STORY, [ids[:continued - 1], []]) is None
+    asked = JobRequest.from_openai("chat", {"model": model, "messages": STORY})
+    assert find_continuation(signed, asked, [ids[:continued]]) == ids[:continued]
+    assert find_continuation(signed, asked, [ids[:continued - 1], []]) is None
 
 
 async def test_node_killed_mid_stream_non_stream(

@@ -13,10 +13,11 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from protocol.canonical import request_digest, sha256_hex, token_ids_digest
+from protocol.canonical import sha256_hex, token_ids_digest
+from protocol.job import JobRequest
 from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
-from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
+from protocol.receipt import ReceiptBody, sign_receipt
 from tests.support.engines import VOCAB, next_token
 from tests.support.market import (
     HEARTBEAT,
@@ -217,14 +218,13 @@ class RawNode:
 
     async def _run(self, job: dict[str, Any]) -> None:
         assert self.ws is not None
-        request = job["request"]
-        messages = request.get("messages")
-        prompt = (json.dumps([[m.get("role"), m.get("content")] for m in messages])
-                  if job["kind"] == "chat" else request["prompt"])
+        request = JobRequest.model_validate(job["request"])
+        prompt = (json.dumps([[m.role, m.content] for m in request.messages or []])
+                  if request.kind == "chat" else request.prompt or "")
         tokens = list(job["continuation_token_ids"])
         out_ids: list[int] = []
         finish = "length"
-        while len(out_ids) < request["max_tokens"]:
+        while len(out_ids) < request.sampling.max_tokens:
             token = next_token(prompt, tokens)
             if token == 0:
                 finish = "stop"
@@ -244,12 +244,8 @@ class RawNode:
             node_pubkey=str(self.keypair.pubkey()), model_id=self.model,
             model_sha256=sha256_hex(self.model) if self.tamper != "model" else "00" * 32,
             engine="raw", engine_version="1",
-            sampling=SamplingParams(
-                temperature=request["temperature"], top_p=request["top_p"],
-                max_tokens=request["max_tokens"], seed=request.get("seed"),
-                stop=request.get("stop", [])),
-            request_sha256=request_digest(job["kind"], messages if job["kind"] == "chat"
-                                          else request["prompt"], job["continuation_token_ids"]),
+            sampling=request.sampling,
+            request_sha256=request.digest(job["continuation_token_ids"]),
             output_sha256=sha256_hex(text), output_token_ids_sha256=token_ids_digest(out_ids),
             prompt_tokens=prompt_tokens, completion_tokens=len(out_ids),
             started_at=time.time(), finished_at=time.time(),
@@ -289,7 +285,7 @@ async def test_raw_node_serves_a_job(buyer: Buyer, market: Market) -> None:
                                                              max_tokens=10)
         text, _ = await expected_output("chat", model, 10, messages=messages)
         assert reply.choices[0].message.content == text
-        assert node.jobs[0]["request"]["max_tokens"] == 10
+        assert node.jobs[0]["request"]["sampling"]["max_tokens"] == 10
     finally:
         await node.close()
 

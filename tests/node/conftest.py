@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 from collections import defaultdict
@@ -13,11 +14,11 @@ import pytest
 from solders.keypair import Keypair
 from websockets.asyncio.server import ServerConnection, serve
 
+from protocol.job import InvalidJobRequest, JobRequest
 from protocol.keys import LINK_AUTH_DOMAIN, link_auth_message, verify
 from protocol.messages import (
     Challenge,
     Hello,
-    Job,
     Reject,
     Welcome,
     encode,
@@ -122,9 +123,15 @@ class MarketPeer:
         deadline: float = 0.0,
         **extra: Any,
     ) -> None:
-        await self.send(
-            Job(job_id=job_id, kind=kind, model=model, request=body, deadline=deadline, **extra)
-        )
+        """Send a job built from an OpenAI ``body``; a body no job can be built from is
+        sent as it is (the node must refuse it)."""
+        try:
+            request = JobRequest.from_openai(kind, {**body, "model": model}).model_dump()
+        except InvalidJobRequest:
+            request = {"kind": kind, "model": model, **body}
+        frame = {"type": "job", "job_id": job_id, "request": request, "deadline": deadline,
+                 **extra}
+        await self.connections[-1].send(json.dumps(frame))
 
     async def wait_end(self, job_id: str, timeout: float = 30.0) -> Any:
         await asyncio.wait_for(self.job_events[job_id].wait(), timeout)

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from node_agent.link import NodeLink, link_url
-from protocol.canonical import request_digest, sha256_hex
+from protocol.canonical import sha256_hex
+from protocol.job import request_digest
 from protocol.messages import Cancel, Done, JobError
 from tests.node.conftest import MarketPeer
 from tests.support.engines import DeterministicEngine
@@ -285,9 +286,10 @@ async def test_a_frame_over_the_nodes_limit_closes_the_link_and_runs_nothing(
     task = asyncio.create_task(link.run())
     try:
         await link.wait_ready(5)
-        huge = {"type": "job", "job_id": "huge", "kind": "completion", "model": "test-model",
-                "request": {"prompt": "x" * (MAX_FRAME_BYTES + 1), "max_tokens": 1},
-                "deadline": 0.0}
+        request = {"kind": "completion", "model": "test-model",
+                   "prompt": "x" * (MAX_FRAME_BYTES + 1),
+                   "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 1}}
+        huge = {"type": "job", "job_id": "huge", "request": request, "deadline": 0.0}
         await market_peer.connections[-1].send(json.dumps(huge))
         await wait_for(lambda: len(market_peer.hellos) >= 2, timeout=10)  # it dialled again
         assert link.stats.jobs_accepted == 0 and "huge" not in market_peer.frames

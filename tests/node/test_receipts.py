@@ -8,10 +8,11 @@ import time
 import pytest
 from solders.keypair import Keypair
 
-from inference.convert import BadRequest, generation_request, request_sha256
+from inference.convert import BadRequest, generation_request
 from inference.weights import weights_sha256
 from node_agent.receipts import build_receipt
-from protocol.canonical import request_digest, sha256_hex, token_ids_digest
+from protocol.canonical import sha256_hex, token_ids_digest
+from protocol.job import request_digest
 from protocol.receipt import GpuMetrics, SignedReceipt, receipt_from_json
 from tests.support.engines import DeterministicEngine
 
@@ -132,14 +133,12 @@ def test_weights_hash_of_a_directory(tmp_path) -> None:
 
 
 def test_text_content_parts_render_as_their_text() -> None:
-    from inference.convert import chat_messages
-
     parts = [{"type": "text", "text": "Write a haiku"}, {"type": "text", "text": "about the sea."}]
     r = generation_request("chat", {"messages": [{"role": "user", "content": parts}]})
-    assert chat_messages(r.messages) == [
-        {"role": "user", "content": "Write a haiku\nabout the sea."}
-    ]
-    assert r.messages[0]["content"] == parts  # the request (and its hash) stay as sent
+    text = "Write a haiku\nabout the sea."
+    assert r.messages == [{"role": "user", "content": text}]
+    # the digest covers the text the model reads
+    assert r.digest() == request_digest("chat", [{"role": "user", "content": text}])
 
 
 def test_openai_body_conversion_defaults_and_errors() -> None:
@@ -156,7 +155,7 @@ def test_openai_body_conversion_defaults_and_errors() -> None:
         },
     )
     assert (r.prompt, r.max_tokens, r.stop, r.greedy, r.seed) == ("p", 9, ["a", "b"], True, 4)
-    assert request_sha256(r) == request_digest("completion", "p", [])
+    assert r.digest() == request_digest("completion", "p", [])
     for kind, body in [
         ("chat", {"messages": []}),
         ("chat", {"messages": "x"}),

@@ -8,6 +8,7 @@ import numpy as np
 
 from inference._text import decode_loop, sample_token
 from inference.base import GenerationEnd, GenerationRequest, TokenDelta
+from inference.convert import generation_request
 
 VOCAB = 16
 
@@ -33,8 +34,8 @@ def _run(request: GenerationRequest) -> list[int]:
 
 def test_negative_seeds_sample_reproducibly() -> None:
     def request(seed: int) -> GenerationRequest:
-        return GenerationRequest(kind="completion", prompt="x", max_tokens=20, temperature=1.0,
-                                 seed=seed)
+        return generation_request("completion", {"prompt": "x", "max_tokens": 20,
+                                                 "temperature": 1.0, "seed": seed})
 
     first = _run(request(-5))
     assert len(first) == 20 and first == _run(request(-5))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from protocol.job import JobRequest
 from protocol.messages import Cancel, Hello, Job, encode, parse_market_message, parse_node_message
 
 
@@ -21,7 +22,9 @@ def test_hello_round_trip() -> None:
 
 
 def test_market_frames_parse() -> None:
-    job = Job(job_id="j", kind="chat", model="m", request={"messages": []}, deadline=1.0)
+    request = JobRequest.from_openai("chat", {"model": "m", "messages": [{"role": "user",
+                                                                       "content": "hi"}]})
+    job = Job(job_id="j", request=request, deadline=1.0)
     assert isinstance(parse_market_message(encode(job)), Job)
     assert isinstance(parse_market_message('{"type":"cancel","job_id":"j"}'), Cancel)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from solders.keypair import Keypair
 
-from protocol.canonical import canonical_json, request_digest, sha256_hex, token_ids_digest
+from protocol.canonical import canonical_json, sha256_hex, token_ids_digest
+from protocol.job import request_digest
 from protocol.keys import (
     LINK_AUTH_DOMAIN,
     RECEIPT_DOMAIN,

@@ -242,11 +242,12 @@ def unique_model(prefix: str = "m") -> str:
 async def expected_output(kind: str, model: str, max_tokens: int, *, messages: Any = None,
                           prompt: str | None = None) -> tuple[str, list[int]]:
     """What one healthy node produces for this request (the deterministic reference)."""
-    from inference.base import GenerationRequest, TokenDelta
+    from inference.base import TokenDelta
+    from inference.convert import generation_request
 
     engine = DeterministicEngine(model_id=model)
-    request = GenerationRequest(kind=kind, messages=messages, prompt=prompt,  # type: ignore[arg-type]
-                                max_tokens=max_tokens)
+    body = {"messages": messages} if kind == "chat" else {"prompt": prompt}
+    request = generation_request(kind, {**body, "max_tokens": max_tokens})
     text, ids = [], []
     async for event in engine.generate(request):
         if isinstance(event, TokenDelta):

@@ -199,7 +199,8 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
     earning = billing.node_cost(prompt_tokens, len(ids), PRICE_IN, PRICE_OUT)
     fee = billing.market_fee(earning, 1000)
     with world.sessions.begin() as session:
-        job = Job(id=new_id("job"), account_id=world.account_id, model=engine.model.id, kind=kind, request=body,
+        job = Job(id=new_id("job"), account_id=world.account_id, model=engine.model.id, kind=kind,
+                  request=request.job.model_dump(mode="json"),
                   hold_amount=billing.worst_case_hold(prompt_tokens, body.get("max_tokens", 256),
                                                       PRICE_IN, PRICE_OUT, 1000))
         billing.open_job(session, job)

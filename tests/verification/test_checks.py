@@ -6,12 +6,18 @@ import time
 
 from solders.keypair import Keypair
 
-from market.verification.checks import check_receipt, sampling_params_from_request
-from protocol.canonical import request_digest, sha256_hex, token_ids_digest
+from market.verification.checks import check_receipt
+from protocol.canonical import sha256_hex, token_ids_digest
+from protocol.job import JobRequest, request_digest
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 SHA = "ab" * 32
+
+
+def _sampling(fields: dict) -> SamplingParams:
+    """What the market expects a node to attest for a body with these fields."""
+    return JobRequest.from_openai("chat", {"model": "m", "messages": MESSAGES, **fields}).sampling
 
 
 def _signed(keypair: Keypair | None = None, **overrides):
@@ -36,7 +42,7 @@ def _check(signed, keypair, **kw):
         relayed_text="abc", relayed_token_ids=[5, 6, 7], node_pubkey=str(keypair.pubkey()),
         job_id="job_1", model_id="m", usage={"prompt_tokens": 4, "completion_tokens": 3},
         finish_reason="stop",
-        expected_sampling=sampling_params_from_request({"temperature": 0, "max_tokens": 8}),
+        expected_sampling=_sampling({"temperature": 0, "max_tokens": 8}),
     )
     args.update(kw)
     return {f.code for f in check_receipt(signed, **args)}
@@ -59,7 +65,7 @@ def test_each_tampering_is_reported() -> None:
         "usage_mismatch"}
     assert _check(signed, keypair, finish_reason="length") == {"truncated"}
     assert _check(signed, keypair, finish_reason="length", context_length=7) == set()
-    assert _check(signed, keypair, expected_sampling=sampling_params_from_request(
+    assert _check(signed, keypair, expected_sampling=_sampling(
         {"temperature": 0.7, "max_tokens": 8})) == {"sampling_mismatch"}
 
     # A body edited after signing: the signature no longer verifies.
@@ -76,6 +82,6 @@ def test_each_tampering_is_reported() -> None:
 
 
 def test_sampling_defaults_follow_openai() -> None:
-    params = sampling_params_from_request({"stop": "\n", "max_completion_tokens": 5})
+    params = _sampling({"stop": "\n", "max_completion_tokens": 5})
     assert (params.temperature, params.top_p, params.max_tokens, params.stop) == (
         1.0, 1.0, 5, ["\n"])
