@@ -5,9 +5,9 @@ A market (uvicorn, in this process, SQLite in a temp dir unless ``--database-url
 attacked through its real interfaces by hostile nodes (hand-written link frames, see
 ``tests/adversarial/hostile.py``) and hostile buyers (HTTP). After each attack the
 money is checked: the cheat earned nothing, the buyer paid nothing for the cheat's
-part, and the journal explains every base unit (``market.journal_audit``). Receipts
+part, and the journal explains every base unit (``market.money.journal``). Receipts
 that pass the market's cheap checks are re-executed by the verifier as the Celery
-worker would (``market.verification.service.verify``).
+worker would (``market.verify.service.verify``).
 
 Honest work: ``--honest`` deterministic-engine jobs through the market with mixed
 parameters, a share of them filling the node's context, and ``--llama`` real llama.cpp
@@ -45,9 +45,12 @@ from solders.keypair import Keypair  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from inference.fake import DeterministicEngine  # noqa: E402
-from market.journal_audit import audit  # noqa: E402
 from market.models import Job, Node, Receipt  # noqa: E402
-from market.verification import service, settlement  # noqa: E402
+from market.money.journal import audit  # noqa: E402
+from market.verify import (
+    service,  # noqa: E402
+    window,  # noqa: E402
+)
 from node_agent.link import NodeLink  # noqa: E402
 from tests.adversarial.hostile import (  # noqa: E402
     LIES,
@@ -126,9 +129,9 @@ class Bench:
         settings = self.market.settings
         sessions = self.db().sync_sessions
         with sessions.begin() as s:
-            settlement.decide_sampling(s, settings)
+            window.decide_sampling(s, settings)
         with sessions.begin() as s:
-            settlement.claim_for_verification(s, settings)
+            window.claim_for_verification(s, settings)
         return {rid: service.verify(sessions, rid, settings, engine_for=engine_for)
                 for rid in receipt_ids}
 
@@ -226,7 +229,7 @@ async def foreign_allowance(bench: Bench) -> dict[str, Any]:
 
 
 async def overdraw_race(bench: Bench) -> dict[str, Any]:
-    from market import billing
+    from market.money import billing
 
     model = unique_model("overdraw")
     await bench.honest(DeterministicEngine(model, token_delay=0.05), price=(10**6, 10**6),
@@ -301,7 +304,7 @@ async def honest_llama_jobs(bench: Bench, n: int) -> dict[str, Any]:
         return {"jobs": 0, "context_full": 0, "slashed": 0, "verified": 0}
     from inference.llamacpp import LlamaCppEngine, default_gguf
     from market.listing import DEFAULT_MODEL_ID
-    from market.verification.engine import get_engine
+    from market.verify.engine import get_engine
 
     small_id = DEFAULT_MODEL_ID + "-ctx64"
     normal = LlamaCppEngine(n_threads=2)

@@ -23,9 +23,6 @@ import hashlib
 import json
 import os
 import platform
-import selectors
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,44 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from solders.keypair import Keypair  # noqa: E402
 
-from programs import settlement as S  # noqa: E402
-from programs import spl  # noqa: E402
-from programs.ledger import Ledger, TxState  # noqa: E402
-from programs.ledgers import open_ledger  # noqa: E402
+from chain import aidp, spl  # noqa: E402
+from chain.ledger.base import Ledger, TxState  # noqa: E402
+from chain.ledger.open import open_ledger  # noqa: E402
+from chain.localnet.cli import LedgerProcess  # noqa: E402
 from protocol.merkle import merkle_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "programs.cli", "serve", "--port", "0", "--data-dir", str(data_dir)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sel.select(timeout=deadline - time.monotonic()):
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("aidp-ledger ready "):
-            return proc, dict(f.split("=", 1) for f in line.split()[2:])["url"]
-    proc.kill()
-    raise RuntimeError("aidp-ledger did not start")
-
-
 async def throughput(led: Ledger, transfers: int, concurrency: int) -> dict[str, float]:
     market = Keypair()
-    cfg = await S.bootstrap(led, market)
+    cfg = await aidp.bootstrap(led, market)
     sender = Keypair()
-    await S.fund_wallet(led, cfg, market, sender.pubkey(), lamports=100 * 10**9, tokens=10**12)
+    await aidp.fund_wallet(
+        led, cfg, market, sender.pubkey(), lamports=100 * 10**9, tokens=10**12
+    )
     dest = Keypair().pubkey()
-    await S.fund_wallet(led, cfg, market, dest, lamports=10**9)
+    await aidp.fund_wallet(led, cfg, market, dest, lamports=10**9)
     src, dst = cfg.ata(sender.pubkey()), cfg.ata(dest)
 
     def transfer(i: int) -> list:
@@ -116,10 +93,10 @@ async def throughput(led: Ledger, transfers: int, concurrency: int) -> dict[str,
     t0 = time.perf_counter()
     for i in range(payouts):
         node = Keypair().pubkey()  # a new node each time: its token account is created too
-        payout = S.NodePayout(
+        payout = aidp.NodePayout(
             str(node), 1, hashlib.sha256(str(i).encode()).hexdigest(), 1, f"bench-{i}"
         )
-        p = await led.send(S.payout_instructions(cfg, payout), market)
+        p = await led.send(aidp.payout_instructions(cfg, payout), market)
         st = await led.confirm(p.signature, p.last_valid_block_height, poll=0.01)
         assert st.state is TxState.CONFIRMED, st
     payouts_per_s = payouts / (time.perf_counter() - t0)
@@ -139,10 +116,10 @@ async def settle_jobs(
 ) -> dict[str, int]:
     """Settle ``jobs`` jobs; return lamports spent by the market on fees and rent."""
     market = Keypair()
-    cfg = await S.bootstrap(led, market)
+    cfg = await aidp.bootstrap(led, market)
     buyer = Keypair()
-    await S.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=10**12)
-    await led.execute(S.deposit_instructions(cfg, buyer.pubkey(), 10**11, "bench"), buyer)
+    await aidp.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=10**12)
+    await led.execute(aidp.deposit_instructions(cfg, buyer.pubkey(), 10**11, "bench"), buyer)
     node_keys = [str(Keypair().pubkey()) for _ in range(nodes)]
     all_jobs = [
         (node_keys[i % nodes], hashlib.sha256(f"receipt-{i}".encode()).hexdigest(), 1_000 + i)
@@ -160,11 +137,11 @@ async def settle_jobs(
     size = round_jobs if batched else 1
     for r, start in enumerate(range(0, jobs, size)):
         chunk = all_jobs[start : start + size]
-        rnd = S.plan_round(chunk, fee_bps=1000, round_key=f"r{r}")
-        for _, _, ixs in S.round_transactions(cfg, rnd):
+        rnd = aidp.plan_round(chunk, fee_bps=1000, round_key=f"r{r}")
+        for _, _, ixs in aidp.round_transactions(cfg, rnd):
             await run(ixs)
         await run(
-            S.anchor_instructions(
+            aidp.anchor_instructions(
                 market.pubkey(), merkle_root([h for _, h, _ in chunk]), len(chunk)
             )
         )
@@ -202,16 +179,15 @@ async def main() -> None:
             await led.close()
         elif backend == "rpc":
             with tempfile.TemporaryDirectory() as tmp:
-                proc, url = start_server(Path(tmp))
+                server = LedgerProcess(Path(tmp), cwd=REPO).start(timeout=60)
                 try:
-                    led = open_ledger(url)
+                    led = open_ledger(server.url)
                     result["throughput"]["aidp-ledger"] = await throughput(
                         led, args.transfers, args.concurrency
                     )
                     await led.close()
                 finally:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(timeout=15)
+                    server.stop()
 
     led = open_ledger("memory")
     batched = await settle_jobs(led, args.jobs, args.nodes, args.round_jobs, batched=True)

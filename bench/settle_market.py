@@ -3,7 +3,7 @@
     python bench/settle_market.py [--jobs 2000] [--nodes 10] [--backend inprocess|rpc|both]
 
 Puts ``--jobs`` settled receipts of ``--nodes`` nodes in a fresh SQLite market DB, runs
-``aidp-market chain init`` and then the real settlement steps (``market.chain.service``):
+``aidp-market chain init`` and then the real settlement steps (``market.onchain.service``):
 one payout round (one transfer per node with its Merkle-root memo + one fee transfer,
 each through the exactly-once ``chain_transfers`` state machine) and one anchor (a memo
 with the Merkle root of all receipts; ``anchors`` row + ``receipts.anchor_id`` written on
@@ -36,13 +36,13 @@ sys.path.insert(0, str(REPO))
 from settle import start_server  # noqa: E402  (bench/settle.py, same folder)
 from sqlalchemy import func, insert, select  # noqa: E402
 
-from market.chain import bootstrap, service  # noqa: E402
-from market.chain.runtime import open_runtime  # noqa: E402
+from chain.ledger.open import open_ledger  # noqa: E402
 from market.db import sync_session_factory  # noqa: E402
 from market.migrate import upgrade  # noqa: E402
 from market.models import Account, ChainTransfer, Job, Node, Receipt, new_id, utcnow  # noqa: E402
+from market.onchain import bootstrap, service  # noqa: E402
+from market.onchain.runtime import open_runtime  # noqa: E402
 from market.settings import MarketSettings  # noqa: E402
-from programs.ledgers import open_ledger  # noqa: E402
 
 EARNING, FEE = 900, 100
 

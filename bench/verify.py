@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from inference.convert import generation_request  # noqa: E402
 from inference.llamacpp import LlamaCppEngine  # noqa: E402
 from market.settings import MarketSettings  # noqa: E402
-from market.verification.engine import run_sync  # noqa: E402
-from market.verification.reexec import tolerances_from_settings  # noqa: E402
+from market.verify.engine import run_sync  # noqa: E402
+from market.verify.reexec import tolerances_from_settings  # noqa: E402
 from tests.verification.cheaters import (  # noqa: E402
     DifferentModelEngine,
     EditingEngine,

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from market import billing, secret_store
+from market import secret_store
 from market.api import admin as admin_api
 from market.api import chain as chain_api
 from market.api import openai as openai_api
@@ -32,16 +32,17 @@ from market.api.gate import Gate
 from market.db import Database
 from market.errors import install_handlers
 from market.explorer import routes as explorer_routes
+from market.gateway.node_link import node_link
+from market.gateway.ratelimit import RateLimiter
+from market.gateway.registry import NodeRegistry
+from market.gateway.router import Router
+from market.gateway.state import MarketState
 from market.listing import Catalog, open_catalog
 from market.listing import refresh as refresh_listings
 from market.metrics import Metrics
 from market.models import Node, NodeModel, utcnow
-from market.nodes.link_server import node_link
-from market.nodes.registry import NodeRegistry
-from market.ratelimit import RateLimiter
-from market.router import Router
+from market.money import billing
 from market.settings import MarketSettings, exposure_problem, get_settings
-from market.state import MarketState
 from market.writer import BatchWriter
 from protocol.runtime import tune_for_latency
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from solders.pubkey import Pubkey
 
-from programs.settlement import ChainConfig, stake_for, withdraw_message
+from chain.aidp import ChainConfig, stake_for, withdraw_message
 from protocol.canonical import canonical_json
 from protocol.keys import UNBOND_DOMAIN, WITHDRAW_DOMAIN, sign
 

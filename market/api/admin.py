@@ -11,12 +11,12 @@ from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from market import accounts, billing
 from market import listing as listing_mod
-from market.auth import forget_key, market_state, require_admin
+from market.api.schemas import RequestBody
 from market.errors import BadRequest, NotFound
+from market.gateway.auth import forget_key, market_state, require_admin
 from market.models import Node, new_id
-from market.schemas import RequestBody
+from market.money import accounts, billing
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
@@ -203,7 +203,7 @@ async def delete_listing(model_id: str, request: Request) -> Any:
 @router.post("/receipts/{receipt_id}/requeue")
 async def requeue_receipt(receipt_id: str, request: Request) -> Any:
     """Send an escalated receipt (no verifier could judge it) back to verification."""
-    from market.verification.settlement import requeue
+    from market.verify.window import requeue
 
     if not await _sync(request, requeue, receipt_id):
         raise NotFound(f"receipt {receipt_id!r} is not escalated", param="receipt_id")

@@ -14,7 +14,7 @@
   cannot claim somebody else's approval.
 * ``POST /v1/stake/unbond``, ``POST /v1/stake/withdraw``, ``POST /v1/stake/withdraw/submit``
   (no key: signed by the node operator's keypair): unbonding and co-signed withdrawal of
-  node stake, see ``market.chain.unbonding``.
+  node stake, see ``market.onchain.unbonding``.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 from sqlalchemy.orm import Session
 
-from market.auth import Buyer, authenticate, market_state
-from market.chain import allowance, unbonding
-from market.chain.proofs import proof_view
-from market.chain.runtime import ChainNotInitialized, ChainRuntime, load_identity, open_runtime
+from chain.ledger.base import LedgerError
+from chain.localnet.chain import ChainError
+from market.api.schemas import RequestBody
 from market.errors import NotFound, UpstreamFailed
-from market.schemas import RequestBody
-from programs.ledger import LedgerError
-from programs.localchain import ChainError
+from market.gateway.auth import Buyer, authenticate, market_state
+from market.onchain import allowance, unbonding
+from market.onchain.proofs import proof_view
+from market.onchain.runtime import ChainNotInitialized, ChainRuntime, load_identity, open_runtime
 
 router = APIRouter()
 

@@ -5,7 +5,7 @@ A request is untrusted until authenticated, so it must not cost the market a JSO
 parse first: the gate refuses a missing or wrong API key (401) or admin token before
 the body is read, and a body over ``max_request_bytes`` with 413 — from its
 ``Content-Length`` when it has one, else as it streams in. The buyer it found rides
-on the request (``request.state.buyer``) to ``market.auth.authenticate``.
+on the request (``request.state.buyer``) to ``market.gateway.auth.authenticate``.
 
 Pure ASGI (no Starlette ``BaseHTTPMiddleware``): streaming responses pass untouched.
 """
@@ -108,7 +108,7 @@ class Gate:
             await _respond(send, _too_large(limit))
 
     async def _authenticate(self, scope: Scope, state: Any) -> None:
-        from market.auth import lookup_key
+        from market.gateway.auth import lookup_key
 
         path: str = scope.get("path", "")
         if path.startswith("/admin"):

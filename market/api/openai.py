@@ -18,14 +18,7 @@ from fastapi.responses import JSONResponse
 from inference.base import EngineError
 from inference.convert import engine_request
 from inference.vocab import Vocabulary
-from market import accounts, billing
-from market.api.sse import EventStreamResponse
-from market.auth import Buyer, authenticate, market_state
-from market.dispatch import JobRunner, JobSpec
-from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
-from market.metrics import endpoint_label
-from market.models import Job, new_id, utcnow
-from market.schemas import (
+from market.api.schemas import (
     BatchRequest,
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,8 +27,15 @@ from market.schemas import (
     stream_chunk,
     usage_dict,
 )
+from market.api.sse import EventStreamResponse
+from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
+from market.gateway.auth import Buyer, authenticate, market_state
+from market.gateway.jobs import JobRunner, JobSpec
+from market.gateway.state import MarketState
+from market.metrics import endpoint_label
+from market.models import Job, new_id, utcnow
+from market.money import accounts, billing
 from market.settings import MarketSettings
-from market.state import MarketState
 from protocol.job import InvalidJobRequest, JobRequest
 from protocol.messages import Job as JobMessage
 from protocol.messages import encode
@@ -165,7 +165,7 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
 
 async def _place_hold(state: MarketState, buyer: Buyer, job: Job) -> asyncio.Future[int] | None:
     """Write the job and its hold. When the in-memory balance covers it, the write goes
-    behind and the job starts now (the returned future; ``market.funds``); otherwise the
+    behind and the job starts now (the returned future; ``market.gateway.funds``); otherwise the
     write is awaited (402 when the database refuses it)."""
     hold = job.hold_amount
     if state.funds.try_reserve(buyer.account_id, hold) or await _reserve_after_refresh(

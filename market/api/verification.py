@@ -17,10 +17,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from market.auth import Buyer, authenticate, market_state
 from market.errors import Conflict, NotFound
+from market.gateway.auth import Buyer, authenticate, market_state
 from market.models import Job, Receipt, ReceiptEvent, utcnow
-from market.verification import settlement
+from market.verify import window
 
 router = APIRouter()
 
@@ -119,7 +119,7 @@ async def challenge_job(
         ).scalars().all()
         if not receipts:
             raise Conflict("This job has no receipt to challenge.", code="nothing_to_challenge")
-        challenged = [r.id for r in receipts if settlement.request_challenge(session, r, now=now)]
+        challenged = [r.id for r in receipts if window.request_challenge(session, r, now=now)]
         if not challenged:
             already = [r.id for r in receipts if r.challenged and r.state in ("pending", "verifying")]
             if already:

@@ -10,11 +10,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from market import accounts, billing
 from market.db import Database
 from market.errors import APIError
 from market.migrate import upgrade
 from market.models import new_id
+from market.money import accounts, billing
 from market.settings import get_settings
 
 

@@ -36,7 +36,7 @@ def _sessions():  # type: ignore[no-untyped-def]
 
 
 def _init(args: argparse.Namespace) -> int:
-    from market.chain.bootstrap import init
+    from market.onchain.bootstrap import init
     from market.settings import get_settings
 
     settings = get_settings()
@@ -56,9 +56,9 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from market.chain.reconcile import reconcile, render
-    from market.chain.runtime import open_runtime
-    from market.journal_audit import audit
+    from market.money.journal import audit
+    from market.onchain.reconcile import reconcile, render
+    from market.onchain.runtime import open_runtime
     from market.settings import get_settings
 
     sessions = _sessions()
@@ -92,9 +92,9 @@ def render_audit(lines: list[Any]) -> str:
 def _status(args: argparse.Namespace) -> int:
     from sqlalchemy import func, select
 
-    from market.chain.runtime import open_runtime
-    from market.chain.settle import unpaid_settled
     from market.models import ChainTransfer
+    from market.onchain.runtime import open_runtime
+    from market.onchain.settle import unpaid_settled
     from market.settings import get_settings
 
     sessions = _sessions()
@@ -129,7 +129,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _tick(args: argparse.Namespace) -> int:
-    from market.chain.service import run_steps
+    from market.onchain.service import run_steps
     from market.settings import get_settings
 
     steps = args.steps or ["funding", "settle", "anchor"]
@@ -144,7 +144,7 @@ def _tick(args: argparse.Namespace) -> int:
 def _allowance(args: argparse.Namespace) -> int:
     import time
 
-    from market.chain import allowance
+    from market.onchain import allowance
     from market.settings import get_settings
     from protocol.keys import ALLOWANCE_DOMAIN, allowance_message, load_keypair, sign
 
@@ -174,7 +174,7 @@ def _market_id(url: str) -> str:
 
 
 def _stake_demo(args: argparse.Namespace) -> int:
-    from market.chain.bootstrap import stake_from_demo_wallet
+    from market.onchain.bootstrap import stake_from_demo_wallet
     from market.settings import get_settings
     from protocol.keys import load_keypair
 
@@ -186,7 +186,7 @@ def _stake_demo(args: argparse.Namespace) -> int:
 
 
 def _claim(args: argparse.Namespace) -> int:
-    from market.chain.deposits import claim
+    from market.onchain.deposits import claim
 
     with _sessions().begin() as session:
         done = claim(session, args.signature, args.account)
@@ -196,10 +196,10 @@ def _claim(args: argparse.Namespace) -> int:
 
 def _guard(fn):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace) -> int:
-        from market.chain.runtime import ChainNotInitialized
+        from chain.ledger.base import LedgerError
+        from chain.localnet.chain import ChainError
         from market.errors import APIError
-        from programs.ledger import LedgerError
-        from programs.localchain import ChainError
+        from market.onchain.runtime import ChainNotInitialized
 
         try:
             return int(fn(args) or 0)

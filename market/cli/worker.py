@@ -45,7 +45,7 @@ def _beat(args: argparse.Namespace) -> int:
 
 def _tick(args: argparse.Namespace) -> int:
     from market.settings import get_settings
-    from market.verification.service import tick, verify
+    from market.verify.service import tick, verify
     from market.worker.tasks import sessions
 
     settings = get_settings()

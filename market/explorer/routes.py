@@ -17,10 +17,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from market.chain.proofs import proof_view
 from market.explorer import queries
 from market.explorer.charts import bar_chart
 from market.models import Anchor, ChainTransfer, Job, Node, Receipt
+from market.onchain.proofs import proof_view
 from market.settings import MarketSettings
 from protocol.receipt import ReceiptBody
 

@@ -4,7 +4,7 @@
 stakes, pulls, payout rounds) and ``market.chain.anchor`` (Merkle roots of receipts) are
 scheduled by ``market.worker.chain_schedule.beat_schedule``. Like the verification tasks
 they are acknowledged late and retried with backoff; every step is idempotent (see
-``market.chain.service``).
+``market.onchain.service``).
 Before ``aidp-market chain init`` they do nothing (and say so once).
 """
 
@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from market.chain import service
-from market.chain.runtime import ChainNotInitialized
+from market.onchain import service
+from market.onchain.runtime import ChainNotInitialized
 from market.settings import get_settings
 from market.worker.celery_app import celery_app
 from market.worker.chain_schedule import ANCHOR_TASK, FUNDING_TASK, SETTLE_TASK
 from market.worker.tasks import _RETRY, sessions
 
-log = logging.getLogger("market.chain")
+log = logging.getLogger("market.onchain")
 
 _warned = False
 

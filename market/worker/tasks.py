@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from market.db import sync_session_factory
 from market.settings import get_settings
-from market.verification import service
+from market.verify import service
 from market.worker.celery_app import TICK_TASK, VERIFY_TASK, celery_app
 
 log = logging.getLogger("market.worker")

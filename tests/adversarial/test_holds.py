@@ -23,11 +23,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from inference.fake import fake_sha256
-from market import billing
-from market.accounts import create_account
 from market.db import Database
-from market.journal_audit import audit
 from market.models import Account, Job, LedgerEntry, new_id, utcnow
+from market.money import billing
+from market.money.accounts import create_account
+from market.money.journal import audit
 from node_agent.link import NodeLink
 from tests.support.engines import DeterministicEngine
 from tests.support.market import ADMIN_TOKEN, Market, Nodes, start_market, unique_model, wait_for

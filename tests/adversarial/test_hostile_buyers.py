@@ -16,8 +16,8 @@ import openai
 import pytest
 from solders.keypair import Keypair
 
-from market import billing
-from market.journal_audit import audit
+from market.money import billing
+from market.money.journal import audit
 from protocol.keys import ALLOWANCE_DOMAIN, allowance_message, sign
 from tests.support.market import Buyer, Market, Nodes, unique_model
 

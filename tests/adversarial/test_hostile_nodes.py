@@ -14,9 +14,9 @@ import openai
 import pytest
 from sqlalchemy import select
 
-from market import billing
-from market.journal_audit import audit
 from market.models import Job, Node, Receipt
+from market.money import billing
+from market.money.journal import audit
 from tests.adversarial.hostile import (
     LIES,
     MANGLERS,

@@ -14,7 +14,7 @@ from market.db import Database
 from market.migrate import upgrade
 from market.secret_store import SAMPLING_KEY, get_or_create
 from market.settings import MarketSettings, exposure_problem
-from market.verification.sampling import sampling_key
+from market.verify.sampling import sampling_key
 
 BIN = Path(sys.executable).parent
 

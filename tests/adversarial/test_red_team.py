@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 
 from inference.convert import generation_request
 from inference.fake import fake_sha256
-from market.journal_audit import audit
+from market.money.journal import audit
 from protocol.messages import ModelOffer
 from tests.adversarial.hostile import (
     VOCABULARY,

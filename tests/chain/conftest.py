@@ -18,16 +18,16 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from sqlalchemy.orm import Session, sessionmaker
 
-from market.chain import bootstrap, service
-from market.chain.runtime import ChainRuntime, load_identity
+from chain import aidp
+from chain.ledger.base import Ledger
+from chain.ledger.open import open_ledger
+from chain.localnet.cli import LedgerProcess as LedgerServer
 from market.db import sync_session_factory
 from market.migrate import upgrade
 from market.models import Account, Job, Node, Receipt, utcnow
+from market.onchain import bootstrap, service
+from market.onchain.runtime import ChainRuntime, load_identity
 from market.settings import MarketSettings
-from programs import settlement
-from programs.ledger import Ledger
-from programs.ledgers import open_ledger
-from tests.programs.conftest import LedgerServer
 from tests.support.db import postgres_schema
 
 
@@ -47,7 +47,7 @@ def registration(wallet: Keypair, account_id: str, market_id: str,
 def register_allowance(session: Session, wallet: Keypair, account_id: str,
                        market_id: str = "market.example", signed_at: int | None = None) -> Any:
     """Register ``wallet``'s allowance for ``account_id`` as its owner would (signed)."""
-    from market.chain import allowance
+    from market.onchain import allowance
 
     body = registration(wallet, account_id, market_id, signed_at)
     return allowance.register(session, account_id, body["wallet"], market_id=market_id,
@@ -93,7 +93,7 @@ class World:
     rt: ChainRuntime
 
     @property
-    def cfg(self) -> settlement.ChainConfig:
+    def cfg(self) -> aidp.ChainConfig:
         return self.rt.cfg
 
     async def step(self, *names: str) -> dict[str, Any]:
@@ -102,7 +102,7 @@ class World:
 
     async def wallet(self, tokens: int = 0) -> Keypair:
         kp = Keypair()
-        await settlement.fund_wallet(self.ledger, self.cfg, self.rt.market, kp.pubkey(),
+        await aidp.fund_wallet(self.ledger, self.cfg, self.rt.market, kp.pubkey(),
                                      tokens=tokens)
         return kp
 
@@ -112,12 +112,12 @@ class World:
 
     async def fund_deposit_account(self, amount: int) -> None:
         """Back off-chain credit with tokens, the way `chain init` does on local chains."""
-        from programs import spl
+        from chain import spl
 
         await self.ledger.execute(
             [spl.mint_to_checked(self.cfg.mint_pk, self.cfg.deposit_pk, self.cfg.market_pk,
                                  amount, self.cfg.decimals)], self.rt.market)
-        from market.chain import transfers
+        from market.onchain import transfers
 
         with self.sessions.begin() as s:
             transfers.plan(s, kind="mint", key=f"mint:test-{secrets.token_hex(4)}",
@@ -135,11 +135,11 @@ class World:
         """A node; with ``stake``: its 2-of-3 stake account bonded with that much AIDP."""
         kp = Keypair()
         if stake:
-            await settlement.fund_wallet(self.ledger, self.cfg, self.rt.market, kp.pubkey(),
+            await aidp.fund_wallet(self.ledger, self.cfg, self.rt.market, kp.pubkey(),
                                          tokens=stake)
-            st = await settlement.create_stake(self.ledger, self.cfg, self.rt.market,
+            st = await aidp.create_stake(self.ledger, self.cfg, self.rt.market,
                                                kp.pubkey(), self.rt.arbiter.pubkey())
-            await self.ledger.execute(settlement.stake_deposit_instructions(self.cfg, st, stake),
+            await self.ledger.execute(aidp.stake_deposit_instructions(self.cfg, st, stake),
                                       kp)
         with self.sessions.begin() as s:
             node = Node(pubkey=str(kp.pubkey()), price_in=1_000_000, price_out=1_000_000,

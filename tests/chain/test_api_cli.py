@@ -14,14 +14,14 @@ from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from sqlalchemy import select
 
-from market import accounts
+from chain import aidp
+from chain.ledger.open import open_ledger
 from market.app import create_app
-from market.chain import bootstrap
-from market.chain.models import ChainAllowance
-from market.chain.runtime import chain_dir
 from market.db import sync_session_factory
-from programs import settlement
-from programs.ledgers import open_ledger
+from market.money import accounts
+from market.onchain import bootstrap
+from market.onchain.models import ChainAllowance
+from market.onchain.runtime import chain_dir
 from protocol.merkle import ProofStep, verify_inclusion
 from tests.chain.conftest import make_settings, registration
 
@@ -43,7 +43,7 @@ async def test_proof_endpoint_is_public_and_verifies_on_chain(db_world):
     with TestClient(create_app(settings)) as client:
         for r in receipts + [pending]:
             body = client.get(f"/v1/receipts/{r.receipt_hash}/proof").json()
-            anchored = await settlement.read_anchor(world.ledger, body["anchor"]["tx_signature"])
+            anchored = await aidp.read_anchor(world.ledger, body["anchor"]["tx_signature"])
             assert body["anchor"]["root"] == anchored.root
             assert body["anchor"]["slot"] == anchored.slot
             assert verify_inclusion(r.receipt_hash, [ProofStep(**p) for p in body["proof"]],

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from chain.ledger.open import open_ledger
 from market.models import ChainTransfer, LedgerEntry
-from programs.ledgers import open_ledger
 from tests.chain.conftest import make_settings, make_world, open_backend
 
 REPO = Path(__file__).resolve().parents[2]
 
 WORKER = """
 import asyncio, json, os, signal, sys
-from market.chain import service, transfers
+from market.onchain import service, transfers
 from market.db import sync_session_factory
 from market.settings import MarketSettings
 
@@ -98,7 +98,7 @@ async def test_killed_worker_never_pays_twice(backend, request, tmp_path, db_url
         assert (final.signature != row.signature) == expire  # re-planned only when expired
         journal = s.execute(select(LedgerEntry).where(LedgerEntry.kind == "payout")).scalars()
         assert [e.amount for e in journal] == [3_000]
-    from market.chain import reconcile
+    from market.onchain import reconcile
 
     lines = await reconcile.reconcile(world.rt, world.sessions)
     assert all(line.ok for line in lines), reconcile.render(lines)
@@ -110,7 +110,7 @@ async def test_a_rejected_send_rebroadcast_by_another_worker_is_paid_once(world)
     empty); worker B, which read the row as ``sent``, re-broadcasts the same bytes after
     the account was funded, and they land. The row must still know that signature, or
     the next round re-plans and pays the node a second time."""
-    from market.chain import settle, transfers
+    from market.onchain import settle, transfers
 
     buyer = world.account()
     node, kp = await world.node()

@@ -8,13 +8,13 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from market import billing
-from market.chain import deposits
-from market.chain.models import ChainAllowance, ChainDeposit
+from chain import aidp
+from chain.ledger.base import TransactionRejected
 from market.errors import InsufficientBalance
 from market.models import Account, ChainTransfer, Job, LedgerEntry, new_id
-from programs import settlement
-from programs.ledger import TransactionRejected
+from market.money import billing
+from market.onchain import deposits
+from market.onchain.models import ChainAllowance, ChainDeposit
 from tests.chain.conftest import register_allowance
 
 
@@ -35,9 +35,9 @@ async def _deposit_flow(world) -> None:
     buyer_acct = world.account()
     wallet = await world.wallet(tokens=5_000)
     await world.ledger.execute(
-        settlement.deposit_instructions(world.cfg, wallet.pubkey(), 1_200, buyer_acct), wallet)
+        aidp.deposit_instructions(world.cfg, wallet.pubkey(), 1_200, buyer_acct), wallet)
     await world.ledger.execute(
-        settlement.deposit_instructions(world.cfg, wallet.pubkey(), 300, "acct_nobody"), wallet)
+        aidp.deposit_instructions(world.cfg, wallet.pubkey(), 300, "acct_nobody"), wallet)
 
     out = await world.step("funding")
     assert out["funding"]["deposits_credited"] == 1
@@ -65,7 +65,7 @@ async def _deposit_flow(world) -> None:
         assert not deposits.claim(s, rows["unclaimed"].signature, buyer_acct)
     assert _balance(world, buyer_acct) == 1_500
 
-    from market.chain import reconcile
+    from market.onchain import reconcile
 
     lines = await reconcile.reconcile(world.rt, world.sessions)
     assert all(line.ok for line in lines), reconcile.render(lines)
@@ -96,7 +96,7 @@ async def test_allowances_on_every_database(db_world):
 async def _allowance_flow(world) -> None:
     acct = world.account()
     wallet = await world.wallet(tokens=10_000)
-    await world.ledger.execute(settlement.approve_instructions(world.cfg, wallet.pubkey(), 1_000),
+    await world.ledger.execute(aidp.approve_instructions(world.cfg, wallet.pubkey(), 1_000),
                                wallet)
     with world.sessions.begin() as s:
         register_allowance(s, wallet, acct)
@@ -113,7 +113,7 @@ async def _allowance_flow(world) -> None:
     assert out["settle"]["pulls"] == {"confirmed": 1}
     assert await world.tokens(wallet.pubkey()) == 9_200
     assert await world.ledger.token_balance(world.cfg.deposit_pk) == 800
-    assert await settlement.allowance(world.ledger, world.cfg, wallet.pubkey()) == 200
+    assert await aidp.allowance(world.ledger, world.cfg, wallet.pubkey()) == 200
     await world.step("funding")
     assert _balance(world, acct) == 200  # unchanged: the pull paid what was owed
     with world.sessions() as s:
@@ -124,24 +124,24 @@ async def _allowance_flow(world) -> None:
     job = _open_job(world, acct, 200)
     _finish_job(world, job, 200)
     other = await world.wallet()
-    from programs import spl
+    from chain import spl
 
     await world.ledger.execute([spl.transfer_checked(
         world.cfg.ata(wallet.pubkey()), world.cfg.mint_pk, world.cfg.ata(other.pubkey()),
         wallet.pubkey(), 9_150, world.cfg.decimals)], wallet)
-    assert await settlement.allowance(world.ledger, world.cfg, wallet.pubkey()) == 50
+    assert await aidp.allowance(world.ledger, world.cfg, wallet.pubkey()) == 50
     out = await world.step("settle")
     assert out["settle"]["pulls"] == {"confirmed": 1}
     assert await world.tokens(wallet.pubkey()) == 0  # pulled 50, the rest is still owed
     with pytest.raises(TransactionRejected):  # and the chain itself refuses more
-        await world.ledger.execute(settlement.pull_instructions(
+        await world.ledger.execute(aidp.pull_instructions(
             world.cfg, wallet.pubkey(), 1, "manual"), world.rt.market)
 
     # revocation: the balance cannot go below zero (the database refuses it); what is
     # still owed is kept as a shortfall, and new jobs get 402
-    await world.ledger.execute(settlement.approve_instructions(world.cfg, wallet.pubkey(), 0),
+    await world.ledger.execute(aidp.approve_instructions(world.cfg, wallet.pubkey(), 0),
                                wallet)
-    await world.ledger.execute(settlement.revoke_instructions(world.cfg, wallet.pubkey()), wallet)
+    await world.ledger.execute(aidp.revoke_instructions(world.cfg, wallet.pubkey()), wallet)
     await world.step("funding")
     assert _balance(world, acct) == 0
     with pytest.raises(InsufficientBalance):
@@ -158,7 +158,7 @@ async def _allowance_flow(world) -> None:
     await world.ledger.execute([spl.transfer_checked(
         world.cfg.ata(other.pubkey()), world.cfg.mint_pk, world.cfg.ata(wallet.pubkey()),
         other.pubkey(), 1_000, world.cfg.decimals)], other)
-    await world.ledger.execute(settlement.approve_instructions(world.cfg, wallet.pubkey(), 400),
+    await world.ledger.execute(aidp.approve_instructions(world.cfg, wallet.pubkey(), 400),
                                wallet)
     await world.step("funding")
     assert _balance(world, acct) == 250
@@ -172,8 +172,8 @@ async def _allowance_flow(world) -> None:
 
 
 async def test_wallet_cannot_change_under_a_pull_in_flight(db_world):
-    from market.chain import transfers
     from market.errors import BadRequest
+    from market.onchain import transfers
 
     world = db_world
     acct = world.account()
@@ -183,7 +183,7 @@ async def test_wallet_cannot_change_under_a_pull_in_flight(db_world):
         transfers.plan(s, kind="pull", key=f"pull:{acct}.1", amount=5,
                        from_address=str(world.cfg.ata(first.pubkey())),
                        to_address=world.cfg.deposit,
-                       memo=settlement.keyed_memo("pull", f"{acct}.1"))
+                       memo=aidp.keyed_memo("pull", f"{acct}.1"))
     with pytest.raises(BadRequest, match="in flight"), world.sessions.begin() as s:
         register_allowance(s, second, acct, signed_at=int(time.time()) - 1)
     with world.sessions.begin() as s:  # once it is settled either way, the switch is allowed

@@ -5,11 +5,11 @@ from __future__ import annotations
 from solders.pubkey import Pubkey
 from sqlalchemy import func, select
 
-from market.chain import reconcile
-from market.chain.models import ChainPayoutItem
-from market.chain.proofs import proof_view
+from chain import aidp
 from market.models import Anchor, ChainTransfer, Receipt
-from programs import settlement
+from market.onchain import reconcile
+from market.onchain.models import ChainPayoutItem
+from market.onchain.proofs import proof_view
 from protocol.merkle import ProofStep, merkle_root, verify_inclusion
 
 
@@ -35,7 +35,7 @@ async def test_payout_round_pays_each_node_once_with_its_merkle_root(world):
     row1 = by_to[str(world.cfg.ata(k1.pubkey()))]
     tx = await world.ledger.get_transaction(row1.signature)
     assert tx is not None and tx.ok
-    memo = settlement.parse_memo(tx.memos[0])
+    memo = aidp.parse_memo(tx.memos[0])
     assert memo.kind == "payout"
     assert memo.fields[0] == merkle_root(sorted(r.receipt_hash for r in r1))
     assert int(memo.fields[1]) == 3
@@ -68,7 +68,7 @@ async def test_anchor_proofs_verify_against_the_on_chain_root(world):
         assert anchor.receipt_count == 5 and anchor.slot is not None
         anchored = s.scalar(select(func.count()).where(Receipt.anchor_id == anchor.id))
         assert anchored == 5
-    on_chain = await settlement.read_anchor(world.ledger, anchor.tx_signature)
+    on_chain = await aidp.read_anchor(world.ledger, anchor.tx_signature)
     assert on_chain is not None
     assert on_chain.root == anchor.merkle_root
     assert on_chain.root == merkle_root(sorted(r.receipt_hash for r in receipts))
@@ -101,7 +101,7 @@ async def test_reconcile_fails_on_a_deliberate_mismatch(world, capsys):
     assert all(line.ok for line in lines), reconcile.render(lines)
 
     # someone sends one base unit to the treasury behind the market's back
-    from programs import spl
+    from chain import spl
 
     await world.ledger.execute(
         [spl.mint_to_checked(world.cfg.mint_pk, world.cfg.treasury_pk, world.cfg.market_pk, 1,

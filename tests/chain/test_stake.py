@@ -9,7 +9,7 @@ import contextlib
 from sqlalchemy import select
 
 from market.models import ChainTransfer, Node
-from market.verification.settlement import slash
+from market.verify.window import slash
 
 
 async def test_slash_moves_stake_to_treasury_once_and_stake_is_mirrored(world):
@@ -47,7 +47,7 @@ async def _slash_flow(world) -> None:
     assert (await world.step("settle"))["settle"]["slashes"] == {}
     assert await world.ledger.token_balance(stake.account_pk) == 4_000
 
-    from market.chain import reconcile
+    from market.onchain import reconcile
 
     lines = await reconcile.reconcile(world.rt, world.sessions)
     assert all(line.ok for line in lines), reconcile.render(lines)
@@ -55,7 +55,7 @@ async def _slash_flow(world) -> None:
 
 
 async def test_min_stake_policy(db_world):
-    from market.chain.stake import has_min_stake
+    from market.onchain.stake import has_min_stake
 
     world = db_world
     _, staked = await world.node(stake=2_000)
@@ -70,8 +70,8 @@ async def test_min_stake_policy(db_world):
 async def test_a_slash_never_counts_on_stake_an_earlier_unlanded_slash_takes(db_world):
     """Chain stake below the DB's view (e.g. withdrawn meanwhile): the second slash is
     planned on what the first one leaves, so both land instead of one failing forever."""
-    from market.chain import settle, transfers
     from market.models import LedgerEntry
+    from market.onchain import settle, transfers
 
     world = db_world
     buyer = world.account(balance=10_000)
@@ -100,8 +100,8 @@ async def test_a_slash_never_counts_on_stake_an_earlier_unlanded_slash_takes(db_
 
 async def test_link_rejects_a_node_below_min_stake(request, tmp_path, db_url):
     """The node link server enforces min_stake from the chain before welcoming a node."""
+    from chain.ledger.open import open_ledger
     from node_agent.link import NodeLink
-    from programs.ledgers import open_ledger
     from tests.chain.conftest import make_settings, make_world
     from tests.support.engines import DeterministicEngine
     from tests.support.market import start_market

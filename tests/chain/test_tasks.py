@@ -7,13 +7,13 @@ import asyncio
 
 from solders.keypair import Keypair
 
-from market.chain import bootstrap
-from market.chain.runtime import open_runtime
+from chain import aidp
 from market.db import sync_session_factory
 from market.models import Account
+from market.onchain import bootstrap
+from market.onchain.runtime import open_runtime
 from market.worker import chain_tasks as tasks
 from market.worker.celery_app import celery_app
-from programs import settlement
 from tests.chain.conftest import make_settings
 
 
@@ -42,9 +42,9 @@ def test_tasks_idle_before_init_then_work(tmp_path, db_url, monkeypatch):
             account_id = acct.id
         async with open_runtime(settings) as rt:
             wallet = Keypair()
-            await settlement.fund_wallet(rt.ledger, rt.cfg, rt.market, wallet.pubkey(),
+            await aidp.fund_wallet(rt.ledger, rt.cfg, rt.market, wallet.pubkey(),
                                          tokens=500)
-            await rt.ledger.execute(settlement.deposit_instructions(
+            await rt.ledger.execute(aidp.deposit_instructions(
                 rt.cfg, wallet.pubkey(), 500, account_id), wallet)
         return account_id
 

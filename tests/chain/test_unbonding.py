@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from market.chain import unbonding
-from market.chain.models import UnbondingRequest
 from market.errors import APIError
 from market.models import ChainTransfer
-from market.verification.settlement import slash
+from market.onchain import unbonding
+from market.onchain.models import UnbondingRequest
+from market.verify.window import slash
 from protocol.keys import UNBOND_DOMAIN, WITHDRAW_DOMAIN, sign
 
 
@@ -160,7 +160,7 @@ async def test_bad_signatures_replays_and_stale_requests_are_refused(db_world):
     assert (exc.value.status_code, exc.value.code) == (409, "nothing_to_withdraw")
     # the market alone cannot send a withdrawal: the settlement loop refuses to build one
     (row,) = _withdraw_rows(world)
-    from market.chain import transfers
+    from market.onchain import transfers
 
     assert (await transfers.drive(rt, world.sessions, [row.id])).counts == {"error": 1}
     assert await _balances(world, operator) == (5_000, 0)
@@ -217,9 +217,9 @@ async def test_a_withdrawal_waits_for_the_nodes_open_challenge_windows(db_world)
 
 async def test_unbond_and_withdraw_over_http_through_aidp_ledger(request, tmp_path, db_url):
     """The endpoints and ``aidp-node``'s client against a real ``aidp-ledger`` server."""
+    from chain.ledger.open import open_ledger
     from market.app import create_app
     from node_agent.stake import stake_unbond, stake_withdraw
-    from programs.ledgers import open_ledger
     from tests.chain.conftest import make_settings, make_world
 
     server = request.getfixturevalue("chain_server")

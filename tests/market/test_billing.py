@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from market import accounts, billing
 from market.db import Database
 from market.errors import InsufficientBalance
 from market.migrate import upgrade
 from market.models import Account, Job, LedgerEntry, Node, Receipt, ReceiptEvent, new_id
+from market.money import accounts, billing
 from market.writer import BatchWriter
 
 
@@ -283,7 +283,7 @@ def test_the_journal_audit_finds_any_balance_or_hold_the_journal_does_not_explai
 ) -> None:
     from sqlalchemy import update
 
-    from market.journal_audit import audit
+    from market.money.journal import audit
 
     account_id, node_id = _account(db, 1_000), _node(db)
     done, running = _job(account_id, 300), _job(account_id, 100)

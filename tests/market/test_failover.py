@@ -14,9 +14,9 @@ import httpx
 from sqlalchemy import select
 
 from inference.base import EngineError, GenerationEvent, GenerationRequest
-from market.billing import market_fee, node_cost
 from market.models import Job, Receipt
-from market.verification.reexec import find_continuation
+from market.money.billing import market_fee, node_cost
+from market.verify.reexec import find_continuation
 from protocol.job import JobRequest
 from protocol.receipt import receipt_from_json
 from tests.support.engines import DeterministicEngine

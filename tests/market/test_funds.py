@@ -1,10 +1,10 @@
-"""The in-memory view of buyers' spendable balances (market.funds)."""
+"""The in-memory view of buyers' spendable balances (market.gateway.funds)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from market.funds import FundsCache
+from market.gateway.funds import FundsCache
 
 
 async def test_concurrent_refreshes_share_one_read() -> None:

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from market.billing import market_fee, node_cost
+from market.money.billing import market_fee, node_cost
 from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model
 
 # The deterministic engine produces 119 tokens before EOS for this conversation.

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from market.errors import ModelNotFound, NoHealthyNode
-from market.nodes.registry import NodeConn, NodeRegistry
-from market.router import Router, rank
+from market.gateway.registry import NodeConn, NodeRegistry
+from market.gateway.router import Router, rank
 from protocol.messages import Hello, ModelOffer, Price, Status
 
 

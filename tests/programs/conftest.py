@@ -3,12 +3,6 @@ in-process LiteSVM backend and through a real ``aidp-ledger`` server with solana
 
 from __future__ import annotations
 
-import os
-import selectors
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,75 +10,17 @@ import pytest
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
-from programs import settlement
-from programs.ledger import Ledger
-from programs.ledgers import open_ledger
-from programs.settlement import ChainConfig
+from chain.aidp.config import ChainConfig, bootstrap, fund_wallet
+from chain.ledger.base import Ledger
+from chain.ledger.open import open_ledger
+from chain.localnet.cli import LedgerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class LedgerServer:
-    """``aidp-ledger serve`` in a subprocess on a free loopback port."""
-
-    def __init__(self, data_dir: Path):
-        self.data_dir = data_dir
-        self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
-        self.ready_line = ""
-
-    def start(self, timeout: float = 30.0) -> LedgerServer:
-        cmd = [
-            sys.executable,
-            "-m",
-            "programs.cli",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(self.data_dir),
-        ]
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        seen = []
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=deadline - time.monotonic()):
-                break
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if line.startswith("aidp-ledger ready "):
-                self.ready_line = line.strip()
-                fields = dict(f.split("=", 1) for f in self.ready_line.split()[2:])
-                self.url = fields["url"]
-                return self
-        self.stop()
-        raise RuntimeError("aidp-ledger did not become ready:\n" + "".join(seen))
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture(scope="session")
 def ledger_server(tmp_path_factory: pytest.TempPathFactory):
-    server = LedgerServer(tmp_path_factory.mktemp("aidp-ledger")).start()
+    server = LedgerProcess(tmp_path_factory.mktemp("aidp-ledger"), cwd=REPO).start()
     yield server
     server.stop()
 
@@ -112,7 +48,7 @@ class Market:
 
     async def wallet(self, tokens: int = 0, lamports: int = 1_000_000_000) -> Keypair:
         kp = Keypair()
-        await settlement.fund_wallet(
+        await fund_wallet(
             self.ledger, self.cfg, self.key, kp.pubkey(), lamports=lamports, tokens=tokens
         )
         return kp
@@ -124,5 +60,5 @@ class Market:
 @pytest.fixture
 async def market(ledger: Ledger) -> Market:
     key = Keypair()
-    cfg = await settlement.bootstrap(ledger, key, decimals=6)
+    cfg = await bootstrap(ledger, key, decimals=6)
     return Market(ledger, key, cfg)

@@ -13,22 +13,22 @@ from solana.rpc.models import TokenAccountOpts
 from solders.keypair import Keypair
 from solders.signature import Signature
 
-from programs import settlement as S
-from programs import spl
-from programs.ledger import TxState
-from programs.ledgers import open_ledger
-from programs.localchain import ChainError, LocalChain
+from chain import aidp, spl
+from chain.ledger.base import TxState
+from chain.ledger.open import open_ledger
+from chain.localnet.chain import ChainError, LocalChain
+from chain.localnet.cli import LedgerProcess
 
-from .conftest import REPO, LedgerServer
+from .conftest import REPO
 
 
 async def _activity(led):
     """Bootstrap, fund, deposit, anchor: returns what a restart must preserve."""
     market, buyer = Keypair(), Keypair()
-    cfg = await S.bootstrap(led, market)
-    await S.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=5_000_000)
-    dep = await led.execute(S.deposit_instructions(cfg, buyer.pubkey(), 2_000_000, "acct-9"), buyer)
-    anchor = await led.execute(S.anchor_instructions(market.pubkey(), "ab" * 32, 42), market)
+    cfg = await aidp.bootstrap(led, market)
+    await aidp.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=5_000_000)
+    dep = await led.execute(aidp.deposit_instructions(cfg, buyer.pubkey(), 2_000_000, "acct-9"), buyer)
+    anchor = await led.execute(aidp.anchor_instructions(market.pubkey(), "ab" * 32, 42), market)
     lamports = await led.get_balance(buyer.pubkey())
     return market, buyer, cfg, dep, anchor, lamports
 
@@ -39,14 +39,14 @@ async def _check_preserved(led, market, buyer, cfg, dep, anchor, lamports):
     assert await led.get_balance(buyer.pubkey()) == lamports
     assert (await led.mint_info(cfg.mint_pk)).supply == 5_000_000
     assert (await led.status(dep.signature, dep.last_valid_block_height)).state is TxState.CONFIRMED
-    assert (await S.read_anchor(led, anchor.signature)).count == 42
-    scan = await S.scan_deposits(led, cfg)
+    assert (await aidp.read_anchor(led, anchor.signature)).count == 42
+    scan = await aidp.scan_deposits(led, cfg)
     assert [(d.signature, d.amount, d.account) for d in scan.deposits] == [
         (dep.signature, 2_000_000, "acct-9")
     ]
     # and the chain keeps working on the restored accounts
-    assert await S.bootstrap(led, market) == cfg
-    await led.execute(S.deposit_instructions(cfg, buyer.pubkey(), 1_000_000, "acct-9"), buyer)
+    assert await aidp.bootstrap(led, market) == cfg
+    await led.execute(aidp.deposit_instructions(cfg, buyer.pubkey(), 1_000_000, "acct-9"), buyer)
     assert await led.token_balance(cfg.deposit_pk) == 3_000_000
 
 
@@ -62,14 +62,14 @@ async def test_inprocess_restart_keeps_balances_and_transactions(tmp_path):
 
 
 async def test_server_restart_keeps_balances_and_transactions(tmp_path):
-    server = LedgerServer(tmp_path / "chain").start()
+    server = LedgerProcess(tmp_path / "chain", cwd=REPO).start()
     try:
         led = open_ledger(server.url)
         state = await _activity(led)
         await led.close()
     finally:
         server.stop()
-    server = LedgerServer(tmp_path / "chain").start()
+    server = LedgerProcess(tmp_path / "chain", cwd=REPO).start()
     try:
         assert "accounts=0" not in server.ready_line and "transactions=0" not in server.ready_line
         led = open_ledger(server.url)
@@ -90,9 +90,9 @@ def test_one_process_per_chain_directory(tmp_path):
 async def test_solana_py_typed_client_parses_every_answer(ledger_server):
     led = open_ledger(ledger_server.url)
     market, owner = Keypair(), Keypair()
-    cfg = await S.bootstrap(led, market)
-    await S.fund_wallet(led, cfg, market, owner.pubkey(), tokens=1_500_000)
-    sent = await led.execute(S.deposit_instructions(cfg, owner.pubkey(), 250_000, "acct-x"), owner)
+    cfg = await aidp.bootstrap(led, market)
+    await aidp.fund_wallet(led, cfg, market, owner.pubkey(), tokens=1_500_000)
+    sent = await led.execute(aidp.deposit_instructions(cfg, owner.pubkey(), 250_000, "acct-x"), owner)
     await led.close()
 
     async with AsyncClient(ledger_server.url) as client:
@@ -149,13 +149,13 @@ async def test_solana_py_typed_client_parses_every_answer(ledger_server):
 async def test_browser_reads_an_anchor_cross_origin(ledger_server):
     """What the explorer's JavaScript does: a cross-origin getTransaction (encoding json),
     then the Memo instruction's base58 data."""
-    from programs.server import b58decode
+    from chain.localnet.server import b58decode
 
     led = open_ledger(ledger_server.url)
     market = Keypair()
     await led.airdrop(market.pubkey(), 10**9)
     root = "cd" * 32
-    sent = await led.execute(S.anchor_instructions(market.pubkey(), root, 7), market)
+    sent = await led.execute(aidp.anchor_instructions(market.pubkey(), root, 7), market)
     await led.close()
     origin = {"Origin": "http://127.0.0.1:8000"}
     async with httpx.AsyncClient() as http:
@@ -191,7 +191,7 @@ async def test_browser_reads_an_anchor_cross_origin(ledger_server):
 
 def test_cli_help_explains_usage():
     out = subprocess.run(
-        [sys.executable, "-m", "programs.cli", "serve", "--help"],
+        [sys.executable, "-m", "chain.localnet.cli", "serve", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -200,7 +200,7 @@ def test_cli_help_explains_usage():
     for words in ("--port", "--data-dir", "ready", "AIDP_LEDGER_URL"):
         assert words in out
     top = subprocess.run(
-        [sys.executable, "-m", "programs.cli"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "chain.localnet.cli"], cwd=REPO, capture_output=True, text=True
     )
     assert top.returncode == 2 and "serve" in top.stdout
 
@@ -208,15 +208,15 @@ def test_cli_help_explains_usage():
 async def test_a_transaction_the_store_cannot_record_does_not_land(tmp_path):
     led = open_ledger("inprocess", tmp_path)
     market, buyer = Keypair(), Keypair()
-    cfg = await S.bootstrap(led, market)
-    await S.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=5_000_000)
+    cfg = await aidp.bootstrap(led, market)
+    await aidp.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=5_000_000)
     chain = led.chain
 
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
     chain._record = disk_full
-    prepared = await led.prepare(S.deposit_instructions(cfg, buyer.pubkey(), 2_000_000, "a"), buyer)
+    prepared = await led.prepare(aidp.deposit_instructions(cfg, buyer.pubkey(), 2_000_000, "a"), buyer)
     with pytest.raises(OSError):
         await led.submit(prepared)
     del chain._record

@@ -7,9 +7,14 @@ import pytest
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
-from programs import settlement as S
-from programs import spl
-from programs.ledger import AllowanceExceeded, LedgerError, PreparedTx, TransactionRejected, TxState
+from chain import aidp, spl
+from chain.ledger.base import (
+    AllowanceExceeded,
+    LedgerError,
+    PreparedTx,
+    TransactionRejected,
+    TxState,
+)
 from protocol.merkle import merkle_root
 
 
@@ -23,15 +28,15 @@ async def test_bootstrap_creates_mint_and_accounts(market):
     assert deposit.mint == treasury.mint == cfg.mint_pk
     assert cfg.deposit_pk == spl.associated_token_address(market.key.pubkey(), cfg.mint_pk)
     # idempotent: a second run finds everything and changes nothing
-    assert await S.bootstrap(led, market.key, decimals=6) == cfg
+    assert await aidp.bootstrap(led, market.key, decimals=6) == cfg
     with pytest.raises(Exception, match="decimals"):
-        await S.bootstrap(led, market.key, decimals=9)
+        await aidp.bootstrap(led, market.key, decimals=9)
     # demo wallet: SOL + an ATA holding freshly minted AIDP
     buyer = await market.wallet(tokens=123_000_000)
     assert await led.get_balance(buyer.pubkey()) == 1_000_000_000
     assert await market.tokens(buyer.pubkey()) == 123_000_000
     assert (await led.mint_info(cfg.mint_pk)).supply == 123_000_000
-    assert S.ChainConfig.from_json(cfg.to_json()) == cfg
+    assert aidp.ChainConfig.from_json(cfg.to_json()) == cfg
 
 
 async def test_deposit_with_memo_is_found_exactly_once(market):
@@ -39,7 +44,7 @@ async def test_deposit_with_memo_is_found_exactly_once(market):
     alice, bob = await market.wallet(tokens=50_000_000), await market.wallet(tokens=50_000_000)
 
     p1 = await led.execute(
-        S.deposit_instructions(cfg, alice.pubkey(), 7_000_000, "acct-alice"), alice
+        aidp.deposit_instructions(cfg, alice.pubkey(), 7_000_000, "acct-alice"), alice
     )
     # a wallet that sends a plain Transfer with a free-text memo is still a deposit
     await led.execute(
@@ -50,10 +55,10 @@ async def test_deposit_with_memo_is_found_exactly_once(market):
         bob,
     )
     # money the market moves itself is not a deposit
-    await led.execute(S.approve_instructions(cfg, alice.pubkey(), 1_000_000), alice)
-    await led.execute(S.pull_instructions(cfg, alice.pubkey(), 500_000, "pull-1"), market.key)
+    await led.execute(aidp.approve_instructions(cfg, alice.pubkey(), 1_000_000), alice)
+    await led.execute(aidp.pull_instructions(cfg, alice.pubkey(), 500_000, "pull-1"), market.key)
 
-    first = await S.scan_deposits(led, cfg)
+    first = await aidp.scan_deposits(led, cfg)
     assert [(d.account, d.amount) for d in first.deposits] == [
         ("acct-alice", 7_000_000),
         ("acct-bob", 3_000_000),
@@ -67,12 +72,12 @@ async def test_deposit_with_memo_is_found_exactly_once(market):
 
     # a watcher crediting by signature: re-scans from the cursor add nothing twice
     credited: dict[str, int] = {d.signature: d.amount for d in first.deposits}
-    again = await S.scan_deposits(led, cfg, since=first.cursor)
+    again = await aidp.scan_deposits(led, cfg, since=first.cursor)
     assert again.deposits == [] and again.cursor == first.cursor
-    p3 = await led.execute(S.deposit_instructions(cfg, bob.pubkey(), 1_000_000, "acct-bob"), bob)
-    later = await S.scan_deposits(led, cfg, since=again.cursor)
+    p3 = await led.execute(aidp.deposit_instructions(cfg, bob.pubkey(), 1_000_000, "acct-bob"), bob)
+    later = await aidp.scan_deposits(led, cfg, since=again.cursor)
     assert [d.signature for d in later.deposits] == [p3.signature]
-    for d in later.deposits + (await S.scan_deposits(led, cfg)).deposits:
+    for d in later.deposits + (await aidp.scan_deposits(led, cfg)).deposits:
         credited.setdefault(d.signature, d.amount)
     assert sum(credited.values()) == 11_000_000 == await led.token_balance(cfg.deposit_pk) - 500_000
 
@@ -80,16 +85,16 @@ async def test_deposit_with_memo_is_found_exactly_once(market):
 async def test_deposit_backlog_is_scanned_oldest_first_and_never_skipped(market):
     led, cfg = market.ledger, market.cfg
     buyer = await market.wallet(tokens=50_000_000)
-    start = (await S.scan_deposits(led, cfg)).cursor  # past the bootstrap's own transactions
+    start = (await aidp.scan_deposits(led, cfg)).cursor  # past the bootstrap's own transactions
     sigs = [
-        (await led.execute(S.deposit_instructions(cfg, buyer.pubkey(), n, f"acct-{n}"), buyer))
+        (await led.execute(aidp.deposit_instructions(cfg, buyer.pubkey(), n, f"acct-{n}"), buyer))
         .signature
         for n in (1, 2, 3, 4, 5)
     ]
     # a backlog larger than one call: each call takes the oldest part, the cursor its end
-    first = await S.scan_deposits(led, cfg, since=start, max_signatures=2)
+    first = await aidp.scan_deposits(led, cfg, since=start, max_signatures=2)
     assert [d.signature for d in first.deposits] == sigs[:2] and first.cursor == sigs[1]
-    rest = await S.scan_deposits(led, cfg, since=first.cursor, max_signatures=2)
+    rest = await aidp.scan_deposits(led, cfg, since=first.cursor, max_signatures=2)
     assert [d.signature for d in rest.deposits] == sigs[2:4] and rest.cursor == sigs[3]
 
     # an RPC node that lists a signature but cannot return its transaction yet: the scan
@@ -101,11 +106,11 @@ async def test_deposit_backlog_is_scanned_oldest_first_and_never_skipped(market)
 
     led.get_transaction = lagging
     try:
-        lag = await S.scan_deposits(led, cfg, since=rest.cursor)
+        lag = await aidp.scan_deposits(led, cfg, since=rest.cursor)
     finally:
         del led.get_transaction
     assert lag.deposits == [] and lag.cursor == rest.cursor
-    caught_up = await S.scan_deposits(led, cfg, since=lag.cursor)
+    caught_up = await aidp.scan_deposits(led, cfg, since=lag.cursor)
     assert [d.signature for d in caught_up.deposits] == [sigs[4]]
     assert caught_up.deposits[0].amount == 5 and caught_up.cursor == sigs[4]
 
@@ -113,13 +118,13 @@ async def test_deposit_backlog_is_scanned_oldest_first_and_never_skipped(market)
 async def test_find_memo_matches_whole_keys_only(market):
     led, cfg = market.ledger, market.cfg
     buyer = await market.wallet(tokens=1_000_000)
-    await led.execute(S.approve_instructions(cfg, buyer.pubkey(), 1_000_000), buyer)
+    await led.execute(aidp.approve_instructions(cfg, buyer.pubkey(), 1_000_000), buyer)
     tenth = await led.execute(
-        S.pull_instructions(cfg, buyer.pubkey(), 10, "acct.10"), market.key
+        aidp.pull_instructions(cfg, buyer.pubkey(), 10, "acct.10"), market.key
     )
-    assert await S.find_memo(led, cfg.deposit_pk, "acct.1") == []
-    assert await S.find_memo(led, cfg.deposit_pk, "acct.10") == [tenth.signature]
-    assert S.memo_texts("[4] a; b; [1] c") == ["a; b", "c"]
+    assert await aidp.find_memo(led, cfg.deposit_pk, "acct.1") == []
+    assert await aidp.find_memo(led, cfg.deposit_pk, "acct.10") == [tenth.signature]
+    assert aidp.memo_texts("[4] a; b; [1] c") == ["a; b", "c"]
 
 
 async def test_malformed_anchor_memo_anchors_nothing(market):
@@ -127,28 +132,28 @@ async def test_malformed_anchor_memo_anchors_nothing(market):
     forged = await led.execute(
         [spl.memo("aidp:anchor:v1:zz:many", [market.key.pubkey()])], market.key
     )
-    assert await S.read_anchor(led, forged.signature) is None
+    assert await aidp.read_anchor(led, forged.signature) is None
 
 
 async def test_allowance_is_enforced_by_the_chain_and_revocable(market):
     led, cfg = market.ledger, market.cfg
     buyer = await market.wallet(tokens=10_000_000)
-    await led.execute(S.approve_instructions(cfg, buyer.pubkey(), 1_000_000), buyer)
-    assert await S.allowance(led, cfg, buyer.pubkey()) == 1_000_000
+    await led.execute(aidp.approve_instructions(cfg, buyer.pubkey(), 1_000_000), buyer)
+    assert await aidp.allowance(led, cfg, buyer.pubkey()) == 1_000_000
 
-    pull = await S.prepare_pull(led, cfg, market.key, buyer.pubkey(), 600_000, "job-1")
+    pull = await aidp.prepare_pull(led, cfg, market.key, buyer.pubkey(), 600_000, "job-1")
     await led.submit(pull)
     assert (
         await led.confirm(pull.signature, pull.last_valid_block_height)
     ).state is TxState.CONFIRMED
-    assert await S.allowance(led, cfg, buyer.pubkey()) == 400_000
+    assert await aidp.allowance(led, cfg, buyer.pubkey()) == 400_000
     assert await market.tokens(buyer.pubkey()) == 9_400_000
 
     # pre-check refuses more than the live allowance ...
     with pytest.raises(AllowanceExceeded):
-        await S.prepare_pull(led, cfg, market.key, buyer.pubkey(), 400_001, "job-2")
+        await aidp.prepare_pull(led, cfg, market.key, buyer.pubkey(), 400_001, "job-2")
     # ... and without it the chain refuses: preflight rejects, and a forced send lands failed
-    over = await S.prepare_pull(
+    over = await aidp.prepare_pull(
         led, cfg, market.key, buyer.pubkey(), 400_001, "job-2", precheck=False
     )
     with pytest.raises(TransactionRejected) as rejected:
@@ -162,11 +167,11 @@ async def test_allowance_is_enforced_by_the_chain_and_revocable(market):
     assert await market.tokens(buyer.pubkey()) == 9_400_000
 
     # revocation: the market can pull nothing any more, not even within the old allowance
-    await led.execute(S.revoke_instructions(cfg, buyer.pubkey()), buyer)
-    assert await S.allowance(led, cfg, buyer.pubkey()) == 0
+    await led.execute(aidp.revoke_instructions(cfg, buyer.pubkey()), buyer)
+    assert await aidp.allowance(led, cfg, buyer.pubkey()) == 0
     with pytest.raises(AllowanceExceeded):
-        await S.prepare_pull(led, cfg, market.key, buyer.pubkey(), 1, "job-3")
-    late = await S.prepare_pull(led, cfg, market.key, buyer.pubkey(), 1, "job-3", precheck=False)
+        await aidp.prepare_pull(led, cfg, market.key, buyer.pubkey(), 1, "job-3")
+    late = await aidp.prepare_pull(led, cfg, market.key, buyer.pubkey(), 1, "job-3", precheck=False)
     with pytest.raises(TransactionRejected):
         await led.submit(late)
     assert await market.tokens(buyer.pubkey()) == 9_400_000
@@ -176,16 +181,16 @@ async def test_stake_is_a_2_of_3_multisig(market):
     led, cfg = market.ledger, market.cfg
     operator, arbiter = await market.wallet(tokens=20_000_000), Keypair()
     await led.airdrop(arbiter.pubkey(), 1_000_000_000)
-    stake = await S.create_stake(led, cfg, market.key, operator.pubkey(), arbiter.pubkey())
-    assert await S.create_stake(led, cfg, market.key, operator.pubkey(), arbiter.pubkey()) == stake
-    await led.execute(S.stake_deposit_instructions(cfg, stake, 10_000_000), operator)
-    info = await S.read_stake(led, stake)
+    stake = await aidp.create_stake(led, cfg, market.key, operator.pubkey(), arbiter.pubkey())
+    assert await aidp.create_stake(led, cfg, market.key, operator.pubkey(), arbiter.pubkey()) == stake
+    await led.execute(aidp.stake_deposit_instructions(cfg, stake, 10_000_000), operator)
+    info = await aidp.read_stake(led, stake)
     assert info.amount == 10_000_000 and info.m == 2
     assert info.signers == [str(operator.pubkey()), cfg.market, str(arbiter.pubkey())]
 
     # one signer alone cannot move stake: not the market, not the operator, not the arbiter
     for payer, signer in ((market.key, market.key), (operator, operator), (arbiter, arbiter)):
-        ixs = S.slash_instructions(
+        ixs = aidp.slash_instructions(
             cfg, stake, 1, "x", signers=[signer.pubkey()], dest=cfg.ata(operator.pubkey())
         )
         with pytest.raises(TransactionRejected):
@@ -194,42 +199,42 @@ async def test_stake_is_a_2_of_3_multisig(market):
         assert (
             await led.confirm(forced.signature, forced.last_valid_block_height)
         ).state is TxState.FAILED
-    assert (await S.read_stake(led, stake)).amount == 10_000_000
+    assert (await aidp.read_stake(led, stake)).amount == 10_000_000
 
     # slashing: market + arbiter
     treasury_before = await led.token_balance(cfg.treasury_pk)
-    await led.execute(S.slash_instructions(cfg, stake, 3_000_000, "slash-1"), market.key, [arbiter])
-    assert (await S.read_stake(led, stake)).amount == 7_000_000
+    await led.execute(aidp.slash_instructions(cfg, stake, 3_000_000, "slash-1"), market.key, [arbiter])
+    assert (await aidp.read_stake(led, stake)).amount == 7_000_000
     assert await led.token_balance(cfg.treasury_pk) == treasury_before + 3_000_000
 
     # withdrawal: operator + market (or operator + arbiter)
     await led.execute(
-        S.withdraw_instructions(cfg, stake, 2_000_000, "wd-1", cosigner=market.key.pubkey()),
+        aidp.withdraw_instructions(cfg, stake, 2_000_000, "wd-1", cosigner=market.key.pubkey()),
         market.key,
         [operator],
     )
     await led.execute(
-        S.withdraw_instructions(cfg, stake, 1_000_000, "wd-2", cosigner=arbiter.pubkey()),
+        aidp.withdraw_instructions(cfg, stake, 1_000_000, "wd-2", cosigner=arbiter.pubkey()),
         operator,
         [arbiter],
     )
-    assert (await S.read_stake(led, stake)).amount == 4_000_000
+    assert (await aidp.read_stake(led, stake)).amount == 4_000_000
     assert await market.tokens(operator.pubkey()) == 10_000_000 + 3_000_000
 
 
 async def test_payout_round_carries_the_merkle_root_on_chain(market):
     led, cfg = market.ledger, market.cfg
     buyer = await market.wallet(tokens=100_000)
-    await led.execute(S.deposit_instructions(cfg, buyer.pubkey(), 100_000, "acct-1"), buyer)
+    await led.execute(aidp.deposit_instructions(cfg, buyer.pubkey(), 100_000, "acct-1"), buyer)
     n1, n2 = Keypair().pubkey(), Keypair().pubkey()  # nodes with no token account yet
     jobs = [(str(n1), f"{i:064x}", 10_000) for i in range(3)] + [
         (str(n2), f"{i:064x}", 5_000) for i in range(10, 12)
     ]
-    rnd = S.plan_round(jobs, fee_bps=1000, round_key="round-7")
+    rnd = aidp.plan_round(jobs, fee_bps=1000, round_key="round-7")
     assert rnd.fee == 4_000 and sum(p.amount for p in rnd.payouts) == 36_000
 
     sigs = {}
-    for _kind, key, ixs in S.round_transactions(cfg, rnd):
+    for _kind, key, ixs in aidp.round_transactions(cfg, rnd):
         sigs[key] = (await led.execute(ixs, market.key)).signature
     assert await market.tokens(n1) == 27_000 and await market.tokens(n2) == 9_000
     assert await led.token_balance(cfg.treasury_pk) == 4_000
@@ -242,16 +247,16 @@ async def test_payout_round_carries_the_merkle_root_on_chain(market):
         assert tx.token_delta(cfg.ata(Pubkey.from_string(p.owner))) == p.amount
         assert tx.fee == 5000 and tx.ok
     fee_tx = await led.get_transaction(sigs["round-7.fee"])
-    assert S.parse_memo(fee_tx.memos[0]).fields[:2] == (merkle_root([h for _, h, _ in jobs]), "5")
+    assert aidp.parse_memo(fee_tx.memos[0]).fields[:2] == (merkle_root([h for _, h, _ in jobs]), "5")
     # a reconcile that lost the signature finds the payment by its idempotency key
-    assert await S.find_memo(led, cfg.deposit_pk, rnd.payouts[0].key) == [sigs[rnd.payouts[0].key]]
+    assert await aidp.find_memo(led, cfg.deposit_pk, rnd.payouts[0].key) == [sigs[rnd.payouts[0].key]]
 
 
 async def test_anchor_memo_is_readable(market):
     led = market.ledger
     root = merkle_root([f"{i:064x}" for i in range(1000)])
-    sent = await led.execute(S.anchor_instructions(market.key.pubkey(), root, 1000), market.key)
-    anchor = await S.read_anchor(led, sent.signature)
+    sent = await led.execute(aidp.anchor_instructions(market.key.pubkey(), root, 1000), market.key)
+    anchor = await aidp.read_anchor(led, sent.signature)
     assert anchor.root == root and anchor.count == 1000 and anchor.signer == market.cfg.market
     assert anchor.slot > 0 and anchor.block_time
     tx = await led.get_transaction(sent.signature)
@@ -261,10 +266,10 @@ async def test_anchor_memo_is_readable(market):
     )  # the Memo program logged it
     # not an anchor / not landed
     other = await led.execute(
-        S.deposit_instructions(market.cfg, market.key.pubkey(), 0, "x"), market.key
+        aidp.deposit_instructions(market.cfg, market.key.pubkey(), 0, "x"), market.key
     )
-    assert await S.read_anchor(led, other.signature) is None
-    assert await S.read_anchor(led, str(Keypair().sign_message(b"nope"))) is None
+    assert await aidp.read_anchor(led, other.signature) is None
+    assert await aidp.read_anchor(led, str(Keypair().sign_message(b"nope"))) is None
 
 
 async def test_send_returns_identity_before_confirmation_and_status_is_exact(market):
@@ -336,7 +341,7 @@ async def test_drive_pays_exactly_once_across_crashes(market):
     node = Keypair().pubkey()
 
     def payout(key: str) -> list:
-        return S.payout_instructions(cfg, S.NodePayout(str(node), 100, "ab" * 32, 1, key))
+        return aidp.payout_instructions(cfg, aidp.NodePayout(str(node), 100, "ab" * 32, 1, key))
 
     row: dict = {"sent": None}
 

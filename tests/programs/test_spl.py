@@ -1,5 +1,5 @@
 """The hand-written instruction encoders agree byte for byte with solana-py's ``spl`` package,
-and the account parsers read what the real programs wrote."""
+and the account parsers read what the real chain wrote."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from spl.token import instructions as T
 from spl.token import models as M
 from spl.token.constants import TOKEN_PROGRAM_ID
 
-from programs import spl
+from chain import spl
 
 K = [Keypair().pubkey() for _ in range(6)]
 
@@ -129,7 +129,7 @@ def test_seeds_fit_and_memo_limits():
 def test_transactions_are_deterministic_and_name_missing_signers():
     from solders.hash import Hash
 
-    from programs.ledger import build_transaction
+    from chain.ledger.base import build_transaction
 
     payer, member, outsider = Keypair(), Keypair(), Keypair()
     bh = Hash.new_unique()
@@ -153,7 +153,7 @@ def test_token_balances_of_lookup_table_accounts_parse() -> None:
     from solders.hash import Hash
     from solders.keypair import Keypair
 
-    from programs.ledger import build_transaction, tx_info_from_json
+    from chain.ledger.base import build_transaction, tx_info_from_json
 
     payer, loaded = Keypair(), Keypair().pubkey()
     tx = build_transaction([spl.memo("x", [payer.pubkey()])], payer, [], Hash.default())

@@ -21,13 +21,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference.base import Engine
 from inference.convert import generation_request
-from market import billing
-from market.accounts import create_account
 from market.db import sync_session_factory
 from market.migrate import upgrade
 from market.models import Job, Node, NodeModel, new_id
+from market.money import billing
+from market.money.accounts import create_account
 from market.settings import MarketSettings
-from market.verification.engine import run_sync
+from market.verify.engine import run_sync
 from node_agent.receipts import build_receipt
 from protocol.receipt import SignedReceipt
 from tests.verification import workload

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from market.accounts import create_account, issue_key
 from market.app import create_app
-from market.verification import service
+from market.money.accounts import create_account, issue_key
+from market.verify import service
 from tests.verification.cheaters import EditingEngine
 from tests.verification.conftest import World, make_settings, serve_job
 

@@ -68,7 +68,7 @@ def test_worker_settles_and_slashes(world: World, db_url: str, tmp_path: Path, b
     cheat2 = serve_job(world, cheat_id, cheat_kp, cheater,
                        {**BODY, "messages": [{"role": "user", "content": "Name a fruit."}]})
     with world.sessions.begin() as session:
-        from market.verification.settlement import request_challenge
+        from market.verify.window import request_challenge
 
         r = session.execute(select(Receipt).where(Receipt.job_id == cheat2.job_id)).scalar_one()
         assert request_challenge(session, r)

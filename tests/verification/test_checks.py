@@ -6,7 +6,7 @@ import time
 
 from solders.keypair import Keypair
 
-from market.verification.checks import check_receipt
+from market.verify.checks import check_receipt
 from protocol.canonical import sha256_hex, token_ids_digest
 from protocol.job import JobRequest, request_digest
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt

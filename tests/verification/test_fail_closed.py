@@ -10,9 +10,9 @@ from sqlalchemy import select
 
 from inference.llamacpp import LlamaCppEngine
 from market.models import Node, Receipt, ReceiptEvent, utcnow
-from market.verification import service, settlement
-from market.verification.engine import VerifierNotConfigured, run_sync
-from market.verification.models import VerificationTask
+from market.verify import service, window
+from market.verify.engine import VerifierNotConfigured, run_sync
+from market.verify.models import VerificationTask
 from tests.verification.conftest import make_settings, serve_job
 
 
@@ -23,9 +23,9 @@ def _state(world, receipt_id: str) -> str:
 
 def _claim_all(world, settings, now) -> list[str]:
     with world.sessions.begin() as s:
-        settlement.decide_sampling(s, settings, now=now)
+        window.decide_sampling(s, settings, now=now)
     with world.sessions.begin() as s:
-        return settlement.claim_for_verification(s, settings, now=now)
+        return window.claim_for_verification(s, settings, now=now)
 
 
 def test_a_context_full_generation_is_honest(world, honest_engine, db_url, tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_a_context_full_generation_is_honest(world, honest_engine, db_url, tmp_p
     settings = make_settings(db_url, tmp_path)
     with world.sessions() as s:
         rid = s.execute(select(Receipt.id).where(Receipt.job_id == served.job_id)).scalar_one()
-        inp = settlement.load_input(s, rid)
+        inp = window.load_input(s, rid)
     outcome, evidence, reason = service.judge_receipt(
         inp, settings, engine_for=lambda _model, _settings: honest_engine)
     assert outcome == "honest", (reason, evidence)
@@ -81,7 +81,7 @@ def test_an_unverifiable_sampled_receipt_is_retried_escalated_and_never_paid(
             not_before = s.get(VerificationTask, rid).not_before
         # the window closing changes nothing: a sampled receipt is paid on a verdict only
         with world.sessions.begin() as s:
-            assert settlement.close_expired_windows(s, settings,
+            assert window.close_expired_windows(s, settings,
                                                     now=now + timedelta(hours=2)) == []
         if attempt < 3:
             # not tried again at once: a growing backoff before the next verifier takes it
@@ -105,7 +105,7 @@ def test_an_unverifiable_sampled_receipt_is_retried_escalated_and_never_paid(
 
     # the operator fixes the verifier and re-queues it: it is judged, and paid, now
     with world.sessions.begin() as s:
-        assert settlement.requeue(s, rid)
+        assert window.requeue(s, rid)
     assert _claim_all(world, settings, now) == [rid]
     assert service.verify(world.sessions, rid, settings,
                           engine_for=lambda _m, _s: honest_engine) == "honest"

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from market.db import sync_session_factory
 from market.models import LedgerEntry, Node, Receipt, ReceiptEvent
-from market.verification import service
+from market.verify import service
 from tests.verification.cheaters import EditingEngine, TruncatingEngine
 from tests.verification.conftest import World, make_settings, serve_job
 

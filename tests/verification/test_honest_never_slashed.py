@@ -9,7 +9,7 @@ import json
 import pytest
 
 from market.settings import MarketSettings
-from market.verification.reexec import tolerances_from_settings
+from market.verify.reexec import tolerances_from_settings
 from tests.verification.workload import generate, honest_jobs, verify
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import math
 
 from inference.base import PositionScore
 from market.settings import MarketSettings
-from market.verification.reexec import Tolerances, judge
-from market.verification.sampling import (
+from market.verify.reexec import Tolerances, judge
+from market.verify.sampling import (
     draw,
     reputation_after_fraud,
     reputation_after_honest,

@@ -23,10 +23,10 @@ import uvicorn
 from solders.keypair import Keypair
 from sqlalchemy import select, update
 
-from market import billing
-from market.accounts import create_account, issue_key
 from market.app import create_app
 from market.models import Account, LedgerEntry, Node, Receipt
+from market.money import billing
+from market.money.accounts import create_account, issue_key
 from node_agent.link import NodeLink
 from tests.support.net import free_port
 from tests.verification.cheaters import TruncatingEngine

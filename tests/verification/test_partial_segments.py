@@ -16,8 +16,8 @@ from sqlalchemy import select, update
 
 from inference.base import Engine
 from market.models import Receipt
-from market.verification import settlement
-from market.verification.service import judge_receipt
+from market.verify import window
+from market.verify.service import judge_receipt
 from tests.verification.conftest import Served, World, generate, make_settings, serve_job
 
 BODY = {"messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0}
@@ -25,12 +25,12 @@ FULL_TOKENS = 24
 DEAD_AFTER = 8  # tokens the first node streamed before it died
 
 
-def _input(world: World, job_id: str) -> settlement.VerificationInput:
+def _input(world: World, job_id: str) -> window.VerificationInput:
     """What the verifier loads for the job's (only) receipt."""
     with world.sessions() as session:
         receipt_id = session.execute(
             select(Receipt.id).where(Receipt.job_id == job_id)).scalar_one()
-        return settlement.load_input(session, receipt_id)
+        return window.load_input(session, receipt_id)
 
 
 def _serve_continuation(world: World, engine: Engine) -> tuple[Served, list[int]]:

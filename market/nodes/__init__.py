@@ -1,1 +1,0 @@
-"""Connected nodes: the link server (WebSocket) and the registry the router reads."""
