@@ -6,9 +6,13 @@ node's Solana keypair, domain-separated) → ``welcome``; then ``status`` heartb
 the interval the market asked for, ``job``s served concurrently up to
 ``max_concurrency`` (``chunk``… then ``done`` with a signed receipt, or ``error``),
 ``cancel`` honoured (a job that already produced tokens ends with ``done``, finish
-reason ``cancelled`` and a receipt for what was produced). A dropped connection is redialled with exponential backoff and
-jitter; jobs in flight on a dropped connection are abandoned (the market fails them
-over to another node).
+reason ``cancelled`` and a receipt for what was produced). A dropped connection is
+redialled with exponential backoff and jitter; jobs in flight on a dropped connection
+are abandoned (the market fails them over to another node).
+
+This module keeps the connection and decides which jobs to take; running a job (the
+engine, its chunks, its signed receipt) is :mod:`node_agent.worker`'s, which never sees
+the socket, so a change to one cannot quietly break the other.
 
 Usable in-process::
 
@@ -36,10 +40,8 @@ import json
 import logging
 import random
 import ssl
-import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,27 +50,22 @@ from pydantic import ValidationError
 from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 
-from inference.base import Engine, EngineError, GenerationEnd, TokenDelta
-from inference.convert import engine_request
+from inference.base import Engine
 from node_agent import __version__
 from node_agent.gpu import GpuMonitor
-from node_agent.receipts import build_receipt
+from node_agent.worker import JobCounters, JobWorker, send_error
 from protocol.keys import LINK_AUTH_DOMAIN, canonical_host, link_auth_message, sign
 from protocol.messages import (
     Auth,
     Cancel,
     Challenge,
-    Chunk,
-    Done,
     GpuInfo,
     Hello,
     Job,
-    JobError,
     ModelOffer,
     Price,
     Reject,
     Status,
-    Usage,
     Welcome,
     encode,
     parse_market_message,
@@ -114,28 +111,12 @@ def _price(price: Price | tuple[int, int] | Mapping[str, int]) -> Price:
 
 
 @dataclass
-class _RunningJob:
-    job: Job
-    task: asyncio.Task[None] | None = None
-    cancelled_by_market: bool = False
-    tokens_sent: int = 0
+class LinkStats(JobCounters):
+    """The worker's job counts, plus how the connection fared."""
 
-
-@dataclass
-class LinkStats:
     connections: int = 0
-    jobs_accepted: int = 0
-    jobs_done: int = 0
-    jobs_failed: int = 0
-    tokens: int = 0
     last_reject: str | None = None
     last_error: str | None = None
-    recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=4096))
-
-    def tokens_per_s(self, window: float = 10.0) -> float:
-        now = time.monotonic()
-        total = sum(n for t, n in self.recent if now - t <= window)
-        return round(total / window, 3)
 
 
 class NodeLink:
@@ -190,7 +171,15 @@ class NodeLink:
 
         self._ws: ClientConnection | None = None
         self._send_lock = asyncio.Lock()
-        self._jobs: dict[str, _RunningJob] = {}
+        self._worker = JobWorker(
+            engines=self.engines,
+            keypair=keypair,
+            market_id=self.market_id,
+            send=self._send,
+            stats=self.stats,
+            gpu_monitor=gpu_monitor,
+            metrics=metrics,
+        )
         self._replies: set[asyncio.Task[None]] = set()  # refusals being sent (kept referenced)
         self._stopping = False
         self._draining = False
@@ -201,7 +190,7 @@ class NodeLink:
 
     @property
     def running_jobs(self) -> int:
-        return len(self._jobs)
+        return self._worker.running
 
     @property
     def draining(self) -> bool:
@@ -262,8 +251,8 @@ class NodeLink:
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting jobs, let the running ones finish (up to ``timeout``), close."""
         self._draining = True
-        log.info("draining: %d job(s) in flight", len(self._jobs))
-        tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        log.info("draining: %d job(s) in flight", self._worker.running)
+        tasks = self._worker.tasks()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
         await self.stop()
@@ -273,9 +262,7 @@ class NodeLink:
         self._stopping = True
         self._wakeup.set()
         ws = self._ws
-        for running in list(self._jobs.values()):
-            if running.task is not None:
-                running.task.cancel()
+        self._worker.cancel_all()
         if ws is not None:
             ws.transport.abort()
         await self._abandon_jobs()
@@ -388,7 +375,7 @@ class NodeLink:
         elif self.gpu_monitor is not None and self.gpu_monitor.available:
             extra["gpus"] = await asyncio.to_thread(self.gpu_monitor.samples)
         return Status(
-            running=len(self._jobs),
+            running=self._worker.running,
             queued=0,
             tokens_per_s=self.stats.tokens_per_s(),
             **extra,
@@ -415,14 +402,11 @@ class NodeLink:
         if isinstance(message, Job):
             self._accept(message)
         elif isinstance(message, Cancel):
-            running = self._jobs.get(message.job_id)
-            if running is not None and running.task is not None:
-                running.cancelled_by_market = True
-                running.task.cancel()
+            self._worker.cancel(message.job_id)
         else:
             log.warning("ignoring an unexpected %s frame", message.type)
 
-    # ---- jobs ----------------------------------------------------------------------------
+    # ---- refusing jobs ---------------------------------------------------------------
 
     def _refuse_malformed_job(self, raw: str | bytes) -> None:
         """A job frame that names its job but asks for something no engine can serve is
@@ -432,7 +416,11 @@ class NodeLink:
         except ValueError:
             return
         job_id = frame.get("job_id") if isinstance(frame, dict) else None
-        if frame.get("type") == "job" and isinstance(job_id, str) and job_id not in self._jobs:
+        if (
+            frame.get("type") == "job"
+            and isinstance(job_id, str)
+            and not self._worker.is_running(job_id)
+        ):
             self.stats.jobs_failed += 1
             self._reply_error(job_id, "bad_request", "the job request is not valid")
 
@@ -442,144 +430,25 @@ class NodeLink:
         reply.add_done_callback(self._replies.discard)
 
     def _accept(self, job: Job) -> None:
-        refuse: tuple[str, str] | None = None
-        if job.job_id in self._jobs:
-            refuse = ("duplicate_job", f"job {job.job_id} is already running here")
-        elif self._draining or self._stopping:
-            refuse = ("draining", "node is shutting down")
-        elif len(self._jobs) >= self.max_concurrency:
-            refuse = ("busy", f"node is at max_concurrency={self.max_concurrency}")
-        if refuse is not None:
+        refusal = self._refusal(job)
+        if refusal is not None:
             self.stats.jobs_failed += 1
-            self._reply_error(job.job_id, *refuse)
+            self._reply_error(job.job_id, *refusal)
             return
-        self.stats.jobs_accepted += 1
-        running = _RunningJob(job=job)
-        self._jobs[job.job_id] = running
-        running.task = asyncio.create_task(self._serve(running), name=f"job-{job.job_id}")
+        self._worker.start(job)
+
+    def _refusal(self, job: Job) -> tuple[str, str] | None:
+        """``(code, message)`` when this node will not start ``job`` now."""
+        if self._worker.is_running(job.job_id):
+            return ("duplicate_job", f"job {job.job_id} is already running here")
+        if self._draining or self._stopping:
+            return ("draining", "node is shutting down")
+        if self._worker.running >= self.max_concurrency:
+            return ("busy", f"node is at max_concurrency={self.max_concurrency}")
+        return None
 
     async def _send_error(self, job_id: str, code: str, message: str) -> None:
-        with contextlib.suppress(websockets.exceptions.ConnectionClosed):
-            await self._send(JobError(job_id=job_id, code=code, message=message[:2000]))
-
-    async def _serve(self, running: _RunningJob) -> None:
-        job = running.job
-        try:
-            model = job.request.model
-            engine = self.engines.get(model)
-            if engine is None:
-                raise EngineError("model_not_found", f"this node does not serve {model!r}")
-            request = engine_request(job.request, job.continuation_token_ids)
-            await self._generate(running, engine, request)
-        except asyncio.CancelledError:
-            if running.cancelled_by_market:
-                await self._send_error(job.job_id, "cancelled", "cancelled by the market")
-            # otherwise: stop()/kill()/lost connection — say nothing.
-        except EngineError as exc:
-            self.stats.jobs_failed += 1
-            await self._send_error(job.job_id, exc.code, str(exc))
-        except Exception as exc:
-            self.stats.jobs_failed += 1
-            log.exception("job %s failed", job.job_id)
-            await self._send_error(job.job_id, "internal", f"{exc.__class__.__name__}: {exc}")
-        finally:
-            self._jobs.pop(job.job_id, None)
-            if self.metrics is not None:
-                self.metrics.running.set(len(self._jobs))
-
-    async def _generate(self, running: _RunningJob, engine: Engine, request: Any) -> None:
-        job = running.job
-        if self.metrics is not None:
-            self.metrics.running.set(len(self._jobs))
-        monitor = self.gpu_monitor
-        started_at = monitor.job_started() if monitor is not None else time.time()
-        gpu = None
-        text_parts: list[str] = []
-        token_ids: list[int] = []
-        end: GenerationEnd | None = None
-        cancelled_prompt_tokens: int | None = None  # set when the market cancelled
-        t0 = time.perf_counter()
-        first_token_at: float | None = None
-        try:
-            timeout_at = None
-            if job.deadline > 0:
-                timeout_at = asyncio.get_running_loop().time() + (job.deadline - time.time())
-            try:
-                # closed on the way out (deadline, cancel, lost link), so the engine stops
-                # generating now rather than whenever the generator is collected
-                async with asyncio.timeout_at(timeout_at), contextlib.aclosing(
-                    engine.generate(request)
-                ) as events:
-                    async for event in events:
-                        if isinstance(event, TokenDelta):
-                            if first_token_at is None:
-                                first_token_at = time.perf_counter()
-                            text_parts.append(event.text)
-                            token_ids.extend(event.token_ids)
-                            running.tokens_sent += len(event.token_ids)
-                            self.stats.recent.append((time.monotonic(), len(event.token_ids)))
-                            await self._send(
-                                Chunk(job_id=job.job_id, text=event.text, token_ids=event.token_ids)
-                            )
-                        else:
-                            end = event
-            except TimeoutError as exc:
-                raise EngineError("deadline_exceeded", "the job's deadline passed") from exc
-        except asyncio.CancelledError:
-            if not (running.cancelled_by_market and token_ids):
-                raise
-            # The market's buyer left: the tokens produced so far are still this node's
-            # work, so it signs for them and the market pays for them.
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            cancelled_prompt_tokens = await engine.prompt_token_count(request)
-        finally:
-            finished_at = time.time()
-            if monitor is not None:
-                gpu = monitor.job_finished(started_at)
-        if end is not None:
-            finish_reason, prompt_tokens = end.finish_reason, end.prompt_tokens
-        elif cancelled_prompt_tokens is not None:
-            finish_reason, prompt_tokens = "cancelled", cancelled_prompt_tokens
-        else:
-            raise EngineError("engine_error", "the engine ended without a GenerationEnd")
-        receipt = build_receipt(
-            keypair=self.keypair,
-            job_id=job.job_id,
-            market_id=self.market_id,
-            engine=engine,
-            request=request,
-            output_text="".join(text_parts),
-            output_token_ids=token_ids,
-            prompt_tokens=prompt_tokens,
-            started_at=started_at,
-            finished_at=finished_at,
-            gpu=gpu,
-        )
-        usage = Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=len(token_ids),
-            total_tokens=prompt_tokens + len(token_ids),
-        )
-        await self._send(
-            Done(job_id=job.job_id, usage=usage, finish_reason=finish_reason, receipt=receipt)
-        )
-        self.stats.jobs_done += 1
-        self.stats.tokens += len(token_ids)
-        if self.metrics is not None:
-            self.metrics.job_done(
-                model=engine.model.id,
-                tokens=len(token_ids),
-                seconds=time.perf_counter() - t0,
-                ttft=(first_token_at - t0) if first_token_at is not None else None,
-            )
+        await send_error(self._send, job_id, code, message)
 
     async def _abandon_jobs(self) -> None:
-        tasks = []
-        for running in list(self._jobs.values()):
-            if running.task is not None and not running.task.done():
-                running.task.cancel()
-                tasks.append(running.task)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._worker.abandon()
