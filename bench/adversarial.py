@@ -241,7 +241,7 @@ async def overdraw_race(bench: Bench) -> dict[str, Any]:
     prompt = len(FakeVocabulary().prompt_token_ids(generation_request(
         "chat", {"messages": messages, "max_tokens": 20})))
     hold = billing.worst_case_hold(prompt, 20, 10**6, 10**6,
-                                   bench.market.settings.market_fee_bps)
+                                   bench.market.settings.billing.market_fee_bps)
     buyer = bench.market.buyer(credit=3 * hold + hold // 2, name="racer")  # three, not four
     client = buyer.client(timeout=60)
 
@@ -362,8 +362,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     db_url = args.database_url or f"sqlite:///{tmp}/market.db"
     # heartbeats every second (the tests' 0.2 s marks nodes of this loaded, one-process
     # network silent when the verifier holds the CPU; production's default is 5 s)
-    market = start_market(db_url, data_dir=str(tmp), job_first_token_timeout=5.0,
-                          heartbeat_interval=1.0, verify_first_jobs=10**6,
+    market = start_market(db_url, data_dir=str(tmp), routing__job_first_token_timeout=5.0,
+                          routing__heartbeat_interval=1.0, verify__first_jobs=10**6,
                           list_default_model=args.llama > 0)
     bench = Bench(market)
     attacks: dict[str, dict[str, Any]] = {}

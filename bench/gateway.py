@@ -243,9 +243,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
-        "AIDP_DATABASE_URL": args.database_url or f"sqlite:///{tmp}/market.db",
+        "AIDP_DB__URL": args.database_url or f"sqlite:///{tmp}/market.db",
         "AIDP_ADMIN_TOKEN": ADMIN,
-        "AIDP_RATE_LIMIT_RPM": "100000000",
+        "AIDP_LIMITS__RATE_LIMIT_RPM": "100000000",
         "AIDP_DATA_DIR": str(tmp),
         "AIDP_LIST_DEFAULT_MODEL": "false",
         "AIDP_MODELS": json.dumps({MODEL: {"sha256": [fake_sha256(MODEL)],

@@ -131,13 +131,13 @@ class MarketProcess:
         self.admin = "bench-admin-token"
         env = {
             **os.environ,
-            "AIDP_DATABASE_URL": f"sqlite:///{workdir}/market.db",
+            "AIDP_DB__URL": f"sqlite:///{workdir}/market.db",
             "AIDP_DATA_DIR": workdir,
             "AIDP_ADMIN_TOKEN": self.admin,
             "AIDP_PORT": str(self.port),  # the market's identity nodes sign
-            "AIDP_HEARTBEAT_INTERVAL": "1.0",
-            "AIDP_RATE_LIMIT_RPM": "1000000",
-            "AIDP_BROKER_URL": f"sqla+sqlite:///{workdir}/broker.db",
+            "AIDP_ROUTING__HEARTBEAT_INTERVAL": "1.0",
+            "AIDP_LIMITS__RATE_LIMIT_RPM": "1000000",
+            "AIDP_BROKER__URL": f"sqla+sqlite:///{workdir}/broker.db",
         }
         self.proc = subprocess.Popen(
             [

@@ -42,7 +42,7 @@ from market.migrate import upgrade  # noqa: E402
 from market.models import Account, ChainTransfer, Job, Node, Receipt, new_id, utcnow  # noqa: E402
 from market.onchain import bootstrap, service  # noqa: E402
 from market.onchain.runtime import open_runtime  # noqa: E402
-from market.settings import MarketSettings  # noqa: E402
+from market.settings import MarketSettings, nested  # noqa: E402
 
 EARNING, FEE = 900, 100
 
@@ -85,9 +85,9 @@ async def run(backend: str, jobs: int, nodes: int, work: Path) -> dict:
         url = "memory"
     db_url = f"sqlite:///{work}/market.db"
     upgrade(db_url)
-    settings = MarketSettings(database_url=db_url, data_dir=work / "data", ledger_url=url,
-                              chain_demo_wallets=0, chain_demo_tokens=jobs * (EARNING + FEE),
-                              chain_batch=max(jobs, 1))
+    settings = MarketSettings(**nested(dict(db__url=db_url, data_dir=work / "data", chain__ledger_url=url,
+                              chain__demo_wallets=0, chain__demo_tokens=jobs * (EARNING + FEE),
+                              chain__batch=max(jobs, 1))))
     sessions = sync_session_factory(db_url)
     ledger = open_ledger(url)
     try:

@@ -37,7 +37,6 @@ from inference.convert import generation_request  # noqa: E402
 from inference.llamacpp import LlamaCppEngine  # noqa: E402
 from market.settings import MarketSettings  # noqa: E402
 from market.verify.engine import run_sync  # noqa: E402
-from market.verify.reexec import tolerances_from_settings  # noqa: E402
 from tests.verification.cheaters import (  # noqa: E402
     DifferentModelEngine,
     EditingEngine,
@@ -269,7 +268,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    tol = tolerances_from_settings(MarketSettings())
+    tol = MarketSettings().verify.tolerances
     started = time.time()
     engine = LlamaCppEngine(n_threads=args.threads)
     run_sync(engine.start())

@@ -70,10 +70,10 @@ def sweep_holds(session: Session, settings: MarketSettings,
     """Finalize jobs past their deadline (but ``skip``, whose finalize this process is
     still retrying); returns how many holds were released."""
     now = utcnow()
-    grace = settings.cancel_receipt_timeout_s + settings.hold_sweep_grace_s
+    grace = settings.routing.cancel_receipt_timeout_s + settings.routing.hold_sweep_grace_s
     released = billing.release_expired_jobs(
         session, now, grace_s=grace,
-        legacy_before=now - timedelta(seconds=settings.job_stale_after_s), skip=skip)
+        legacy_before=now - timedelta(seconds=settings.routing.job_stale_after_s), skip=skip)
     if released:
         log.warning("released the holds of %d job(s) that ended without finalizing", released)
     return released
@@ -90,14 +90,14 @@ def _recover(db: Database, settings: MarketSettings) -> set[str]:
 async def _monitor(state: MarketState) -> None:
     """Mark silent nodes unhealthy; persist observed stats every few seconds."""
     settings = state.settings
-    interval = max(0.05, min(1.0, settings.heartbeat_interval / 4))
+    interval = max(0.05, min(1.0, settings.routing.heartbeat_interval / 4))
     loop = asyncio.get_running_loop()
     last_flush = last_sweep = loop.time()
     while True:
         await asyncio.sleep(interval)
         try:
             for conn in state.registry.check_health(
-                settings.heartbeat_interval, settings.node_unhealthy_after_intervals
+                settings.routing.heartbeat_interval, settings.routing.node_unhealthy_after_intervals
             ):
                 log.warning("node %s is silent; marked unhealthy", conn.node_id)
             healthy, unhealthy = state.registry.counts()
@@ -107,7 +107,7 @@ async def _monitor(state: MarketState) -> None:
                 last_flush = loop.time()
                 await _flush(state)
                 await refresh_listings(state.catalog, state.db)
-            if loop.time() - last_sweep >= settings.hold_sweep_interval_s:
+            if loop.time() - last_sweep >= settings.routing.hold_sweep_interval_s:
                 last_sweep = loop.time()
                 skip = frozenset(state.finalizing)
                 await state.writer.submit(lambda session: sweep_holds(session, settings, skip))
@@ -165,8 +165,8 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
         if settings.migrate_on_start:
             from market.migrate import upgrade
 
-            await asyncio.to_thread(upgrade, settings.database_url)
-        db = Database(settings.database_url)
+            await asyncio.to_thread(upgrade, settings.db.url)
+        db = Database(settings.db.url)
         catalog = await open_catalog(db, settings)
         registry = NodeRegistry()
         registry.known_models.update(await asyncio.to_thread(_recover, db, settings))
@@ -177,7 +177,7 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
             registry=registry,
             router=Router(registry),
             metrics=Metrics(),
-            ratelimiter=RateLimiter(settings.rate_limit_rpm),
+            ratelimiter=RateLimiter(settings.limits.rate_limit_rpm),
             writer=BatchWriter(db),
         )
         state.writer.start()

@@ -80,12 +80,12 @@ def plan_services(settings: MarketSettings, ledger_port: int, node_keypair: Path
     ledger_url = f"http://127.0.0.1:{ledger_port}"
     env = {
         "AIDP_DATA_DIR": str(settings.data_dir),
-        "AIDP_LEDGER_URL": ledger_url,
-        "AIDP_DATABASE_URL": settings.database_url,
-        "AIDP_BROKER_URL": settings.broker_url,
+        "AIDP_CHAIN__LEDGER_URL": ledger_url,
+        "AIDP_DB__URL": settings.db.url,
+        "AIDP_BROKER__URL": settings.broker.url,
         "AIDP_ADMIN_TOKEN": admin_token,
-        "AIDP_MIN_STAKE": os.environ.get("AIDP_MIN_STAKE", str(DEVNET_MIN_STAKE)),
-        "AIDP_CHALLENGE_WINDOW_S": os.environ.get("AIDP_CHALLENGE_WINDOW_S", "30"),
+        "AIDP_CHAIN__MIN_STAKE": os.environ.get("AIDP_CHAIN__MIN_STAKE", str(DEVNET_MIN_STAKE)),
+        "AIDP_VERIFY__CHALLENGE_WINDOW_S": os.environ.get("AIDP_VERIFY__CHALLENGE_WINDOW_S", "30"),
     }
     return [
         Service(
@@ -201,7 +201,7 @@ def _chain_init(env: dict[str, str], run_dir: Path, node_keypair: Path) -> None:
         subprocess.run([_bin("aidp-market"), "chain", "init"], env={**os.environ, **env},
                        stdout=log, stderr=subprocess.STDOUT, check=True)
         subprocess.run([_bin("aidp-market"), "chain", "stake-demo", str(node_keypair),
-                        "--amount", env["AIDP_MIN_STAKE"]], env={**os.environ, **env},
+                        "--amount", env["AIDP_CHAIN__MIN_STAKE"]], env={**os.environ, **env},
                        stdout=log, stderr=subprocess.STDOUT, check=True)
 
 

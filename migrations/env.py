@@ -1,7 +1,7 @@
 """Alembic environment: the URL comes from the market settings (or the caller).
 
 ``market.migrate.upgrade(url)`` passes the URL through ``config.attributes``; the
-``alembic`` command line falls back to ``AIDP_DATABASE_URL`` / the embedded default.
+``alembic`` command line falls back to ``AIDP_DB__URL`` / the embedded default.
 SQLite uses batch mode so later migrations can alter columns.
 """
 
@@ -22,7 +22,7 @@ def _url() -> str:
         return url
     from market.settings import get_settings
 
-    return get_settings().database_url
+    return get_settings().db.url
 
 
 def run_migrations_offline() -> None:

@@ -554,7 +554,7 @@ def _exclusive_lock(path: Path):
             -32000,
             f"{path.parent} is in use by another process. Share one chain between processes "
             "with `aidp-ledger serve --data-dir ...` and point them at its URL "
-            "(AIDP_LEDGER_URL=http://127.0.0.1:8899).",
+            "(AIDP_CHAIN__LEDGER_URL=http://127.0.0.1:8899).",
         ) from None
     return handle
 

@@ -3,7 +3,7 @@
     aidp-ledger serve --port 8899 --data-dir .aidp/ledger
 
 Market, node agents and tools in separate processes then share one chain at
-http://127.0.0.1:8899 (``AIDP_LEDGER_URL``); ``solana`` CLI and solana-py work against it.
+http://127.0.0.1:8899 (``AIDP_CHAIN__LEDGER_URL``); ``solana`` CLI and solana-py work against it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ EPILOG = """\
 examples:
   aidp-ledger serve                                   # http://127.0.0.1:8899, data in .aidp/ledger
   aidp-ledger serve --port 0 --data-dir /tmp/chain    # any free port; read it from the ready line
-  AIDP_LEDGER_URL=http://127.0.0.1:8899 aidp-market up
+  AIDP_CHAIN__LEDGER_URL=http://127.0.0.1:8899 aidp-market up
 
 The ready line, printed once the port is bound, is:
   aidp-ledger ready url=http://HOST:PORT data_dir=DIR slot=N accounts=N transactions=N"""

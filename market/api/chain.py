@@ -56,7 +56,7 @@ async def chain_info(request: Request) -> Any:
     return {
         "mint": cfg.mint, "decimals": cfg.decimals, "market": cfg.market,
         "deposit_account": cfg.deposit, "treasury": cfg.treasury,
-        "arbiter": str(arbiter.pubkey()), "rpc_url": settings.explorer_rpc_url,
+        "arbiter": str(arbiter.pubkey()), "rpc_url": settings.chain.explorer_rpc_url,
         "deposit_memo": "aidp:deposit:v1:<account id>",
         "allowance_delegate": str(market.pubkey()),
     }

@@ -78,7 +78,7 @@ class Gate:
             await self.app(scope, receive, send)
             return
         state = scope["app"].state.market
-        limit = state.settings.max_request_bytes
+        limit = state.settings.limits.max_request_bytes
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await _respond(send, _too_large(limit))

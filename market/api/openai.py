@@ -80,15 +80,15 @@ def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> 
     already show it fits (a character is at most 6 bytes of JSON)."""
     max_tokens = spec.request.sampling.max_tokens
     if prompt_chars * 6 + FRAME_OVERHEAD_BYTES + max_tokens * CONTINUATION_ID_BYTES \
-            <= settings.link_max_frame_bytes:
+            <= settings.limits.link_max_frame_bytes:
         return
     message = JobMessage(job_id=spec.job_id, request=spec.request, deadline=0.0)
     frame = len(encode(message).encode())
     worst = frame + max_tokens * CONTINUATION_ID_BYTES
-    if worst > settings.link_max_frame_bytes:
+    if worst > settings.limits.link_max_frame_bytes:
         raise PayloadTooLarge(
             f"this request needs up to {worst} bytes on the node link, more than its "
-            f"{settings.link_max_frame_bytes}: send a shorter prompt or a smaller max_tokens")
+            f"{settings.limits.link_max_frame_bytes}: send a shorter prompt or a smaller max_tokens")
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,9 @@ async def _quote(state: MarketState, body: GenerationRequestBody, vocabulary: Vo
             param="messages" if body.kind == "chat" else "prompt",
             code="context_length_exceeded")
     prices = state.router.hold_prices(body.model, cap, prompt_tokens + 1,
-                                      settings.hold_price_nodes, settings.hold_price_spread)
+                                      settings.routing.hold_price_nodes, settings.routing.hold_price_spread)
     hold = billing.worst_case_hold(prompt_tokens, request.sampling.max_tokens, *prices,
-                                   settings.market_fee_bps)
+                                   settings.billing.market_fee_bps)
     return _Quote(prompt_tokens, prices, hold)
 
 
@@ -129,11 +129,11 @@ async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody
     state.router.ensure_available(body.model, body.max_price_per_mtok)
     vocabulary = await state.catalog.vocabulary(body.model)
     try:
-        request = body.job_request(settings.default_max_tokens)
+        request = body.job_request(settings.billing.default_max_tokens)
     except InvalidJobRequest as exc:
         raise BadRequest(str(exc)) from None
     quote = await _quote(state, body, vocabulary, request)
-    lifetime = settings.job_first_token_timeout + settings.job_max_duration_s
+    lifetime = settings.routing.job_first_token_timeout + settings.limits.job_max_duration_s
     spec = JobSpec(
         job_id=new_id("job"),
         request=request,
@@ -231,7 +231,7 @@ async def finalize(state: MarketState, runner: JobRunner) -> None:
 
 
 async def _write_outcome(state: MarketState, job_id: str, outcome: billing.Outcome) -> bool:
-    window = state.settings.challenge_window_s
+    window = state.settings.verify.challenge_window_s
     return bool(await state.writer.submit(
         lambda session: billing.finalize_job(session, job_id, outcome, challenge_window_s=window)
     ))

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aidp-market",
         description="Neural Cloud marketplace: API server, accounts and keys, local network.",
-        epilog="Settings come from AIDP_* environment variables (e.g. AIDP_DATABASE_URL); "
+        epilog="Settings come from AIDP_* environment variables (e.g. AIDP_DB__URL); "
         "see market/settings.py.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -20,7 +20,7 @@ from market.settings import get_settings
 
 def _with_session(fn: Callable[[Session, argparse.Namespace], Any]) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
-        url = get_settings().database_url
+        url = get_settings().db.url
         upgrade(url)
         db = Database(url)
         try:

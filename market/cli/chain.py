@@ -5,7 +5,7 @@
     aidp-market chain reconcile   # DB vs chain to the base unit; exit 1 on a difference
     aidp-market chain tick        # run funding, settle and anchor steps once (no Celery)
 
-The ledger is AIDP_LEDGER_URL: "inprocess" (a chain under AIDP_DATA_DIR/ledger, one
+The ledger is AIDP_CHAIN__LEDGER_URL: "inprocess" (a chain under AIDP_DATA_DIR/ledger, one
 process at a time) or a JSON-RPC URL such as `aidp-ledger serve`'s.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 EPILOG = """examples:
   aidp-market chain init
-  AIDP_LEDGER_URL=http://127.0.0.1:8899 aidp-market chain reconcile
+  AIDP_CHAIN__LEDGER_URL=http://127.0.0.1:8899 aidp-market chain reconcile
   aidp-market chain allowance acct_0123 --keypair wallet.json   # fund an account from an approve()
   aidp-market chain allowance acct_0123 --keypair wallet.json --sign --market https://market.example
                                          # the signed body a buyer POSTs to /v1/chain/allowance"""
@@ -30,7 +30,7 @@ def _sessions():  # type: ignore[no-untyped-def]
     from market.migrate import upgrade
     from market.settings import get_settings
 
-    url = get_settings().database_url
+    url = get_settings().db.url
     upgrade(url)
     return sync_session_factory(url, null_pool=True)
 
@@ -42,7 +42,7 @@ def _init(args: argparse.Namespace) -> int:
     settings = get_settings()
     result = asyncio.run(init(settings, _sessions(), demo_wallets=args.demo_wallets))
     cfg = result.cfg
-    print(f"chain ready on {settings.ledger_url}")
+    print(f"chain ready on {settings.chain.ledger_url}")
     for label, value in [("mint", f"{cfg.mint} ({cfg.decimals} decimals)"),
                          ("market", cfg.market), ("arbiter", result.arbiter),
                          ("deposit", cfg.deposit), ("treasury", cfg.treasury)]:
@@ -110,7 +110,7 @@ def _status(args: argparse.Namespace) -> int:
                 ).all()
                 unpaid = unpaid_settled(session)
             return {
-                "ledger": rt.settings.ledger_url,
+                "ledger": rt.settings.chain.ledger_url,
                 "mint": cfg.mint,
                 "market": {"address": cfg.market,
                            "lamports": await rt.ledger.get_balance(cfg.market_pk)},
@@ -229,7 +229,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     p = sub.add_parser("init", help="create keys, mint, deposit and treasury accounts (idempotent)")
     p.add_argument("--demo-wallets", type=int, default=None,
-                   help="local chains: demo wallets to fund (default AIDP_CHAIN_DEMO_WALLETS)")
+                   help="local chains: demo wallets to fund (default AIDP_CHAIN__DEMO_WALLETS)")
     p.set_defaults(func=_guard(_init))
 
     p = sub.add_parser("status", help="addresses, balances and transfers by state (JSON)")

@@ -1,4 +1,4 @@
-"""``aidp-market serve`` (the API) and ``aidp-market migrate``."""
+"""``aidp-market serve`` (the API), ``aidp-market migrate`` and ``aidp-market settings``."""
 
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"aidp-market: {problem}", file=sys.stderr)
         return 2
     scheme = "https" if settings.tls_certfile else "http"
-    print(f"aidp-market: serving on {scheme}://{host}:{port} (database {settings.database_url})",
+    print(f"aidp-market: serving on {scheme}://{host}:{port} (database {settings.db.url})",
           flush=True)
     uvicorn.run(
         serving_app(settings),
         host=host,
         port=port,
         log_level=settings.log_level,
-        ws_max_size=settings.link_max_frame_bytes,
+        ws_max_size=settings.limits.link_max_frame_bytes,
         ws_ping_interval=20,
         ws_ping_timeout=20,
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
@@ -42,9 +42,27 @@ def _serve(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     from market.migrate import upgrade
 
-    url = get_settings().database_url
+    url = get_settings().db.url
     upgrade(url, args.revision)
     print(f"database at {url} is at {args.revision}")
+    return 0
+
+
+#: settings printed as "***": whoever reads a terminal or a log must not learn them
+SECRET_SETTINGS = ("AIDP_ADMIN_TOKEN", "AIDP_VERIFY__SAMPLING_KEY")
+
+
+def _settings(args: argparse.Namespace) -> int:
+    import json
+
+    from market.settings import environment_names
+
+    for name, value in environment_names(get_settings()):
+        if name in SECRET_SETTINGS and value:
+            value = "***"
+        elif isinstance(value, dict | list):
+            value = json.dumps(value, default=str)  # what the variable would be set to
+        print(f"{name}={'' if value is None else value}")
     return 0
 
 
@@ -59,3 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     migrate = subparsers.add_parser("migrate", help="apply database migrations (alembic)")
     migrate.add_argument("revision", nargs="?", default="head", help="target (default: head)")
     migrate.set_defaults(func=_migrate)
+
+    settings = subparsers.add_parser(
+        "settings", help="print every setting as its environment variable and current value "
+        "(groups spelled AIDP_GROUP__FIELD; secrets masked)")
+    settings.set_defaults(func=_settings)

@@ -15,7 +15,7 @@ def _worker(args: argparse.Namespace) -> int:
     from market.worker.celery_app import celery_app
 
     settings = get_settings()
-    print(f"aidp-market worker: broker {settings.broker_url}, database {settings.database_url}",
+    print(f"aidp-market worker: broker {settings.broker.url}, database {settings.db.url}",
           flush=True)
     argv = [
         "worker",
@@ -36,8 +36,8 @@ def _beat(args: argparse.Namespace) -> int:
     from market.worker.celery_app import celery_app
 
     settings = get_settings()
-    print(f"aidp-market beat: tick every {settings.verify_scan_interval_s}s on "
-          f"{settings.broker_url}", flush=True)
+    print(f"aidp-market beat: tick every {settings.verify.scan_interval_s}s on "
+          f"{settings.broker.url}", flush=True)
     celery_app.start(["beat", f"--loglevel={args.loglevel}",
                       f"--schedule={settings.data_dir}/celerybeat-schedule"])
     return 0
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "worker",
         help="run the Celery worker (verification by re-execution, settlement, slashing)",
         description="Celery worker for challenge windows and verification. The broker is "
-        "AIDP_BROKER_URL (default: SQLite under .aidp/; redis://… in production).",
+        "AIDP_BROKER__URL (default: SQLite under .aidp/; redis://… in production).",
     )
     worker.add_argument("--concurrency", type=int, default=1,
                         help="worker processes (each loads its own verifier engine; default 1)")
@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     beat = subparsers.add_parser(
         "beat",
         help="run Celery beat (sampling, dispatch, window closing every few seconds)",
-        description="Schedules the verification tick every AIDP_VERIFY_SCAN_INTERVAL_S seconds.",
+        description="Schedules the verification tick every AIDP_VERIFY__SCAN_INTERVAL_S seconds.",
     )
     beat.add_argument("--loglevel", default="info")
     beat.set_defaults(func=_beat)

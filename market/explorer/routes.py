@@ -55,7 +55,7 @@ def settings_of(request: Request) -> MarketSettings:
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    context.setdefault("decimals", settings_of(request).token_decimals)
+    context.setdefault("decimals", settings_of(request).billing.token_decimals)
     return templates.TemplateResponse(request, template, context, status_code=status_code)
 
 
@@ -134,7 +134,7 @@ async def home(request: Request, session: AsyncSession = Depends(db_session)) ->
     speeds, nodes = await queries.node_speeds(session)
     anchors = await queries.paginate(session, queries.anchors_query(), 1)
     receipts = await queries.paginate(session, queries.receipts_query(), 1)
-    settled = counts["settled_units"] / 10**settings.token_decimals
+    settled = counts["settled_units"] / 10**settings.billing.token_decimals
     return render(
         request, "index.html",
         cards=[("jobs", counts["jobs"]), ("nodes online", healthy),
@@ -170,7 +170,7 @@ async def receipt_proof(request: Request, receipt_hash: str,
                         session: AsyncSession = Depends(db_session)) -> dict[str, Any]:
     """The public inclusion proof plus what the browser needs to check it without trusting
     us: the canonical receipt bytes, the node's signature, and where to read the chain."""
-    rpc_url = settings_of(request).explorer_rpc_url
+    rpc_url = settings_of(request).chain.explorer_rpc_url
 
     def build(sync_session: Session) -> dict[str, Any]:
         view = proof_view(sync_session, receipt_hash)
@@ -239,7 +239,7 @@ async def jobs_page(request: Request, page: PageNumber = 1,
 @router.get("/nodes", name="explorer_nodes")
 async def nodes_page(request: Request, page: PageNumber = 1,
                      session: AsyncSession = Depends(db_session)) -> HTMLResponse:
-    decimals = settings_of(request).token_decimals
+    decimals = settings_of(request).billing.token_decimals
 
     def row(node: Node) -> list[dict[str, Any]]:
         return [code(node.pubkey, str(request.url_for("explorer_node", node_ref=node.id)), n=16),
@@ -253,7 +253,7 @@ async def nodes_page(request: Request, page: PageNumber = 1,
 @router.get("/settlements", name="explorer_settlements")
 async def settlements_page(request: Request, page: PageNumber = 1,
                            session: AsyncSession = Depends(db_session)) -> HTMLResponse:
-    decimals = settings_of(request).token_decimals
+    decimals = settings_of(request).billing.token_decimals
     return await _list(request, session, "Settlements", queries.transfers_query("payout"), page,
                        TRANSFER_COLUMNS, lambda t: transfer_row(t, decimals),
                        "Payout rounds: one transfer per node, its Memo carries the Merkle root of the jobs it pays.")
@@ -265,7 +265,7 @@ async def slashes_page(request: Request, page: PageNumber = 1,
     query = queries.receipts_query().where(Receipt.state == "slashed")
     result = await queries.paginate(session, query, page)
     transfers = await queries.paginate(session, queries.transfers_query("slash"), page)
-    decimals = settings_of(request).token_decimals
+    decimals = settings_of(request).billing.token_decimals
     return render(
         request, "slashes.html", columns=RECEIPT_COLUMNS,
         rows=[receipt_row(request, r, pk, m) for r, pk, m in result.items],

@@ -138,8 +138,8 @@ class JobRunner:
             if remaining <= 0:
                 self.finish_reason = "length"
                 return
-            limit = (1 + max(0, settings.max_failover_attempts) if self.token_ids
-                     else max(1, settings.max_attempts_before_first_token))
+            limit = (1 + max(0, settings.routing.max_failover_attempts) if self.token_ids
+                     else max(1, settings.routing.max_attempts_before_first_token))
             if attempts >= limit:
                 self._fail(UpstreamFailed(
                     f"the job failed on {attempts} node(s); last: {self._last_failure}"
@@ -154,7 +154,7 @@ class JobRunner:
             try:
                 conn = await self.state.router.acquire(
                     self.spec.model, self.spec.price_cap, tried,
-                    min(settings.job_first_token_timeout, self._deadline_left()), need,
+                    min(settings.routing.job_first_token_timeout, self._deadline_left()), need,
                 )
             except (NoHealthyNode, ModelNotFound) as exc:
                 error: APIError = exc
@@ -251,8 +251,8 @@ class JobRunner:
                 await conn.send(job)
             except Exception as exc:
                 raise SegmentFailed("send_failed", f"could not send the job: {exc}") from exc
-            keepalive = settings.sse_keepalive_s
-            timeout = settings.job_first_token_timeout
+            keepalive = settings.routing.sse_keepalive_s
+            timeout = settings.routing.job_first_token_timeout
             pending: Any = None
             silent_since: float | None = None
             while True:
@@ -341,7 +341,7 @@ class JobRunner:
         job_id = self.spec.job_id
         try:
             await conn.send(Cancel(job_id=job_id))
-            async with asyncio.timeout(self.state.settings.cancel_receipt_timeout_s):
+            async with asyncio.timeout(self.state.settings.routing.cancel_receipt_timeout_s):
                 while True:
                     message = await queue.get()
                     if isinstance(message, Chunk):
@@ -399,7 +399,7 @@ class JobRunner:
         receipt = done.receipt
         earning = node_cost(receipt.body.prompt_tokens, receipt.body.completion_tokens,
                             conn.price_in, conn.price_out)
-        fee_bps = self.state.settings.market_fee_bps
+        fee_bps = self.state.settings.billing.market_fee_bps
         earning, fee = cap_to_hold(earning, fee_bps, self.hold_left)
         self.segments.append(
             Segment(
@@ -444,7 +444,7 @@ class JobRunner:
     # ---- the result ------------------------------------------------------------------------
 
     def outcome(self) -> Outcome:
-        fee_bps = self.state.settings.market_fee_bps
+        fee_bps = self.state.settings.billing.market_fee_bps
         if self.cancelled:
             status = "cancelled"
         elif self.error is not None or self.finish_reason is None:

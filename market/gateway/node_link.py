@@ -169,7 +169,7 @@ async def _expect(ws: WebSocket, kind: type[Any], timeout: float, max_bytes: int
 
 async def _require_stake(state: MarketState, pubkey: str) -> None:
     """Registration policy: a node must have ``min_stake`` bonded on chain (0 = off)."""
-    minimum = state.settings.min_stake
+    minimum = state.settings.chain.min_stake
     if minimum <= 0:
         return
     from chain.ledger.base import LedgerError
@@ -186,8 +186,8 @@ async def _require_stake(state: MarketState, pubkey: str) -> None:
 
 async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str, Any]]:
     settings = state.settings
-    timeout = settings.node_auth_timeout
-    max_bytes = settings.link_max_frame_bytes
+    timeout = settings.limits.node_auth_timeout
+    max_bytes = settings.limits.link_max_frame_bytes
     hello: Hello = await _expect(ws, Hello, timeout, max_bytes)
     if hello.protocol_version != PROTOCOL_VERSION:
         raise HandshakeFailed(f"unsupported protocol_version {hello.protocol_version}")
@@ -197,9 +197,9 @@ async def _handshake(state: MarketState, ws: WebSocket) -> tuple[Hello, dict[str
         raise HandshakeFailed("pubkey is not a base58 ed25519 public key") from exc
     if (refusal := state.catalog.refusal(hello.models)) is not None:
         raise HandshakeFailed(refusal)
-    if max(hello.price.input, hello.price.output) > settings.node_max_price_per_mtok:
+    if max(hello.price.input, hello.price.output) > settings.limits.node_max_price_per_mtok:
         raise HandshakeFailed(f"price above this market's maximum of "
-                              f"{settings.node_max_price_per_mtok} per 1M tokens")
+                              f"{settings.limits.node_max_price_per_mtok} per 1M tokens")
 
     nonce = secrets.token_hex(32)  # fresh per connection: an old signature never verifies
     await ws.send_text(encode(Challenge(nonce=nonce)))
@@ -221,8 +221,8 @@ async def node_link(ws: WebSocket) -> None:
     state: MarketState = ws.app.state.market
     settings = state.settings
     peer = ws.client.host if ws.client else "?"
-    if (state.pending_handshakes >= settings.link_max_pending_handshakes
-            or state.pending_by_peer.get(peer, 0) >= settings.link_max_pending_per_peer):
+    if (state.pending_handshakes >= settings.limits.link_max_pending_handshakes
+            or state.pending_by_peer.get(peer, 0) >= settings.limits.link_max_pending_per_peer):
         state.metrics.node_errors.labels("too_many_handshakes").inc()
         await ws.close(code=1013)  # try again later
         return
@@ -266,9 +266,9 @@ async def node_link(ws: WebSocket) -> None:
         failure_rate=info["failure_rate"],
         jobs_total=info["jobs_total"],
         jobs_failed=info["jobs_failed"],
-        concurrency_cap=state.settings.node_max_concurrency,
-        quarantine_after=state.settings.node_quarantine_after,
-        quarantine_s=state.settings.node_quarantine_s,
+        concurrency_cap=state.settings.limits.node_max_concurrency,
+        quarantine_after=state.settings.routing.node_quarantine_after,
+        quarantine_s=state.settings.routing.node_quarantine_s,
     )
     previous = state.registry.add(conn)
     if previous is not None:
@@ -280,9 +280,9 @@ async def node_link(ws: WebSocket) -> None:
         except Exception:
             pass
     await conn.send(
-        Welcome(node_id=conn.node_id, heartbeat_interval=state.settings.heartbeat_interval,
+        Welcome(node_id=conn.node_id, heartbeat_interval=state.settings.routing.heartbeat_interval,
                 market_id=state.settings.market_id,
-                max_frame_bytes=state.settings.link_max_frame_bytes)
+                max_frame_bytes=state.settings.limits.link_max_frame_bytes)
     )
     log.info("node %s linked (%s, models %s)", conn.node_id, hello.pubkey,
              ", ".join(conn.models))
@@ -306,10 +306,10 @@ async def node_link(ws: WebSocket) -> None:
 async def _read_loop(state: MarketState, conn: NodeConn) -> None:
     ws = conn.ws
     settings = state.settings
-    budget = MessageBudget(settings.link_messages_per_s)
+    budget = MessageBudget(settings.limits.link_messages_per_s)
     malformed = 0
     while True:
-        raw = await _receive(ws, None, settings.link_max_frame_bytes)
+        raw = await _receive(ws, None, settings.limits.link_max_frame_bytes)
         if not budget.take():
             conn.observe_failure(conn.quarantine_after)
             raise LinkAbuse(f"more than {budget.rate:.0f} frames per second")
@@ -319,9 +319,9 @@ async def _read_loop(state: MarketState, conn: NodeConn) -> None:
         except (ValidationError, json.JSONDecodeError) as exc:
             malformed += 1
             state.metrics.node_errors.labels("malformed_frame").inc()
-            if malformed <= settings.link_malformed_logged:
+            if malformed <= settings.limits.link_malformed_logged:
                 log.warning("node %s sent a malformed frame: %s", conn.node_id, str(exc)[:200])
-            if malformed >= settings.link_max_malformed:
+            if malformed >= settings.limits.link_max_malformed:
                 raise LinkAbuse(f"{malformed} malformed frames") from None
             continue
         if isinstance(message, Chunk | Done | JobError):
@@ -333,7 +333,7 @@ async def _read_loop(state: MarketState, conn: NodeConn) -> None:
         else:  # a handshake frame after the handshake: as bad as a malformed one
             malformed += 1
             state.metrics.node_errors.labels("malformed_frame").inc()
-            if malformed <= settings.link_malformed_logged:
+            if malformed <= settings.limits.link_malformed_logged:
                 log.warning("node %s sent %s after the handshake", conn.node_id, message.type)
-            if malformed >= settings.link_max_malformed:
+            if malformed >= settings.limits.link_max_malformed:
                 raise LinkAbuse(f"{malformed} malformed frames")

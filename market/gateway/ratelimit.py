@@ -1,4 +1,4 @@
-"""In-process token bucket per API key (``settings.rate_limit_rpm``)."""
+"""In-process token bucket per API key (``settings.limits.rate_limit_rpm``)."""
 
 from __future__ import annotations
 

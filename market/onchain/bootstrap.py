@@ -76,7 +76,7 @@ async def init(
     market = _keypair(base / "market.json", created, "market")
     arbiter = _keypair(base / "arbiter.json", created, "arbiter")
     own = ledger is None
-    led = ledger or open_ledger(settings.ledger_url, settings.data_dir)
+    led = ledger or open_ledger(settings.chain.ledger_url, settings.data_dir)
     try:
         path = config_path(settings)
         cfg = aidp.ChainConfig.load(path) if path.exists() else None
@@ -84,8 +84,8 @@ async def init(
             raise RuntimeError(f"{path} belongs to market {cfg.market}, not {market.pubkey()}")
         if cfg is None or not await _accounts_exist(led, cfg):
             cfg = await aidp.bootstrap(
-                led, market, decimals=settings.token_decimals, mint=settings.chain_mint,
-                treasury=settings.chain_treasury,
+                led, market, decimals=settings.billing.token_decimals, mint=settings.chain.mint,
+                treasury=settings.chain.treasury,
             )
             created.append(f"mint {cfg.mint}, deposit {cfg.deposit}, treasury {cfg.treasury}")
         if not path.exists() or aidp.ChainConfig.load(path) != cfg:
@@ -93,9 +93,9 @@ async def init(
             os.chmod(path, 0o600)
             created.append(f"config {path}")
         result = InitResult(cfg=cfg, arbiter=str(arbiter.pubkey()), created=created)
-        if led.local and settings.chain_mint is None:
+        if led.local and settings.chain.mint is None:
             await _local_funding(settings, sessions, led, cfg, market, base, result,
-                                 settings.chain_demo_wallets if demo_wallets is None
+                                 settings.chain.demo_wallets if demo_wallets is None
                                  else demo_wallets)
         return result
     finally:
@@ -113,7 +113,7 @@ async def _local_funding(
     result: InitResult,
     demo_wallets: int,
 ) -> None:
-    tokens = settings.chain_demo_tokens
+    tokens = settings.chain.demo_tokens
     for n in range(1, demo_wallets + 1):
         path = base / f"demo-{n}.json"
         wallet = _keypair(path, result.created, f"demo wallet {n}")
@@ -157,7 +157,7 @@ async def stake_from_demo_wallet(settings: MarketSettings, node: Keypair, amount
     market, arbiter = load_keypair(base / "market.json"), load_keypair(base / "arbiter.json")
     demo = load_keypair(base / f"demo-{wallet}.json")
     own = ledger is None
-    led = ledger or open_ledger(settings.ledger_url, settings.data_dir)
+    led = ledger or open_ledger(settings.chain.ledger_url, settings.data_dir)
     try:
         if not led.local:
             raise RuntimeError("demo staking is for local chains only")

@@ -87,7 +87,7 @@ class ChainCursor(Base):
 class UnbondingRequest(Base):
     """A node operator's signed request to take ``amount`` of its stake back (migration
     ``0004_unbonding``). The market co-signs the withdrawal only once ``available_at``
-    (``requested_at`` + ``settings.unbonding_period_s``) has passed; ``transfer_key`` is
+    (``requested_at`` + ``settings.chain.unbonding_period_s``) has passed; ``transfer_key`` is
     the ``chain_transfers`` row that moves it. Unique per (node, requested_at): a replayed
     request inserts nothing."""
 

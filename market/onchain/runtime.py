@@ -84,7 +84,7 @@ async def open_runtime(
     if ledger is not None:
         yield ChainRuntime(settings, cfg, market, arbiter, ledger)
         return
-    opened = open_ledger(settings.ledger_url, settings.data_dir)
+    opened = open_ledger(settings.chain.ledger_url, settings.data_dir)
     try:
         yield ChainRuntime(settings, cfg, market, arbiter, opened)
     finally:

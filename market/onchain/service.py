@@ -43,7 +43,7 @@ async def settle_step(rt: ChainRuntime, sessions: sessionmaker[Session]) -> dict
     pulls = await allowance.plan_pulls(rt, sessions)
     out["pulls"] = (await transfers.drive(rt, sessions, pulls)).as_dict()
     with sessions.begin() as session:
-        payouts = settle.plan_payout_round(session, rt, limit=rt.settings.chain_batch)
+        payouts = settle.plan_payout_round(session, rt, limit=rt.settings.chain.batch)
     out["payouts"] = (await transfers.drive(rt, sessions, payouts)).as_dict()
     return out
 
@@ -54,7 +54,7 @@ async def anchor_step(rt: ChainRuntime, sessions: sessionmaker[Session]) -> dict
     if in_flight:  # finish the reserved batch first: anchors land in order
         return {"resolved": (await transfers.drive(rt, sessions, in_flight)).as_dict()}
     with sessions.begin() as session:
-        planned = settle.plan_anchor(session, rt, limit=rt.settings.chain_batch)
+        planned = settle.plan_anchor(session, rt, limit=rt.settings.chain.batch)
     if planned is None:
         return {"anchored": 0}
     return {"anchor": (await transfers.drive(rt, sessions, [planned])).as_dict()}

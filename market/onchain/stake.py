@@ -3,12 +3,12 @@ arbiter} (``chain.aidp.stake_for``; the operator is the node's own key,
 ``nodes.pubkey``). The chain is the truth; ``nodes.stake`` mirrors it for routing,
 slashing decisions and the explorer.
 
-Registration policy: ``settings.min_stake`` (0 = off, the embedded default). The node
+Registration policy: ``settings.chain.min_stake`` (0 = off, the embedded default). The node
 link server calls, once the node has authenticated and before ``welcome``::
 
     from market.onchain.stake import has_min_stake
     if not await has_min_stake(node_pubkey, settings):
-        -> send `reject` with reason f"stake below min_stake {settings.min_stake}"
+        -> send `reject` with reason f"stake below min_stake {settings.chain.min_stake}"
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ async def stake_on_chain(node_pubkey: str, settings: MarketSettings, *,
     stake = stake_for(cfg, Pubkey.from_string(node_pubkey), arbiter.pubkey())
     if ledger is not None:
         return await ledger.token_balance(stake.account_pk)
-    opened = open_ledger(settings.ledger_url, settings.data_dir)
+    opened = open_ledger(settings.chain.ledger_url, settings.data_dir)
     try:
         return await opened.token_balance(stake.account_pk)
     finally:
@@ -41,14 +41,14 @@ async def stake_on_chain(node_pubkey: str, settings: MarketSettings, *,
 
 async def has_min_stake(node_pubkey: str, settings: MarketSettings | None = None, *,
                         ledger: Ledger | None = None) -> bool:
-    """True when ``settings.min_stake`` is 0 or the node's on-chain stake reaches it.
+    """True when ``settings.chain.min_stake`` is 0 or the node's on-chain stake reaches it.
 
     Reads the chain (an RPC ledger in production; with ``ledger_url = "inprocess"`` the
     calling process must be the one holding the chain, or pass ``ledger``)."""
     settings = settings or get_settings()
-    if settings.min_stake <= 0:
+    if settings.chain.min_stake <= 0:
         return True
-    return await stake_on_chain(node_pubkey, settings, ledger=ledger) >= settings.min_stake
+    return await stake_on_chain(node_pubkey, settings, ledger=ledger) >= settings.chain.min_stake
 
 
 def unsettled_slashes(session: Session) -> dict[str, int]:

@@ -239,7 +239,7 @@ async def drive(
 ) -> DriveResult:
     """Move the given rows towards ``confirmed``; safe to call again at any time, from
     any process. A row that fails to build or send is logged and left for the next run."""
-    timeout = rt.settings.chain_confirm_timeout_s if timeout is None else timeout
+    timeout = rt.settings.chain.confirm_timeout_s if timeout is None else timeout
     counts: dict[str, int] = {}
     for row in _load(sessions, ids):
         try:

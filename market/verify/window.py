@@ -111,7 +111,7 @@ def decide_sampling(
             ~exists().where(VerificationTask.receipt_id == Receipt.id),
         )
         .order_by(Receipt.created_at, Receipt.id)
-        .limit(settings.verify_batch)
+        .limit(settings.verify.batch)
     ).all()
     key = sampling.sampling_key(session, settings) if rows else b""
     for rid, node_id, rhash, created_at, challenged, reputation in rows:
@@ -128,7 +128,7 @@ def decide_sampling(
         chosen = sampling.draw(key, rhash) < rate
         if challenged:
             reason = "challenge"
-        elif prior < settings.verify_first_jobs:
+        elif prior < settings.verify.first_jobs:
             reason = "first_jobs"
         else:
             reason = "sampled" if chosen else "skipped"
@@ -190,11 +190,11 @@ def claim_for_verification(
             Receipt.state == "pending",
             VerificationTask.verify.is_(True),
             VerificationTask.outcome.is_(None),
-            VerificationTask.attempts < settings.verify_max_attempts,
+            VerificationTask.attempts < settings.verify.max_attempts,
             or_(VerificationTask.not_before.is_(None), VerificationTask.not_before <= now),
         )
         .order_by(Receipt.created_at)
-        .limit(settings.verify_batch)
+        .limit(settings.verify.batch)
     ).all()
     claimed: list[str] = []
     for rid, reason, rate in due:
@@ -209,15 +209,15 @@ def claim_for_verification(
                 .values(attempts=VerificationTask.attempts + 1, dispatched_at=now)
             )
             claimed.append(rid)
-    stale_before = now - timedelta(seconds=settings.verify_timeout_s)
+    stale_before = now - timedelta(seconds=settings.verify.timeout_s)
     stuck = session.execute(
         select(Receipt.id, VerificationTask.attempts)
         .join(VerificationTask, VerificationTask.receipt_id == Receipt.id)
         .where(Receipt.state == "verifying", Receipt.state_changed_at < stale_before)
-        .limit(settings.verify_batch)
+        .limit(settings.verify.batch)
     ).all()
     for rid, attempts in stuck:
-        if attempts >= settings.verify_max_attempts:
+        if attempts >= settings.verify.max_attempts:
             # No verifier finished it: never paid unverified, escalated to the operator.
             if transition(session, rid, "verifying", "escalated",
                           f"no verifier finished it in {attempts} attempts", now=now):
@@ -272,7 +272,7 @@ def close_expired_windows(
         select(Receipt.id)
         .where(Receipt.state == "pending", Receipt.window_closes_at <= now, decided, ~awaiting)
         .order_by(Receipt.window_closes_at)
-        .limit(settings.verify_batch)
+        .limit(settings.verify.batch)
     ).scalars().all()
     settled = []
     for rid in ids:
@@ -308,10 +308,10 @@ def slash(
         select(Node).where(Node.id == receipt.node_id).with_for_update()
     ).scalar_one()
     session.refresh(node)
-    amount = min(settings.slash_multiplier * receipt.cost, max(0, node.stake))
+    amount = min(settings.verify.slash_multiplier * receipt.cost, max(0, node.stake))
     fraud_count = node.fraud_count + 1
     reputation = sampling.reputation_after_fraud(node.reputation, settings)
-    suspend = node.suspended or fraud_count >= settings.suspend_after_frauds
+    suspend = node.suspended or fraud_count >= settings.verify.suspend_after_frauds
     session.execute(
         update(Node)
         .where(Node.id == node.id)
@@ -365,7 +365,7 @@ def release_unverifiable(
     attempts = session.execute(
         select(VerificationTask.attempts).where(VerificationTask.receipt_id == receipt_id)
     ).scalar() or 0
-    if attempts >= settings.verify_max_attempts:
+    if attempts >= settings.verify.max_attempts:
         if not transition(session, receipt_id, "verifying", "escalated",
                           f"{reason} (after {attempts} attempts: escalated, unpaid)", now=now,
                           verification=verification):
@@ -375,7 +375,7 @@ def release_unverifiable(
     if not transition(session, receipt_id, "verifying", "pending", reason, now=now,
                       verification=verification):
         return False
-    backoff = min(settings.verify_retry_s * 2 ** max(0, attempts - 1), 3600.0)
+    backoff = min(settings.verify.retry_s * 2 ** max(0, attempts - 1), 3600.0)
     session.execute(update(VerificationTask).where(VerificationTask.receipt_id == receipt_id)
                     .values(not_before=now + timedelta(seconds=backoff)))
     return True

@@ -1,6 +1,6 @@
 """The Celery application: ``celery -A market.worker.celery_app worker|beat``.
 
-Broker from ``settings.broker_url``: Redis in production
+Broker from ``settings.broker.url``: Redis in production
 (``redis://127.0.0.1:6379/0``), kombu's SQLAlchemy transport on SQLite by default
 (``sqla+sqlite:///.aidp/broker.db``). No result backend: tasks record their outcome
 in the database. Tasks are acknowledged late (a worker that dies mid-task leaves the
@@ -30,17 +30,17 @@ def _ensure_broker_dir(url: str) -> None:
 
 
 def _transport_options(settings: MarketSettings) -> dict[str, object]:
-    if settings.broker_url.startswith(("redis://", "rediss://")):
+    if settings.broker.url.startswith(("redis://", "rediss://")):
         # Redeliver an unacknowledged (acks_late) message after this long.
-        return {"visibility_timeout": max(3600, int(settings.verify_timeout_s * 2))}
+        return {"visibility_timeout": max(3600, int(settings.verify.timeout_s * 2))}
     # kombu's SQLAlchemy transport hands its options to create_engine: none needed.
     return {}
 
 
 def configure(app: Celery, settings: MarketSettings) -> Celery:
-    _ensure_broker_dir(settings.broker_url)
+    _ensure_broker_dir(settings.broker.url)
     app.conf.update(
-        broker_url=settings.broker_url,
+        broker_url=settings.broker.url,
         result_backend=None,
         task_ignore_result=True,
         task_acks_late=True,
@@ -57,8 +57,8 @@ def configure(app: Celery, settings: MarketSettings) -> Celery:
         beat_schedule={
             "verification-tick": {
                 "task": TICK_TASK,
-                "schedule": settings.verify_scan_interval_s,
-                "options": {"expires": max(1.0, settings.verify_scan_interval_s * 4)},
+                "schedule": settings.verify.scan_interval_s,
+                "options": {"expires": max(1.0, settings.verify.scan_interval_s * 4)},
             },
             **chain_beat_schedule(settings),  # on-chain settlement (market/chain)
         },

@@ -18,7 +18,7 @@ def beat_schedule(settings: MarketSettings) -> dict[str, dict[str, Any]]:
         return {"task": task, "schedule": every, "options": {"expires": max(1.0, every * 2)}}
 
     return {
-        "chain-funding": entry(FUNDING_TASK, settings.chain_deposit_interval_s),
-        "chain-settle": entry(SETTLE_TASK, settings.chain_settle_interval_s),
-        "chain-anchor": entry(ANCHOR_TASK, settings.chain_anchor_interval_s),
+        "chain-funding": entry(FUNDING_TASK, settings.chain.deposit_interval_s),
+        "chain-settle": entry(SETTLE_TASK, settings.chain.settle_interval_s),
+        "chain-anchor": entry(ANCHOR_TASK, settings.chain.anchor_interval_s),
     }

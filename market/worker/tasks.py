@@ -29,7 +29,7 @@ def sessions() -> sessionmaker[Session]:
     global _sessions
     with _sessions_lock:
         if _sessions is None:
-            _sessions = sync_session_factory(get_settings().database_url)
+            _sessions = sync_session_factory(get_settings().db.url)
         return _sessions
 
 

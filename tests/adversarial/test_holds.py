@@ -51,8 +51,8 @@ def _account(db: Database, account_id: str) -> tuple[int, int]:
 async def test_the_sweeper_releases_a_hold_left_by_a_dead_process(db_url: str) -> None:
     """Not only at start-up: a running market releases, within a sweep, the hold of a job
     another (dead) process left running past its deadline, and leaves live ones alone."""
-    market = start_market(db_url, hold_sweep_interval_s=0.2, hold_sweep_grace_s=0.0,
-                          cancel_receipt_timeout_s=0.1)
+    market = start_market(db_url, routing__hold_sweep_interval_s=0.2, routing__hold_sweep_grace_s=0.0,
+                          routing__cancel_receipt_timeout_s=0.1)
     try:
         db = market.state.db
         with db.session() as s:
@@ -143,14 +143,14 @@ async def test_a_market_killed_between_hold_and_finalize_releases_the_hold_on_re
     restarted market (its sweeper) fails the job and releases the hold; nothing is charged
     and the journal still explains every base unit."""
     port, model = free_port(), unique_model("crash")
-    env = {**os.environ, "AIDP_DATABASE_URL": db_url, "AIDP_PORT": str(port),
+    env = {**os.environ, "AIDP_DB__URL": db_url, "AIDP_PORT": str(port),
            "AIDP_HOST": "127.0.0.1", "AIDP_DATA_DIR": str(tmp_path),
            "AIDP_ADMIN_TOKEN": ADMIN_TOKEN, "AIDP_LIST_DEFAULT_MODEL": "false",
            "AIDP_MODELS": json.dumps({model: {"sha256": [fake_sha256(model)],
                                               "vocabulary": "fake"}}),
-           "AIDP_JOB_FIRST_TOKEN_TIMEOUT": "2", "AIDP_JOB_MAX_DURATION_S": "2",
-           "AIDP_HOLD_SWEEP_INTERVAL_S": "0.3", "AIDP_HOLD_SWEEP_GRACE_S": "0",
-           "AIDP_CANCEL_RECEIPT_TIMEOUT_S": "0.2", "AIDP_HEARTBEAT_INTERVAL": "0.5"}
+           "AIDP_ROUTING__JOB_FIRST_TOKEN_TIMEOUT": "2", "AIDP_LIMITS__JOB_MAX_DURATION_S": "2",
+           "AIDP_ROUTING__HOLD_SWEEP_INTERVAL_S": "0.3", "AIDP_ROUTING__HOLD_SWEEP_GRACE_S": "0",
+           "AIDP_ROUTING__CANCEL_RECEIPT_TIMEOUT_S": "0.2", "AIDP_ROUTING__HEARTBEAT_INTERVAL": "0.5"}
     url = f"http://127.0.0.1:{port}"
     process = _serve(env, tmp_path / "market.log")
     link = task = None

@@ -41,7 +41,7 @@ async def test_twenty_concurrent_requests_against_a_balance_for_three(
 
     prompt = len(FakeVocabulary().prompt_token_ids(generation_request(
         "chat", {"messages": messages, "max_tokens": max_tokens})))
-    hold = billing.worst_case_hold(prompt, max_tokens, *price, market.settings.market_fee_bps)
+    hold = billing.worst_case_hold(prompt, max_tokens, *price, market.settings.billing.market_fee_bps)
     buyer = market.buyer(credit=3 * hold + hold // 2)  # three holds, not four
     client = buyer.client(timeout=60)
 
@@ -74,7 +74,7 @@ async def test_credentials_and_size_are_checked_before_the_body_is_parsed(
         r = await http.post("/admin/accounts", content=b"{not json")
         assert r.status_code == 401
         # too big: 413 from Content-Length, and from a streamed body without one
-        big = b"x" * (market.settings.max_request_bytes + 1)
+        big = b"x" * (market.settings.limits.max_request_bytes + 1)
         r = await http.post("/v1/chat/completions", content=big,
                             headers={"Authorization": f"Bearer {buyer.key}"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"

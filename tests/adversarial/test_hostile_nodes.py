@@ -87,7 +87,7 @@ async def test_an_unlisted_model_or_weight_hash_is_refused_at_hello(hostile, mar
 async def test_advertised_concurrency_counts_only_up_to_the_cap(hostile, market) -> None:
     node = await hostile(unique_model("greedy"), serve_honestly, max_concurrency=100_000)
     conn = market.state.registry.links[node.node_id]
-    assert conn.max_concurrency == market.settings.node_max_concurrency
+    assert conn.max_concurrency == market.settings.limits.node_max_concurrency
 
 
 # ---- receipts that lie ------------------------------------------------------------------------
@@ -208,7 +208,7 @@ async def test_the_hold_is_exact_and_counts_the_prompt_as_the_market_tokenizes_i
     prompt = len(FakeVocabulary().prompt_token_ids(generation_request("chat", body)))
     assert reply.usage.prompt_tokens == prompt
     assert job.hold_amount == billing.worst_case_hold(prompt, 5, 1_000_000, 3_000_000,
-                                                      market.settings.market_fee_bps)
+                                                      market.settings.billing.market_fee_bps)
     assert job.charged_amount <= job.hold_amount
 
 
@@ -308,7 +308,7 @@ async def _link_closed(market: Market, node: HostileNode) -> None:
 async def test_an_oversized_frame_closes_the_nodes_link(hostile, market: Market) -> None:
     node = await hostile(unique_model("big"), serve_honestly)
     await node.send(json.dumps({"type": "status", "running": 0, "queued": 0,
-                                "pad": "x" * (market.settings.link_max_frame_bytes + 1)}))
+                                "pad": "x" * (market.settings.limits.link_max_frame_bytes + 1)}))
     await _link_closed(market, node)
 
 
@@ -316,7 +316,7 @@ async def test_a_flood_of_frames_closes_the_link_and_costs_the_node(hostile, mar
     node = await hostile(unique_model("flood"), serve_honestly)
     conn = market.state.registry.links[node.node_id]
     frame = json.dumps({"type": "status", "running": 0, "queued": 0})
-    burst = int(market.settings.link_messages_per_s * 3)
+    burst = int(market.settings.limits.link_messages_per_s * 3)
     try:
         for _ in range(burst):
             await node.send(frame)
@@ -331,7 +331,7 @@ async def test_malformed_frames_are_logged_a_few_times_then_the_link_closes(
 ) -> None:
     node = await hostile(unique_model("junk"), serve_honestly)
     caplog.set_level(logging.WARNING, logger="market.link")
-    for i in range(market.settings.link_max_malformed + 10):
+    for i in range(market.settings.limits.link_max_malformed + 10):
         try:
             await node.send(f'{{"type": "nonsense", "n": {i}}}')
         except Exception:
@@ -339,14 +339,14 @@ async def test_malformed_frames_are_logged_a_few_times_then_the_link_closes(
     await _link_closed(market, node)
     logged = [r for r in caplog.records if "sent a malformed frame" in r.getMessage()
               and node.node_id in r.getMessage()]
-    assert 1 <= len(logged) <= market.settings.link_malformed_logged
+    assert 1 <= len(logged) <= market.settings.limits.link_malformed_logged
 
 
 async def test_a_request_too_big_for_the_node_link_is_refused_before_dispatch(
     hostile, market: Market, buyer: Buyer
 ) -> None:
     node = await hostile(unique_model("link"), serve_honestly)
-    limit = market.settings.link_max_frame_bytes
+    limit = market.settings.limits.link_max_frame_bytes
     # fits the request body limit, but with max_tokens' worth of continuation ids the job
     # frame could outgrow the link
     with pytest.raises(openai.APIStatusError) as exc:

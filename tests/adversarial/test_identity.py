@@ -13,7 +13,7 @@ import pytest
 from market.db import Database
 from market.migrate import upgrade
 from market.secret_store import SAMPLING_KEY, get_or_create
-from market.settings import MarketSettings, exposure_problem
+from market.settings import MarketSettings, exposure_problem, nested
 from market.verify.sampling import sampling_key
 
 BIN = Path(sys.executable).parent
@@ -28,7 +28,7 @@ def test_the_sampling_key_is_random_per_market_and_shared_by_its_processes(
     for name in ("a", "b"):
         url = f"sqlite:///{tmp_path}/{name}.db"
         upgrade(url)
-        settings = MarketSettings(database_url=url, admin_token="the-same-admin-token" * 2)
+        settings = MarketSettings(**nested(dict(db__url=url, admin_token="the-same-admin-token" * 2)))
         first, second = Database(url), Database(url)  # two processes' connections
         with first.session() as s:
             key = sampling_key(s, settings)
@@ -59,7 +59,7 @@ def test_exposure_needs_a_real_admin_token(token: str, host: str, refused: bool)
 
 def test_serve_refuses_to_listen_publicly_with_the_default_token(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "AIDP_ADMIN_TOKEN"}
-    env.update(AIDP_DATA_DIR=str(tmp_path), AIDP_DATABASE_URL=f"sqlite:///{tmp_path}/m.db")
+    env.update(AIDP_DATA_DIR=str(tmp_path), AIDP_DB__URL=f"sqlite:///{tmp_path}/m.db")
     out = subprocess.run([str(BIN / "aidp-market"), "serve", "--host", "0.0.0.0"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2

@@ -122,13 +122,13 @@ async def test_idle_sockets_from_one_peer_cannot_lock_nodes_out(
     port = int(market.url.rsplit(":", 1)[1])
     idle = []
     try:
-        for _ in range(market.settings.link_max_pending_per_peer):
+        for _ in range(market.settings.limits.link_max_pending_per_peer):
             sock = socket.socket()
             sock.bind(("127.0.0.2", 0))  # the attacker's address (loopback, another one)
             sock.connect(("127.0.0.1", port))
             idle.append(await connect(f"ws://127.0.0.1:{port}/v1/node/link", sock=sock))
         await wait_for(lambda: market.state.pending_by_peer.get("127.0.0.2", 0) ==
-                       market.settings.link_max_pending_per_peer)
+                       market.settings.limits.link_max_pending_per_peer)
         sock = socket.socket()
         sock.bind(("127.0.0.2", 0))
         sock.connect(("127.0.0.1", port))
@@ -146,7 +146,7 @@ async def test_handshake_frames_after_the_handshake_are_bounded_like_malformed_o
 ) -> None:
     node = await hostile(unique_model("chatty"), serve_honestly)
     frame = json.dumps({"type": "auth", "signature": "x"})
-    for _ in range(market.settings.link_max_malformed + 5):
+    for _ in range(market.settings.limits.link_max_malformed + 5):
         try:
             await node.send(frame)
         except Exception:

@@ -22,7 +22,7 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import connect
 
 from market.app import create_app
-from market.settings import MarketSettings
+from market.settings import MarketSettings, nested
 from node_agent.link import NodeLink
 from protocol.keys import LINK_AUTH_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
@@ -72,10 +72,10 @@ def tls_market(tmp_path: Path, db_url: str):
     port = free_port()
     from tests.support.market import HEARTBEAT
 
-    settings = MarketSettings(database_url=db_url, data_dir=tmp_path, admin_token=ADMIN_TOKEN,
+    settings = MarketSettings(**nested(dict(db__url=db_url, data_dir=tmp_path, admin_token=ADMIN_TOKEN,
                               public_url=f"https://127.0.0.1:{port}", host="127.0.0.1",
-                              port=port, heartbeat_interval=HEARTBEAT, rate_limit_rpm=100_000,
-                              tls_certfile=cert_file, tls_keyfile=key_file)
+                              port=port, routing__heartbeat_interval=HEARTBEAT, limits__rate_limit_rpm=100_000,
+                              tls_certfile=cert_file, tls_keyfile=key_file)))
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            ssl_certfile=str(cert_file),

@@ -27,7 +27,7 @@ from market.migrate import upgrade
 from market.models import Account, Job, Node, Receipt, utcnow
 from market.onchain import bootstrap, service
 from market.onchain.runtime import ChainRuntime, load_identity
-from market.settings import MarketSettings
+from market.settings import MarketSettings, nested
 from tests.support.db import postgres_schema
 
 
@@ -168,19 +168,19 @@ class World:
 
 def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> MarketSettings:
     values: dict[str, Any] = {
-        "database_url": db_url,
+        "db__url": db_url,
         "data_dir": tmp_path / "data",
-        "broker_url": f"sqla+sqlite:///{tmp_path}/broker.db",
-        "chain_demo_wallets": 0,
-        "chain_demo_tokens": 0,
-        "chain_confirm_timeout_s": 20.0,
+        "broker__url": f"sqla+sqlite:///{tmp_path}/broker.db",
+        "chain__demo_wallets": 0,
+        "chain__demo_tokens": 0,
+        "chain__confirm_timeout_s": 20.0,
     }
     values.update(overrides)
-    return MarketSettings(**values)
+    return MarketSettings(**nested(values))
 
 
 async def make_world(settings: MarketSettings, ledger: Ledger) -> World:
-    sessions = sync_session_factory(settings.database_url)
+    sessions = sync_session_factory(settings.db.url)
     await bootstrap.init(settings, sessions, ledger=ledger)
     cfg, market, arbiter = load_identity(settings)
     return World(settings, sessions, ledger, ChainRuntime(settings, cfg, market, arbiter, ledger))

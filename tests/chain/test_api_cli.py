@@ -85,8 +85,8 @@ async def test_proof_endpoint_is_public_and_verifies_on_chain(db_world):
 
 
 async def test_init_is_idempotent_and_keys_are_private(tmp_path, db_url):
-    settings = make_settings(tmp_path, db_url, chain_demo_wallets=2,
-                             chain_demo_tokens=5_000_000)
+    settings = make_settings(tmp_path, db_url, chain__demo_wallets=2,
+                             chain__demo_tokens=5_000_000)
     sessions = sync_session_factory(db_url)
     ledger = open_ledger("inprocess", settings.data_dir)
     try:
@@ -110,9 +110,9 @@ async def test_init_is_idempotent_and_keys_are_private(tmp_path, db_url):
 
 
 def test_cli_init_status_reconcile(tmp_path, db_url):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AIDP_DATABASE_URL": db_url,
-           "AIDP_DATA_DIR": str(tmp_path / "data"), "AIDP_LEDGER_URL": "inprocess",
-           "AIDP_CHAIN_DEMO_WALLETS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AIDP_DB__URL": db_url,
+           "AIDP_DATA_DIR": str(tmp_path / "data"), "AIDP_CHAIN__LEDGER_URL": "inprocess",
+           "AIDP_CHAIN__DEMO_WALLETS": "1"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "market.cli", "chain", *args], cwd=REPO,

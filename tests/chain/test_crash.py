@@ -23,9 +23,9 @@ WORKER = """
 import asyncio, json, os, signal, sys
 from market.onchain import service, transfers
 from market.db import sync_session_factory
-from market.settings import MarketSettings
+from market.settings import MarketSettings, nested
 
-settings = MarketSettings(**json.loads(sys.argv[1]))
+settings = MarketSettings(**nested(json.loads(sys.argv[1])))
 point = sys.argv[2]
 
 def crash(at, row_id):
@@ -33,15 +33,15 @@ def crash(at, row_id):
         os.kill(os.getpid(), signal.SIGKILL)
 
 transfers.fault_hook = crash
-out = asyncio.run(service.run_steps(settings, sync_session_factory(settings.database_url),
+out = asyncio.run(service.run_steps(settings, sync_session_factory(settings.db.url),
                                     ["settle"]))
 print(json.dumps(out))
 """
 
 
 def run_worker(settings, point: str) -> subprocess.CompletedProcess[str]:
-    values = {"database_url": settings.database_url, "data_dir": str(settings.data_dir),
-              "ledger_url": settings.ledger_url, "broker_url": settings.broker_url}
+    values = {"db__url": settings.db.url, "data_dir": str(settings.data_dir),
+              "chain__ledger_url": settings.chain.ledger_url, "broker__url": settings.broker.url}
     return subprocess.run([sys.executable, "-c", WORKER, json.dumps(values), point], cwd=REPO,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -52,7 +52,7 @@ async def test_killed_worker_never_pays_twice(backend, request, tmp_path, db_url
     ledger = open_backend(backend, request, tmp_path)
     ledger_url = "inprocess" if backend == "inprocess" else request.getfixturevalue(
         "chain_server").url
-    settings = make_settings(tmp_path, db_url, ledger_url=ledger_url)
+    settings = make_settings(tmp_path, db_url, chain__ledger_url=ledger_url)
     world = await make_world(settings, ledger)
     buyer = world.account()
     node, kp = await world.node()

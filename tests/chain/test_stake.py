@@ -61,7 +61,8 @@ async def test_min_stake_policy(db_world):
     _, staked = await world.node(stake=2_000)
     _, bare = await world.node()
     off = world.settings
-    on = world.settings.model_copy(update={"min_stake": 1_500})
+    on = world.settings.model_copy(update={"chain": world.settings.chain.model_copy(
+        update={"min_stake": 1_500})})
     assert await has_min_stake(str(bare.pubkey()), off, ledger=world.ledger)
     assert await has_min_stake(str(staked.pubkey()), on, ledger=world.ledger)
     assert not await has_min_stake(str(bare.pubkey()), on, ledger=world.ledger)
@@ -109,12 +110,12 @@ async def test_link_rejects_a_node_below_min_stake(request, tmp_path, db_url):
     server = request.getfixturevalue("chain_server")
     ledger = open_ledger(server.url)
     try:
-        settings = make_settings(tmp_path, db_url, ledger_url=server.url)
+        settings = make_settings(tmp_path, db_url, chain__ledger_url=server.url)
         world = await make_world(settings, ledger)
         _, staked = await world.node(stake=2_000)
         _, bare = await world.node()
-        market = start_market(db_url, data_dir=settings.data_dir, ledger_url=server.url,
-                              min_stake=1_500)
+        market = start_market(db_url, data_dir=settings.data_dir, chain__ledger_url=server.url,
+                              chain__min_stake=1_500)
         try:
             market.list_model("staked-model", DeterministicEngine("staked-model").model.sha256)
             for keypair, welcomed in ((bare, False), (staked, True)):

@@ -20,7 +20,8 @@ from protocol.keys import UNBOND_DOMAIN, WITHDRAW_DOMAIN, sign
 
 
 def _rt(world, period_s: float):
-    settings = world.settings.model_copy(update={"unbonding_period_s": period_s})
+    settings = world.settings.model_copy(update={"chain": world.settings.chain.model_copy(
+        update={"unbonding_period_s": period_s})})
     return dataclasses.replace(world.rt, settings=settings)
 
 
@@ -225,8 +226,8 @@ async def test_unbond_and_withdraw_over_http_through_aidp_ledger(request, tmp_pa
     server = request.getfixturevalue("chain_server")
     ledger = open_ledger(server.url)
     try:
-        settings = make_settings(tmp_path, db_url, ledger_url=server.url,
-                                 unbonding_period_s=2, migrate_on_start=False)
+        settings = make_settings(tmp_path, db_url, chain__ledger_url=server.url,
+                                 chain__unbonding_period_s=2, migrate_on_start=False)
         world = await make_world(settings, ledger)
         _, operator = await world.node(stake=3_000)
         with TestClient(create_app(settings)) as client:

@@ -32,7 +32,7 @@ class Network:
 
     @property
     def database_url(self) -> str:
-        return self.env["AIDP_DATABASE_URL"]
+        return self.env["AIDP_DB__URL"]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "aidp-market"), *args], env=self.env, text=True,
@@ -47,11 +47,11 @@ def network(tmp_path_factory: pytest.TempPathFactory, artifacts_dir: Path) -> It
         **os.environ,
         "AIDP_DATA_DIR": str(data_dir),
         "AIDP_PORT": str(port),
-        "AIDP_DATABASE_URL": f"sqlite:///{data_dir}/market.db",
-        "AIDP_BROKER_URL": f"sqla+sqlite:///{data_dir}/broker.db",
-        "AIDP_CHALLENGE_WINDOW_S": "20",
-        "AIDP_CHAIN_ANCHOR_INTERVAL_S": "2",
-        "AIDP_CHAIN_SETTLE_INTERVAL_S": "5",
+        "AIDP_DB__URL": f"sqlite:///{data_dir}/market.db",
+        "AIDP_BROKER__URL": f"sqla+sqlite:///{data_dir}/broker.db",
+        "AIDP_VERIFY__CHALLENGE_WINDOW_S": "20",
+        "AIDP_CHAIN__ANCHOR_INTERVAL_S": "2",
+        "AIDP_CHAIN__SETTLE_INTERVAL_S": "5",
         "AIDP_NODE_METRICS_PORT": str(node_metrics_port),
     }
     up = subprocess.run(

@@ -23,7 +23,7 @@ from market.settings import get_settings
 
 def aidp_market(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     """The installed console script, in a child process."""
-    env = {**os.environ, "AIDP_DATABASE_URL": db_url}
+    env = {**os.environ, "AIDP_DB__URL": db_url}
     script = Path(sys.executable).with_name("aidp-market")
     return subprocess.run([str(script), *args], env=env, capture_output=True, text=True,
                           timeout=120)
@@ -32,7 +32,7 @@ def aidp_market(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def cli(db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     """``aidp-market`` in-process (the same ``main``), on this module's database."""
-    monkeypatch.setenv("AIDP_DATABASE_URL", db_url)
+    monkeypatch.setenv("AIDP_DB__URL", db_url)
     get_settings.cache_clear()
 
     def run(*args: str) -> tuple[int, str]:

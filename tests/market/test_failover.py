@@ -179,7 +179,7 @@ async def test_receipts_stored_per_segment(buyer: Buyer, market: Market, nodes: 
         assert receipt.output_text == reply.choices[0].message.content
         cost = node_cost(receipt.prompt_tokens, 7, 1_000, 2_000)
         assert receipt.node_earning == cost
-        assert receipt.fee == market_fee(cost, market.settings.market_fee_bps)
+        assert receipt.fee == market_fee(cost, market.settings.billing.market_fee_bps)
         assert job.charged_amount == receipt.cost == cost + receipt.fee
 
 
@@ -198,7 +198,7 @@ async def test_client_disconnect_cancels_node_and_bills_produced(
     produced = job["completion_tokens"]
     assert 5 <= produced < 100
     # 1 base unit per token at 1,000,000 per Mtok, plus the market fee
-    assert job["charged"] == produced + market_fee(produced, market.settings.market_fee_bps)
+    assert job["charged"] == produced + market_fee(produced, market.settings.billing.market_fee_bps)
     account = buyer.get("/v1/account")
     assert account["held"] == 0
     assert account["balance"] == 10**9 - job["charged"]
@@ -233,7 +233,7 @@ async def test_disconnect_without_a_receipt_bills_relayed_tokens(
     assert 5 <= produced < 100
     # No receipt: the relayed tokens are billed at the node's price, nobody is paid for them.
     assert _receipts(market, job["id"]) == []
-    assert job["charged"] == produced + market_fee(produced, market.settings.market_fee_bps)
+    assert job["charged"] == produced + market_fee(produced, market.settings.billing.market_fee_bps)
     assert buyer.get("/v1/account")["held"] == 0
 
 

@@ -400,6 +400,6 @@ async def test_silent_node_mid_job_fails_over(buyer: Buyer, market: Market, node
         text, _ = await expected_output("chat", model, 8, messages=messages)
         assert reply.choices[0].message.content == text
         # failed over by the health monitor, far sooner than the first-token timeout
-        assert time.monotonic() - started < market.settings.job_first_token_timeout
+        assert time.monotonic() - started < market.settings.routing.job_first_token_timeout
     finally:
         await hung.close()

@@ -270,7 +270,7 @@ async def test_no_healthy_node_is_503(buyer: Buyer, nodes: Nodes) -> None:
 async def test_rate_limit_is_429_with_retry_after(db_url: str) -> None:
     from tests.support.market import start_market
 
-    small = start_market(db_url, rate_limit_rpm=2)
+    small = start_market(db_url, limits__rate_limit_rpm=2)
     try:
         buyer = small.buyer()
         client = buyer.client()
@@ -298,7 +298,7 @@ async def test_charge_is_node_cost_plus_fee_and_hold_released(market: Market, no
     usage = reply.usage
     assert usage is not None
     cost = node_cost(usage.prompt_tokens, usage.completion_tokens, 3_000, 50_000)
-    fee = market_fee(cost, market.settings.market_fee_bps)
+    fee = market_fee(cost, market.settings.billing.market_fee_bps)
     account = buyer.get("/v1/account")
     assert account["held"] == 0
     assert account["balance"] == 1_000_000 - cost - fee

@@ -166,14 +166,14 @@ class RealMarket:
         import uvicorn
 
         from market.app import create_app
-        from market.settings import MarketSettings
+        from market.settings import MarketSettings, nested
         from tests.support.net import free_port
 
         self.port = free_port()
         from inference.fake import fake_sha256
 
         values: dict[str, Any] = {
-            "database_url": f"sqlite:///{db_path}",
+            "db__url": f"sqlite:///{db_path}",
             "data_dir": str(Path(db_path).parent),
             # the deterministic engine's test model; SmolLM2 is listed by default
             "models": {"node-it-model": {"sha256": [fake_sha256("node-it-model")],
@@ -181,13 +181,13 @@ class RealMarket:
             "host": "127.0.0.1",
             "port": self.port,
             "admin_token": ADMIN_TOKEN,
-            "heartbeat_interval": 0.5,
-            "job_first_token_timeout": 30.0,
-            "rate_limit_rpm": 1_000_000,
-            "challenge_window_s": 3600.0,
+            "routing__heartbeat_interval": 0.5,
+            "routing__job_first_token_timeout": 30.0,
+            "limits__rate_limit_rpm": 1_000_000,
+            "verify__challenge_window_s": 3600.0,
         }
         values.update(overrides)
-        self.settings = MarketSettings(**values)
+        self.settings = MarketSettings(**nested(values))
         self.app = create_app(self.settings)
         config = uvicorn.Config(
             self.app,

@@ -197,7 +197,7 @@ def test_cli_help_explains_usage():
         text=True,
         check=True,
     ).stdout
-    for words in ("--port", "--data-dir", "ready", "AIDP_LEDGER_URL"):
+    for words in ("--port", "--data-dir", "ready", "AIDP_CHAIN__LEDGER_URL"):
         assert words in out
     top = subprocess.run(
         [sys.executable, "-m", "chain.localnet.cli"], cwd=REPO, capture_output=True, text=True

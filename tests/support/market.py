@@ -25,7 +25,7 @@ import uvicorn
 from solders.keypair import Keypair
 
 from market.app import create_app
-from market.settings import MarketSettings
+from market.settings import MarketSettings, nested
 from node_agent.link import NodeLink
 from tests.support.db import postgres_schema
 from tests.support.engines import DeterministicEngine
@@ -128,19 +128,19 @@ class Buyer:
 def start_market(db_url: str, **overrides: Any) -> Market:
     port = free_port()
     values: dict[str, Any] = {
-        "database_url": db_url,
+        "db__url": db_url,
         "data_dir": tempfile.mkdtemp(prefix="aidp-market-"),
         "host": "127.0.0.1",
         "port": port,
         "admin_token": ADMIN_TOKEN,
-        "heartbeat_interval": HEARTBEAT,
-        "job_first_token_timeout": 10.0,
-        "rate_limit_rpm": 100_000,
-        "sse_keepalive_s": 1.0,
-        "challenge_window_s": 3600.0,
+        "routing__heartbeat_interval": HEARTBEAT,
+        "routing__job_first_token_timeout": 10.0,
+        "limits__rate_limit_rpm": 100_000,
+        "routing__sse_keepalive_s": 1.0,
+        "verify__challenge_window_s": 3600.0,
     }
     values.update(overrides)
-    settings = MarketSettings(**values)
+    settings = MarketSettings(**nested(values))
     app = create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                             ws_ping_interval=None, lifespan="on")

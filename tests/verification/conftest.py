@@ -26,7 +26,7 @@ from market.migrate import upgrade
 from market.models import Job, Node, NodeModel, new_id
 from market.money import billing
 from market.money.accounts import create_account
-from market.settings import MarketSettings
+from market.settings import MarketSettings, nested
 from market.verify.engine import run_sync
 from node_agent.receipts import build_receipt
 from protocol.receipt import SignedReceipt
@@ -105,14 +105,14 @@ def sessions(db_url: str) -> sessionmaker[Session]:
 
 def make_settings(db_url: str, tmp_path: Path, **overrides: Any) -> MarketSettings:
     values: dict[str, Any] = {
-        "database_url": db_url,
+        "db__url": db_url,
         "data_dir": tmp_path,
-        "broker_url": f"sqla+sqlite:///{tmp_path}/broker.db",
-        "challenge_window_s": 3600.0,
-        "verify_first_jobs": 20,
+        "broker__url": f"sqla+sqlite:///{tmp_path}/broker.db",
+        "verify__challenge_window_s": 3600.0,
+        "verify__first_jobs": 20,
     }
     values.update(overrides)
-    return MarketSettings(**values)
+    return MarketSettings(**nested(values))
 
 
 @dataclass
@@ -239,14 +239,14 @@ def redis_test_url(base: str) -> str:
 def worker_env(settings: MarketSettings) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "AIDP_DATABASE_URL": settings.database_url,
-        "AIDP_BROKER_URL": settings.broker_url,
+        "AIDP_DB__URL": settings.db.url,
+        "AIDP_BROKER__URL": settings.broker.url,
         "AIDP_DATA_DIR": str(settings.data_dir),
-        "AIDP_CHALLENGE_WINDOW_S": str(settings.challenge_window_s),
-        "AIDP_VERIFY_FIRST_JOBS": str(settings.verify_first_jobs),
-        "AIDP_VERIFY_SAMPLE_RATE": str(settings.verify_sample_rate),
-        "AIDP_VERIFY_SCAN_INTERVAL_S": str(settings.verify_scan_interval_s),
-        "AIDP_SUSPEND_AFTER_FRAUDS": str(settings.suspend_after_frauds),
-        "AIDP_VERIFIER_THREADS": "2",
+        "AIDP_VERIFY__CHALLENGE_WINDOW_S": str(settings.verify.challenge_window_s),
+        "AIDP_VERIFY__FIRST_JOBS": str(settings.verify.first_jobs),
+        "AIDP_VERIFY__SAMPLE_RATE": str(settings.verify.sample_rate),
+        "AIDP_VERIFY__SCAN_INTERVAL_S": str(settings.verify.scan_interval_s),
+        "AIDP_VERIFY__SUSPEND_AFTER_FRAUDS": str(settings.verify.suspend_after_frauds),
+        "AIDP_VERIFY__THREADS": "2",
     })
     return env

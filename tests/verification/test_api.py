@@ -41,8 +41,8 @@ def _tick(world: World, settings) -> None:
 def test_challenge_flow(world: World, db_url: str, tmp_path: Path, keys, honest_engine) -> None:
     own, foreign = keys
     # No automatic sampling here: only the buyer's challenge triggers re-execution.
-    settings = make_settings(db_url, tmp_path, verify_first_jobs=0, verify_sample_rate=0.0,
-                             verify_low_reputation=0.0)
+    settings = make_settings(db_url, tmp_path, verify__first_jobs=0, verify__sample_rate=0.0,
+                             verify__low_reputation=0.0)
     honest_id, honest_kp = world.add_node(honest_engine)
     cheat_id, cheat_kp = world.add_node(honest_engine)
     cheater = EditingEngine(honest_engine, mode="text")

@@ -52,8 +52,8 @@ def _wait_final(world: World, job_ids: list[str], timeout: float, proc: subproce
 def test_worker_settles_and_slashes(world: World, db_url: str, tmp_path: Path, broker_url: str,
                                     honest_engine) -> None:
     settings = make_settings(
-        db_url, tmp_path, broker_url=broker_url, verify_first_jobs=1, verify_sample_rate=0.0,
-        verify_scan_interval_s=0.5, suspend_after_frauds=2, challenge_window_s=2.0,
+        db_url, tmp_path, broker__url=broker_url, verify__first_jobs=1, verify__sample_rate=0.0,
+        verify__scan_interval_s=0.5, verify__suspend_after_frauds=2, verify__challenge_window_s=2.0,
     )
     honest_id, honest_kp = world.add_node(honest_engine, reputation=0.9)
     first = serve_job(world, honest_id, honest_kp, honest_engine, BODY, window_s=3600)

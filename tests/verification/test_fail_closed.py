@@ -57,8 +57,8 @@ def test_an_unverifiable_sampled_receipt_is_retried_escalated_and_never_paid(
     world, honest_engine, db_url, tmp_path: Path
 ) -> None:
     settings = make_settings(db_url, tmp_path,
-                             verify_first_jobs=20, verify_max_attempts=3, verify_retry_s=10,
-                             challenge_window_s=60)
+                             verify__first_jobs=20, verify__max_attempts=3, verify__retry_s=10,
+                             verify__challenge_window_s=60)
     node_id, keypair = world.add_node(honest_engine, reputation=0.5)
     served = serve_job(world, node_id, keypair, honest_engine,
                        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,

@@ -38,7 +38,7 @@ def _run_until_quiet(world: World, settings, rounds: int = 5) -> None:
 
 def test_honest_settles_and_cheats_are_slashed(world: World, db_url: str, tmp_path: Path,
                                                honest_engine, different_model_engine) -> None:
-    settings = make_settings(db_url, tmp_path, verify_first_jobs=20)
+    settings = make_settings(db_url, tmp_path, verify__first_jobs=20)
     honest_id, honest_kp = world.add_node(honest_engine)
     body = {"messages": [{"role": "user", "content": "Name three colours."}],
             "max_tokens": 24, "temperature": 0}
@@ -92,8 +92,8 @@ def test_honest_settles_and_cheats_are_slashed(world: World, db_url: str, tmp_pa
 
 def test_window_closes_unsampled_receipts(world: World, db_url: str, tmp_path: Path,
                                           honest_engine) -> None:
-    settings = make_settings(db_url, tmp_path, verify_first_jobs=0, verify_sample_rate=0.0,
-                             verify_low_reputation=0.0)
+    settings = make_settings(db_url, tmp_path, verify__first_jobs=0, verify__sample_rate=0.0,
+                             verify__low_reputation=0.0)
     node_id, kp = world.add_node(honest_engine)
     body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8,
             "temperature": 0}

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from market.settings import MarketSettings
-from market.verify.reexec import tolerances_from_settings
 from tests.verification.workload import generate, honest_jobs, verify
 
 pytestmark = pytest.mark.slow
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(1500)
 def test_200_honest_jobs_pass(honest_engine, artifacts_dir) -> None:
-    tol = tolerances_from_settings(MarketSettings())
+    tol = MarketSettings().verify.tolerances
     failures = []
     stats = {"greedy_max_gap": 0.0, "sampled_max_z": -1e9, "min_eog_tempered": 0.0,
              "stops_checked": 0, "gen_s": 0.0, "score_s": 0.0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from inference.base import PositionScore
-from market.settings import MarketSettings
+from market.settings import MarketSettings, nested
 from market.verify.reexec import Tolerances, judge
 from market.verify.sampling import (
     draw,
@@ -62,7 +62,7 @@ def test_truncation() -> None:
 
 
 def test_sampling_policy_and_reputation() -> None:
-    s = MarketSettings(verify_first_jobs=3, verify_sample_rate=0.05, verify_low_reputation=0.5)
+    s = MarketSettings(**nested(dict(verify__first_jobs=3, verify__sample_rate=0.05, verify__low_reputation=0.5)))
     assert sample_rate(s, prior_jobs=0, reputation=0.9) == 1.0
     assert sample_rate(s, prior_jobs=3, reputation=0.9) == 0.05
     assert sample_rate(s, prior_jobs=3, reputation=0.25) > 0.5

@@ -59,8 +59,8 @@ class Loop:
 
 def test_network_honest_settles_cheater_slashed(tmp_path: Path, sessions, db_url) -> None:
     port = free_port()
-    settings = make_settings(db_url, tmp_path, verify_first_jobs=20,
-                             verify_scan_interval_s=0.5, port=port)
+    settings = make_settings(db_url, tmp_path, verify__first_jobs=20,
+                             verify__scan_interval_s=0.5, port=port)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     server_thread = threading.Thread(target=server.run, daemon=True)
