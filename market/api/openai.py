@@ -1,5 +1,6 @@
 """The buyer's OpenAI-compatible API: models, chat/completions (streamed or not), batch,
-account and usage."""
+account and usage. Thin: bodies become a ``JobOrder``, the job runs in a ``JobSession``
+(``market.gateway.session``), its events become OpenAI's response shapes here."""
 
 from __future__ import annotations
 
@@ -8,16 +9,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from inference.base import EngineError
-from inference.convert import engine_request
-from inference.vocab import Vocabulary
 from market.api.schemas import (
     BatchRequest,
     ChatCompletionRequest,
@@ -28,32 +24,19 @@ from market.api.schemas import (
     usage_dict,
 )
 from market.api.sse import EventStreamResponse
-from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
+from market.errors import APIError, BadRequest, UpstreamFailed
 from market.gateway.auth import Buyer, authenticate, market_state
-from market.gateway.jobs import JobRunner, JobSpec
+from market.gateway.session import JobOrder, JobSession
 from market.gateway.state import MarketState
 from market.metrics import endpoint_label
-from market.models import Job, new_id, utcnow
-from market.money import accounts, billing
+from market.money import accounts
 from market.settings import MarketSettings
-from protocol.job import InvalidJobRequest, JobRequest
-from protocol.messages import Job as JobMessage
-from protocol.messages import encode
+from protocol.job import InvalidJobRequest
 
 router = APIRouter()
 
 _END = object()
 BATCH_CONCURRENCY = 16
-# prompts longer than this are tokenized in a worker thread, not on the event loop
-TOKENIZE_INLINE_CHARS = 16_384
-# JSON bytes one continuation token id may add to a job frame ("262143," is 7)
-CONTINUATION_ID_BYTES = 8
-# a job frame's bytes beyond its prompt text and continuation (ids, sampling, stop strings)
-FRAME_OVERHEAD_BYTES = 16_384
-MESSAGE_OVERHEAD_CHARS = 64  # a message's role, name and JSON punctuation
-# a finalize the database refused is retried after these pauses (doubling)
-FINALIZE_RETRY_FIRST_S = 0.5
-FINALIZE_RETRY_MAX_S = 30.0
 
 log = logging.getLogger("market.api")
 
@@ -62,246 +45,21 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-# ---- the job lifecycle ------------------------------------------------------------------
-
-
-def _count_prompt(vocabulary: Vocabulary, request: JobRequest) -> int:
-    """The rendered prompt's tokens, counted as a node must count them."""
-    try:
-        return len(vocabulary.prompt_token_ids(engine_request(request)))
-    except EngineError as exc:
-        raise BadRequest(f"the prompt cannot be rendered for this model: {exc}",
-                         code=exc.code) from None
-
-
-def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> None:
-    """413 unless the job frame fits the node link however far it fails over (the
-    continuation ids it may carry included). Encoded only when a cheap bound does not
-    already show it fits (a character is at most 6 bytes of JSON)."""
-    max_tokens = spec.request.sampling.max_tokens
-    if prompt_chars * 6 + FRAME_OVERHEAD_BYTES + max_tokens * CONTINUATION_ID_BYTES \
-            <= settings.limits.link_max_frame_bytes:
-        return
-    message = JobMessage(job_id=spec.job_id, request=spec.request, deadline=0.0)
-    frame = len(encode(message).encode())
-    worst = frame + max_tokens * CONTINUATION_ID_BYTES
-    if worst > settings.limits.link_max_frame_bytes:
-        raise PayloadTooLarge(
-            f"this request needs up to {worst} bytes on the node link, more than its "
-            f"{settings.limits.link_max_frame_bytes}: send a shorter prompt or a smaller max_tokens")
-
-
-@dataclass(frozen=True)
-class _Quote:
-    """What a job may cost, from the market's own count of its prompt."""
-
-    prompt_tokens: int
-    prices: tuple[int, int]  # (input, output) per 1M tokens the hold covers
-    hold: int
-
-
-async def _quote(state: MarketState, body: GenerationRequestBody, vocabulary: Vocabulary,
-                 request: JobRequest) -> _Quote:
-    """Count the prompt as a node must, check it fits a node, price the worst case."""
-    settings, cap = state.settings, body.max_price_per_mtok
-    if body.prompt_chars() > TOKENIZE_INLINE_CHARS:
-        prompt_tokens = await asyncio.to_thread(_count_prompt, vocabulary, request)
-    else:
-        prompt_tokens = _count_prompt(vocabulary, request)
-    context = state.router.max_context(body.model, cap)
-    if prompt_tokens >= context:
-        raise BadRequest(
-            f"the prompt is {prompt_tokens} tokens; the longest context any node serving "
-            f"'{body.model}' offers is {context}",
-            param="messages" if body.kind == "chat" else "prompt",
-            code="context_length_exceeded")
-    prices = state.router.hold_prices(body.model, cap, prompt_tokens + 1,
-                                      settings.routing.hold_price_nodes, settings.routing.hold_price_spread)
-    hold = billing.worst_case_hold(prompt_tokens, request.sampling.max_tokens, *prices,
-                                   settings.billing.market_fee_bps)
-    return _Quote(prompt_tokens, prices, hold)
-
-
-async def open_job(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> JobRunner:
-    """Check the model and capacity, count the prompt, hold the worst case, store the job."""
-    settings = state.settings
-    state.catalog.require(body.model)
-    state.router.ensure_available(body.model, body.max_price_per_mtok)
-    vocabulary = await state.catalog.vocabulary(body.model)
+def job_order(body: GenerationRequestBody, settings: MarketSettings) -> JobOrder:
+    """The typed job a body asks for (400 when the job contract refuses it)."""
     try:
         request = body.job_request(settings.billing.default_max_tokens)
     except InvalidJobRequest as exc:
         raise BadRequest(str(exc)) from None
-    quote = await _quote(state, body, vocabulary, request)
-    lifetime = settings.routing.job_first_token_timeout + settings.limits.job_max_duration_s
-    spec = JobSpec(
-        job_id=new_id("job"),
-        request=request,
-        vocabulary=vocabulary,
-        prompt_tokens=quote.prompt_tokens,
-        hold=quote.hold,
-        price_bound=quote.prices,
-        deadline=asyncio.get_running_loop().time() + lifetime,
-        price_cap=body.max_price_per_mtok,
-    )
-    _check_frame(spec, settings, body.prompt_chars() + MESSAGE_OVERHEAD_CHARS * len(
-        getattr(body, "messages", ())))
-    job = Job(
-        id=spec.job_id,
-        account_id=buyer.account_id,
-        api_key_id=buyer.key_id,
-        model=body.model,
-        kind=body.kind,
-        request=request.model_dump(mode="json"),
-        stream=body.stream,
-        status="running",
-        hold_amount=quote.hold,
-        deadline_at=utcnow() + timedelta(seconds=lifetime),
-    )
-    runner = JobRunner(state, spec)
-    runner.hold_written = await _place_hold(state, buyer, job)
-    return runner
-
-
-async def _place_hold(state: MarketState, buyer: Buyer, job: Job) -> asyncio.Future[int] | None:
-    """Write the job and its hold. When the in-memory balance covers it, the write goes
-    behind and the job starts now (the returned future; ``market.gateway.funds``); otherwise the
-    write is awaited (402 when the database refuses it)."""
-    hold = job.hold_amount
-    if state.funds.try_reserve(buyer.account_id, hold) or await _reserve_after_refresh(
-        state, buyer.account_id, hold
-    ):
-        hold_written = asyncio.ensure_future(
-            state.writer.submit(lambda session: billing.open_job(session, job)))
-        hold_written.add_done_callback(
-            lambda done: state.funds.committed(
-                buyer.account_id, hold,
-                None if done.cancelled() or done.exception() else done.result()))
-        return hold_written
-    try:
-        available = await state.writer.submit(lambda session: billing.open_job(session, job))
-    except asyncio.CancelledError:
-        # The buyer left while the hold was being placed: release it once it is written.
-        state.spawn(finalize_unstarted(state, job.id))
-        raise
-    state.funds.observe(buyer.account_id, available)
-    return None
-
-
-async def _reserve_after_refresh(state: MarketState, account_id: str, hold: int) -> bool:
-    """When the cached balance is unknown or stale, read it (one query shared by the
-    account's concurrent requests) and try again; too little stays a "no"."""
-    if state.funds.is_fresh(account_id):
-        return False
-
-    async def read() -> int:
-        async with state.db.async_sessions() as session:
-            return await session.run_sync(billing.spendable_balance, account_id)
-
-    await state.funds.refresh(account_id, read)
-    return state.funds.try_reserve(account_id, hold)
-
-
-async def finalize(state: MarketState, runner: JobRunner) -> None:
-    await runner.wind_down()
-    if runner.hold_written is not None:
-        try:
-            await runner.hold_written
-        except APIError as exc:  # the database refused the hold: no job, nothing to bill
-            runner.error = exc
-            return
-    outcome = runner.outcome()
-    job_id = runner.spec.job_id
-    try:
-        await _write_outcome(state, job_id, outcome)
-    except billing.HoldExceeded:
-        log.error("job %s: finalize refused, it would charge beyond the hold", job_id)
-        raise
-    except Exception as exc:  # the database is away: the outcome is kept until it lands
-        log.warning("job %s: finalize failed (%r); retrying until it lands", job_id, exc)
-        state.finalizing.add(job_id)
-        state.spawn(_finalize_until_it_lands(state, job_id, outcome))
-    metrics = state.metrics
-    model = runner.spec.model
-    if runner.first_token_at is not None:
-        metrics.ttft.labels(model).observe(runner.first_token_at - runner.started)
-    metrics.tokens.labels(model, "prompt").inc(outcome.prompt_tokens)
-    metrics.tokens.labels(model, "completion").inc(outcome.completion_tokens)
-    metrics.charged.inc(sum(s.cost for s in outcome.segments) + outcome.unreceipted_charge)
-
-
-async def _write_outcome(state: MarketState, job_id: str, outcome: billing.Outcome) -> bool:
-    window = state.settings.verify.challenge_window_s
-    return bool(await state.writer.submit(
-        lambda session: billing.finalize_job(session, job_id, outcome, challenge_window_s=window)
-    ))
-
-
-async def _finalize_until_it_lands(state: MarketState, job_id: str,
-                                   outcome: billing.Outcome) -> None:
-    """Retry a finalize (receipts, charge, hold release) with a growing pause until the
-    database takes it; the hold sweeper leaves the job alone meanwhile."""
-    delay = FINALIZE_RETRY_FIRST_S
-    try:
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await _write_outcome(state, job_id, outcome)
-                log.info("job %s: finalized after a retry", job_id)
-                return
-            except billing.HoldExceeded:
-                log.error("job %s: finalize refused, it would charge beyond the hold", job_id)
-                return
-            except Exception as exc:
-                log.warning("job %s: finalize retry failed (%r)", job_id, exc)
-                delay = min(delay * 2, FINALIZE_RETRY_MAX_S)
-    finally:
-        state.finalizing.discard(job_id)
-
-
-async def finalize_unstarted(state: MarketState, job_id: str) -> None:
-    outcome = billing.Outcome(status="cancelled", error="client disconnected")
-    await state.writer.submit(
-        lambda session: billing.finalize_job(session, job_id, outcome, challenge_window_s=0)
-    )
-
-
-async def _abandon(state: MarketState, runner: JobRunner, events: Any) -> None:
-    """The buyer went away: close the runner (sends ``cancel``) and bill what was produced."""
-    runner.cancelled = True
-    try:
-        await events.aclose()
-    finally:
-        await finalize(state, runner)
-
-
-async def _guarded(state: MarketState, runner: JobRunner, events: Any, step: Any) -> Any:
-    """Await ``step`` (work on the runner's events). If it fails, finalize the job as
-    failed; if the request is cancelled (buyer gone), abandon the job. Re-raises."""
-    try:
-        return await step
-    except asyncio.CancelledError:
-        state.spawn(_abandon(state, runner, events))
-        raise
-    except Exception as exc:
-        runner.error = exc if isinstance(exc, APIError) else UpstreamFailed(str(exc))
-        await finalize(state, runner)
-        raise
-
-
-async def _drain(events: AsyncIterator[str | None]) -> None:
-    async for _ in events:
-        pass
+    return JobOrder(request=request, stream=body.stream, price_cap=body.max_price_per_mtok,
+                    prompt_chars=body.prompt_chars(), messages=len(getattr(body, "messages", ())))
 
 
 async def complete(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> dict[str, Any]:
     """Run a non-streamed request to the end; returns the OpenAI response body."""
-    runner = await open_job(state, buyer, body)
-    events = runner.events()
-    await _guarded(state, runner, events, _drain(events))
-    await finalize(state, runner)
-    if runner.error is not None:
-        raise runner.error
+    job = await JobSession.open(state, buyer, job_order(body, state.settings))
+    await job.run_to_end()
+    runner = job.runner
     prefix = "chatcmpl-" if body.kind == "chat" else "cmpl-"
     return completion_response(
         body.kind, prefix + runner.spec.job_id, body.model, runner.text,
@@ -311,14 +69,14 @@ async def complete(state: MarketState, buyer: Buyer, body: GenerationRequestBody
 
 async def _sse(
     state: MarketState,
-    runner: JobRunner,
+    job: JobSession,
     events: AsyncIterator[str | None],
     first: Any,
     body: GenerationRequestBody,
     request_path: str,
     started: float,
 ) -> AsyncIterator[str]:
-    kind, model = body.kind, body.model
+    kind, model, runner = body.kind, body.model, job.runner
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + runner.spec.job_id
     created = int(time.time())
     sent_first = False
@@ -347,7 +105,7 @@ async def _sse(
                 runner.error = exc if isinstance(exc, APIError) else UpstreamFailed(str(exc))
                 event = _END
         finished = True
-        await finalize(state, runner)
+        await job.finalize()
         if runner.error is not None:
             yield f"data: {_dumps(runner.error.body())}\n\n"
         else:
@@ -366,7 +124,7 @@ async def _sse(
     finally:
         if not finished:
             # Client disconnect (the response task is being cancelled): no awaiting here.
-            state.spawn(_abandon(state, runner, events))
+            state.spawn(job.abandon(events))
 
 
 async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) -> Any:
@@ -377,13 +135,13 @@ async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) 
     try:
         if not body.stream:
             return JSONResponse(await complete(state, buyer, body))
-        runner = await open_job(state, buyer, body)
-        events = runner.events()
+        job = await JobSession.open(state, buyer, job_order(body, state.settings))
+        events = job.runner.events()
         # The first event (or failure) before answering: errors keep their HTTP status.
-        first = await _guarded(state, runner, events, anext(events, _END))
+        first = await job.guarded(events, anext(events, _END))
         streaming = True  # _sse observes the latency when the stream ends
         return EventStreamResponse(
-            _sse(state, runner, events, first, body, endpoint, started),
+            _sse(state, job, events, first, body, endpoint, started),
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     finally:
@@ -483,5 +241,4 @@ async def usage(
         return await session.run_sync(accounts.usage, buyer.account_id, limit)
 
 
-__all__ = ["router", "complete", "open_job", "finalize", "ChatCompletionRequest",
-           "CompletionRequest"]
+__all__ = ["router", "complete", "job_order", "ChatCompletionRequest", "CompletionRequest"]
