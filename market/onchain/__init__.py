@@ -5,8 +5,6 @@ anchors (``settle``, ``proofs``), ``reconcile``, ``bootstrap`` (``aidp-market ch
 init``) and unbonding. The Celery tasks live in ``market.worker``, the HTTP routes in
 ``market.api``, the chain calls themselves in ``chain/``.
 
-The modules whose transfers ``transfers.drive`` sends register their handlers when
-imported; importing the package imports them all, so a handler is always there.
+``transfers.drive`` is given the table of handlers (``handlers.HANDLERS``: how each kind
+of transfer is built and what confirming it records); each kind's module exports its part.
 """
-
-from market.onchain import allowance, bootstrap, settle, unbonding  # noqa: F401  (handlers)

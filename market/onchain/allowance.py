@@ -213,8 +213,6 @@ def _confirm_pull(rt: ChainRuntime, session: Session, row: ChainTransfer, st: Tx
                             account_id=account_id, memo=f"pulled on chain {row.signature}"))
 
 
-transfers.register("pull", transfers.Handler(_build_pull, _confirm_pull))
-
 
 async def plan_pulls(rt: ChainRuntime, sessions: sessionmaker[Session]) -> list[int]:
     """Plan one pull per account that owes charges; cancel unsent pulls the allowance no
@@ -257,3 +255,9 @@ async def plan_pulls(rt: ChainRuntime, sessions: sessionmaker[Session]) -> list[
             )
             ids.append(row.id)
     return ids
+
+
+#: the transfers this module plans, for ``market.onchain.handlers``
+HANDLERS: transfers.Handlers = {
+    "pull": transfers.Handler(_build_pull, _confirm_pull),
+}

@@ -130,7 +130,7 @@ async def _local_funding(
         )
     if row.state != "confirmed":
         rt = ChainRuntime(settings, cfg, market, load_keypair(base / "arbiter.json"), ledger)
-        outcome = await transfers.drive(rt, sessions, [row.id])
+        outcome = await transfers.drive(rt, sessions, [row.id], HANDLERS)
         if outcome.confirmed:
             result.created.append(f"backed the deposit account with {tokens} base units")
 
@@ -144,8 +144,6 @@ def _build_mint(
         spl.memo(row.memo or "", [cfg.market_pk]),
     ], []
 
-
-transfers.register("mint", transfers.Handler(_build_mint))
 
 
 async def stake_from_demo_wallet(settings: MarketSettings, node: Keypair, amount: int, *,
@@ -176,3 +174,9 @@ async def stake_from_demo_wallet(settings: MarketSettings, node: Keypair, amount
     finally:
         if own:
             await led.close()
+
+
+#: the transfers this module plans, for ``market.onchain.handlers``
+HANDLERS: transfers.Handlers = {
+    "mint": transfers.Handler(_build_mint),
+}

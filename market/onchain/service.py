@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from chain.ledger.base import Ledger
 from market.onchain import allowance, deposits, settle, stake, transfers
+from market.onchain.handlers import HANDLERS
 from market.onchain.runtime import ChainRuntime, open_runtime
 from market.settings import MarketSettings
 
@@ -36,15 +37,15 @@ async def settle_step(rt: ChainRuntime, sessions: sessionmaker[Session]) -> dict
     out: dict[str, Any] = {}
     with sessions() as session:
         in_flight = transfers.active_ids(session, settle.PAYOUT_KINDS)
-    out["resolved"] = (await transfers.drive(rt, sessions, in_flight)).as_dict()
+    out["resolved"] = (await transfers.drive(rt, sessions, in_flight, HANDLERS)).as_dict()
     slashes = await settle.plan_slashes(rt, sessions)
-    out["slashes"] = (await transfers.drive(rt, sessions, slashes)).as_dict()
+    out["slashes"] = (await transfers.drive(rt, sessions, slashes, HANDLERS)).as_dict()
     out["stakes_changed"] = len(await stake.sync(rt, sessions))
     pulls = await allowance.plan_pulls(rt, sessions)
-    out["pulls"] = (await transfers.drive(rt, sessions, pulls)).as_dict()
+    out["pulls"] = (await transfers.drive(rt, sessions, pulls, HANDLERS)).as_dict()
     with sessions.begin() as session:
         payouts = settle.plan_payout_round(session, rt, limit=rt.settings.chain.batch)
-    out["payouts"] = (await transfers.drive(rt, sessions, payouts)).as_dict()
+    out["payouts"] = (await transfers.drive(rt, sessions, payouts, HANDLERS)).as_dict()
     return out
 
 
@@ -52,12 +53,12 @@ async def anchor_step(rt: ChainRuntime, sessions: sessionmaker[Session]) -> dict
     with sessions() as session:
         in_flight = transfers.active_ids(session, ["anchor"])
     if in_flight:  # finish the reserved batch first: anchors land in order
-        return {"resolved": (await transfers.drive(rt, sessions, in_flight)).as_dict()}
+        return {"resolved": (await transfers.drive(rt, sessions, in_flight, HANDLERS)).as_dict()}
     with sessions.begin() as session:
         planned = settle.plan_anchor(session, rt, limit=rt.settings.chain.batch)
     if planned is None:
         return {"anchored": 0}
-    return {"anchor": (await transfers.drive(rt, sessions, [planned])).as_dict()}
+    return {"anchor": (await transfers.drive(rt, sessions, [planned], HANDLERS)).as_dict()}
 
 
 STEPS: dict[str, Callable[[ChainRuntime, sessionmaker[Session]], Awaitable[dict[str, Any]]]] = {

@@ -82,10 +82,6 @@ def _build_fee(
     return aidp.fee_instructions(rt.cfg, rnd), []
 
 
-transfers.register("payout", transfers.Handler(_build_payout, _confirm_payout))
-transfers.register("fee", transfers.Handler(_build_fee))
-
-
 def plan_payout_round(session: Session, rt: ChainRuntime, *, limit: int) -> list[int]:
     """Plan one round over up to ``limit`` settled, unpaid receipts; returns transfer ids."""
     rows = session.execute(
@@ -151,9 +147,6 @@ def _build_slash(
     (receipt_id,) = _parse(row, "slash").fields
     stake = _stake_of_receipt(rt, session, receipt_id)
     return aidp.slash_instructions(rt.cfg, stake, row.amount, receipt_id), [rt.arbiter]
-
-
-transfers.register("slash", transfers.Handler(_build_slash))
 
 
 def unplanned_slashes(session: Session) -> list[tuple[str, str, int, str]]:
@@ -238,9 +231,6 @@ def _confirm_anchor(rt: ChainRuntime, session: Session, row: ChainTransfer, st: 
     )
 
 
-transfers.register("anchor", transfers.Handler(_build_anchor, _confirm_anchor))
-
-
 def plan_anchor(session: Session, rt: ChainRuntime, *, limit: int) -> int | None:
     """Reserve up to ``limit`` unanchored receipts (oldest first) under one anchor row."""
     rows = session.execute(
@@ -278,3 +268,12 @@ def unpaid_settled(session: Session) -> tuple[int, int]:
         )
     ).one()
     return int(count), int(total)
+
+
+#: the transfers this module plans, for ``market.onchain.handlers``
+HANDLERS: transfers.Handlers = {
+    "payout": transfers.Handler(_build_payout, _confirm_payout),
+    "fee": transfers.Handler(_build_fee),
+    "slash": transfers.Handler(_build_slash),
+    "anchor": transfers.Handler(_build_anchor, _confirm_anchor),
+}

@@ -29,7 +29,7 @@ and a rebuilt ``sent`` transaction reproduces the recorded signature.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,18 +61,14 @@ class Handler:
     on_confirm: Callable[[ChainRuntime, Session, ChainTransfer, TxStatus], None] | None = None
 
 
-HANDLERS: dict[str, Handler] = {}
+#: kind -> its handler; each kind's module exports its own table, ``market.onchain.handlers``
+#: joins them, and the driver is given the table (it imports none of those modules)
+Handlers = Mapping[str, Handler]
 
 
-def register(kind: str, handler: Handler) -> None:
-    HANDLERS[kind] = handler
-
-
-def _handler(kind: str) -> Handler:
-    # every kind's module registers its handler when imported; ``market.onchain`` imports
-    # them all, so nothing here needs to know them (and no import runs back up to them)
+def _handler(handlers: Handlers, kind: str) -> Handler:
     try:
-        return HANDLERS[kind]
+        return handlers[kind]
     except KeyError:
         raise LookupError(f"no chain transfer handler for kind {kind!r}") from None
 
@@ -133,8 +129,9 @@ def _load(sessions: sessionmaker[Session], ids: Sequence[int]) -> list[ChainTran
         return list(rows)
 
 
-def _finish(
-    rt: ChainRuntime, sessions: sessionmaker[Session], row: ChainTransfer, st: TxStatus
+def record_verdict(
+    rt: ChainRuntime, sessions: sessionmaker[Session], row: ChainTransfer, st: TxStatus,
+    handlers: Handlers,
 ) -> str:
     """Record the chain's verdict on a sent row (guarded by its signature)."""
     if st.state is TxState.PENDING:
@@ -150,7 +147,7 @@ def _finish(
                 update(ChainTransfer).where(*guard).values(state="confirmed", updated_at=utcnow())
             ).rowcount != 1:
                 return "raced"
-            handler = _handler(row.kind)
+            handler = _handler(handlers, row.kind)
             if handler.on_confirm is not None:
                 handler.on_confirm(rt, session, row, st)
             return "confirmed"
@@ -164,7 +161,7 @@ def _finish(
 
 
 async def drive_one(rt: ChainRuntime, sessions: sessionmaker[Session], row: ChainTransfer,
-                    *, timeout: float) -> str:
+                    handlers: Handlers, *, timeout: float) -> str:
     """One row one step further: 'confirmed', 'sent' (in flight), 'expired'/'failed'
     (re-sent next time), 'rejected' (refused by preflight; re-planned once expired),
     'raced' or 'error'."""
@@ -175,7 +172,7 @@ async def drive_one(rt: ChainRuntime, sessions: sessionmaker[Session], row: Chai
         sent = PreparedTx(row.signature or "", row.blockhash or "",
                           int(row.last_valid_block_height or 0), b"")
     with sessions() as session:
-        instructions, signers = _handler(row.kind).build(rt, session, row)
+        instructions, signers = _handler(handlers, row.kind).build(rt, session, row)
 
     def mark_sent(prepared: PreparedTx) -> None:
         with sessions.begin() as session:
@@ -215,7 +212,7 @@ async def drive_one(rt: ChainRuntime, sessions: sessionmaker[Session], row: Chai
         return "error"
     if fault_hook is not None:
         fault_hook("landed", row.id)
-    return _finish(rt, sessions, row, st)
+    return record_verdict(rt, sessions, row, st, handlers)
 
 
 @dataclass
@@ -234,6 +231,7 @@ async def drive(
     rt: ChainRuntime,
     sessions: sessionmaker[Session],
     ids: Sequence[int],
+    handlers: Handlers,
     *,
     timeout: float | None = None,
 ) -> DriveResult:
@@ -243,7 +241,7 @@ async def drive(
     counts: dict[str, int] = {}
     for row in _load(sessions, ids):
         try:
-            outcome = await drive_one(rt, sessions, row, timeout=timeout)
+            outcome = await drive_one(rt, sessions, row, handlers, timeout=timeout)
         except Exception:  # noqa: BLE001 - one bad row must not stop the others
             log.exception("chain transfer %s", row.idempotency_key)
             outcome = "error"

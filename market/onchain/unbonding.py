@@ -197,15 +197,12 @@ def _confirm_withdraw(rt: ChainRuntime, session: Session, row: ChainTransfer,
         node.stake = max(0, int(node.stake or 0) - row.amount)
 
 
-transfers.register("withdraw", transfers.Handler(_build_refuses, _confirm_withdraw))
-
-
 async def resolve(rt: ChainRuntime, sessions: sessionmaker[Session], row: ChainTransfer) -> str:
     """Record the chain's verdict on a ``sent`` withdraw row ('sent' while still pending)."""
     if row.state != "sent":
         return row.state
     st = await rt.ledger.status(row.signature or "", int(row.last_valid_block_height or 0))
-    return transfers._finish(rt, sessions, row, st)
+    return transfers.record_verdict(rt, sessions, row, st, HANDLERS)
 
 
 def _row(session: Session, key: str) -> ChainTransfer | None:
@@ -363,7 +360,7 @@ async def submit_withdraw(rt: ChainRuntime, sessions: sessionmaker[Session], *, 
                        code="withdrawal_rejected") from None
     st = await rt.ledger.confirm(prepared.signature, prepared.last_valid_block_height,
                                  timeout=rt.settings.chain.confirm_timeout_s)
-    outcome = transfers._finish(rt, sessions, row, st)
+    outcome = transfers.record_verdict(rt, sessions, row, st, HANDLERS)
     log.info("withdraw %s: %s", row.idempotency_key, outcome,
              extra={"node_id": ready.node_id, "amount": row.amount})
     return {"request_id": request_id, "transfer_key": row.idempotency_key,
@@ -374,3 +371,9 @@ async def submit_withdraw(rt: ChainRuntime, sessions: sessionmaker[Session], *, 
 def sign_withdraw_message(keypair: Keypair, message_b64: str) -> str:
     """The operator's side of step 3: its Solana signature of the step-2 message."""
     return str(keypair.sign_message(base64.b64decode(message_b64)))
+
+
+#: the transfers this module plans, for ``market.onchain.handlers``
+HANDLERS: transfers.Handlers = {
+    "withdraw": transfers.Handler(_build_refuses, _confirm_withdraw),
+}

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from chain.ledger.open import open_ledger
 from market.models import ChainTransfer, LedgerEntry
+from market.onchain.handlers import HANDLERS
 from tests.chain.conftest import make_settings, make_world, open_backend
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,7 +128,8 @@ async def test_a_rejected_send_rebroadcast_by_another_worker_is_paid_once(world)
 
     transfers.fault_hook = b_reads_the_row
     try:
-        assert await transfers.drive_one(world.rt, world.sessions, planned, timeout=5) == "rejected"
+        assert await transfers.drive_one(world.rt, world.sessions, planned, HANDLERS,
+                                         timeout=5) == "rejected"
     finally:
         transfers.fault_hook = None
     assert await world.tokens(kp.pubkey()) == 0
@@ -135,7 +137,8 @@ async def test_a_rejected_send_rebroadcast_by_another_worker_is_paid_once(world)
     await world.fund_deposit_account(5_000)
     (b_row,) = seen_by_b
     assert b_row.state == "sent"
-    assert await transfers.drive_one(world.rt, world.sessions, b_row, timeout=10) == "confirmed"
+    assert await transfers.drive_one(world.rt, world.sessions, b_row, HANDLERS,
+                                     timeout=10) == "confirmed"
     assert await world.tokens(kp.pubkey()) == 1_000
 
     await world.step("settle")

@@ -9,6 +9,7 @@ import contextlib
 from sqlalchemy import select
 
 from market.models import ChainTransfer, Node
+from market.onchain.handlers import HANDLERS
 from market.verify.window import slash
 
 
@@ -93,7 +94,7 @@ async def test_a_slash_never_counts_on_stake_an_earlier_unlanded_slash_takes(db_
     with world.sessions() as s:
         amounts = [s.get(ChainTransfer, i).amount for i in first + second]
     assert amounts == [800, 200]
-    result = await transfers.drive(world.rt, world.sessions, first + second)
+    result = await transfers.drive(world.rt, world.sessions, first + second, HANDLERS)
     assert result.counts == {"confirmed": 2}
     assert await world.ledger.token_balance(stake.account_pk) == 0
     assert await world.ledger.token_balance(world.cfg.treasury_pk) == 1_000

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from market.errors import APIError
 from market.models import ChainTransfer
 from market.onchain import unbonding
+from market.onchain.handlers import HANDLERS
 from market.onchain.models import UnbondingRequest
 from market.verify.window import slash
 from protocol.keys import UNBOND_DOMAIN, WITHDRAW_DOMAIN, sign
@@ -163,7 +164,7 @@ async def test_bad_signatures_replays_and_stale_requests_are_refused(db_world):
     (row,) = _withdraw_rows(world)
     from market.onchain import transfers
 
-    assert (await transfers.drive(rt, world.sessions, [row.id])).counts == {"error": 1}
+    assert (await transfers.drive(rt, world.sessions, [row.id], HANDLERS)).counts == {"error": 1}
     assert await _balances(world, operator) == (5_000, 0)
     assert all(r.state == "planned" for r in _withdraw_rows(world))
 
