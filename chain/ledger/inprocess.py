@@ -19,7 +19,8 @@ from chain.ledger.base import (
     TxInfo,
     tx_info_from_json,
 )
-from chain.localnet.chain import LocalChain, PreflightFailure, local_transaction_json
+from chain.localnet.chain import LocalChain
+from chain.localnet.records import PreflightFailure, local_transaction_json
 
 
 class InProcessLedger(Ledger):

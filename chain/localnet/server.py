@@ -27,13 +27,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from chain import spl
-from chain.localnet.chain import (
-    ChainError,
-    LocalChain,
-    TxRecord,
-    local_transaction_json,
-    ui_amount,
-)
+from chain.localnet.chain import LocalChain
+from chain.localnet.records import ChainError, TxRecord, local_transaction_json, ui_amount
 
 log = logging.getLogger("aidp.ledger")
 
