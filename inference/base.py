@@ -9,7 +9,7 @@ is how verifiers re-check a node's work far cheaper than generating it again.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -142,6 +142,29 @@ class Engine(abc.ABC):
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights / start child processes. Called once before serving."""
+
+    # ---- what a verifier may ask: declared here, the defaults say "this engine cannot" ----
+
+    def vocab_size(self) -> int | None:
+        """Rows of the model's logits (valid ids are 0 … size − 1); None when unknown."""
+        return None
+
+    def eog_token_ids(self) -> list[int]:
+        """Every id that ends generation; empty when unknown (no natural-stop check)."""
+        return []
+
+    def token_piece(self) -> Callable[[int], bytes] | None:
+        """The bytes one token adds to the output text, for replaying the protocol's text
+        rule over ids a node claims; None when the engine has no vocabulary table."""
+        return None
+
+    def check_token_ids(self, token_ids: list[int], what: str) -> None:  # noqa: B027
+        """Raise ``EngineError("invalid_token")`` for ids outside the vocabulary (ids come
+        from other machines); engines that cannot tell accept them."""
+
+    def decode(self, token_ids: list[int]) -> str | None:
+        """The text ``token_ids`` decode to; None when the engine cannot decode."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from inference.base import (
     Engine,
@@ -104,6 +104,9 @@ class DeterministicEngine(Engine):
         if bad is not None:
             raise EngineError("invalid_token", f"{what} holds token id {bad}, outside the "
                               f"vocabulary (0…{len(VOCAB) - 1})")
+
+    def token_piece(self) -> Callable[[int], bytes]:
+        return self.vocabulary.piece
 
     def decode(self, token_ids: list[int]) -> str:
         return b"".join(self.vocabulary.piece(t) for t in token_ids).decode(errors="replace")

@@ -26,6 +26,7 @@ import ctypes
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,10 @@ class LlamaCppEngine(LocalEngine):
         """Every id llama.cpp treats as end of generation (EOS, EOT, ...)."""
         self._require_started()
         return list(self.vocabulary.eog_token_ids)
+
+    def token_piece(self) -> Callable[[int], bytes]:
+        self._require_started()
+        return self.vocabulary.piece
 
     def decode(self, token_ids: list[int]) -> str:
         self._require_started()

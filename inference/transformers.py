@@ -23,6 +23,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,9 @@ class TransformersEngine(LocalEngine):
     def eog_token_ids(self) -> list[int]:
         self._require_started()
         return sorted(self._eos)
+
+    def token_piece(self) -> Callable[[int], bytes]:
+        return self.piece
 
     def decode(self, token_ids: list[int]) -> str:
         self.check_token_ids(list(token_ids), "token_ids")  # ids a node claims, unchecked

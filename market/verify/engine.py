@@ -115,23 +115,12 @@ def get_engine(model_id: str, settings: MarketSettings) -> Engine:
 def eog_token_ids(engine: Engine) -> list[int]:
     """End-of-generation ids (``Engine.eog_token_ids()`` where the engine has it; the
     llama.cpp and transformers engines do). Empty: the natural-stop check is skipped."""
-    method = getattr(engine, "eog_token_ids", None)
-    if method is None:
-        return []
-    value = method() if callable(method) else method
-    return [int(t) for t in value or []]
+    return [int(t) for t in engine.eog_token_ids()]
 
 
 def vocab_size(engine: Engine) -> int:
-    for name in ("n_vocab", "vocab_size"):
-        value = getattr(engine, name, None)
-        value = value() if callable(value) else value
-        if isinstance(value, int) and value > 0:
-            return value
-    primary = getattr(engine, "_primary", None)
-    if primary is not None:
-        return int(primary.n_vocab())
-    return 262_144  # an upper bound: only makes the likelihood test more lenient
+    size = engine.vocab_size()
+    return size if size else 262_144  # an upper bound: only makes the likelihood test more lenient
 
 
 def reset() -> None:

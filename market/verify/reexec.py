@@ -12,7 +12,6 @@ output text that is not what its token ids decode to was edited after generation
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from inference.base import Engine, GenerationRequest
 from market.settings import Tolerances
@@ -32,23 +31,6 @@ class VerificationUnavailable(Exception):
 # ---- the driver ------------------------------------------------------------------------------
 
 
-def _decode(engine: Engine, token_ids: Sequence[int]) -> str | None:
-    fn = getattr(engine, "decode", None) or getattr(engine, "detokenize", None)
-    if fn is None:
-        return None
-    out = fn(list(token_ids))
-    if isinstance(out, bytes):
-        out = out.decode("utf-8", errors="replace")
-    return out
-
-
-def _piece_of(engine: Engine) -> Any:
-    """The engine's token → bytes function, if it exposes one."""
-    vocabulary = getattr(engine, "vocabulary", None)
-    piece = getattr(vocabulary, "piece", None) or getattr(engine, "piece", None)
-    return piece if callable(piece) else None
-
-
 def text_matches_tokens(
     engine: Engine,
     output_text: str,
@@ -64,11 +46,10 @@ def text_matches_tokens(
     cancel may lack the held tail). Ids after the stop string that ended the text do not
     match.
     """
-    piece = _piece_of(engine)
+    piece = engine.token_piece()
     if piece is not None:
-        check = getattr(engine, "check_token_ids", None)
-        if check is not None:  # ids from a node: outside the vocabulary is invalid_token
-            check(list(prefix_ids) + list(claimed), "token_ids")
+        # ids from a node: outside the vocabulary is invalid_token
+        engine.check_token_ids(list(prefix_ids) + list(claimed), "token_ids")
         stream = TextStream(stop)
         stream.prime(piece(t) for t in prefix_ids)
         parts: list[str] = []
@@ -95,12 +76,12 @@ def _text_matches_decoded(
     stop: Sequence[str],
 ) -> tuple[bool | None, bool]:
     """The same question for an engine that can only decode whole sequences."""
-    full = _decode(engine, list(prefix_ids) + list(claimed))
+    full = engine.decode(list(prefix_ids) + list(claimed))
     if full is None:
         return None, False
     if prefix_ids:
         # The prefix may end inside a multi-byte character: compare after it.
-        pre = (_decode(engine, list(prefix_ids)) or "").rstrip("\ufffd")
+        pre = (engine.decode(list(prefix_ids)) or "").rstrip("\ufffd")
         if not full.startswith(pre):
             return False, False
         generated = full[len(pre) :]
