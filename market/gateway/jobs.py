@@ -15,7 +15,7 @@ keep-alive). Behind it:
   and nothing after a stop string; a chunk that fails is never relayed and the node
   is failed over;
 * on ``done`` the receipt is checked against what the market itself sent, counted and
-  relayed (``market.verify.checks.check_receipt``); a failing receipt counts
+  relayed (``protocol.checks.check_receipt``); a failing receipt counts
   against the node and the job fails over like an error;
 * money stays inside the hold: nodes are only chosen at prices the hold covers, and
   each segment earns at most what is left of it (:func:`billing.cap_to_hold`);
@@ -44,7 +44,7 @@ from market.gateway.registry import NodeConn
 from market.gateway.router import Need
 from market.gateway.state import MarketState
 from market.money.billing import Outcome, Segment, cap_to_hold, node_cost, token_cost
-from market.verify.checks import check_receipt
+from protocol.checks import check_receipt
 from protocol.job import JobRequest
 from protocol.messages import Cancel, Chunk, Done, Job, JobError
 from protocol.text import ExpectedText, TextMismatch

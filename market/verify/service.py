@@ -20,7 +20,6 @@ from inference.base import Engine, EngineError
 from inference.convert import engine_request
 from market.settings import MarketSettings
 from market.verify import window
-from market.verify.checks import check_receipt
 from market.verify.engine import VerifierNotConfigured, get_engine, run_sync
 from market.verify.reexec import (
     Verdict,
@@ -28,6 +27,7 @@ from market.verify.reexec import (
     find_continuation,
     reexecute,
 )
+from protocol.checks import check_receipt
 from protocol.receipt import receipt_from_json
 
 log = logging.getLogger("market.verify")

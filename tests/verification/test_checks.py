@@ -6,8 +6,8 @@ import time
 
 from solders.keypair import Keypair
 
-from market.verify.checks import check_receipt
 from protocol.canonical import sha256_hex, token_ids_digest
+from protocol.checks import check_receipt
 from protocol.job import JobRequest, request_digest
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
 
