@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import json
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -33,10 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from settle import start_server  # noqa: E402  (bench/settle.py, same folder)
 from sqlalchemy import func, insert, select  # noqa: E402
 
 from chain.ledger.open import open_ledger  # noqa: E402
+from chain.localnet.cli import LedgerProcess  # noqa: E402
 from market.db import sync_session_factory  # noqa: E402
 from market.migrate import upgrade  # noqa: E402
 from market.models import Account, ChainTransfer, Job, Node, Receipt, new_id, utcnow  # noqa: E402
@@ -80,7 +79,8 @@ def seed(sessions, jobs: int, nodes: int) -> None:
 async def run(backend: str, jobs: int, nodes: int, work: Path) -> dict:
     server = None
     if backend == "rpc":
-        server, url = start_server(work / "ledger")
+        server = LedgerProcess(work / "ledger", cwd=REPO).start(timeout=60)
+        url = server.url
     else:
         url = "memory"
     db_url = f"sqlite:///{work}/market.db"
@@ -122,8 +122,7 @@ async def run(backend: str, jobs: int, nodes: int, work: Path) -> dict:
     finally:
         await ledger.close()
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=15)
+            server.stop()
 
 
 def main() -> None:
