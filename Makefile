@@ -1,6 +1,7 @@
 # Neural Cloud: two commands on a fresh machine.
 #   make up    create .venv, install, start a whole local network, print how to call it
 #   make test  install what the tests need and run them
+#   make test-unit  the fast layer only: no servers, no processes, no real weights
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: up test install clean lint bench
+.PHONY: up test test-unit install clean lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,15 @@ up: install
 test: install $(CHROMIUM)
 	$(BIN)/lint-imports  # the dependency rule in pyproject.toml
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# The unit layer: no PostgreSQL or Redis, no market/ledger/node/worker processes, no real
+# model weights (the markers are in pyproject.toml, set by tests/conftest.py). Under a
+# minute on 2 cores.
+UNIT := not services and not weights and not slow
+
+test-unit: install
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -ra -m "$(UNIT)" $(PYTEST_ARGS)
 
 bench: install
 	for b in adversarial gateway node verify verify_cost settle settle_market; do \
