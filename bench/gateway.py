@@ -46,7 +46,7 @@ from inference.base import TokenDelta  # noqa: E402
 from inference.convert import generation_request  # noqa: E402
 from inference.fake import DeterministicEngine, fake_sha256  # noqa: E402
 from protocol.runtime import run_event_loop  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
+from tests.support.net import free_port, stop_process  # noqa: E402
 
 MODEL = "bench-model"
 ADMIN = "bench-admin-token"
@@ -317,11 +317,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for proc in (node, market):
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_process(proc, 10)
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support.net import free_port, stop_process  # noqa: E402
+
 PROMPTS = [
     "Write a haiku about the sea.",
     "What is the capital of France?",
@@ -36,14 +38,6 @@ PROMPTS = [
     "Describe a sunset.",
     "Suggest a name for a dog.",
 ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def summarize(ttfts: list[float], tokens: int, wall: float) -> dict[str, Any]:
@@ -127,7 +121,7 @@ async def bench_market(
 
 class MarketProcess:
     def __init__(self, workdir: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.admin = "bench-admin-token"
         env = {
             **os.environ,
@@ -192,11 +186,7 @@ class MarketProcess:
             )
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, 15)
 
 
 def stored_receipts(workdir: str, limit: int) -> list[dict[str, Any]]:

@@ -98,6 +98,16 @@ def mint_to_checked(
     return Instruction(TOKEN_PROGRAM_ID, data, metas)
 
 
+def _checked(op: int, source: Pubkey, mint: Pubkey, third: AccountMeta, authority: Pubkey,
+             amount: int, decimals: int, signers: list[Pubkey]) -> Instruction:
+    """The layout ``TransferChecked`` and ``ApproveChecked`` share: op, amount, decimals;
+    then source (writable), mint, the op's own account, the authority and its signers."""
+    data = struct.pack("<BQB", op, amount, decimals)
+    metas = [AccountMeta(source, False, True), AccountMeta(mint, False, False), third]
+    metas += _signers_metas(authority, signers)
+    return Instruction(TOKEN_PROGRAM_ID, data, metas)
+
+
 def transfer_checked(
     source: Pubkey,
     mint: Pubkey,
@@ -108,14 +118,8 @@ def transfer_checked(
     multisig_signers: list[Pubkey] | None = None,
 ) -> Instruction:
     """Move ``amount`` base units; ``authority`` is the owner, a delegate or a multisig."""
-    data = struct.pack("<BQB", _TRANSFER_CHECKED, amount, decimals)
-    metas = [
-        AccountMeta(source, False, True),
-        AccountMeta(mint, False, False),
-        AccountMeta(dest, False, True),
-    ]
-    metas += _signers_metas(authority, multisig_signers or [])
-    return Instruction(TOKEN_PROGRAM_ID, data, metas)
+    return _checked(_TRANSFER_CHECKED, source, mint, AccountMeta(dest, False, True), authority,
+                    amount, decimals, multisig_signers or [])
 
 
 def transfer_unchecked(source: Pubkey, dest: Pubkey, authority: Pubkey, amount: int) -> Instruction:
@@ -129,14 +133,8 @@ def transfer_unchecked(source: Pubkey, dest: Pubkey, authority: Pubkey, amount: 
 def approve_checked(
     source: Pubkey, mint: Pubkey, delegate: Pubkey, owner: Pubkey, amount: int, decimals: int
 ) -> Instruction:
-    data = struct.pack("<BQB", _APPROVE_CHECKED, amount, decimals)
-    metas = [
-        AccountMeta(source, False, True),
-        AccountMeta(mint, False, False),
-        AccountMeta(delegate, False, False),
-    ]
-    metas += _signers_metas(owner, [])
-    return Instruction(TOKEN_PROGRAM_ID, data, metas)
+    return _checked(_APPROVE_CHECKED, source, mint, AccountMeta(delegate, False, False), owner,
+                    amount, decimals, [])
 
 
 def revoke(source: Pubkey, owner: Pubkey) -> Instruction:

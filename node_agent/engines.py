@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from inference.base import Engine, EngineError
 
@@ -14,41 +14,27 @@ ENGINES = ("llamacpp", "vllm", "transformers")
 
 def create_engine(settings: NodeSettings) -> Engine:
     """Build (not start) the engine the settings ask for; imports it lazily."""
-    cache_dir = settings.cache_dir.expanduser()
+    # what every engine takes; each branch adds its own settings
+    common: dict[str, Any] = {
+        "model_id": settings.model,
+        "n_ctx": settings.n_ctx,
+        "cache_dir": settings.cache_dir.expanduser(),
+    }
     if settings.engine == "llamacpp":
         from inference.llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(
-            settings.model_path,
-            model_id=settings.model,
-            n_ctx=settings.n_ctx,
-            n_threads=settings.threads,
-            pool_size=settings.pool_size,
-            cache_dir=cache_dir,
-        )
+        return LlamaCppEngine(settings.model_path, n_threads=settings.threads,
+                              pool_size=settings.pool_size, **common)
     if settings.engine == "transformers":
         from inference.transformers import TransformersEngine
 
-        return TransformersEngine(
-            settings.model_path,
-            model_id=settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            n_ctx=settings.n_ctx,
-            cache_dir=cache_dir,
-        )
+        return TransformersEngine(settings.model_path, device=settings.device,
+                                  dtype=settings.dtype, **common)
     if settings.engine == "vllm":
         from inference.vllm import VllmEngine
 
-        return VllmEngine(
-            settings.model_path or settings.model,
-            model_id=settings.model,
-            python=settings.vllm_python,
-            port=settings.vllm_port,
-            extra_args=settings.vllm_args,
-            n_ctx=settings.n_ctx,
-            cache_dir=cache_dir,
-        )
+        return VllmEngine(settings.model_path or settings.model, python=settings.vllm_python,
+                          port=settings.vllm_port, extra_args=settings.vllm_args, **common)
     raise EngineError("unknown_engine", f"unknown engine {settings.engine!r}; one of {ENGINES}")
 
 

@@ -6,6 +6,7 @@ process (tests, benches) without clashing on metric names.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -31,18 +32,16 @@ class NodeMetrics:
             ["model"],
             registry=r,
         )
-        self.ttft = Histogram(
+        # the latency histograms differ only in name and buckets
+        per_model = functools.partial(Histogram, labelnames=["model"], registry=r)
+        self.ttft = per_model(
             "aidp_node_ttft_seconds",
             "Time to first token",
-            ["model"],
-            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.job_seconds = Histogram(
+        self.job_seconds = per_model(
             "aidp_node_job_seconds",
             "Whole job duration",
-            ["model"],
-            registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
         self.gpu_monitor = gpu_monitor

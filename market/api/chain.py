@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -121,25 +121,26 @@ async def _stake_runtime(request: Request) -> AsyncIterator[tuple[ChainRuntime, 
                              code="chain_unavailable") from None
 
 
+async def _stake_call(request: Request, action: Callable[..., Awaitable[Any]],
+                      body: RequestBody) -> Any:
+    """Run one ``market.onchain.unbonding`` step with the body's declared fields as its
+    keyword arguments: each stake body declares exactly the signed parameters of its step
+    (never ``now``, which stays the market's clock)."""
+    fields = {name: getattr(body, name) for name in type(body).model_fields}
+    async with _stake_runtime(request) as (rt, sessions):
+        return await action(rt, sessions, **fields)
+
+
 @router.post("/v1/stake/unbond")
 async def stake_unbond(body: UnbondBody, request: Request) -> Any:
-    async with _stake_runtime(request) as (rt, sessions):
-        return await unbonding.request_unbond(
-            rt, sessions, pubkey=body.pubkey, amount=body.amount,
-            requested_at=body.requested_at, signature=body.signature)
+    return await _stake_call(request, unbonding.request_unbond, body)
 
 
 @router.post("/v1/stake/withdraw")
 async def stake_withdraw(body: WithdrawBody, request: Request) -> Any:
-    async with _stake_runtime(request) as (rt, sessions):
-        return await unbonding.prepare_withdraw(
-            rt, sessions, pubkey=body.pubkey, issued_at=body.issued_at,
-            signature=body.signature)
+    return await _stake_call(request, unbonding.prepare_withdraw, body)
 
 
 @router.post("/v1/stake/withdraw/submit")
 async def stake_withdraw_submit(body: WithdrawSubmitBody, request: Request) -> Any:
-    async with _stake_runtime(request) as (rt, sessions):
-        return await unbonding.submit_withdraw(
-            rt, sessions, pubkey=body.pubkey, request_id=body.request_id,
-            blockhash=body.blockhash, tx_signature=body.tx_signature)
+    return await _stake_call(request, unbonding.submit_withdraw, body)

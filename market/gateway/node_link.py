@@ -107,16 +107,10 @@ def register_node(session: Session, hello: Hello) -> dict[str, Any]:
     session.flush()
     session.execute(delete(NodeModel).where(NodeModel.node_id == node.id))
     for offer in hello.models:
-        session.add(
-            NodeModel(
-                node_id=node.id,
-                model_id=offer.id,
-                sha256=offer.sha256,
-                engine=offer.engine,
-                quantization=offer.quantization,
-                context_length=offer.context_length,
-            )
-        )
+        # the offer's fields by name, listed so that a new protocol field is not
+        # written into a column that does not exist
+        fields = offer.model_dump(include={"sha256", "engine", "quantization", "context_length"})
+        session.add(NodeModel(node_id=node.id, model_id=offer.id, **fields))
     return {
         "id": node.id,
         "reputation": node.reputation if node.reputation is not None else 0.5,

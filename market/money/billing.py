@@ -141,17 +141,9 @@ def _journal_exists(session: Session, key: str) -> bool:
     )
 
 
-def _entry(
-    kind: str,
-    key: str,
-    amount: int,
-    at: datetime,
-    *,
-    account_id: str | None = None,
-    node_id: str | None = None,
-    job_id: str | None = None,
-    receipt_id: str | None = None,
-) -> dict[str, Any]:
+def _entry(kind: str, key: str, amount: int, at: datetime, *, account_id: str | None = None,
+           node_id: str | None = None, job_id: str | None = None,
+           receipt_id: str | None = None) -> dict[str, Any]:
     """One journal row for a multi-row insert (every row carries every column)."""
     return {"kind": kind, "idempotency_key": key, "amount": amount, "account_id": account_id,
             "node_id": node_id, "job_id": job_id, "receipt_id": receipt_id, "memo": None,

@@ -12,6 +12,7 @@ prints these lines beside the chain's, and fails on any difference.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -23,8 +24,23 @@ BALANCE_SIGNS = {"credit": 1, "deposit": 1, "refund": 1, "allowance": 1, "charge
 HELD_SIGNS = {"hold": 1, "release": -1}
 
 
+class Balanced(abc.ABC):
+    """A reconciliation line: two views of one amount that must agree to the base unit.
+
+    Both the journal audit and the chain reconcile print such lines and fail on any
+    that is not ``ok``; each says how its own ``diff`` is taken."""
+
+    @property
+    @abc.abstractmethod
+    def diff(self) -> int: ...
+
+    @property
+    def ok(self) -> bool:
+        return self.diff == 0
+
+
 @dataclass(frozen=True)
-class AuditLine:
+class AuditLine(Balanced):
     item: str
     subject: str
     db: int  # what the tables hold
@@ -33,10 +49,6 @@ class AuditLine:
     @property
     def diff(self) -> int:
         return self.db - self.journal
-
-    @property
-    def ok(self) -> bool:
-        return self.diff == 0
 
 
 def _sums(session: Session, signs: dict[str, int]) -> dict[str, int]:

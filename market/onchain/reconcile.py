@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from market.models import ChainTransfer, Node
+from market.money.journal import Balanced
 from market.onchain import stake as stake_mod
 from market.onchain.runtime import ChainRuntime
 
@@ -25,7 +26,7 @@ PAYOUT_MEMO = "aidp:payout:v1:"
 
 
 @dataclass(frozen=True)
-class Line:
+class Line(Balanced):
     item: str
     address: str
     db: int
@@ -34,10 +35,6 @@ class Line:
     @property
     def diff(self) -> int:
         return self.chain - self.db
-
-    @property
-    def ok(self) -> bool:
-        return self.diff == 0
 
 
 def _flows(session: Session) -> tuple[dict[str, int], dict[str, int]]:

@@ -1,13 +1,10 @@
-"""initial schema: accounts, keys, journal, nodes, jobs, receipts, chain transfers, anchors
+"""initial schema: accounts, keys, journal, nodes, jobs, receipts, chain transfers, anchors"""
 
-Revision ID: 0001_initial
-Revises:
-Create Date: 2026-11-23
-"""
+# Revision ID: 0001_initial
+# Revises:
+# Create Date: 2026-11-23
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
@@ -16,8 +13,6 @@ from market.models import UTCDateTime
 
 revision: str = "0001_initial"
 down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

@@ -1,13 +1,10 @@
-"""verification: per-receipt sampling decision and verifier bookkeeping
+"""verification: per-receipt sampling decision and verifier bookkeeping"""
 
-Revision ID: 0002_verification
-Revises: 0001_initial
-Create Date: 2026-11-23
-"""
+# Revision ID: 0002_verification
+# Revises: 0001_initial
+# Create Date: 2026-11-23
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
@@ -16,8 +13,6 @@ from market.models import UTCDateTime
 
 revision: str = "0002_verification"
 down_revision: str | None = "0001_initial"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

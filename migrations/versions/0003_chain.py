@@ -1,13 +1,10 @@
-"""chain settlement: which receipts a payout/anchor covers, deposits, allowances, cursors
+"""chain settlement: which receipts a payout/anchor covers, deposits, allowances, cursors"""
 
-Revision ID: 0003_chain
-Revises: 0002_verification
-Create Date: 2026-11-23
-"""
+# Revision ID: 0003_chain
+# Revises: 0002_verification
+# Create Date: 2026-11-23
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
@@ -16,8 +13,6 @@ from market.models import UTCDateTime
 
 revision: str = "0003_chain"
 down_revision: str | None = "0002_verification"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def _item_table(name: str) -> None:

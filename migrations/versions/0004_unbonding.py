@@ -1,13 +1,10 @@
-"""stake unbonding: node operators' signed unbond requests
+"""stake unbonding: node operators' signed unbond requests"""
 
-Revision ID: 0004_unbonding
-Revises: 0003_chain
-Create Date: 2026-11-23
-"""
+# Revision ID: 0004_unbonding
+# Revises: 0003_chain
+# Create Date: 2026-11-23
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
@@ -16,8 +13,6 @@ from market.models import UTCDateTime
 
 revision: str = "0004_unbonding"
 down_revision: str | None = "0003_chain"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

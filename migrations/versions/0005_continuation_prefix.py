@@ -1,21 +1,16 @@
-"""receipts: the continuation prefix a failover segment was given
+"""receipts: the continuation prefix a failover segment was given"""
 
-Revision ID: 0005_continuation_prefix
-Revises: 0004_unbonding
-Create Date: 2026-11-30
-"""
+# Revision ID: 0005_continuation_prefix
+# Revises: 0004_unbonding
+# Create Date: 2026-11-30
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_continuation_prefix"
 down_revision: str | None = "0004_unbonding"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

@@ -1,14 +1,11 @@
 """integrity: listed models, market secrets, balance constraints, job deadlines, owned
-allowances, verification retries
+allowances, verification retries"""
 
-Revision ID: 0006_integrity
-Revises: 0005_continuation_prefix
-Create Date: 2026-12-02
-"""
+# Revision ID: 0006_integrity
+# Revises: 0005_continuation_prefix
+# Create Date: 2026-12-02
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
@@ -17,8 +14,6 @@ from market.models import UTCDateTime
 
 revision: str = "0006_integrity"
 down_revision: str | None = "0005_continuation_prefix"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +21,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from inference.base import GenerationRequest
 from inference.convert import engine_request
 from inference.fake import EOS, FakeVocabulary, fake_sha256, next_token, prompt_text
-from protocol.canonical import sha256_hex, token_ids_digest
 from protocol.job import JobRequest
 from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
 from protocol.text import TextStream
+from tests.support.fake_node import close_node, receipt_fields
 
 Behaviour = Callable[["HostileNode", dict[str, Any]], Awaitable[None]]
 VOCABULARY = FakeVocabulary()
@@ -157,11 +156,7 @@ class HostileNode:
             job_id=job["job_id"], market_id=self.market_id, node_pubkey=self.pubkey,
             model_id=self.model, model_sha256=self.sha256 or fake_sha256(self.model),
             engine="hostile", engine_version="1",
-            sampling=request.sampling,
-            request_sha256=request.digest(job["continuation_token_ids"]),
-            output_sha256=sha256_hex(text), output_token_ids_sha256=token_ids_digest(ids),
-            prompt_tokens=prompt_tokens, completion_tokens=len(ids),
-            started_at=time.time(), finished_at=time.time(),
+            **receipt_fields(job, request, ids, text, prompt_tokens=prompt_tokens),
         )
         fields.update(overrides)
         signed = sign_receipt(self.keypair, ReceiptBody(**fields), ids).model_dump(mode="json")
@@ -183,11 +178,7 @@ class HostileNode:
                          "message": message})
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self.ws is not None:
-            with contextlib.suppress(Exception):
-                await self.ws.close()
+        await close_node(self._tasks, self.ws)
 
 
 # ---- behaviours ------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ Invariants held here: 7 (auth binds what it says).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import ssl
@@ -27,7 +26,7 @@ from node_agent.link import NodeLink
 from protocol.keys import LINK_AUTH_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
 from tests.support.engines import DeterministicEngine
-from tests.support.market import ADMIN_TOKEN, Market, unique_model
+from tests.support.market import ADMIN_TOKEN, Market, stop_link, unique_model
 from tests.support.net import free_port
 
 
@@ -121,10 +120,7 @@ async def test_nodes_and_buyers_reach_a_market_over_tls_checking_its_certificate
         assert "CERTIFICATE_VERIFY_FAILED" in untrusting.stats.last_error
         assert not untrusting.ready.is_set()
     finally:
-        await untrusting.stop()
-        run.cancel()
-        with contextlib.suppress(BaseException):
-            await run
+        await stop_link(untrusting, run)
 
     link = NodeLink(base, Keypair(), DeterministicEngine(model), ssl_context=trust,
                     backoff_initial=0.2)
@@ -143,7 +139,4 @@ async def test_nodes_and_buyers_reach_a_market_over_tls_checking_its_certificate
         assert reply.usage.completion_tokens > 0
         await client.close()
     finally:
-        await link.stop()
-        run.cancel()
-        with contextlib.suppress(BaseException):
-            await run
+        await stop_link(link, run)

@@ -23,14 +23,6 @@ def _balance(world, account_id: str) -> int:
         return s.get(Account, account_id).balance
 
 
-async def test_deposit_is_credited_once_and_unknown_memo_is_unclaimed(world):
-    await _deposit_flow(world)
-
-
-async def test_deposits_on_every_database(db_world):
-    await _deposit_flow(db_world)
-
-
 async def _deposit_flow(world) -> None:
     buyer_acct = world.account()
     wallet = await world.wallet(tokens=5_000)
@@ -83,14 +75,6 @@ def _finish_job(world, job_id: str, charge: int) -> None:
     with world.sessions.begin() as s:
         assert billing.finalize_job(s, job_id, billing.Outcome(
             status="completed", unreceipted_charge=charge), challenge_window_s=0)
-
-
-async def test_allowance_limits_pulls_and_revocation(world):
-    await _allowance_flow(world)
-
-
-async def test_allowances_on_every_database(db_world):
-    await _allowance_flow(db_world)
 
 
 async def _allowance_flow(world) -> None:
@@ -169,6 +153,23 @@ async def _allowance_flow(world) -> None:
     with world.sessions() as s:
         pulled = s.scalar(select(func.sum(LedgerEntry.amount)).where(LedgerEntry.kind == "pull"))
         assert pulled == 1_000  # every charge paid
+
+
+# each flow on every chain backend, and on the in-process chain with every database
+async def test_deposit_is_credited_once_and_unknown_memo_is_unclaimed(world):
+    await _deposit_flow(world)
+
+
+async def test_deposits_on_every_database(db_world):
+    await _deposit_flow(db_world)
+
+
+async def test_allowance_limits_pulls_and_revocation(world):
+    await _allowance_flow(world)
+
+
+async def test_allowances_on_every_database(db_world):
+    await _allowance_flow(db_world)
 
 
 async def test_wallet_cannot_change_under_a_pull_in_flight(db_world):

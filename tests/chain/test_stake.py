@@ -4,7 +4,6 @@ mirrors the chain, and the min_stake registration policy."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from sqlalchemy import select
 
@@ -106,7 +105,7 @@ async def test_link_rejects_a_node_below_min_stake(request, tmp_path, db_url):
     from node_agent.link import NodeLink
     from tests.chain.conftest import make_settings, make_world
     from tests.support.engines import DeterministicEngine
-    from tests.support.market import start_market
+    from tests.support.market import start_market, stop_link
 
     server = request.getfixturevalue("chain_server")
     ledger = open_ledger(server.url)
@@ -134,10 +133,7 @@ async def test_link_rejects_a_node_below_min_stake(request, tmp_path, db_url):
                         assert "stake below" in link.stats.last_reject
                         assert not link.ready.is_set()
                 finally:
-                    await link.stop()
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
+                    await stop_link(link, task)
         finally:
             market.stop()
     finally:

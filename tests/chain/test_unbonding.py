@@ -63,6 +63,17 @@ def _withdraw_rows(world) -> list[ChainTransfer]:
                     .scalars())
 
 
+async def _due_unbond_and_receipt(world, amount: int, state: str):
+    """A node with 5 000 stake whose unbond of ``amount`` is already due, and one of its
+    receipts in ``state``: what the withdrawal-gating tests start from."""
+    buyer = world.account(balance=10_000)
+    node_id, operator = await world.node(stake=5_000)
+    rt = _rt(world, 5)
+    await _unbond(rt, world, operator, amount, int(time.time()) - 10)
+    receipt = world.receipt(node_id, buyer, earning=90, fee=10, state=state)
+    return rt, operator, receipt
+
+
 async def test_withdraw_before_the_period_is_refused_and_moves_nothing(db_world):
     world = db_world
     _, operator = await world.node(stake=5_000)
@@ -171,11 +182,7 @@ async def test_bad_signatures_replays_and_stale_requests_are_refused(db_world):
 
 async def test_a_slash_planned_before_the_withdrawal_is_taken_first(db_world):
     world = db_world
-    buyer = world.account(balance=10_000)
-    node_id, operator = await world.node(stake=5_000)
-    rt = _rt(world, 5)
-    await _unbond(rt, world, operator, 4_500, int(time.time()) - 10)
-    r = world.receipt(node_id, buyer, earning=90, fee=10, state="verifying")
+    rt, operator, r = await _due_unbond_and_receipt(world, 4_500, "verifying")
     with world.sessions.begin() as s:
         assert slash(s, r.id, world.settings, reason="fraud", verification={}).amount == 1_000
 
@@ -199,11 +206,7 @@ async def test_a_withdrawal_waits_for_the_nodes_open_challenge_windows(db_world)
     from market.models import Receipt
 
     world = db_world
-    buyer = world.account(balance=10_000)
-    node_id, operator = await world.node(stake=5_000)
-    rt = _rt(world, 5)
-    await _unbond(rt, world, operator, 2_000, int(time.time()) - 10)
-    r = world.receipt(node_id, buyer, earning=90, fee=10, state="pending")
+    rt, operator, r = await _due_unbond_and_receipt(world, 2_000, "pending")
     for state in ("pending", "verifying", "escalated"):
         with world.sessions.begin() as s:
             s.execute(update(Receipt).where(Receipt.id == r.id).values(state=state))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from typing import Any
@@ -13,12 +12,13 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from protocol.canonical import sha256_hex, token_ids_digest
+from protocol.canonical import sha256_hex
 from protocol.job import JobRequest
 from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, sign
 from protocol.messages import Hello, ModelOffer, Price, encode
 from protocol.receipt import ReceiptBody, sign_receipt
 from tests.support.engines import VOCAB, next_token
+from tests.support.fake_node import close_node, receipt_fields
 from tests.support.market import (
     HEARTBEAT,
     Buyer,
@@ -244,11 +244,7 @@ class RawNode:
             node_pubkey=str(self.keypair.pubkey()), model_id=self.model,
             model_sha256=sha256_hex(self.model) if self.tamper != "model" else "00" * 32,
             engine="raw", engine_version="1",
-            sampling=request.sampling,
-            request_sha256=request.digest(job["continuation_token_ids"]),
-            output_sha256=sha256_hex(text), output_token_ids_sha256=token_ids_digest(out_ids),
-            prompt_tokens=prompt_tokens, completion_tokens=len(out_ids),
-            started_at=time.time(), finished_at=time.time(),
+            **receipt_fields(job, request, out_ids, text, prompt_tokens=prompt_tokens),
         )
         receipt = sign_receipt(self.keypair, body, out_ids).model_dump(mode="json")
         await self.gate.wait()
@@ -262,11 +258,7 @@ class RawNode:
         }))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self.ws is not None:
-            with contextlib.suppress(Exception):
-                await self.ws.close()
+        await close_node(self._tasks, self.ws)
 
 
 async def node_row(market: Market, node_id: str) -> dict[str, Any]:

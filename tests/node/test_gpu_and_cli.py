@@ -17,6 +17,28 @@ from protocol.keys import load_keypair
 from tests.support.net import free_port
 
 
+def _node_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``aidp-node ARGS`` in a child python: exit status and output, as an operator
+    sees them (the error paths under test end the process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "node_agent.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _scrape(metrics: NodeMetrics) -> str:
+    """One Prometheus scrape of ``metrics`` served on a fresh local port."""
+    port = free_port()
+    server = metrics.serve(port)
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server[0].shutdown()
+
+
 def reading(at: float, index: int, util: float, mem: int, temp: float, power: float) -> Reading:
     return Reading(
         at=at,
@@ -62,12 +84,7 @@ def test_metrics_endpoint_serves_prometheus_text() -> None:
     metrics = NodeMetrics()
     metrics.job_done(model="m", tokens=11, seconds=1.1, ttft=0.1)
     metrics.running.set(2)
-    port = free_port()
-    server = metrics.serve(port)
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        server[0].shutdown()
+    text = _scrape(metrics)
     assert "aidp_node_running_jobs 2.0" in text
     assert 'aidp_node_generated_tokens_total{model="m"} 11.0' in text
     assert 'aidp_node_tokens_per_second{model="m"} 10.0' in text
@@ -121,22 +138,7 @@ def test_help_texts() -> None:
 
 
 def test_run_without_keypair_explains_what_to_do(tmp_path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node_agent.cli",
-            "run",
-            "--keypair",
-            str(tmp_path / "none.json"),
-            "--metrics-port",
-            "0",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _node_cli("run", "--keypair", str(tmp_path / "none.json"), "--metrics-port", "0")
     assert proc.returncode == 2 and "aidp-node keygen" in proc.stderr
 
 
@@ -146,14 +148,7 @@ def test_run_with_an_invalid_setting_says_which_and_exits_2(tmp_path) -> None:
     from protocol.keys import save_keypair
 
     key = save_keypair(Keypair(), tmp_path / "id.json")
-    proc = subprocess.run(
-        [sys.executable, "-m", "node_agent.cli", "run", "--keypair", str(key),
-         "--max-concurrency", "0", "--metrics-port", "0"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _node_cli("run", "--keypair", str(key), "--max-concurrency", "0", "--metrics-port", "0")
     assert proc.returncode == 2 and "max_concurrency" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -161,14 +156,7 @@ def test_run_with_an_invalid_setting_says_which_and_exits_2(tmp_path) -> None:
 def test_run_with_an_unreadable_keypair_explains_it(tmp_path) -> None:
     bad = tmp_path / "id.json"
     bad.write_text("[1, 2, 3]")
-    proc = subprocess.run(
-        [sys.executable, "-m", "node_agent.cli", "run", "--keypair", str(bad),
-         "--metrics-port", "0"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _node_cli("run", "--keypair", str(bad), "--metrics-port", "0")
     assert proc.returncode == 2 and "cannot read the keypair" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -220,10 +208,5 @@ def test_metrics_scrape_survives_a_failing_gpu_reading() -> None:
     monitor = SimpleNamespace(available=True, read=broken)
     metrics = NodeMetrics(monitor)  # type: ignore[arg-type]
     metrics.running.set(1)
-    port = free_port()
-    server = metrics.serve(port)
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        server[0].shutdown()
+    text = _scrape(metrics)
     assert "aidp_node_running_jobs 1.0" in text

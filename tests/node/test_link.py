@@ -25,6 +25,19 @@ def make_link(peer: MarketPeer, keypair, engine=None, **kw) -> NodeLink:
     return NodeLink(peer.url, keypair, engine or DeterministicEngine(), price=(100, 200), **kw)
 
 
+async def _started(link: NodeLink) -> asyncio.Task[None]:
+    """Run ``link`` until the peer has welcomed it; the task is the link's run loop."""
+    task = asyncio.create_task(link.run())
+    await link.wait_ready(5)
+    return task
+
+
+async def _stopped(link: NodeLink, task: asyncio.Task[None]) -> None:
+    """Stop ``link`` and wait for its run loop to end; an error in it fails the test."""
+    await link.stop()
+    await task
+
+
 def test_link_url() -> None:
     assert link_url("http://127.0.0.1:8000") == "ws://127.0.0.1:8000/v1/node/link"
     assert link_url("https://m.example/") == "wss://m.example/v1/node/link"
@@ -35,8 +48,7 @@ def test_link_url() -> None:
 
 async def test_handshake_heartbeat_and_job(market_peer: MarketPeer, keypair) -> None:
     link = make_link(market_peer, keypair, max_concurrency=2, region="eu")
-    task = asyncio.create_task(link.run())
-    await link.wait_ready(5)
+    task = await _started(link)
     hello = market_peer.hellos[0]
     assert hello.pubkey == str(keypair.pubkey()) and hello.region == "eu"
     assert hello.max_concurrency == 2 and hello.price.input == 100 and hello.price.output == 200
@@ -64,8 +76,7 @@ async def test_handshake_heartbeat_and_job(market_peer: MarketPeer, keypair) -> 
 
 async def test_continuation_job_streams_only_new_tokens(market_peer: MarketPeer, keypair) -> None:
     link = make_link(market_peer, keypair)
-    task = asyncio.create_task(link.run())
-    await link.wait_ready(5)
+    task = await _started(link)
     body = dict(BODY, max_tokens=20)
     await market_peer.job("full", body)
     await market_peer.wait_end("full")
@@ -76,29 +87,25 @@ async def test_continuation_job_streams_only_new_tokens(market_peer: MarketPeer,
     assert isinstance(done, Done)
     assert market_peer.token_ids("cont") == full_ids[5:]
     assert done.receipt.body.request_sha256 == request_digest("chat", body["messages"], prefix)
-    await link.stop()
-    await task
+    await _stopped(link, task)
 
 
 async def test_cancel_before_the_first_token_is_an_error(market_peer: MarketPeer, keypair) -> None:
     """Nothing produced, nothing to sign."""
     link = make_link(market_peer, keypair, DeterministicEngine(token_delay=5.0))
-    task = asyncio.create_task(link.run())
-    await link.wait_ready(5)
+    task = await _started(link)
     await market_peer.job("unstarted", BODY)
     await wait_for(lambda: link.running_jobs == 1)
     await market_peer.send(Cancel(job_id="unstarted"))
     end = await market_peer.wait_end("unstarted", timeout=3)
     assert isinstance(end, JobError) and end.code == "cancelled"
     assert market_peer.token_ids("unstarted") == []
-    await link.stop()
-    await task
+    await _stopped(link, task)
 
 
 async def test_cancel_busy_and_errors(market_peer: MarketPeer, keypair) -> None:
     link = make_link(market_peer, keypair, DeterministicEngine(token_delay=0.05), max_concurrency=1)
-    task = asyncio.create_task(link.run())
-    await link.wait_ready(5)
+    task = await _started(link)
     await market_peer.job("slow", dict(BODY, max_tokens=1000))
     await market_peer.job("second", BODY)  # over max_concurrency
     busy = await market_peer.wait_end("second")
@@ -122,22 +129,19 @@ async def test_cancel_busy_and_errors(market_peer: MarketPeer, keypair) -> None:
     assert (await market_peer.wait_end("bad")).code == "bad_request"
     await market_peer.job("late", dict(BODY, max_tokens=1000), deadline=time.time() + 0.2)
     assert (await market_peer.wait_end("late")).code == "deadline_exceeded"
-    await link.stop()
-    await task
+    await _stopped(link, task)
 
 
 async def test_reconnects_after_market_drops(market_peer: MarketPeer, keypair) -> None:
     link = make_link(market_peer, keypair)
-    task = asyncio.create_task(link.run())
-    await link.wait_ready(5)
+    task = await _started(link)
     await market_peer.connections[0].close()
     for _ in range(100):
         if link.stats.connections >= 2:
             break
         await asyncio.sleep(0.05)
     assert link.stats.connections == 2 and len(market_peer.auth_ok) == 2
-    await link.stop()
-    await task
+    await _stopped(link, task)
 
 
 async def test_reconnects_when_market_starts_late(keypair) -> None:
@@ -161,8 +165,7 @@ async def test_reconnects_when_market_starts_late(keypair) -> None:
     try:
         await link.wait_ready(5)
     finally:
-        await link.stop()
-        await task
+        await _stopped(link, task)
         server.close()
 
 
@@ -173,14 +176,12 @@ async def test_rejected_node_keeps_retrying_with_backoff(keypair) -> None:
         await asyncio.sleep(0.5)
         assert link.stats.last_reject == "suspended" and not link.ready.is_set()
         assert 2 <= len(peer.hellos) <= 12  # backoff, not a busy loop
-        await link.stop()
-        await task
+        await _stopped(link, task)
 
 
 async def test_drain_finishes_in_flight_and_refuses_new(market_peer: MarketPeer, keypair) -> None:
     link = make_link(market_peer, keypair, DeterministicEngine(token_delay=0.01), max_concurrency=4)
-    task = asyncio.create_task(link.run())
-    await link.wait_ready(5)
+    task = await _started(link)
     await market_peer.job("inflight", dict(BODY, max_tokens=30))
     await asyncio.wait_for(market_peer.job_events["inflight:chunk"].wait(), 5)
     drain = asyncio.create_task(link.drain(timeout=10))
@@ -194,8 +195,7 @@ async def test_drain_finishes_in_flight_and_refuses_new(market_peer: MarketPeer,
 
 async def test_kill_drops_socket_without_a_word(market_peer: MarketPeer, keypair) -> None:
     link = make_link(market_peer, keypair, DeterministicEngine(token_delay=0.02))
-    task = asyncio.create_task(link.run())
-    await link.wait_ready(5)
+    task = await _started(link)
     await market_peer.job("crash", dict(BODY, max_tokens=1000))
     await asyncio.wait_for(market_peer.job_events["crash:chunk"].wait(), 5)
     await link.kill()
@@ -225,8 +225,7 @@ async def test_a_garbled_challenge_is_a_protocol_error_and_the_link_keeps_dialli
         await asyncio.sleep(0.5)
         assert not task.done()  # the link did not die on the bad frame
         assert "nonce" in (link.stats.last_error or "") and len(peer.hellos) >= 2
-        await link.stop()
-        await task
+        await _stopped(link, task)
 
 
 class _ClosingEngine(DeterministicEngine):
@@ -249,14 +248,12 @@ async def test_the_engine_stream_is_closed_when_the_deadline_passes(
 ) -> None:
     engine = _ClosingEngine()
     link = make_link(market_peer, keypair, engine)
-    task = asyncio.create_task(link.run())
-    await link.wait_ready(5)
+    task = await _started(link)
     await market_peer.job("late", dict(BODY, max_tokens=500), deadline=time.time() + 0.3)
     end = await market_peer.wait_end("late")
     assert isinstance(end, JobError) and end.code == "deadline_exceeded"
     assert engine.closed_at is not None  # the engine was told to stop generating
-    await link.stop()
-    await task
+    await _stopped(link, task)
 
 
 async def test_a_market_that_names_itself_otherwise_is_not_served(keypair) -> None:

@@ -9,10 +9,11 @@ import time
 import pytest
 import pytest_asyncio
 
-from inference.base import GenerationEnd, TokenDelta
+from inference.base import TokenDelta
 from inference.convert import generation_request
 from inference.llamacpp import LlamaCppEngine
 from tests.node.conftest import cpu_threads
+from tests.support.engines import collect
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -32,16 +33,9 @@ async def engine():
 
 
 async def run(engine, request):
-    text, ids, end = [], [], None
-    async for event in engine.generate(request):
-        if isinstance(event, TokenDelta):
-            text.append(event.text)
-            ids.extend(event.token_ids)
-        else:
-            assert isinstance(event, GenerationEnd) and end is None
-            end = event
+    text, ids, end = await collect(engine, request)
     assert end is not None
-    return "".join(text), ids, end
+    return text, ids, end
 
 
 async def test_model_info(engine) -> None:

@@ -13,11 +13,11 @@ import json
 import pytest
 import pytest_asyncio
 
-from inference.base import TokenDelta
 from inference.convert import generation_request
 from inference.llamacpp import LlamaCppEngine
 from inference.transformers import TransformersEngine
 from tests.node.conftest import cpu_threads
+from tests.support.engines import collect
 
 pytest.importorskip("torch")
 pytest.importorskip("gguf")
@@ -48,12 +48,8 @@ async def engines():
 
 
 async def run(engine, request):
-    ids, text = [], []
-    async for event in engine.generate(request):
-        if isinstance(event, TokenDelta):
-            ids.extend(event.token_ids)
-            text.append(event.text)
-    return "".join(text), ids
+    text, ids, _ = await collect(engine, request)
+    return text, ids
 
 
 def chat(content: str, max_tokens: int = 32) -> dict:

@@ -15,8 +15,8 @@ import sys
 import pytest
 import pytest_asyncio
 
-from inference.base import TokenDelta
 from inference.convert import generation_request
+from tests.support.engines import collect
 
 VLLM_URL = os.environ.get("AIDP_TEST_VLLM_URL")
 VLLM_PYTHON = os.environ.get("AIDP_TEST_VLLM_PYTHON") or (
@@ -72,15 +72,7 @@ async def engine(tmp_path_factory):
     await engine.close()
 
 
-async def run(engine, request):
-    ids, text, end = [], [], None
-    async for event in engine.generate(request):
-        if isinstance(event, TokenDelta):
-            ids.extend(event.token_ids)
-            text.append(event.text)
-        else:
-            end = event
-    return "".join(text), ids, end
+run = collect
 
 
 async def test_vllm_generate_continue_score(engine) -> None:

@@ -23,48 +23,21 @@ def _same(ours, theirs):
 
 def test_encoders_match_solana_py():
     p = TOKEN_PROGRAM_ID
+    # the parameters the three checked instructions below have in common
+    checked = {"program_id": p, "source": K[0], "mint": K[1], "owner": K[3], "decimals": 6}
     _same(
         spl.transfer_checked(K[0], K[1], K[2], K[3], 12345, 6),
-        T.transfer_checked(
-            M.TransferCheckedParams(
-                program_id=p,
-                source=K[0],
-                mint=K[1],
-                dest=K[2],
-                owner=K[3],
-                amount=12345,
-                decimals=6,
-            )
-        ),
+        T.transfer_checked(M.TransferCheckedParams(**checked, dest=K[2], amount=12345)),
     )
     _same(
         spl.transfer_checked(K[0], K[1], K[2], K[3], 7, 6, [K[4], K[5]]),
         T.transfer_checked(
-            M.TransferCheckedParams(
-                program_id=p,
-                source=K[0],
-                mint=K[1],
-                dest=K[2],
-                owner=K[3],
-                amount=7,
-                decimals=6,
-                signers=[K[4], K[5]],
-            )
+            M.TransferCheckedParams(**checked, dest=K[2], amount=7, signers=[K[4], K[5]])
         ),
     )
     _same(
         spl.approve_checked(K[0], K[1], K[2], K[3], 99, 6),
-        T.approve_checked(
-            M.ApproveCheckedParams(
-                program_id=p,
-                source=K[0],
-                mint=K[1],
-                delegate=K[2],
-                owner=K[3],
-                amount=99,
-                decimals=6,
-            )
-        ),
+        T.approve_checked(M.ApproveCheckedParams(**checked, delegate=K[2], amount=99)),
     )
     _same(spl.revoke(K[0], K[1]), T.revoke(M.RevokeParams(program_id=p, account=K[0], owner=K[1])))
     _same(

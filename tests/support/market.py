@@ -28,7 +28,7 @@ from market.app import create_app
 from market.settings import MarketSettings, nested
 from node_agent.link import NodeLink
 from tests.support.db import postgres_schema
-from tests.support.engines import DeterministicEngine
+from tests.support.engines import DeterministicEngine, collect
 from tests.support.net import free_port
 
 ADMIN_TOKEN = "test-admin-token"
@@ -180,6 +180,15 @@ async def _close_clients() -> AsyncIterator[None]:
 # ---- nodes ---------------------------------------------------------------------------------
 
 
+async def stop_link(link: NodeLink, task: asyncio.Task[None]) -> None:
+    """Take down a link a test started by hand: stop it, then cancel its run task and
+    wait for it, whatever it ends with, so no task outlives the test."""
+    await link.stop()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
 @dataclass
 class Nodes:
     market: Market
@@ -242,15 +251,10 @@ def unique_model(prefix: str = "m") -> str:
 async def expected_output(kind: str, model: str, max_tokens: int, *, messages: Any = None,
                           prompt: str | None = None) -> tuple[str, list[int]]:
     """What one healthy node produces for this request (the deterministic reference)."""
-    from inference.base import TokenDelta
     from inference.convert import generation_request
 
     engine = DeterministicEngine(model_id=model)
     body = {"messages": messages} if kind == "chat" else {"prompt": prompt}
     request = generation_request(kind, {**body, "max_tokens": max_tokens})
-    text, ids = [], []
-    async for event in engine.generate(request):
-        if isinstance(event, TokenDelta):
-            text.append(event.text)
-            ids.extend(event.token_ids)
-    return "".join(text), ids
+    text, ids, _ = await collect(engine, request)
+    return text, ids

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from market.models import Receipt
+from tests.support.net import stop_process
 from tests.verification.cheaters import TruncatingEngine
 from tests.verification.conftest import World, make_settings, redis_test_url, serve_job, worker_env
 
@@ -90,11 +91,7 @@ def test_worker_settles_and_slashes(world: World, db_url: str, tmp_path: Path, b
         print((tmp_path / "worker.log").read_text()[-4000:])
         raise
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 15)
         log.close()
     assert states[first.job_id] == "settled"
     assert states[second.job_id] == "settled"

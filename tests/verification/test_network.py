@@ -28,7 +28,7 @@ from market.models import Account, LedgerEntry, Node, Receipt
 from market.money import billing
 from market.money.accounts import create_account, issue_key
 from node_agent.link import NodeLink
-from tests.support.net import free_port
+from tests.support.net import free_port, stop_process
 from tests.verification.cheaters import TruncatingEngine
 from tests.verification.conftest import make_settings, worker_env
 
@@ -169,11 +169,7 @@ def test_network_honest_settles_cheater_slashed(tmp_path: Path, sessions, db_url
                 LedgerEntry.kind == "refund")).scalar_one() == cost
     finally:
         if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_process(worker, 15)
         loop.close()
         server.should_exit = True
         server_thread.join(10)
