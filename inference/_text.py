@@ -1,4 +1,5 @@
-"""Shared plumbing of local engines: the token loop, UTF-8 and stop strings, sampling."""
+"""Shared plumbing of local engines: the token loop, UTF-8 and stop strings; tokens are
+drawn by the protocol sampler (``inference.sampler``)."""
 
 from __future__ import annotations
 
@@ -8,30 +9,8 @@ from collections.abc import Callable
 import numpy as np
 
 from inference.base import GenerationEnd, GenerationEvent, GenerationRequest, TokenDelta
+from inference.sampler import sample, sampler_key
 from protocol.text import TextStream
-
-
-def sample_token(
-    logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator
-) -> int:
-    """Greedy for temperature 0; else softmax(logits / T) restricted to the top-p nucleus."""
-    if temperature == 0.0:
-        return int(np.argmax(logits))
-    # subtract the max before dividing: a tiny temperature then gives -inf (probability 0)
-    # for every other token instead of inf - inf = NaN
-    x = logits.astype(np.float64)
-    with np.errstate(over="ignore"):
-        x = (x - x.max()) / temperature
-    p = np.exp(x)
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cumulative = np.cumsum(p[order])
-        cutoff = int(np.searchsorted(cumulative, top_p)) + 1
-        keep = order[:cutoff]
-        q = p[keep] / p[keep].sum()
-        return int(keep[rng.choice(len(keep), p=q)])
-    return int(rng.choice(len(p), p=p))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -65,9 +44,10 @@ def decode_loop(
     token and returns the next logits; ``piece(token)`` is the token's output bytes.
     Emits ``TokenDelta``s then one ``GenerationEnd``; returns early when ``cancel`` is set.
     """
-    # numpy takes only non-negative seeds; OpenAI's seed is any integer (two's complement)
-    seed = request.seed if request.seed is None or request.seed >= 0 else request.seed % 2**64
-    rng = np.random.default_rng(seed)
+    # the protocol sampler (inference.sampler): position counts the whole output, so a
+    # node continuing another's output draws the noise the first node would have drawn
+    key = sampler_key(request.seed)
+    start = len(request.continuation_token_ids)
     text = TextStream(request.stop)
     text.prime([piece(t) for t in request.continuation_token_ids])
     produced = 0
@@ -77,7 +57,7 @@ def decode_loop(
     while produced < request.max_tokens and length < n_ctx:
         if cancel.is_set():
             return
-        token = sample_token(logits, request.temperature, request.top_p, rng)
+        token = sample(logits, request.temperature, request.top_p, key, start + produced)
         if is_eog(token):
             finish = "stop"
             break

@@ -103,6 +103,9 @@ class PositionScore:
     token_id: int  # the claimed token at this position
     logprob: float  # its log-probability under the verifier
     top: list[tuple[int, float]]  # the verifier's top-k (token id, logprob), best first
+    # sampled jobs: how far the claimed token falls short of the protocol sampler's choice
+    # on these numbers, in nats (inference.sampler.sampler_excess); None: not computed
+    sampler_excess: float | None = None
 
 
 class EngineError(Exception):
@@ -128,9 +131,13 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def score(
-        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20
+        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20,
+        *, nucleus_noise: float = 0.0,
     ) -> list[PositionScore]:
-        """Score ``output_token_ids`` as the continuation of ``request`` in one prefill."""
+        """Score ``output_token_ids`` as the continuation of ``request`` in one prefill.
+
+        Engines that see the whole distribution also fill ``sampler_excess`` for sampled
+        requests, allowing ``nucleus_noise`` nats of numeric noise at the nucleus edge."""
 
     @abc.abstractmethod
     def count_prompt_tokens(self, request: GenerationRequest) -> int:

@@ -148,7 +148,8 @@ class DeterministicEngine(Engine):
         )
 
     async def score(
-        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20
+        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20,
+        *, nucleus_noise: float = 0.0,
     ) -> list[PositionScore]:
         prompt = prompt_text(request)
         tokens = list(request.continuation_token_ids)

@@ -41,6 +41,7 @@ from inference.base import (
     ModelInfo,
     PositionScore,
 )
+from inference.sampler import sampler_excesses
 from inference.vocab import Vocabulary
 from inference.weights import weights_sha256
 
@@ -335,7 +336,8 @@ class LlamaCppEngine(LocalEngine):
     # ---- scoring -----------------------------------------------------------------------
 
     def _score_output(
-        self, request: GenerationRequest, prompt_ids: list[int], output_ids: list[int], k: int
+        self, request: GenerationRequest, prompt_ids: list[int], output_ids: list[int], k: int,
+        slack: float,
     ) -> list[PositionScore]:
         full = prompt_ids + output_ids
         with self._scorer_lock:
@@ -359,9 +361,12 @@ class LlamaCppEngine(LocalEngine):
                     scorer.eval([token])
                 rows = np.array(collected, dtype=np.float32)
         logprobs = log_softmax(rows)
+        excess = sampler_excesses(request, output_ids, lambda i: logprobs[i], slack,
+                                  self.eog_token_ids())
         return [
             PositionScore(
-                token_id=int(tok), logprob=float(logprobs[i, tok]), top=top_k(logprobs[i], k)
+                token_id=int(tok), logprob=float(logprobs[i, tok]), top=top_k(logprobs[i], k),
+                sampler_excess=excess[i],
             )
             for i, tok in enumerate(output_ids)
         ]

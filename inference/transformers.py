@@ -38,6 +38,7 @@ from inference.base import (
     PositionScore,
 )
 from inference.llamacpp import DEFAULT_MODEL_ID, default_gguf
+from inference.sampler import sampler_excesses
 from inference.weights import weights_sha256
 from protocol.canonical import digest_json
 
@@ -269,7 +270,8 @@ class TransformersEngine(LocalEngine):
     # ---- scoring ---------------------------------------------------------------------------
 
     def _score_output(
-        self, request: GenerationRequest, prompt_ids: list[int], output_ids: list[int], k: int
+        self, request: GenerationRequest, prompt_ids: list[int], output_ids: list[int], k: int,
+        slack: float,
     ) -> list[PositionScore]:
         torch = self._torch
         full = prompt_ids + output_ids
@@ -282,11 +284,15 @@ class TransformersEngine(LocalEngine):
             chosen = logprobs.gather(1, claimed[:, None])[:, 0].cpu().tolist()
             top_v, top_i = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
             top_v, top_i = top_v.cpu().tolist(), top_i.cpu().tolist()
+            excess = sampler_excesses(request, output_ids,
+                                      lambda i: logprobs[i].cpu().numpy(), slack,
+                                      self.eog_token_ids())
         return [
             PositionScore(
                 token_id=int(tok),
                 logprob=float(chosen[i]),
                 top=[(int(t), float(v)) for t, v in zip(top_i[i], top_v[i], strict=True)],
+                sampler_excess=excess[i],
             )
             for i, tok in enumerate(output_ids)
         ]

@@ -238,6 +238,11 @@ class VllmEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if self._client is None:
             raise EngineError("engine_not_started", "call start() before serving")
+        if request.temperature > 0.0:
+            # vLLM's own sampler is not the protocol's (inference.sampler): its sampled
+            # tokens would fail verification, so such jobs go to another node
+            raise EngineError("sampler_unsupported", "this node's vLLM adapter serves "
+                              "greedy jobs only (the protocol sampler is not wired into vLLM)")
         prompt_ids = await self.prompt_token_ids_async(request)
         body: dict[str, Any] = {
             "model": self.model_id,
@@ -284,7 +289,8 @@ class VllmEngine(Engine):
     # ---- scoring -------------------------------------------------------------------------
 
     async def score(
-        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20
+        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20,
+        *, nucleus_noise: float = 0.0,
     ) -> list[PositionScore]:
         if self._client is None:
             raise EngineError("engine_not_started", "call start() before serving")

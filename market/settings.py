@@ -139,6 +139,13 @@ class Tolerances(_Group):
     min_tokens_for_ll: int = 8  # shorter outputs skip the likelihood test
     eos_min_logprob: float = -14.0  # tempered EOG log-mass needed for a sampled stop
     top_k: int = 256  # verifier top-k asked from the engine
+    # nats a sampled token may fall short of the protocol sampler's choice on the
+    # verifier's numbers (inference.sampler.sampler_excess): honest excess is bounded by
+    # twice the per-token logprob noise between engines, the same margin as greedy
+    sampler_tol: float = 1.5
+    # nats of logprob noise assumed at the nucleus boundary (top_p < 1): only tokens in
+    # the nucleus of every distribution that close are compared (inference.sampler)
+    sampler_nucleus_noise: float = 0.5
 
 
 class VerifySettings(_Group):

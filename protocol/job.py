@@ -101,6 +101,12 @@ class JobRequest(_Strict):
         return self.model_copy(
             update={"sampling": self.sampling.model_copy(update={"max_tokens": max_tokens})})
 
+    def with_seed(self, seed: int) -> JobRequest:
+        """This job with its sampling seed fixed (the market sets one when the buyer did
+        not: the protocol sampler draws its noise from it, so the verifier can too)."""
+        return self.model_copy(
+            update={"sampling": self.sampling.model_copy(update={"seed": seed})})
+
     @classmethod
     def from_openai(cls, kind: str, body: Mapping[str, Any],
                     default_max_tokens: int = DEFAULT_MAX_TOKENS) -> JobRequest:

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from protocol.job import FinishReason, JobRequest, Usage
 from protocol.receipt import SignedReceipt
 
-PROTOCOL_VERSION = 3
+# 4: sampled tokens are drawn by the protocol sampler (inference.sampler) from the job's
+# seed; a node that samples otherwise would be slashed, so older nodes are refused
+PROTOCOL_VERSION = 4
 
 
 class _Message(BaseModel):

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -85,6 +86,8 @@ class JobSession:
         """Check the model and capacity, count the prompt, hold the worst case, store the
         job. Raises the ``APIError`` the buyer sees (404, 400, 402, 413, 503)."""
         settings = state.settings
+        if order.request.sampling.seed is None:  # every job's sampler noise is fixed here
+            order = replace(order, request=order.request.with_seed(secrets.randbits(63)))
         state.catalog.require(order.model)
         state.router.ensure_available(order.model, order.price_cap)
         vocabulary = await state.catalog.vocabulary(order.model)

@@ -227,12 +227,55 @@ def judge(
         )
     else:
         _judge_sampled(sampling, scores, claimed_token_ids, tol, verdict, vocab_size)
+        _judge_sampler(scores, claimed_token_ids, tol, verdict)
 
     _judge_stop(sampling, finish_reason, n, eog_score, eog_token_ids, stop_explained,
                 context_exhausted, tol, verdict)
     verdict.stats["tokens"] = n
     verdict.stats["finish_reason"] = finish_reason
     return verdict
+
+
+def _judge_sampler(
+    scores: Sequence[PositionScore],
+    claimed_token_ids: Sequence[int],
+    tol: Tolerances,
+    verdict: Verdict,
+) -> None:
+    """Every sampled token must be the protocol sampler's choice (``inference.sampler``)
+    on the verifier's numbers, within ``sampler_tol`` nats: exact, at any temperature.
+    Skipped (and said so in the stats) when the verifier engine cannot compute it."""
+    excesses = [s.sampler_excess for s in scores]
+    if not scores or any(e is None for e in excesses):
+        verdict.stats["sampler_checked"] = False
+        return
+    verdict.stats["sampler_checked"] = True
+    worst = max(e for e in excesses if e is not None)
+    verdict.stats["max_sampler_excess"] = round(worst, 4)
+    failed = 0
+    for i, (claimed, score) in enumerate(zip(claimed_token_ids, scores, strict=True)):
+        excess = score.sampler_excess
+        if excess is None or excess <= tol.sampler_tol:
+            continue
+        failed += 1
+        verdict.evidence.append(
+            TokenEvidence(
+                position=i,
+                claimed_token=int(claimed),
+                expected_token=None,
+                claimed_logprob=round(score.logprob, 4),
+                expected_logprob=None,
+                reason="sampler_not_followed",
+                detail={"excess": round(excess, 4)},
+            )
+        )
+    if failed:
+        verdict.fraud = True
+        verdict.reasons.append(
+            f"sampled: {failed} of {len(scores)} tokens are not what the protocol sampler "
+            f"picks from the verifier's distribution with the job's seed "
+            f"(tolerance {tol.sampler_tol} nats, worst {worst:.2f})"
+        )
 
 
 def _judge_sampled(
@@ -382,6 +425,17 @@ def _judge_stop(
                 f"argmax (eog logprob {best_eog:.3f}, best {best_lp:.3f})"
             )
         return
+    if eog_score.sampler_excess is not None:
+        # exact: with the job's seed, the protocol sampler must have picked a stop here
+        verdict.stats["eog_sampler_excess"] = round(eog_score.sampler_excess, 4)
+        if eog_score.sampler_excess > tol.sampler_tol:
+            verdict.fraud = True
+            verdict.reasons.append(
+                "truncated: output claims a natural stop where the protocol sampler, with "
+                f"the job's seed, does not stop (excess {eog_score.sampler_excess:.2f} nats "
+                f"> {tol.sampler_tol})"
+            )
+            return
     tempered = eog_lp / sampling.temperature - _logsumexp(
         [lp / sampling.temperature for lp in cands.values()]
     )

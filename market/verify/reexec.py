@@ -164,7 +164,8 @@ async def reexecute(
         and (output_text is not None or not sampling.stop)
     )
     scored_ids = claimed + [eog_ids[0]] if natural_stop and eog_ids else claimed
-    scores = await engine.score(request, scored_ids, top_k=tol.top_k)
+    scores = await engine.score(request, scored_ids, top_k=tol.top_k,
+                                nucleus_noise=tol.sampler_nucleus_noise)
     eog_score = scores[len(claimed)] if len(scores) > len(claimed) else None
     verdict = judge(
         sampling,

@@ -6,9 +6,10 @@ import threading
 
 import numpy as np
 
-from inference._text import decode_loop, sample_token
+from inference._text import decode_loop
 from inference.base import GenerationEnd, GenerationRequest, TokenDelta
 from inference.convert import generation_request
+from inference.sampler import sample, sampler_key
 
 VOCAB = 16
 
@@ -44,6 +45,6 @@ def test_negative_seeds_sample_reproducibly() -> None:
 
 def test_a_tiny_temperature_is_greedy_not_nan() -> None:
     logits = np.array([0.5, 3.0, -1.0, 2.9], dtype=np.float32)
-    rng = np.random.default_rng(0)
-    assert {sample_token(logits, 1e-320, 1.0, rng) for _ in range(20)} == {1}
-    assert sample_token(logits, 1e-320, 0.5, rng) == 1
+    key = sampler_key(0)
+    assert {sample(logits, 1e-320, 1.0, key, position) for position in range(20)} == {1}
+    assert sample(logits, 1e-320, 0.5, key, 3) == 1

@@ -92,9 +92,11 @@ class _Wrapper(Engine):
         return self.inner.decode(token_ids)
 
     async def score(
-        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20
+        self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20,
+        *, nucleus_noise: float = 0.0,
     ) -> list[PositionScore]:
-        return await self.inner.score(request, output_token_ids, top_k)
+        return await self.inner.score(request, output_token_ids, top_k,
+                                      nucleus_noise=nucleus_noise)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         return self.inner.generate(request)

@@ -30,13 +30,11 @@ def _cheat(honest_engine, label, different_model_engine):
 
 CASES = [
     (label, temperature, top_p)
-    for temperature, top_p in [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0)]
+    for temperature, top_p in [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0), (1.0, 0.9), (0.7, 1.0)]
     for label in ["edit_text", "edit_tokens", "truncate_stop", "truncate_length", "other_model"]
-    # At temperature 1 with top_p 1 every token is allowed: a short injected phrase, a
-    # degenerate cheaper model or a stop cut where the model gives end-of-generation
-    # some mass (above verify_eos_min_logprob) is only caught statistically (rates in
-    # bench/verify.py); which seed is caught depends on the llama.cpp build.
-    if not (temperature == 1.0 and label in ("edit_tokens", "other_model", "truncate_stop"))
+    # Every sampled token, and a claimed stop, is checked against the protocol sampler
+    # (inference.sampler): a cheaper model, edited ids or a cut are caught at any
+    # temperature, exactly, not by the luck of a statistic.
 ]
 
 
@@ -52,11 +50,20 @@ def test_cheat_detected(label, temperature, top_p, honest_engine, different_mode
         assert verdict.stats["text_mismatch"] is True
     if label.startswith("truncate"):
         assert any("truncated" in r for r in verdict.reasons), verdict.reasons
+    if label == "truncate_stop" and temperature > 0:
+        assert "eog_sampler_excess" in verdict.stats, verdict.stats
+    if label in ("other_model", "edit_tokens") and temperature > 0:
+        # caught exactly, by the sampler check, not by luck of the statistics
+        assert verdict.stats["sampler_checked"] is True
+        assert any(e.reason == "sampler_not_followed" for e in verdict.evidence), verdict.reasons
 
 
 def test_honest_same_jobs_pass(honest_engine) -> None:
-    for temperature, top_p in [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0)]:
+    for temperature, top_p in [(0.0, 1.0), (0.7, 0.9), (1.0, 1.0), (1.0, 0.9), (0.7, 1.0)]:
         body = {**CHAT, "max_tokens": 40, "temperature": temperature, "top_p": top_p, "seed": 7}
         gen = generate(honest_engine, "chat", body)
         verdict, _ = verify(honest_engine, honest_engine, gen)
         assert not verdict.fraud, (temperature, verdict.reasons)
+        if temperature > 0:
+            assert verdict.stats["sampler_checked"] is True
+            assert verdict.stats["max_sampler_excess"] <= 1e-6  # same engine: exact
