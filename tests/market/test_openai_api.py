@@ -340,3 +340,27 @@ async def test_metrics_exposed(buyer: Buyer, nodes: Nodes, market: Market) -> No
     assert f'aidp_tokens_total{{model="{model}",type="completion"}}' in text
     assert 'aidp_nodes{state="healthy"}' in text
     assert 'aidp_failovers_total{phase="mid_stream"}' in text
+
+
+async def test_every_job_carries_a_sampling_seed(market: Market, buyer: Buyer, nodes: Nodes) -> None:
+    """The protocol sampler draws its noise from the job's seed, so the market fixes one
+    when the buyer did not (and keeps the buyer's): the verifier re-derives the same."""
+    from market.models import Job
+    from protocol.job import JobRequest
+
+    model = unique_model()
+    await nodes.start(model)
+    client = buyer.client()
+    mine = await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4,
+                                                temperature=1.0, seed=-12345)
+    drawn = [await client.chat.completions.create(model=model, messages=MESSAGES,
+                                                  max_tokens=4, temperature=1.0)
+             for _ in range(2)]
+    with market.state.db.session() as session:
+        def seed(reply) -> int | None:
+            job = session.get(Job, reply.id.removeprefix("chatcmpl-"))
+            return JobRequest.model_validate(job.request).sampling.seed
+
+        assert seed(mine) == -12345
+        seeds = [seed(r) for r in drawn]
+    assert all(isinstance(s, int) for s in seeds) and seeds[0] != seeds[1]
