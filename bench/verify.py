@@ -78,6 +78,8 @@ class ConfiguredLlama(LlamaCppEngine):
 
 
 def _quantiles(values: list[float]) -> dict[str, float | None]:
+    # -inf: a position with nothing to compare (one token in the sure nucleus)
+    values = [v for v in values if math.isfinite(v)]
     if not values:
         return {"max": None, "p99": None, "mean": None}
     ordered = sorted(values)

@@ -111,6 +111,34 @@ async def test_transformers_scores_llamacpp_greedy_outputs(engines, artifacts_di
     assert summary["logprob_abs_diff_mean"] < 0.2
 
 
+async def test_llamacpp_sampled_tokens_follow_the_sampler_on_transformers_numbers(
+        engines, artifacts_dir) -> None:
+    """Cross-engine honesty at temperature > 0: a llama.cpp node's sampled tokens are the
+    protocol sampler's choice on transformers' numbers too, within the verifier's
+    tolerance, and a different seed's tokens are not."""
+    from market.settings import Tolerances
+
+    tf, lc = engines
+    tol = Tolerances()
+    worst, wrong_seed_worst = [], []
+    for i, content in enumerate(PROMPTS):
+        for temperature, top_p in [(1.0, 1.0), (0.7, 0.9)]:
+            body = {**chat(content, 24), "temperature": temperature, "top_p": top_p, "seed": i}
+            request = generation_request("chat", body)
+            _, ids = await run(lc, request)
+            scores = await tf.score(request, ids, top_k=5,
+                                    nucleus_noise=tol.sampler_nucleus_noise)
+            worst.append(max(s.sampler_excess for s in scores))
+            other = generation_request("chat", {**body, "seed": i + 1000})
+            scores = await tf.score(other, ids, top_k=5, nucleus_noise=tol.sampler_nucleus_noise)
+            wrong_seed_worst.append(max(s.sampler_excess for s in scores))
+    (artifacts_dir / "sampler-transformers-vs-llamacpp.json").write_text(json.dumps(
+        {"max_excess_honest": worst, "max_excess_wrong_seed": wrong_seed_worst}, indent=1))
+    assert max(worst) <= tol.sampler_tol, worst
+    # tokens drawn with other noise are caught in most jobs (short, peaked outputs may not be)
+    assert sum(w > tol.sampler_tol for w in wrong_seed_worst) >= len(wrong_seed_worst) // 2
+
+
 async def test_transformers_generation_and_continuation(engines) -> None:
     tf, _ = engines
     request = generation_request("chat", chat(PROMPTS[1], 16))
