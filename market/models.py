@@ -209,6 +209,9 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(16))  # chat | completion
     request: Mapped[dict[str, Any]] = mapped_column()
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    # the sampler the job's nodes had to use (inference.sampler.SAMPLER); NULL for jobs
+    # from before the protocol fixed one: those are judged without the exact check
+    sampler: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # indexed with deadline_at (ix_jobs_status_deadline), which also serves status alone
     status: Mapped[str] = mapped_column(String(16), default="running")
     hold_amount: Mapped[int] = mapped_column(BigInteger, default=0)

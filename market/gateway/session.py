@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from inference.base import EngineError
 from inference.convert import engine_request
+from inference.sampler import SAMPLER
 from inference.vocab import Vocabulary
 from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
 from market.gateway.auth import Buyer
@@ -112,6 +113,7 @@ class JobSession:
             kind=order.request.kind,
             request=order.request.model_dump(mode="json"),
             stream=order.stream,
+            sampler=SAMPLER,
             status="running",
             hold_amount=quote.hold,
             deadline_at=utcnow() + timedelta(seconds=lifetime),

@@ -12,8 +12,10 @@ output text that is not what its token ids decode to was edited after generation
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from inference.base import Engine, GenerationRequest
+from inference.sampler import SAMPLER
 from market.settings import Tolerances
 from market.verify.judge import FinishReason, Verdict, judge
 from protocol.job import JobRequest
@@ -119,11 +121,14 @@ async def reexecute(
     finish_reason: FinishReason | None = None,
     context_length: int | None = None,
     tolerances: Tolerances | None = None,
+    sampler: str | None = SAMPLER,
 ) -> Verdict:
     """Re-execute one receipt on ``engine`` and judge it.
 
     ``context_length`` is the node's registered context size (a generation that fills
-    it ends short of ``max_tokens`` honestly).
+    it ends short of ``max_tokens`` honestly). ``sampler``: the sampler the job's node
+    had to use; only the protocol's (``inference.sampler.SAMPLER``) is checked token by
+    token (a job from before it is judged by the statistical checks alone).
 
     ``request`` is the generation request the node was given (with its continuation
     prefix). Raises :class:`VerificationUnavailable` when the verifier runs another
@@ -166,6 +171,8 @@ async def reexecute(
     scored_ids = claimed + [eog_ids[0]] if natural_stop and eog_ids else claimed
     scores = await engine.score(request, scored_ids, top_k=tol.top_k,
                                 nucleus_noise=tol.sampler_nucleus_noise)
+    if sampler != SAMPLER:
+        scores = [replace(s, sampler_excess=None) for s in scores]
     eog_score = scores[len(claimed)] if len(scores) > len(claimed) else None
     verdict = judge(
         sampling,

@@ -114,6 +114,7 @@ def judge_receipt(
                 finish_reason=inp.finish_reason if inp.is_last_segment else None,  # type: ignore[arg-type]
                 context_length=inp.context_length,
                 tolerances=settings.verify.tolerances,
+                sampler=inp.sampler,
             )
         )
     except EngineError as exc:

@@ -414,6 +414,7 @@ class VerificationInput:
     continuation_token_ids: list[int] | None  # the prefix this segment was given, if stored
     registered_model_sha256: str | None
     context_length: int | None
+    sampler: str | None = None  # the job's sampler (None: before the protocol fixed one)
 
 
 def _stored_request(data: Any) -> JobRequest | None:
@@ -449,4 +450,5 @@ def load_input(session: Session, receipt_id: str) -> VerificationInput:
         continuation_token_ids=receipt.continuation_token_ids,
         registered_model_sha256=offer[0] if offer else None,
         context_length=offer[1] if offer else None,
+        sampler=job.sampler,
     )

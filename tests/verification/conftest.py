@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference.base import Engine
 from inference.convert import generation_request
+from inference.sampler import SAMPLER
 from market.db import sync_session_factory
 from market.migrate import upgrade
 from market.models import Job, Node, NodeModel, new_id
@@ -176,8 +177,9 @@ def generate(engine: Engine, kind: str, body: dict[str, Any],
 def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body: dict[str, Any],
               kind: str = "chat", window_s: float = 3600.0,
               continuation_token_ids: list[int] | None = None,
-              cancelled_after: int | None = None) -> Served:
-    """Serve one job as a node would and store it as the market does. With
+              cancelled_after: int | None = None, sampler: str | None = SAMPLER) -> Served:
+    """Serve one job as a node would and store it as the market does (``sampler``: the
+    job's sampler column; None stores a job from before the protocol fixed one). With
     ``continuation_token_ids`` the node continues another node's output (a failover):
     ``body`` then carries the remaining ``max_tokens``. With ``cancelled_after`` the
     market cancels the job after that many tokens (its buyer left)."""
@@ -200,7 +202,7 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
     fee = billing.market_fee(earning, 1000)
     with world.sessions.begin() as session:
         job = Job(id=new_id("job"), account_id=world.account_id, model=engine.model.id, kind=kind,
-                  request=request.job.model_dump(mode="json"),
+                  request=request.job.model_dump(mode="json"), sampler=sampler,
                   hold_amount=billing.worst_case_hold(prompt_tokens, body.get("max_tokens", 256),
                                                       PRICE_IN, PRICE_OUT, 1000))
         billing.open_job(session, job)

@@ -105,3 +105,33 @@ def test_window_closes_unsampled_receipts(world: World, db_url: str, tmp_path: P
         assert r.verification is None
     assert world.node(node_id).earned_settled == r.node_earning
     assert world.node(node_id).earned_pending == 0
+
+
+def test_the_jobs_sampler_decides_the_exact_check(world: World, db_url: str, tmp_path: Path,
+                                                  honest_engine, different_model_engine) -> None:
+    """At temperature 1 a cheaper model is slashed through the stored job's sampler (the
+    protocol's), token by token; an honest job is settled; a job stored from before the
+    protocol fixed a sampler is judged by the statistical checks alone (never by a rule
+    its node did not have to follow)."""
+    settings = make_settings(db_url, tmp_path, verify__first_jobs=20)
+    body = {"messages": [{"role": "user", "content": "Tell me a short story about a dragon."}],
+            "max_tokens": 32, "temperature": 1.0, "top_p": 1.0, "seed": 5}
+    honest_id, honest_kp = world.add_node(honest_engine)
+    honest = serve_job(world, honest_id, honest_kp, honest_engine, body)
+    cheat_id, cheat_kp = world.add_node(honest_engine, stake=1_000_000)
+    cheat = serve_job(world, cheat_id, cheat_kp, different_model_engine, body)
+    legacy_id, legacy_kp = world.add_node(honest_engine, stake=1_000_000)
+    legacy = serve_job(world, legacy_id, legacy_kp, different_model_engine, body, sampler=None)
+    _run_until_quiet(world, settings)
+    with world.sessions() as session:
+        def receipt(served):
+            return session.execute(select(Receipt).where(Receipt.job_id == served.job_id)
+                                   ).scalar_one()
+
+        assert receipt(honest).state == "settled"
+        assert receipt(honest).verification["stats"]["sampler_checked"] is True
+        slashed = receipt(cheat)
+        assert slashed.state == "slashed", slashed.verification
+        reasons = [e["reason"] for e in slashed.verification["evidence"]]
+        assert "sampler_not_followed" in reasons
+        assert receipt(legacy).verification["stats"]["sampler_checked"] is False
