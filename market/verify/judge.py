@@ -250,8 +250,10 @@ def _judge_sampler(
         verdict.stats["sampler_checked"] = False
         return
     verdict.stats["sampler_checked"] = True
-    worst = max(e for e in excesses if e is not None)
-    verdict.stats["max_sampler_excess"] = round(worst, 4)
+    # -inf: nothing to compare at a position; stats stay finite (they are stored as JSON)
+    finite = [e for e in excesses if e is not None and math.isfinite(e)]
+    worst = max(finite, default=-math.inf)
+    verdict.stats["max_sampler_excess"] = round(worst, 4) if finite else None
     failed = 0
     for i, (claimed, score) in enumerate(zip(claimed_token_ids, scores, strict=True)):
         excess = score.sampler_excess
@@ -427,7 +429,8 @@ def _judge_stop(
         return
     if eog_score.sampler_excess is not None:
         # exact: with the job's seed, the protocol sampler must have picked a stop here
-        verdict.stats["eog_sampler_excess"] = round(eog_score.sampler_excess, 4)
+        excess = eog_score.sampler_excess
+        verdict.stats["eog_sampler_excess"] = round(excess, 4) if math.isfinite(excess) else None
         if eog_score.sampler_excess > tol.sampler_tol:
             verdict.fraud = True
             verdict.reasons.append(

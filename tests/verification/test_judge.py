@@ -72,3 +72,29 @@ def test_sampling_policy_and_reputation() -> None:
     assert draw(b"k", "aa") == draw(b"k", "aa") != draw(b"other", "aa")
     assert reputation_after_honest(0.5, s) > 0.5
     assert reputation_after_fraud(0.8, s) == 0.4
+
+
+def _with_excess(tokens, excess):
+    top = sorted(LOGP.items(), key=lambda kv: -kv[1])
+    return [PositionScore(token_id=t, logprob=LOGP[t], top=top, sampler_excess=e)
+            for t, e in zip(tokens, excess, strict=True)]
+
+
+def test_sampled_tokens_must_be_the_samplers_choice() -> None:
+    import json
+
+    sampled = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=3)
+    tol = Tolerances()
+    honest = judge(sampled, _with_excess([1, 2, 1], [0.0, 0.3, -1.0]), [1, 2, 1], tolerances=tol)
+    assert not honest.fraud and honest.stats["max_sampler_excess"] == 0.3
+    cheat = judge(sampled, _with_excess([1, 2, 1], [0.0, tol.sampler_tol + 0.1, 0.0]),
+                  [1, 2, 1], tolerances=tol)
+    assert cheat.fraud
+    assert [e.position for e in cheat.evidence if e.reason == "sampler_not_followed"] == [1]
+    # positions with nothing to compare (-inf) leave the stats finite: they are stored as JSON
+    empty = judge(sampled, _with_excess([1, 2, 1], [-math.inf] * 3), [1, 2, 1], tolerances=tol)
+    assert not empty.fraud and empty.stats["max_sampler_excess"] is None
+    json.dumps(empty.as_dict(), allow_nan=False)
+    # an engine that cannot compute it: the check is skipped, and the stats say so
+    unknown = judge(sampled, _scores([1, 2, 1]), [1, 2, 1], tolerances=tol)
+    assert unknown.stats["sampler_checked"] is False
