@@ -307,19 +307,17 @@ def _judge_sampled(
         surprise_sum += dist.full_lse - claimed_lp / temperature
         entropy_sum += dist.entropy
         variance_sum += dist.variance
+        def evidence(reason: str, detail: dict[str, float]) -> TokenEvidence:
+            return TokenEvidence(position=i, claimed_token=int(claimed),
+                                 expected_token=int(best_tok),
+                                 claimed_logprob=round(claimed_lp, 4),
+                                 expected_logprob=round(best_lp, 4), reason=reason,
+                                 detail=detail)
+
         if tempered_lp < tol.min_token_logprob:
             impossible += 1
             verdict.evidence.append(
-                TokenEvidence(
-                    position=i,
-                    claimed_token=int(claimed),
-                    expected_token=int(best_tok),
-                    claimed_logprob=round(claimed_lp, 4),
-                    expected_logprob=round(best_lp, 4),
-                    reason="impossible_token",
-                    detail={"tempered_logprob": round(tempered_lp, 4)},
-                )
-            )
+                evidence("impossible_token", {"tempered_logprob": round(tempered_lp, 4)}))
             continue
         if top_p < 1.0:
             # Inside the nucleus under either convention, with slack.
@@ -328,20 +326,8 @@ def _judge_sampled(
             above_raw = _mass_above(cands, claimed_lp, 1.0, tol.logprob_tol, vocab_size)
             if min(above_tempered, above_raw) >= top_p + tol.top_p_tol:
                 outside += 1
-                verdict.evidence.append(
-                    TokenEvidence(
-                        position=i,
-                        claimed_token=int(claimed),
-                        expected_token=int(best_tok),
-                        claimed_logprob=round(claimed_lp, 4),
-                        expected_logprob=round(best_lp, 4),
-                        reason="outside_top_p",
-                        detail={
-                            "mass_above": round(min(above_tempered, above_raw), 4),
-                            "top_p": top_p,
-                        },
-                    )
-                )
+                verdict.evidence.append(evidence("outside_top_p", {
+                    "mass_above": round(min(above_tempered, above_raw), 4), "top_p": top_p}))
     n = len(claimed_token_ids)
     if impossible:
         verdict.fraud = True

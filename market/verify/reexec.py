@@ -27,9 +27,6 @@ class VerificationUnavailable(Exception):
     """The verifier cannot judge this receipt (other model, unknown prefix…): never slash."""
 
 
-# ---- distribution helpers ------------------------------------------------------------
-
-
 # ---- the driver ------------------------------------------------------------------------------
 
 
