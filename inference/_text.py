@@ -10,6 +10,7 @@ import numpy as np
 
 from inference.base import GenerationEnd, GenerationEvent, GenerationRequest, TokenDelta
 from inference.sampler import sample, sampler_key
+from protocol import fingerprint
 from protocol.text import TextStream
 
 
@@ -24,6 +25,21 @@ def top_k(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
     idx = np.argpartition(-logprobs, k - 1)[:k]
     idx = idx[np.argsort(-logprobs[idx], kind="stable")]
     return [(int(i), float(logprobs[i])) for i in idx]
+
+
+def fingerprint_row(logits: np.ndarray) -> bytes:
+    """The fingerprint row (``protocol.fingerprint``) of the distribution ``logits``
+    give at temperature 1: a partial sort and one log-sum-exp, cheap beside a forward."""
+    x = np.asarray(logits, dtype=np.float32)
+    rest = x.copy()
+    head: list[int] = []
+    for _ in range(min(fingerprint.K, x.shape[-1])):  # K argmax passes: 10x a partition
+        best = int(rest.argmax())  # the lowest id among equals: ties broken by id
+        head.append(best)
+        rest[best] = -np.inf
+    top = float(x[head[0]])
+    lse = top + float(np.log(np.exp(x - top, dtype=np.float64).sum()))
+    return fingerprint.encode_row((i, float(x[i]) - lse) for i in head)
 
 
 def decode_loop(
@@ -63,7 +79,7 @@ def decode_loop(
             break
         produced += 1
         delta, stopped = text.push(piece(token))
-        emit(TokenDelta(text=delta, token_ids=[token]))
+        emit(TokenDelta(text=delta, token_ids=[token], fingerprint=fingerprint_row(logits)))
         if stopped:
             finish = "stop"
             break

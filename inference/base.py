@@ -80,10 +80,12 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenDelta:
-    """Newly generated text and the token ids that produced it."""
+    """Newly generated text, the token ids that produced it, and their fingerprint rows
+    (``protocol.fingerprint``: one row per id, from the distribution it was drawn from)."""
 
     text: str
     token_ids: list[int]
+    fingerprint: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from inference.base import (
     TokenDelta,
 )
 from inference.vocab import Vocabulary
+from protocol import fingerprint
 from protocol.text import TextStream
 
 VOCAB = ["<eos>"] + [f" w{i}" for i in range(1, 64)]
@@ -47,6 +48,13 @@ def prompt_text(request: GenerationRequest) -> str:
 def next_token(prompt: str, previous: list[int]) -> int:
     digest = hashlib.sha256(f"{prompt}|{previous}".encode()).digest()
     return digest[0] % len(VOCAB)
+
+
+def likely_tokens(prompt: str, previous: list[int]) -> list[tuple[int, float]]:
+    """The engine's "distribution" at a position, best first: the next token and, far
+    below, its three successors in the vocabulary (what it fingerprints and scores)."""
+    best = next_token(prompt, previous)
+    return [(best, 0.0)] + [((best + i) % len(VOCAB), -7.0 - i) for i in range(1, 4)]
 
 
 def fake_sha256(model_id: str) -> str:
@@ -131,10 +139,11 @@ class DeterministicEngine(Engine):
             if token == EOS:
                 finish = "stop"
                 break
+            row = fingerprint.encode_row(likely_tokens(prompt, tokens))
             tokens.append(token)
             produced += 1
             delta, stopped = text.push(self.vocabulary.piece(token))
-            yield TokenDelta(text=delta, token_ids=[token])
+            yield TokenDelta(text=delta, token_ids=[token], fingerprint=row)
             if stopped:
                 finish = "stop"
                 break
@@ -155,12 +164,12 @@ class DeterministicEngine(Engine):
         tokens = list(request.continuation_token_ids)
         scores = []
         for claimed in output_token_ids:
-            expected = next_token(prompt, tokens)
+            top = likely_tokens(prompt, tokens)
             scores.append(
                 PositionScore(
                     token_id=claimed,
-                    logprob=0.0 if claimed == expected else -50.0,
-                    top=[(expected, 0.0)],
+                    logprob=dict(top).get(claimed, -50.0),
+                    top=top,
                 )
             )
             tokens.append(claimed)

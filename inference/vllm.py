@@ -42,6 +42,7 @@ from inference.base import (
     TokenDelta,
 )
 from inference.weights import weights_sha256
+from protocol import fingerprint
 from protocol.canonical import sha256_hex
 
 
@@ -54,6 +55,21 @@ def _free_port() -> int:
 def _token_id(token: str) -> int:
     # return_tokens_as_token_ids renders each token as "token_id:<id>"
     return int(token.rsplit(":", 1)[1])
+
+
+def _fingerprint(logprobs: dict[str, Any], n: int) -> bytes:
+    """Fingerprint rows from the ``top_logprobs`` of ``n`` streamed tokens (raw model
+    log-probabilities: vLLM's default ``logprobs_mode``). A server that sends none
+    leaves the rows out, and the market refuses the receipt: nothing unverifiable."""
+    tops = logprobs.get("top_logprobs") or []
+    if len(tops) != n or any(not top for top in tops):
+        return b""
+    out = []
+    for top in tops:
+        ranked = sorted(((_token_id(t), float(lp)) for t, lp in top.items()),
+                        key=lambda e: (-e[1], e[0]))
+        out.append(fingerprint.encode_row(ranked))
+    return b"".join(out)
 
 
 class VllmEngine(Engine):
@@ -251,7 +267,8 @@ class VllmEngine(Engine):
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stream": True,
-            "logprobs": 0,
+            # the top K of each position's distribution: the receipt's fingerprint
+            "logprobs": fingerprint.K,
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": True,
         }
@@ -273,11 +290,12 @@ class VllmEngine(Engine):
                     break
                 chunk = json.loads(data)
                 for choice in chunk.get("choices", []):
-                    tokens = (choice.get("logprobs") or {}).get("tokens") or []
-                    ids = [_token_id(t) for t in tokens]
+                    logprobs = choice.get("logprobs") or {}
+                    ids = [_token_id(t) for t in logprobs.get("tokens") or []]
                     if ids or choice.get("text"):
                         produced += len(ids)
-                        yield TokenDelta(text=choice.get("text") or "", token_ids=ids)
+                        yield TokenDelta(text=choice.get("text") or "", token_ids=ids,
+                                         fingerprint=_fingerprint(logprobs, len(ids)))
                     if choice.get("finish_reason"):
                         finish = "stop" if choice["finish_reason"] == "stop" else "length"
         yield GenerationEnd(

@@ -146,6 +146,16 @@ class Tolerances(_Group):
     # nats of logprob noise assumed at the nucleus boundary (top_p < 1): only tokens in
     # the nucleus of every distribution that close are compared (inference.sampler)
     sampler_nucleus_noise: float = 0.5
+    # the computation fingerprint (protocol.fingerprint): a committed token is looked for
+    # among the verifier's tokens down to ``margin`` nats below its K-th, and found when
+    # the node's value is within ``window`` nats; a job fails when more than
+    # ``incomplete_tol`` of its positions miss a token or the mean |deviation| of the
+    # found ones exceeds ``mean_tol`` nats (bench/fingerprint.py: honest mean <= 0.13 across
+    # engines, f16 KV and threads; Q3_K, Q2_K, 5% norm noise, altered prompts >= 0.27)
+    fingerprint_margin: float = 1.0
+    fingerprint_window: float = 1.5
+    fingerprint_incomplete_tol: float = 0.25
+    fingerprint_mean_tol: float = 0.2
 
 
 class VerifySettings(_Group):

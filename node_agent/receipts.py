@@ -5,6 +5,7 @@ from __future__ import annotations
 from solders.keypair import Keypair
 
 from inference.base import Engine, GenerationRequest
+from protocol import fingerprint as fp
 from protocol.canonical import sha256_hex, token_ids_digest
 from protocol.receipt import GpuMetrics, ReceiptBody, SignedReceipt, sign_receipt
 
@@ -18,6 +19,7 @@ def build_receipt(
     request: GenerationRequest,
     output_text: str,
     output_token_ids: list[int],
+    fingerprint: bytes,
     prompt_tokens: int,
     started_at: float,
     finished_at: float,
@@ -27,7 +29,8 @@ def build_receipt(
 
     ``output_text`` must be exactly the concatenation of the chunk texts this node
     sent, and ``output_token_ids`` the ids it generated (not a continuation prefix it
-    was given; that prefix is covered by ``request_sha256``).
+    was given; that prefix is covered by ``request_sha256``), and ``fingerprint`` their
+    rows (``protocol.fingerprint``), one per id.
     """
     body = ReceiptBody(
         job_id=job_id,
@@ -46,5 +49,6 @@ def build_receipt(
         started_at=started_at,
         finished_at=finished_at,
         gpu=gpu,
+        fingerprint_sha256=fp.digest(fingerprint),
     )
-    return sign_receipt(keypair, body, output_token_ids)
+    return sign_receipt(keypair, body, output_token_ids, fingerprint)

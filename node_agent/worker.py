@@ -82,6 +82,7 @@ class _Output:
     t0: float = field(default_factory=time.perf_counter)
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    fingerprint: bytearray = field(default_factory=bytearray)
     end: GenerationEnd | None = None
     first_token_at: float | None = None
 
@@ -90,6 +91,7 @@ class _Output:
             self.first_token_at = time.perf_counter()
         self.text_parts.append(delta.text)
         self.token_ids.extend(delta.token_ids)
+        self.fingerprint += delta.fingerprint
 
     @property
     def ttft(self) -> float | None:
@@ -307,6 +309,7 @@ class JobWorker:
             request=request,
             output_text="".join(out.text_parts),
             output_token_ids=out.token_ids,
+            fingerprint=bytes(out.fingerprint),
             prompt_tokens=prompt_tokens,
             started_at=started_at,
             finished_at=finished_at,

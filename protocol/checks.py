@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from protocol import fingerprint as fp
 from protocol.canonical import sha256_hex, token_ids_digest
 from protocol.receipt import SamplingParams, SignedReceipt
 
@@ -91,6 +92,31 @@ def check_sampling(claimed: SamplingParams, expected: SamplingParams) -> list[Ch
     return failures
 
 
+def check_fingerprint(receipt: SignedReceipt, *, required: bool) -> list[CheckFailure]:
+    """The fingerprint rows must be there (when ``required``), hash to what the body
+    signs, and hold exactly one row per output token: a receipt the verifier could
+    not hold against its own numbers is refused, not trusted."""
+    body = receipt.body
+    blob = receipt.fingerprint_bytes()
+    if receipt.fingerprint is None and body.fingerprint_sha256 is None:
+        if not required:
+            return []
+        return [CheckFailure("fingerprint_missing", "receipt carries no computation fingerprint")]
+    if blob is None or body.fingerprint_sha256 is None:
+        return [CheckFailure("fingerprint_missing",
+                             "receipt fingerprint is not base64 or its hash is not signed")]
+    failures = []
+    if fp.digest(blob) != body.fingerprint_sha256:
+        failures.append(CheckFailure("fingerprint_hash_mismatch",
+                                     "fingerprint does not hash to fingerprint_sha256"))
+    if len(blob) != fp.ROW_BYTES * body.completion_tokens:
+        failures.append(CheckFailure(
+            "fingerprint_length_mismatch",
+            f"fingerprint of {len(blob)} bytes for {body.completion_tokens} tokens "
+            f"({fp.ROW_BYTES} bytes each)"))
+    return failures
+
+
 def check_receipt(
     receipt: SignedReceipt,
     *,
@@ -107,6 +133,7 @@ def check_receipt(
     context_length: int | None = None,
     expected_prompt_tokens: int | None = None,
     market_id: str | None = None,
+    require_fingerprint: bool = False,
 ) -> list[CheckFailure]:
     """All cheap checks of one receipt; an empty list means it passed.
 
@@ -239,4 +266,5 @@ def check_receipt(
         failures.append(CheckFailure("bad_times", "finished_at is before started_at"))
     if expected_sampling is not None:
         failures.extend(check_sampling(body.sampling, expected_sampling))
+    failures.extend(check_fingerprint(receipt, required=require_fingerprint))
     return failures

@@ -20,7 +20,9 @@ from protocol.receipt import SignedReceipt
 
 # 4: sampled tokens are drawn by the protocol sampler (inference.sampler) from the job's
 # seed; a node that samples otherwise would be slashed, so older nodes are refused
-PROTOCOL_VERSION = 4
+# 5: receipts carry the computation fingerprint (protocol.fingerprint); the market
+# refuses receipts without one
+PROTOCOL_VERSION = 5
 
 
 class _Message(BaseModel):

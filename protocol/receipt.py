@@ -7,16 +7,20 @@ inclusion both start from one value.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from solders.keypair import Keypair
 
+from protocol import fingerprint as fp
 from protocol.canonical import canonical_json, sha256_hex, token_ids_digest
 from protocol.job import SamplingParams
 from protocol.keys import RECEIPT_DOMAIN, sign, verify
 
-RECEIPT_VERSION = 2
+# 3: the computation fingerprint (protocol.fingerprint) is signed by its hash
+RECEIPT_VERSION = 3
 
 
 class GpuMetrics(BaseModel):
@@ -56,9 +60,14 @@ class ReceiptBody(BaseModel):
     started_at: float
     finished_at: float
     gpu: GpuMetrics | None = None
+    # protocol.fingerprint.digest of the rows; absent only in receipts from before it
+    fingerprint_sha256: str | None = None
 
     def canonical(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        if data["fingerprint_sha256"] is None:
+            del data["fingerprint_sha256"]  # receipts from before it keep their hash
+        return canonical_json(data)
 
     def digest(self) -> str:
         """Receipt hash: hex sha256 of the canonical body (the Merkle leaf)."""
@@ -73,6 +82,8 @@ class SignedReceipt(BaseModel):
     body: ReceiptBody
     signature: str
     output_token_ids: list[int]
+    # the fingerprint rows, base64 (8 bytes a token; field elements do not compress)
+    fingerprint: str | None = None
 
     @property
     def receipt_hash(self) -> str:
@@ -83,6 +94,15 @@ class SignedReceipt(BaseModel):
             self.body.node_pubkey, RECEIPT_DOMAIN, bytes.fromhex(self.receipt_hash), self.signature
         )
 
+    def fingerprint_bytes(self) -> bytes | None:
+        """The fingerprint rows, or None when absent or not base64."""
+        if self.fingerprint is None:
+            return None
+        try:
+            return base64.b64decode(self.fingerprint, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
     def token_ids_consistent(self) -> bool:
         return (
             token_ids_digest(self.output_token_ids) == self.body.output_token_ids_sha256
@@ -90,12 +110,18 @@ class SignedReceipt(BaseModel):
         )
 
 
-def sign_receipt(keypair: Keypair, body: ReceiptBody, output_token_ids: list[int]) -> SignedReceipt:
-    """Sign ``body`` with the node's keypair; the pubkey in the body must be the signer's."""
+def sign_receipt(keypair: Keypair, body: ReceiptBody, output_token_ids: list[int],
+                 fingerprint: bytes | None = None) -> SignedReceipt:
+    """Sign ``body`` with the node's keypair; the pubkey in the body must be the signer's.
+    ``fingerprint``: the rows whose digest the body holds."""
     if str(keypair.pubkey()) != body.node_pubkey:
         raise ValueError("receipt node_pubkey does not match the signing keypair")
+    if fingerprint is not None and body.fingerprint_sha256 != fp.digest(fingerprint):
+        raise ValueError("receipt fingerprint_sha256 does not match the fingerprint")
     signature = sign(keypair, RECEIPT_DOMAIN, bytes.fromhex(body.digest()))
-    return SignedReceipt(body=body, signature=signature, output_token_ids=list(output_token_ids))
+    encoded = base64.b64encode(fingerprint).decode() if fingerprint is not None else None
+    return SignedReceipt(body=body, signature=signature, output_token_ids=list(output_token_ids),
+                         fingerprint=encoded)
 
 
 def receipt_from_json(data: dict[str, Any]) -> SignedReceipt:

@@ -439,6 +439,7 @@ class JobRunner:
             context_length=offer.context_length if offer else None,
             expected_prompt_tokens=spec.prompt_tokens + len(continuation_ids),
             market_id=self.state.settings.market_id,
+            require_fingerprint=True,
         )
 
     # ---- the result ------------------------------------------------------------------------

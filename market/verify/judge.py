@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from inference.base import PositionScore
 from market.settings import Tolerances
+from protocol import fingerprint as fp
 from protocol.job import SamplingParams
 
 # "cancelled": the market stopped the node (its buyer left), so the output ends anywhere.
@@ -176,6 +177,7 @@ def judge(
     context_exhausted: bool = False,
     tolerances: Tolerances | None = None,
     vocab_size: int = 262_144,
+    fingerprint: bytes | None = None,
 ) -> Verdict:
     """Judge a claimed output from the verifier's per-position scores.
 
@@ -185,7 +187,9 @@ def judge(
     ``stop_explained``: the decoded text shows a stop string ended the output.
     ``context_exhausted``: prompt + output filled the node's context (an honest
     ``length`` short of ``max_tokens``).
-    ``finish_reason`` defaults to what the counts imply.
+    ``finish_reason`` defaults to what the counts imply. ``fingerprint``: the node's
+    signed fingerprint rows (``protocol.fingerprint``), held against the verifier's top
+    tokens at every position; None (receipts from before it): not checked.
     """
     tol = tolerances or Tolerances()
     verdict = Verdict(fraud=False)
@@ -229,11 +233,53 @@ def judge(
         _judge_sampled(sampling, scores, claimed_token_ids, tol, verdict, vocab_size)
         _judge_sampler(scores, claimed_token_ids, tol, verdict)
 
+    _judge_fingerprint(scores, fingerprint, tol, verdict)
     _judge_stop(sampling, finish_reason, n, eog_score, eog_token_ids, stop_explained,
                 context_exhausted, tol, verdict)
     verdict.stats["tokens"] = n
     verdict.stats["finish_reason"] = finish_reason
     return verdict
+
+
+def _judge_fingerprint(
+    scores: Sequence[PositionScore],
+    fingerprint: bytes | None,
+    tol: Tolerances,
+    verdict: Verdict,
+) -> None:
+    """The node's fingerprint must describe the verifier's distributions: its committed
+    tokens found among the verifier's likely ones (``fingerprint_incomplete_tol`` of
+    positions may miss one, from near-ties) at log-probabilities whose mean distance
+    from the verifier's stays within ``fingerprint_mean_tol`` nats. Catches another
+    model, quantisation or prompt even where it picks the same tokens."""
+    if fingerprint is None or not scores:
+        verdict.stats["fingerprint_checked"] = False
+        return
+    try:
+        cmp = fp.compare(fingerprint, [s.top for s in scores],
+                         margin=tol.fingerprint_margin, window=tol.fingerprint_window)
+    except ValueError as exc:  # the cheap checks refuse these; a stored one is still proof
+        verdict.fraud = True
+        verdict.stats["fingerprint_checked"] = True
+        verdict.reasons.append(f"fingerprint: malformed ({exc})")
+        return
+    verdict.stats.update({
+        "fingerprint_checked": True,
+        "fingerprint_incomplete": round(cmp.incomplete_fraction, 4),
+        "fingerprint_mean_dev": round(cmp.mean_deviation, 4),
+        "fingerprint_max_dev": round(cmp.max_deviation, 4),
+    })
+    if cmp.incomplete_fraction > tol.fingerprint_incomplete_tol:
+        verdict.fraud = True
+        verdict.reasons.append(
+            f"fingerprint: at {cmp.incomplete} of {cmp.positions} positions the node's "
+            f"committed tokens are not the verifier's likely tokens at the node's values "
+            f"(tolerance {tol.fingerprint_incomplete_tol:.0%})")
+    if cmp.mean_deviation > tol.fingerprint_mean_tol:
+        verdict.fraud = True
+        verdict.reasons.append(
+            f"fingerprint: the node's log-probabilities sit {cmp.mean_deviation:.3f} nats "
+            f"from the verifier's on average (tolerance {tol.fingerprint_mean_tol})")
 
 
 def _judge_sampler(

@@ -182,6 +182,7 @@ async def reexecute(
         context_exhausted=context_exhausted,
         tolerances=tol,
         vocab_size=vocab_size(engine),
+        fingerprint=receipt.fingerprint_bytes(),
     )
     if edited:
         verdict.fraud = True

@@ -26,7 +26,7 @@ from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, s
 from protocol.messages import Hello, ModelOffer, Price, encode
 from protocol.receipt import ReceiptBody, SamplingParams, sign_receipt
 from protocol.text import TextStream
-from tests.support.fake_node import close_node, receipt_fields
+from tests.support.fake_node import close_node, fingerprint_rows, receipt_fields
 
 Behaviour = Callable[["HostileNode", dict[str, Any]], Awaitable[None]]
 VOCABULARY = FakeVocabulary()
@@ -159,7 +159,9 @@ class HostileNode:
             **receipt_fields(job, request, ids, text, prompt_tokens=prompt_tokens),
         )
         fields.update(overrides)
-        signed = sign_receipt(self.keypair, ReceiptBody(**fields), ids).model_dump(mode="json")
+        rows = fingerprint_rows(ids) if "fingerprint_sha256" not in overrides else None
+        signed = sign_receipt(self.keypair, ReceiptBody(**fields), ids,
+                              rows).model_dump(mode="json")
         if keypair is not None:  # claims to be this node, signed by another key
             signed["signature"] = sign(keypair, RECEIPT_DOMAIN,
                                        bytes.fromhex(ReceiptBody(**fields).digest()))

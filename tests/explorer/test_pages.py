@@ -61,6 +61,16 @@ async def test_job_receipt_and_node_pages(market: Market, buyer: Buyer, nodes: N
         assert body.output_sha256 in page.text
         assert "pending" in page.text  # the challenge window state
         assert 'id="verify"' in page.text
+        assert body.fingerprint_sha256 and body.fingerprint_sha256 in page.text
+
+        # a verdict's fingerprint check is shown in the receipt's evidence
+        with market.state.db.session() as session:
+            stored = session.get(Receipt, receipt.id)
+            stored.verification = {"outcome": "honest", "stats": {
+                "fingerprint_checked": True, "fingerprint_mean_dev": 0.0421,
+                "fingerprint_max_dev": 0.3125, "fingerprint_incomplete": 0.0}}
+        page = await http.get(f"/explorer/receipts/{receipt.receipt_hash}")
+        assert 'id="fingerprint-check"' in page.text and "mean deviation 0.0421" in page.text
 
         node_page = await http.get(f"/explorer/nodes/{link.pubkey}")
         assert node_page.status_code == 200 and receipt.receipt_hash[:12] in node_page.text

@@ -18,7 +18,7 @@ from protocol.keys import LINK_AUTH_DOMAIN, RECEIPT_DOMAIN, link_auth_message, s
 from protocol.messages import Hello, ModelOffer, Price, encode
 from protocol.receipt import ReceiptBody, sign_receipt
 from tests.support.engines import VOCAB, next_token
-from tests.support.fake_node import close_node, receipt_fields
+from tests.support.fake_node import close_node, fingerprint_rows, receipt_fields
 from tests.support.market import (
     HEARTBEAT,
     Buyer,
@@ -246,7 +246,8 @@ class RawNode:
             engine="raw", engine_version="1",
             **receipt_fields(job, request, out_ids, text, prompt_tokens=prompt_tokens),
         )
-        receipt = sign_receipt(self.keypair, body, out_ids).model_dump(mode="json")
+        receipt = sign_receipt(self.keypair, body, out_ids,
+                               fingerprint_rows(out_ids)).model_dump(mode="json")
         await self.gate.wait()
         if self.tamper == "signature":
             other = sign(Keypair(), RECEIPT_DOMAIN, bytes.fromhex(body.digest()))

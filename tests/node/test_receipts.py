@@ -11,6 +11,7 @@ from solders.keypair import Keypair
 from inference.convert import BadRequest, generation_request
 from inference.weights import weights_sha256
 from node_agent.receipts import build_receipt
+from protocol import fingerprint
 from protocol.canonical import sha256_hex, token_ids_digest
 from protocol.job import request_digest
 from protocol.receipt import GpuMetrics, SignedReceipt, receipt_from_json
@@ -38,6 +39,7 @@ def make(keypair: Keypair, **overrides) -> SignedReceipt:
         request=request,
         output_text=" w1 w2é",
         output_token_ids=[1, 2],
+        fingerprint=fingerprint.encode_row([(1, -0.1), (2, -2.5)]) * 2,
         prompt_tokens=11,
         started_at=1000.0,
         finished_at=1001.5,

@@ -11,8 +11,14 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
+from protocol import fingerprint
 from protocol.canonical import sha256_hex, token_ids_digest
 from protocol.job import JobRequest
+
+
+def fingerprint_rows(ids: list[int]) -> bytes:
+    """Fingerprint rows a hand-written node attests: each token sure (one point a row)."""
+    return b"".join(fingerprint.encode_row([(t, 0.0)]) for t in ids)
 
 
 def receipt_fields(job: dict[str, Any], request: JobRequest, ids: list[int], text: str, *,
@@ -26,6 +32,7 @@ def receipt_fields(job: dict[str, Any], request: JobRequest, ids: list[int], tex
         "output_sha256": sha256_hex(text), "output_token_ids_sha256": token_ids_digest(ids),
         "prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
         "started_at": time.time(), "finished_at": time.time(),
+        "fingerprint_sha256": fingerprint.digest(fingerprint_rows(ids)),
     }
 
 

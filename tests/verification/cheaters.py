@@ -4,8 +4,10 @@ Each one is the real llama.cpp engine doing less (or other) work than it attests
 while its receipts name the honest model's sha256 — what a dishonest operator would
 run:
 
-* :class:`DifferentModelEngine` — a cheaper model: the SmolLM2 GGUF with most of its
-  transformer blocks removed (written with the ``gguf`` package), same tokenizer.
+* :class:`DifferentModelEngine` — another model: the SmolLM2 GGUF with most of its
+  transformer blocks removed or its norms perturbed (written with the ``gguf``
+  package), or requantised to Q2_K / Q3_K by llama.cpp's own quantiser.
+* :class:`PromptAlteringEngine` — serves a shortened or rewritten prompt.
 * :class:`EditingEngine` — generates honestly, then edits the output: either the text
   only (token ids kept) or text and ids together.
 * :class:`TruncatingEngine` — stops after a fraction of the work and claims a natural
@@ -14,9 +16,14 @@ run:
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from inference.base import (
     Engine,
@@ -27,13 +34,15 @@ from inference.base import (
     TokenDelta,
 )
 from inference.llamacpp import LlamaCppEngine, default_gguf
+from protocol import fingerprint
 
 
-def pruned_gguf(keep_blocks: int, target: Path, source: Path | None = None) -> Path:
-    """A copy of ``source`` GGUF keeping only its first ``keep_blocks`` blocks."""
+def _rewrite_gguf(source: Path, target: Path, *, keep_blocks: int | None = None,
+                  transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Path:
+    """A copy of ``source`` keeping its first ``keep_blocks`` transformer blocks, with
+    ``transform(name, data)`` applied to every float32 tensor (the norms)."""
     import gguf
 
-    source = source or default_gguf()
     if target.exists():
         return target
     reader = gguf.GGUFReader(str(source))
@@ -45,7 +54,7 @@ def pruned_gguf(keep_blocks: int, target: Path, source: Path | None = None) -> P
             continue
         value = field.contents()
         vtype = field.types[0]
-        if key == f"{arch}.block_count":
+        if key == f"{arch}.block_count" and keep_blocks is not None:
             value = keep_blocks
         if vtype == gguf.GGUFValueType.ARRAY:
             writer.add_key_value(key, value, vtype, sub_type=field.types[-1])
@@ -53,16 +62,57 @@ def pruned_gguf(keep_blocks: int, target: Path, source: Path | None = None) -> P
             writer.add_key_value(key, value, vtype)
     kept = [
         t for t in reader.tensors
-        if not (t.name.startswith("blk.") and int(t.name.split(".")[1]) >= keep_blocks)
+        if keep_blocks is None
+        or not (t.name.startswith("blk.") and int(t.name.split(".")[1]) >= keep_blocks)
     ]
+
+    def data(t: Any) -> np.ndarray:
+        if transform is not None and t.tensor_type == gguf.GGMLQuantizationType.F32:
+            return transform(t.name, np.array(t.data)).astype(np.float32)
+        return t.data
+
     for t in kept:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for t in kept:
-        writer.write_tensor_data(t.data)
+        writer.write_tensor_data(data(t))
     writer.close()
+    tmp.replace(target)
+    return target
+
+
+def pruned_gguf(keep_blocks: int, target: Path, source: Path | None = None) -> Path:
+    """A copy of ``source`` GGUF keeping only its first ``keep_blocks`` blocks."""
+    return _rewrite_gguf(source or default_gguf(), target, keep_blocks=keep_blocks)
+
+
+def perturbed_gguf(scale: float, target: Path, source: Path | None = None,
+                   seed: int = 0) -> Path:
+    """A copy of ``source`` whose norm weights are each multiplied by 1 + N(0, scale):
+    another model of the same size, close to the real one."""
+    rng = np.random.default_rng(seed)
+    return _rewrite_gguf(source or default_gguf(), target,
+                         transform=lambda _, x: x * (1.0 + rng.normal(0.0, scale, x.shape)))
+
+
+def requantised_gguf(ftype: str, target: Path, source: Path | None = None) -> Path:
+    """``source`` requantised by llama.cpp's own quantiser (``ftype``: "Q2_K", "Q3_K_M"
+    …): a smaller, cheaper copy of the same model."""
+    import llama_cpp
+
+    if target.exists():
+        return target
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize = True
+    params.nthread = 2
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    code = llama_cpp.llama_model_quantize(str(source or default_gguf()).encode(),
+                                          str(tmp).encode(), ctypes.byref(params))
+    if code != 0:
+        raise RuntimeError(f"llama_model_quantize to {ftype} failed ({code})")
     tmp.replace(target)
     return target
 
@@ -103,12 +153,41 @@ class _Wrapper(Engine):
 
 
 class DifferentModelEngine(_Wrapper):
-    """Generates with a pruned (cheaper) model, claims the full model's sha256."""
+    """Generates with another (pruned, perturbed or requantised) model, claims the full
+    model's sha256; its fingerprint is its own model's, as nothing better is at hand."""
 
-    def __init__(self, pruned_path: Path, honest: LlamaCppEngine, n_threads: int = 2) -> None:
+    def __init__(self, other_path: Path, honest: LlamaCppEngine, n_threads: int = 2) -> None:
         super().__init__(
-            LlamaCppEngine(pruned_path, model_id=honest.model_id, n_threads=n_threads), honest
+            LlamaCppEngine(other_path, model_id=honest.model_id, n_threads=n_threads), honest
         )
+
+
+class PromptAlteringEngine(_Wrapper):
+    """Serves a cheaper prompt than the job's: ``mode="shorten"`` keeps only the last
+    user message (a long system prompt and history cost prefill), ``mode="alter"``
+    rewrites it. The receipt still names the job's request."""
+
+    def __init__(self, inner: LlamaCppEngine, mode: str = "shorten") -> None:
+        super().__init__(inner)
+        self.mode = mode
+
+    def _cheaper(self, request: GenerationRequest) -> GenerationRequest:
+        job = request.job
+        if job.messages is not None:
+            messages = [m for m in job.messages if m.role == "user"][-1:]
+            if self.mode == "alter":
+                messages = [m.model_copy(update={"content": m.content.upper()})
+                            for m in messages]
+            return replace(request, job=job.model_copy(update={"messages": messages}))
+        prompt = job.prompt or ""
+        cut = prompt[len(prompt) // 2:] if self.mode == "shorten" else prompt.upper()
+        return replace(request, job=job.model_copy(update={"prompt": cut}))
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        return self.inner.generate(self._cheaper(request))
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return self.inner.count_prompt_tokens(request)  # what the market counts
 
 
 class EditingEngine(_Wrapper):
@@ -138,11 +217,11 @@ class EditingEngine(_Wrapper):
                 if not injected and produced >= max(2, request.max_tokens // 3):
                     injected = True
                     if self.mode == "text":
-                        yield TokenDelta(text=event.text + self.PHRASE, token_ids=event.token_ids)
+                        yield replace(event, text=event.text + self.PHRASE)
                         continue
                     if self.mode == "invalid_ids":
                         ids = [self.INVALID_ID, *event.token_ids[1:]]
-                        yield TokenDelta(text=event.text, token_ids=ids)
+                        yield replace(event, token_ids=ids)
                         continue
                     assert self.inner._primary is not None
                     phrase_ids = list(self.inner._primary.tokenize(
@@ -150,7 +229,10 @@ class EditingEngine(_Wrapper):
                     budget = max(0, request.max_tokens - produced)
                     phrase_ids = phrase_ids[:budget]
                     yield event
-                    yield TokenDelta(text=self.inner.decode(phrase_ids), token_ids=phrase_ids)
+                    # rows claiming each injected token was sure: the cheapest lie
+                    rows = b"".join(fingerprint.encode_row([(t, 0.0)]) for t in phrase_ids)
+                    yield TokenDelta(text=self.inner.decode(phrase_ids), token_ids=phrase_ids,
+                                     fingerprint=rows)
                     await events.aclose()  # type: ignore[attr-defined]
                     yield GenerationEnd(
                         finish_reason="stop" if produced + len(phrase_ids) < request.max_tokens

@@ -168,10 +168,12 @@ class Served:
 
 
 def generate(engine: Engine, kind: str, body: dict[str, Any],
-             continuation_token_ids: list[int] | None = None) -> tuple[list[int], str, str, int]:
-    """Run ``engine`` on an OpenAI body: (token ids, text, finish_reason, prompt tokens)."""
+             continuation_token_ids: list[int] | None = None
+             ) -> tuple[list[int], str, str, int, bytes]:
+    """Run ``engine`` on an OpenAI body: (token ids, text, finish_reason, prompt tokens,
+    fingerprint rows)."""
     done = workload.generate(engine, kind, body, continuation_token_ids)
-    return done.token_ids, done.text, done.finish_reason, done.prompt_tokens
+    return done.token_ids, done.text, done.finish_reason, done.prompt_tokens, done.fingerprint
 
 
 def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body: dict[str, Any],
@@ -188,14 +190,15 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
     body = {"model": engine.model.id, **body}
     started = time.time()
     produce = body if cancelled_after is None else {**body, "max_tokens": cancelled_after}
-    ids, text, finish, prompt_tokens = generate(engine, kind, produce, continuation_token_ids)
+    ids, text, finish, prompt_tokens, rows = generate(engine, kind, produce,
+                                                      continuation_token_ids)
     if cancelled_after is not None:
         finish = "cancelled"
     request = generation_request(kind, body, continuation_token_ids)
     signed = build_receipt(
         keypair=keypair, job_id="", market_id="market.example", engine=engine, request=request,
         output_text=text,
-        output_token_ids=ids, prompt_tokens=prompt_tokens, started_at=started,
+        output_token_ids=ids, fingerprint=rows, prompt_tokens=prompt_tokens, started_at=started,
         finished_at=time.time(),
     )
     earning = billing.node_cost(prompt_tokens, len(ids), PRICE_IN, PRICE_OUT)
@@ -212,7 +215,8 @@ def serve_job(world: World, node_id: str, keypair: Keypair, engine: Engine, body
     signed = build_receipt(
         keypair=keypair, job_id=job_id, market_id="market.example", engine=engine,
         request=request, output_text=text,
-        output_token_ids=ids, prompt_tokens=prompt_tokens, started_at=signed.body.started_at,
+        output_token_ids=ids, fingerprint=rows, prompt_tokens=prompt_tokens,
+        started_at=signed.body.started_at,
         finished_at=signed.body.finished_at,
     )
     outcome = billing.Outcome(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import time
 
 from solders.keypair import Keypair
 
+from protocol import fingerprint
 from protocol.canonical import sha256_hex, token_ids_digest
 from protocol.checks import check_receipt
 from protocol.job import JobRequest, request_digest
@@ -85,3 +87,25 @@ def test_sampling_defaults_follow_openai() -> None:
     params = _sampling({"stop": "\n", "max_completion_tokens": 5})
     assert (params.temperature, params.top_p, params.max_tokens, params.stop) == (
         1.0, 1.0, 5, ["\n"])
+
+
+def test_the_fingerprint_is_required_hashed_and_one_row_a_token() -> None:
+    rows = b"".join(fingerprint.encode_row([(t, -0.1)]) for t in (5, 6, 7))
+    keypair = Keypair()
+    _, bare = _signed(keypair)
+    assert _check(bare, keypair) == set()  # older receipts: checked only when required
+    assert _check(bare, keypair, require_fingerprint=True) == {"fingerprint_missing"}
+
+    body = bare.body.model_copy(update={"fingerprint_sha256": fingerprint.digest(rows)})
+    good = sign_receipt(keypair, body, [5, 6, 7], rows)
+    assert _check(good, keypair, require_fingerprint=True) == set()
+
+    other = base64.b64encode(rows[:-1] + b"\x01").decode()
+    assert _check(good.model_copy(update={"fingerprint": other}), keypair) == {
+        "fingerprint_hash_mismatch"}
+    assert _check(good.model_copy(update={"fingerprint": "not base64!"}), keypair) == {
+        "fingerprint_missing"}
+    short = rows[:-8]
+    body = bare.body.model_copy(update={"fingerprint_sha256": fingerprint.digest(short)})
+    assert _check(sign_receipt(keypair, body, [5, 6, 7], short), keypair) == {
+        "fingerprint_length_mismatch"}

@@ -13,6 +13,7 @@ from market.verify.sampling import (
     reputation_after_honest,
     sample_rate,
 )
+from protocol import fingerprint
 from protocol.receipt import SamplingParams
 
 LOGP = {1: math.log(0.6), 2: math.log(0.3), 3: math.log(0.09), 4: math.log(0.01)}
@@ -98,3 +99,36 @@ def test_sampled_tokens_must_be_the_samplers_choice() -> None:
     # an engine that cannot compute it: the check is skipped, and the stats say so
     unknown = judge(sampled, _scores([1, 2, 1]), [1, 2, 1], tolerances=tol)
     assert unknown.stats["sampler_checked"] is False
+
+
+def _rows(top_of, tokens, shift: float = 0.0) -> bytes:
+    return b"".join(fingerprint.encode_row([(t, lp + shift) for t, lp in top_of(t)])
+                    for t in tokens)
+
+
+def test_the_fingerprint_must_describe_the_verifiers_distribution() -> None:
+    greedy = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4)
+    top = sorted(LOGP.items(), key=lambda kv: -kv[1])
+    claimed = [1, 1, 1, 1]
+    honest = _rows(lambda _: top, claimed)
+    verdict = judge(greedy, _scores(claimed), claimed, fingerprint=honest)
+    assert not verdict.fraud
+    assert verdict.stats["fingerprint_checked"] and verdict.stats["fingerprint_mean_dev"] < 0.01
+
+    # the same tokens chosen, from other numbers (another model or quantisation)
+    other = [(1, math.log(0.8)), (2, math.log(0.1)), (3, math.log(0.05)), (4, math.log(0.05))]
+    verdict = judge(greedy, _scores(claimed), claimed, fingerprint=_rows(lambda _: other, claimed))
+    assert verdict.fraud and any("fingerprint" in r for r in verdict.reasons)
+    assert verdict.stats["fingerprint_mean_dev"] > 0.15
+
+    # other tokens ranked first: not found among the verifier's
+    elsewhere = [(7, -0.1), (8, -2.5), (9, -3.0), (10, -4.0)]
+    verdict = judge(greedy, _scores(claimed), claimed,
+                    fingerprint=_rows(lambda _: elsewhere, claimed))
+    assert verdict.fraud and verdict.stats["fingerprint_incomplete"] == 1.0
+
+    # a receipt from before fingerprints: not checked, and said so
+    assert judge(greedy, _scores(claimed), claimed).stats["fingerprint_checked"] is False
+    # rows that do not match the output: proof of a bad receipt
+    verdict = judge(greedy, _scores(claimed), claimed, fingerprint=honest[:-8])
+    assert verdict.fraud and "malformed" in verdict.reasons[0]

@@ -37,7 +37,7 @@ def _serve_continuation(world: World, engine: Engine) -> tuple[Served, list[int]
     """A node continues the first DEAD_AFTER tokens of a greedy run another node began:
     (its stored job, the ids of the whole run)."""
     node_id, keypair = world.add_node(engine)
-    full_ids, _, _, _ = generate(engine, "chat", {**BODY, "max_tokens": FULL_TOKENS})
+    full_ids, _, _, _, _ = generate(engine, "chat", {**BODY, "max_tokens": FULL_TOKENS})
     served = serve_job(world, node_id, keypair, engine,
                        {**BODY, "max_tokens": FULL_TOKENS - DEAD_AFTER},
                        continuation_token_ids=full_ids[:DEAD_AFTER])

@@ -89,6 +89,7 @@ class Generated:
     finish_reason: str
     prompt_tokens: int
     gen_s: float
+    fingerprint: bytes = b""
 
 
 def generate(engine: Engine, kind: str, body: dict[str, Any],
@@ -97,6 +98,7 @@ def generate(engine: Engine, kind: str, body: dict[str, Any],
 
     async def go() -> Generated:
         ids: list[int] = []
+        rows = b""
         text = ""
         finish = "length"
         prompt_tokens = 0
@@ -104,12 +106,13 @@ def generate(engine: Engine, kind: str, body: dict[str, Any],
         async for event in engine.generate(request):
             if isinstance(event, TokenDelta):
                 ids += event.token_ids
+                rows += event.fingerprint
                 text += event.text
             elif isinstance(event, GenerationEnd):
                 finish = event.finish_reason
                 prompt_tokens = event.prompt_tokens
         return Generated(kind, body, ids, text, finish, prompt_tokens,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, rows)
 
     return run_sync(go())
 
@@ -122,7 +125,8 @@ def receipt_for(engine: Engine, gen: Generated, job_id: str = "job_bench") -> Si
     return build_receipt(
         keypair=_KEYPAIR, job_id=job_id, market_id="market.example", engine=engine,
         request=generation_request(gen.kind, gen.body), output_text=gen.text,
-        output_token_ids=gen.token_ids, prompt_tokens=gen.prompt_tokens,
+        output_token_ids=gen.token_ids, fingerprint=gen.fingerprint,
+        prompt_tokens=gen.prompt_tokens,
         started_at=now - gen.gen_s, finished_at=now,
     )
 
