@@ -29,11 +29,12 @@ def top_k(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 def fingerprint_row(logits: np.ndarray) -> bytes:
     """The fingerprint row (``protocol.fingerprint``) of the distribution ``logits``
-    give at temperature 1: a partial sort and one log-sum-exp, cheap beside a forward."""
+    give at temperature 1. Runs once a token, so not :func:`top_k` over a full
+    :func:`log_softmax`: K argmax passes and one log-sum-exp cost a tenth of that."""
     x = np.asarray(logits, dtype=np.float32)
     rest = x.copy()
     head: list[int] = []
-    for _ in range(min(fingerprint.K, x.shape[-1])):  # K argmax passes: 10x a partition
+    for _ in range(min(fingerprint.K, x.shape[-1])):
         best = int(rest.argmax())  # the lowest id among equals: ties broken by id
         head.append(best)
         rest[best] = -np.inf

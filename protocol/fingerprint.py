@@ -29,7 +29,6 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-FINGERPRINT = "topk-gf65521-v1"
 K = 4  # tokens committed per position
 PRIME = 65521  # the largest prime below 2**16: a coefficient is two bytes
 STEPS_PER_NAT = 64  # log-probability quantum: 1/64 nat

@@ -11,7 +11,10 @@
   that are *less* likely than honest sampling would give, so nodes that truncate the
   distribution further (top-k, min-p) are never penalised;
 * truncation: a claimed natural stop where the verifier puts negligible mass on
-  end-of-generation.
+  end-of-generation;
+* the computation fingerprint (``protocol.fingerprint``), at any temperature: the
+  node's committed top tokens and log-probabilities must be the verifier's, within
+  measured noise.
 
 Tolerances come from measured numeric noise (bench/verify.py) and live in settings
 (``MarketSettings.verify.tolerances``).

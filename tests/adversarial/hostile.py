@@ -159,9 +159,8 @@ class HostileNode:
             **receipt_fields(job, request, ids, text, prompt_tokens=prompt_tokens),
         )
         fields.update(overrides)
-        rows = fingerprint_rows(ids) if "fingerprint_sha256" not in overrides else None
         signed = sign_receipt(self.keypair, ReceiptBody(**fields), ids,
-                              rows).model_dump(mode="json")
+                              fingerprint_rows(ids)).model_dump(mode="json")
         if keypair is not None:  # claims to be this node, signed by another key
             signed["signature"] = sign(keypair, RECEIPT_DOMAIN,
                                        bytes.fromhex(ReceiptBody(**fields).digest()))

@@ -38,9 +38,9 @@ from protocol import fingerprint
 
 
 def _rewrite_gguf(source: Path, target: Path, *, keep_blocks: int | None = None,
-                  transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Path:
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Path:
     """A copy of ``source`` keeping its first ``keep_blocks`` transformer blocks, with
-    ``transform(name, data)`` applied to every float32 tensor (the norms)."""
+    ``transform`` applied to every float32 tensor (the norms)."""
     import gguf
 
     if target.exists():
@@ -68,7 +68,7 @@ def _rewrite_gguf(source: Path, target: Path, *, keep_blocks: int | None = None,
 
     def data(t: Any) -> np.ndarray:
         if transform is not None and t.tensor_type == gguf.GGMLQuantizationType.F32:
-            return transform(t.name, np.array(t.data)).astype(np.float32)
+            return transform(np.array(t.data)).astype(np.float32)
         return t.data
 
     for t in kept:
@@ -94,7 +94,7 @@ def perturbed_gguf(scale: float, target: Path, source: Path | None = None,
     another model of the same size, close to the real one."""
     rng = np.random.default_rng(seed)
     return _rewrite_gguf(source or default_gguf(), target,
-                         transform=lambda _, x: x * (1.0 + rng.normal(0.0, scale, x.shape)))
+                         transform=lambda x: x * (1.0 + rng.normal(0.0, scale, x.shape)))
 
 
 def requantised_gguf(ftype: str, target: Path, source: Path | None = None) -> Path:
@@ -185,9 +185,6 @@ class PromptAlteringEngine(_Wrapper):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         return self.inner.generate(self._cheaper(request))
-
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return self.inner.count_prompt_tokens(request)  # what the market counts
 
 
 class EditingEngine(_Wrapper):
