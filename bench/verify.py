@@ -1,16 +1,21 @@
 """Verification benchmark: cost, detection, false positives and numeric noise.
 
     .venv/bin/python bench/verify.py [--jobs 60] [--cheats 12] [--noise-jobs 20]
+                                     [--sections detection] [--only-cheats Q2_K edit]
 
-Prints one JSON object:
+Prints one JSON line per section (``--sections``), one per detection cell, and a
+summary line last:
 
 * ``cost``: total generation time vs scoring (re-execution) time for the same honest
   jobs, and their ratio (target <= 1/20); ``cost_long_outputs`` the same for 200-token
   outputs;
 * ``honest``: false-positive rate of the verifier on honest jobs (mixed parameters);
-* ``detection``: rate at which each cheat type is caught, per sampling setting, with
-  the protocol-sampler check (``inference.sampler``) and, side by side as the baseline,
-  without it (the statistical checks alone), and their ratio;
+* ``detection``: one line per (cheat, sampling setting): the share of cheated jobs the
+  verifier catches, its 95% lower bound, which checks fired, and side by side as the
+  baseline the verifier before the protocol sampler and the fingerprint (the
+  statistical checks alone); ``detection_summary`` per cheat over all settings. A
+  cheat that changed nothing (a truncation the output ended before, another seed that
+  drew the same tokens) is not counted;
 * ``noise``: the numeric noise that sets the tolerances — the logprob differences of
   the same honest outputs scored by differently configured verifiers (threads,
   n_batch), by decode vs prefill (the greedy argmax gap), and by transformers on the
@@ -47,12 +52,19 @@ from market.verify.engine import run_sync  # noqa: E402
 from tests.verification.cheaters import (  # noqa: E402
     DifferentModelEngine,
     EditingEngine,
+    ForeignSamplerEngine,
+    PromptAlteringEngine,
     TruncatingEngine,
+    perturbed_gguf,
     pruned_gguf,
+    requantised_gguf,
 )
 from tests.verification.workload import Generated, generate, honest_jobs, verify  # noqa: E402
 
 SETTINGS = [(t, p) for t in (0.0, 0.7, 1.0) for p in (0.9, 1.0)]
+CHEAT_SYSTEM = ("You are a concise assistant. Answer in plain words, avoid lists, and keep "
+                "to the point.")
+CHEAT_MAX_TOKENS = 32
 CHEAT_PROMPTS = [
     "Tell me a short story about a dragon.",
     "Explain how a bicycle works.",
@@ -164,48 +176,141 @@ def bench_cost_long(engine: LlamaCppEngine, n: int, tol: Any) -> dict[str, Any]:
             "scoring_over_generation": round(score_s / gen_s, 4) if gen_s else None}
 
 
-def bench_detection(honest: LlamaCppEngine, pruned: Path, per_setting: int,
-                    tol: Any) -> dict[str, Any]:
-    other = DifferentModelEngine(pruned, honest)
-    run_sync(other.start())
-    cheats = {
-        "other_model(pruned 20/30 blocks)": other,
-        "edit_text": EditingEngine(honest, mode="text"),
-        "edit_tokens": EditingEngine(honest, mode="tokens"),
-        "truncate_stop": TruncatingEngine(honest, 0.4, "stop"),
-        "truncate_length": TruncatingEngine(honest, 0.4, "length"),
+CHEATS = [
+    "other_model(pruned 20/30 blocks)", "other_model(norms perturbed 5%)",
+    "other_model(requantised Q2_K)", "other_model(requantised Q3_K_M)",
+    "edit_text", "edit_tokens", "truncate_stop", "truncate_length",
+    "prompt_shortened", "prompt_altered", "sampler_not_followed",
+]
+
+
+def _cheat_engine(label: str, honest: LlamaCppEngine, tmp: Path) -> Any:
+    """The engine that plays ``label`` (another model is loaded only for its cells)."""
+    models = {
+        "other_model(pruned 20/30 blocks)": lambda: pruned_gguf(20, tmp / "pruned20.gguf"),
+        "other_model(norms perturbed 5%)": lambda: perturbed_gguf(0.05, tmp / "noise5.gguf"),
+        "other_model(requantised Q2_K)": lambda: requantised_gguf("Q2_K", tmp / "q2k.gguf"),
+        "other_model(requantised Q3_K_M)": lambda: requantised_gguf("Q3_K_M",
+                                                                    tmp / "q3km.gguf"),
     }
-    for engine in cheats.values():
-        engine.model = honest.model
-    baseline_tol = tol.model_copy(update={"sampler_tol": math.inf})  # statistics only
-    out: dict[str, Any] = {}
-    for label, engine in cheats.items():
-        per: dict[str, Any] = {}
-        caught_all = base_all = total = 0
-        for temperature, top_p in SETTINGS:
-            caught = base = 0
-            for i in range(per_setting):
-                body = {
-                    "messages": [{"role": "user",
-                                  "content": CHEAT_PROMPTS[i % len(CHEAT_PROMPTS)]}],
-                    "max_tokens": 40, "temperature": temperature, "top_p": top_p,
-                    "seed": 1000 + i,
-                }
-                gen = generate(engine, "chat", body)
-                caught += verify(honest, engine, gen, tol)[0].fraud
-                base += verify(honest, engine, gen, baseline_tol)[0].fraud
-            per[f"T={temperature},top_p={top_p}"] = {
-                "caught": round(caught / per_setting, 3),
-                "baseline_caught": round(base / per_setting, 3)}
-            caught_all += caught
-            base_all += base
-            total += per_setting
-        per["all"] = {"caught": round(caught_all / total, 3),
-                      "baseline_caught": round(base_all / total, 3),
-                      "ratio": round(caught_all / base_all, 3) if base_all else None}
-        out[label] = per
-    run_sync(other.inner.close())
-    return out
+    if label in models:
+        engine: Any = DifferentModelEngine(models[label](), honest)
+        run_sync(engine.start())
+        return engine
+    engine = {
+        "edit_text": lambda: EditingEngine(honest, mode="text"),
+        "edit_tokens": lambda: EditingEngine(honest, mode="tokens"),
+        "truncate_stop": lambda: TruncatingEngine(honest, 0.4, "stop"),
+        "truncate_length": lambda: TruncatingEngine(honest, 0.4, "length"),
+        "prompt_shortened": lambda: PromptAlteringEngine(honest, "shorten"),
+        "prompt_altered": lambda: PromptAlteringEngine(honest, "alter"),
+        "sampler_not_followed": lambda: ForeignSamplerEngine(honest),
+    }[label]()
+    engine.model = honest.model
+    return engine
+
+
+def _wilson_lower(successes: int, n: int, z: float = 1.96) -> float | None:
+    """The 95% lower confidence bound of a rate (what ``n`` jobs can show at most)."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return round((centre - spread) / (1 + z * z / n), 4)
+
+
+def _is_a_cheat(label: str, engine: Any, gen: Generated, honest: LlamaCppEngine) -> bool:
+    """Whether the cheat changed anything: a truncation that was not cut, or another
+    seed that drew the same tokens, served exactly what an honest node would have."""
+    if label.startswith("truncate"):
+        return bool(engine.last_cut)
+    if label == "sampler_not_followed":
+        return generate(honest, gen.kind, gen.body).token_ids != gen.token_ids
+    return True
+
+
+def _detection_cell(label: str, engine: Any, honest: LlamaCppEngine, temperature: float,
+                    top_p: float, jobs: int, tol: Any) -> dict[str, Any]:
+    # the verifier before this protocol: statistics only, no sampler, no fingerprint
+    baseline_tol = tol.model_copy(update={
+        "sampler_tol": math.inf, "fingerprint_incomplete_tol": math.inf,
+        "fingerprint_mean_tol": math.inf, "fingerprint_mean_tol_cross_engine": math.inf})
+    caught = base = effective = 0
+    checks: dict[str, int] = {}
+    missed: list[dict[str, Any]] = []
+    for i in range(jobs):
+        body = {"messages": [{"role": "system", "content": CHEAT_SYSTEM},
+                             {"role": "user", "content": CHEAT_PROMPTS[i % len(CHEAT_PROMPTS)]}],
+                "max_tokens": CHEAT_MAX_TOKENS, "temperature": temperature, "top_p": top_p,
+                "seed": 1000 + i}
+        gen = generate(engine, "chat", body)
+        if not _is_a_cheat(label, engine, gen, honest):
+            continue
+        effective += 1
+        verdict = verify(honest, engine, gen, tol)[0]
+        caught += verdict.fraud
+        for reason in verdict.reasons:
+            check = reason.split(":")[0][:24]
+            checks[check] = checks.get(check, 0) + 1
+        if not verdict.fraud and len(missed) < 3:
+            missed.append({"seed": body["seed"], "stats": verdict.stats})
+        base += verify(honest, engine, gen, baseline_tol)[0].fraud
+    return {
+        "section": "detection", "cheat": label, "temperature": temperature, "top_p": top_p,
+        "jobs": jobs, "cheated": effective, "caught_jobs": caught, "baseline_jobs": base,
+        "caught": round(caught / effective, 4) if effective else None,
+        "caught_lower95": _wilson_lower(caught, effective),
+        "baseline_caught": round(base / effective, 4) if effective else None,
+        "checks": checks, "missed": missed,
+    }
+
+
+def bench_detection(honest: LlamaCppEngine, per_setting: int, tol: Any,
+                    only: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (cheat, sampling setting), printed as it is measured."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in CHEATS:
+            if only and not any(o in label for o in only):
+                continue
+            engine = _cheat_engine(label, honest, Path(tmp))
+            for temperature, top_p in SETTINGS:
+                if label == "sampler_not_followed" and temperature == 0:
+                    continue  # greedy decoding has no randomness to replace
+                row = _detection_cell(label, engine, honest, temperature, top_p,
+                                      per_setting, tol)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            if isinstance(engine, DifferentModelEngine):
+                run_sync(engine.inner.close())
+    return rows
+
+
+def detection_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    per_cheat: dict[str, Any] = {}
+    for row in rows:
+        agg = per_cheat.setdefault(row["cheat"], {"cells": 0, "cheated": 0, "caught": 0,
+                                                  "baseline": 0, "min_cell": 1.0})
+        if not row["cheated"]:
+            continue
+        agg["cells"] += 1
+        agg["cheated"] += row["cheated"]
+        agg["caught"] += row["caught_jobs"]
+        agg["baseline"] += row["baseline_jobs"]
+        agg["min_cell"] = min(agg["min_cell"], row["caught"])
+    for agg in per_cheat.values():
+        n = agg.pop("cheated")
+        caught = agg.pop("caught")
+        baseline = agg.pop("baseline")
+        agg.update(jobs=n, caught=round(caught / n, 4) if n else None,
+                   caught_lower95=_wilson_lower(caught, n),
+                   baseline_caught=round(baseline / n, 4) if n else None,
+                   ratio_vs_baseline=round(caught / baseline, 3) if baseline else None)
+    cells = [r for r in rows if r["cheated"]]
+    return {"section": "detection_summary", "cells": len(cells),
+            "cells_at_or_above_99": sum(r["caught"] >= 0.99 for r in cells),
+            "target": 0.99, "per_cheat": per_cheat}
 
 
 def _claimed_logprobs(engine: LlamaCppEngine, gen: Generated
@@ -333,43 +438,56 @@ def bench_sampler_cost(vocab_size: int, seconds_per_token: float,
     return out
 
 
+SECTIONS = ("honest", "detection", "noise", "sampler_cost")
+
+
+def _line(row: dict[str, Any]) -> None:
+    print(json.dumps(row, default=lambda v: None if isinstance(v, float) and math.isnan(v)
+                     else str(v)), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=60, help="honest jobs (mixed parameters)")
     parser.add_argument("--cheats", type=int, default=4,
                         help="jobs per cheat type and sampling setting")
+    parser.add_argument("--only-cheats", nargs="*", default=None,
+                        help="run only the cheats whose label contains one of these")
     parser.add_argument("--noise-jobs", type=int, default=20)
     parser.add_argument("--long-jobs", type=int, default=4,
                         help="200-token jobs for the cost ratio of long outputs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
     args = parser.parse_args()
 
     tol = MarketSettings().verify.tolerances
     started = time.time()
     engine = LlamaCppEngine(n_threads=args.threads)
     run_sync(engine.start())
-    honest, gens = bench_honest(engine, args.jobs, tol)
-    honest["cost_long_outputs"] = bench_cost_long(engine, args.long_jobs, tol)
-    with tempfile.TemporaryDirectory() as tmp:
-        pruned = pruned_gguf(20, Path(tmp) / "pruned20.gguf")
-        detection = bench_detection(engine, pruned, args.cheats, tol)
-    noise = bench_noise(engine, gens[: args.noise_jobs])
-    tokens = honest["cost"]["output_tokens"]
-    sampler_cost = bench_sampler_cost(engine.vocab_size(),
-                                      honest["cost"]["generation_s"] / max(tokens, 1))
-    result = {
-        "model": engine.model.id,
-        "model_sha256": engine.model.sha256,
-        "threads": args.threads,
-        **honest,
-        "detection": detection,
-        "noise": noise,
-        "sampler_cost": sampler_cost,
-        "tolerances": tol.model_dump(),
-        "wall_s": round(time.time() - started, 1),
-    }
-    print(json.dumps(result, indent=1, default=lambda v: None if isinstance(v, float)
-                     and math.isnan(v) else str(v)))
+    summary: dict[str, Any] = {"section": "summary", "model": engine.model.id,
+                               "model_sha256": engine.model.sha256, "threads": args.threads}
+    gens: list[Generated] = []
+    if "honest" in args.sections or "noise" in args.sections or "sampler_cost" in args.sections:
+        honest, gens = bench_honest(engine, args.jobs, tol)
+        honest["cost_long_outputs"] = bench_cost_long(engine, args.long_jobs, tol)
+        _line({"section": "honest", **honest})
+        summary["false_positives"] = honest["honest"]["false_positives"]
+        summary["scoring_over_generation"] = honest["cost"]["scoring_over_generation"]
+    if "detection" in args.sections:
+        rows = bench_detection(engine, args.cheats, tol, args.only_cheats)
+        detection = detection_summary(rows)
+        _line(detection)
+        summary["detection_cells_at_or_above_99"] = (
+            f"{detection['cells_at_or_above_99']}/{detection['cells']}")
+    if "noise" in args.sections:
+        _line({"section": "noise", **bench_noise(engine, gens[: args.noise_jobs])})
+    if "sampler_cost" in args.sections:
+        tokens = honest["cost"]["output_tokens"]
+        _line({"section": "sampler_cost", **bench_sampler_cost(
+            engine.vocab_size(), honest["cost"]["generation_s"] / max(tokens, 1))})
+    summary["tolerances"] = tol.model_dump()
+    summary["wall_s"] = round(time.time() - started, 1)
+    _line(summary)
 
 
 if __name__ == "__main__":

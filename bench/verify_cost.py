@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from inference.base import Engine, GenerationRequest, TokenDelta  # noqa: E402
 from inference.convert import generation_request  # noqa: E402
+from market.settings import MarketSettings  # noqa: E402
 from node_agent.engines import create_engine  # noqa: E402
 from node_agent.settings import NodeSettings  # noqa: E402
 
@@ -48,15 +49,18 @@ async def generate(engine: Engine, request: GenerationRequest) -> tuple[list[int
 
 
 async def score(engine: Engine, request: GenerationRequest, ids: list[int]) -> float:
+    """The verifier's one prefill, as ``market.verify.reexec`` runs it (its top-k, and
+    the protocol sampler's check of every sampled token)."""
+    tol = MarketSettings().verify.tolerances
     start = time.perf_counter()
-    await engine.score(request, ids, top_k=20)
+    await engine.score(request, ids, top_k=tol.top_k, nucleus_noise=tol.sampler_nucleus_noise)
     return time.perf_counter() - start
 
 
-def job(i: int, max_tokens: int) -> GenerationRequest:
+def job(i: int, max_tokens: int, temperature: float = 0.0) -> GenerationRequest:
     return generation_request("chat", {
         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-        "max_tokens": max_tokens, "temperature": 0.0})
+        "max_tokens": max_tokens, "temperature": temperature, "seed": i})
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,7 +73,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await score(engine, job(0, 16), warm)
         jobs = []
         for i in range(args.jobs):
-            request = job(i, args.max_tokens)
+            request = job(i, args.max_tokens, args.temperature)
             ids, gen_s = await generate(engine, request)
             score_s = await score(engine, request, ids)
             jobs.append({"tokens": len(ids), "generate_s": round(gen_s, 4),
@@ -80,7 +84,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     score_total = sum(j["score_s"] for j in jobs)
     return {
         "engine": engine.name, "engine_version": engine.version, "model": engine.model.id,
-        "device": args.device, "cpu_count": os.cpu_count(), "jobs": jobs,
+        "device": args.device, "temperature": args.temperature,
+        "cpu_count": os.cpu_count(), "jobs": jobs,
         "generate_s": round(gen_total, 3), "score_s": round(score_total, 3),
         "score_over_generate": round(score_total / gen_total, 4) if gen_total else None,
         "target": 1 / 20,
@@ -97,6 +102,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="> 0: sampled jobs, whose scoring also checks every token "
+                             "against the protocol sampler")
     print(json.dumps(asyncio.run(main_async(parser.parse_args())), indent=1))
 
 

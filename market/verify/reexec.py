@@ -135,6 +135,10 @@ async def reexecute(
 
     tol = tolerances or Tolerances()
     body = receipt.body
+    cross_engine = body.engine != engine.name
+    if cross_engine:  # two implementations of one model differ by more than one does
+        tol = tol.model_copy(update={"fingerprint_mean_tol":
+                                     tol.fingerprint_mean_tol_cross_engine})
     if engine.model.sha256.lower() != body.model_sha256.lower():
         raise VerificationUnavailable(
             f"verifier has model sha {engine.model.sha256[:12]}…, receipt {body.model_sha256[:12]}…"
@@ -194,4 +198,5 @@ async def reexecute(
         "engine_version": engine.version,
         "model_sha256": engine.model.sha256,
     }
+    verdict.stats["cross_engine"] = cross_engine
     return verdict

@@ -10,6 +10,8 @@ run:
 * :class:`PromptAlteringEngine` — serves a shortened or rewritten prompt.
 * :class:`EditingEngine` — generates honestly, then edits the output: either the text
   only (token ids kept) or text and ids together.
+* :class:`ForeignSamplerEngine` — the right model, its own randomness (not the
+  protocol sampler's draw for the job's seed).
 * :class:`TruncatingEngine` — stops after a fraction of the work and claims a natural
   stop (``finish_reason`` "stop") or ``length``.
 """
@@ -241,18 +243,33 @@ class EditingEngine(_Wrapper):
             yield event
 
 
+class ForeignSamplerEngine(_Wrapper):
+    """The right model and the right distribution, but its own randomness: it samples as
+    if the job's seed were another. Statistically indistinguishable from honest sampling
+    (a node reusing cached outputs, or one whose engine ignores the seed); only the
+    protocol sampler tells. At temperature 0 it is honest (no randomness to replace)."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        own = request.job.with_seed((request.seed or 0) + 1)
+        return self.inner.generate(replace(request, job=own))
+
+
 class TruncatingEngine(_Wrapper):
-    """Stops after ``fraction`` of ``max_tokens`` and claims ``finish_reason``."""
+    """Stops after ``fraction`` of ``max_tokens`` and claims ``finish_reason``;
+    ``last_cut`` says whether the last generation was cut (an output that ended by
+    itself before the limit is honest)."""
 
     def __init__(self, inner: LlamaCppEngine, fraction: float = 0.4,
                  finish_reason: str = "stop") -> None:
         super().__init__(inner)
         self.fraction = fraction
         self.finish_reason = finish_reason
+        self.last_cut = False
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         limit = max(1, int(request.max_tokens * self.fraction))
         produced = 0
+        self.last_cut = False
         events = self.inner.generate(request)
         async for event in events:
             if isinstance(event, TokenDelta):
@@ -260,6 +277,7 @@ class TruncatingEngine(_Wrapper):
                 yield event
                 if produced >= limit:
                     await events.aclose()  # type: ignore[attr-defined]
+                    self.last_cut = True
                     yield GenerationEnd(
                         finish_reason=self.finish_reason,  # type: ignore[arg-type]
                         prompt_tokens=self.inner.count_prompt_tokens(request),

@@ -14,6 +14,7 @@ from market.verify.engine import run_sync
 from tests.verification.cheaters import (
     DifferentModelEngine,
     PromptAlteringEngine,
+    _Wrapper,
     perturbed_gguf,
     requantised_gguf,
 )
@@ -86,3 +87,31 @@ def test_an_honest_node_with_another_kv_cache_passes_the_fingerprint(honest_engi
             assert verdict.stats["fingerprint_mean_dev"] <= 0.2
     finally:
         run_sync(node.close())
+
+
+class _OtherEngineName(_Wrapper):
+    """The honest model, served by the honest engine, under another engine's name (what a
+    transformers or vLLM node's receipt says)."""
+
+    def __init__(self, honest: Engine) -> None:
+        super().__init__(honest)  # type: ignore[arg-type]
+        self.name = "transformers"
+
+
+def test_a_node_on_another_engine_is_held_to_the_cross_engine_tolerance(honest_engine) -> None:
+    """Two implementations of one model differ by more than one does (bench/honest.py),
+    so the verifier applies ``fingerprint_mean_tol_cross_engine`` when the receipt names
+    another engine than its own, and the same-engine limit otherwise."""
+    from market.settings import MarketSettings
+
+    node = _OtherEngineName(honest_engine)
+    node.model = honest_engine.model
+    gen = generate(node, "chat", {**CHAT, "max_tokens": 24, "temperature": 0.0})
+    strict = MarketSettings().verify.tolerances.model_copy(update={
+        "fingerprint_mean_tol": -1.0, "fingerprint_mean_tol_cross_engine": 10.0})
+    verdict, _ = verify(honest_engine, node, gen, strict)
+    assert verdict.stats["cross_engine"] is True
+    assert not verdict.fraud, verdict.reasons  # judged by the cross-engine limit (10)
+    verdict, _ = verify(honest_engine, honest_engine, gen, strict)
+    assert verdict.stats["cross_engine"] is False
+    assert verdict.fraud and any(r.startswith("fingerprint") for r in verdict.reasons)

@@ -132,12 +132,15 @@ def receipt_for(engine: Engine, gen: Generated, job_id: str = "job_bench") -> Si
 
 
 def verify(verifier: Engine, node_engine: Engine, gen: Generated,
-           tolerances: Tolerances | None = None) -> tuple[Verdict, float]:
-    """Judge ``gen`` (produced by ``node_engine``) on ``verifier``: (verdict, seconds)."""
+           tolerances: Tolerances | None = None,
+           context_length: int | None = None) -> tuple[Verdict, float]:
+    """Judge ``gen`` (produced by ``node_engine``, whose registered context size is
+    ``context_length``) on ``verifier``: (verdict, seconds)."""
     receipt = receipt_for(node_engine, gen)
     start = time.perf_counter()
     verdict = run_sync(reexecute(
         verifier, receipt, generation_request(gen.kind, gen.body), output_text=gen.text,
         finish_reason=gen.finish_reason, tolerances=tolerances,  # type: ignore[arg-type]
+        context_length=context_length,
     ))
     return verdict, time.perf_counter() - start
