@@ -29,6 +29,7 @@ from market.api import chain as chain_api
 from market.api import openai as openai_api
 from market.api import verification as verification_api
 from market.api.gate import Gate
+from market.api.request_id import RequestId
 from market.db import Database
 from market.errors import install_handlers
 from market.explorer import routes as explorer_routes
@@ -209,6 +210,7 @@ def create_app(settings: MarketSettings | None = None) -> FastAPI:
     )
     install_handlers(app)
     app.add_middleware(Gate)
+    app.add_middleware(RequestId)  # added last: outermost, so every response has one
     _include_routers(app)
     app.add_api_websocket_route("/v1/node/link", node_link)
 

@@ -7,6 +7,7 @@ matching HTTP status, so the ``openai`` SDK raises its usual exception classes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,9 +49,11 @@ class BadRequest(APIError):
 
 
 class InvalidBody(APIError):
-    status_code = 422
+    """A field of the body has a value it cannot take: 400, as OpenAI answers."""
+
+    status_code = 400
     type = "invalid_request_error"
-    code = "invalid_body"
+    code = "invalid_value"
 
 
 class AuthenticationFailed(APIError):
@@ -119,6 +122,36 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# pydantic error types that name a parameter the market does not take (raised by
+# market.api.parameters, or by a body that forbids extra fields)
+_PARAMETER_ERRORS = {"unknown_parameter", "unsupported_parameter", "extra_forbidden"}
+
+
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """OpenAI's 400 for a body that failed validation: ``param`` names the first field
+    at fault and ``code`` says how (``missing_required_parameter``, ``invalid_value``,
+    ``unknown_parameter``, ``unsupported_parameter``)."""
+    first = errors[0] if errors else {}
+    kind = first.get("type")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if kind == "json_invalid":
+        return BadRequest(f"request body is not valid JSON: {first.get('msg')}")
+    if kind in _PARAMETER_ERRORS:
+        param = (first.get("ctx") or {}).get("param") or ".".join(loc) or None
+        if kind == "extra_forbidden":
+            return BadRequest(f"Unrecognized request argument supplied: {param}",
+                              param=param, code="unknown_parameter")
+        return BadRequest(str(first.get("msg")), param=param, code=kind)
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
+        f"{e.get('msg')}"
+        for e in errors[:5]
+    )
+    code = "missing_required_parameter" if kind == "missing" else "invalid_value"
+    return InvalidBody(message or "invalid request body", param=".".join(loc) or None,
+                       code=code)
+
+
 def _count(request: Request, status: int) -> None:
     """Count an error response in the app's request metrics (when the app has them)."""
     from market.metrics import endpoint_label
@@ -136,18 +169,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            err: APIError = BadRequest(f"request body is not valid JSON: {first.get('msg')}")
-        else:
-            message = "; ".join(
-                f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: "
-                f"{e.get('msg')}"
-                for e in errors[:5]
-            )
-            err = InvalidBody(message or "invalid request body", param=".".join(loc) or None)
+        err = validation_error(exc.errors())
         _count(request, err.status_code)
         return JSONResponse(err.body(), status_code=err.status_code)
 

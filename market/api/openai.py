@@ -83,7 +83,8 @@ async def _sse(
     finished = False
     # Every delta chunk is the same JSON but for its text: build the frame around it once.
     marker = "\x00delta\x00"
-    template = _dumps(stream_chunk(kind, rid, model, created, marker))
+    with_usage = body.include_usage
+    template = _dumps(stream_chunk(kind, rid, model, created, marker, usage_field=with_usage))
     head, _, tail = template.partition(_dumps(marker))
     head, tail = "data: " + head, tail + "\n\n"
     try:
@@ -92,7 +93,8 @@ async def _sse(
             if event is None:
                 yield ": keep-alive\n\n"
             elif not sent_first:
-                chunk = stream_chunk(kind, rid, model, created, event, first=True)
+                chunk = stream_chunk(kind, rid, model, created, event, first=True,
+                                     usage_field=with_usage)
                 sent_first = True
                 yield f"data: {_dumps(chunk)}\n\n"
             else:
@@ -109,15 +111,15 @@ async def _sse(
         if runner.error is not None:
             yield f"data: {_dumps(runner.error.body())}\n\n"
         else:
-            usage = runner.usage()
-            # the finish chunk carries usage too; include_usage adds OpenAI's usage-only chunk
+            # usage once, on OpenAI's usage-only chunk when asked for (a client that sums
+            # the usage of every chunk counts it once), never on the finish chunk
             final = stream_chunk(kind, rid, model, created, None if kind == "chat" else "",
                                  runner.finish_reason or "stop", first=not sent_first,
-                                 usage=usage)
+                                 usage_field=with_usage)
             yield f"data: {_dumps(final)}\n\n"
-            if body.include_usage:
-                usage_chunk = stream_chunk(kind, rid, model, created, None, usage=usage,
-                                           no_choices=True)
+            if with_usage:
+                usage_chunk = stream_chunk(kind, rid, model, created, None,
+                                           usage=runner.usage(), no_choices=True)
                 yield f"data: {_dumps(usage_chunk)}\n\n"
         yield "data: [DONE]\n\n"
         state.metrics.latency.labels(request_path).observe(time.monotonic() - started)
@@ -209,7 +211,8 @@ async def list_models(request: Request, _buyer: Buyer = Depends(authenticate)) -
             {
                 "id": model_id,
                 "object": "model",
-                "created": 0,
+                # since when the market serves it: its longest-connected node's arrival
+                "created": min(c.connected_at for c in conns),
                 "owned_by": "aidp-market",
                 "nodes": len(conns),
                 "context_length": max(c.models[model_id].context_length for c in conns),

@@ -1,6 +1,7 @@
 """OpenAI-compatible request bodies (validated) and response builders (plain dicts).
 
-Requests accept unknown fields (SDKs send many) but validate the ones the market uses.
+A body may carry only what the market serves (``market.api.parameters``: OpenAI's
+other parameters at their "off" value only, unknown names refused).
 ``max_price_per_mtok`` is the market's extra body field: the buyer's price cap in AIDP
 base units per million tokens. Responses are built as dicts: they are on the hot path
 and their shape is OpenAI's.
@@ -13,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from market.api import parameters
 from protocol.job import JobRequest
 
 # Upper bounds that keep every number a request carries inside what the database and
@@ -77,6 +79,16 @@ class _GenerationBody(RequestBody):
     user: str | None = Field(default=None, max_length=256)
     max_price_per_mtok: int | None = Field(default=None, ge=0, le=MAX_PRICE)
 
+    kind: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _served_parameters(cls, data: Any) -> Any:
+        """400 for a parameter the market would otherwise ignore (module doc)."""
+        if isinstance(data, dict):
+            parameters.check(cls.kind, data)
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -136,7 +148,7 @@ GenerationRequestBody = ChatCompletionRequest | CompletionRequest
 class BatchRequest(RequestBody):
     """Several prompts (completions) or conversations (chat) with shared parameters."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
     prompts: list[str] | None = None
@@ -226,7 +238,11 @@ def stream_chunk(
     first: bool = False,
     usage: dict[str, int] | None = None,
     no_choices: bool = False,
+    usage_field: bool = False,
 ) -> dict[str, Any]:
+    """One streamed chunk. ``usage_field``: the stream asked for usage
+    (``include_usage``), so every chunk has the field, null but on the usage-only chunk
+    (``no_choices``) that ends the stream, as OpenAI sends; without it no chunk has one."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if first:
@@ -247,6 +263,6 @@ def stream_chunk(
         "model": model,
         "choices": [] if no_choices else [choice],
     }
-    if usage is not None:
+    if usage is not None or usage_field:
         chunk["usage"] = usage
     return chunk

@@ -47,6 +47,7 @@ class NodeConn:
     jobs_failed: int = 0
     status: Status | None = None
     last_heartbeat: float = field(default_factory=time.monotonic)
+    connected_at: int = field(default_factory=lambda: int(time.time()))  # unix seconds
     healthy: bool = True
     closed: bool = False
     inflight: dict[str, asyncio.Queue[Any]] = field(default_factory=dict)

@@ -1,0 +1,100 @@
+"""Which OpenAI request parameters the market serves, and the 400 for every other one.
+
+An OpenAI client that sends ``tools`` or ``response_format`` and gets a 200 that
+ignored them breaks silently (a tool call never comes, ``with_structured_output``
+returns None), so a body is checked against OpenAI's own parameter list for its
+endpoint before anything else: a parameter the market serves passes; one it does not
+serve yet passes only at the value that means "off" (``presence_penalty: 0``,
+``logprobs: false``, ``n: 1``…: what SDKs send as defaults); any other value is 400
+``unsupported_parameter`` naming it; a name OpenAI does not define is 400
+``unknown_parameter``, as OpenAI answers. ``None`` is "not given" everywhere.
+
+The README's table of supported parameters is this module's ``SERVED`` and
+``OFF_VALUES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic_core import PydanticCustomError
+
+# served as OpenAI defines them (typed fields of market.api.schemas), both endpoints
+_SERVED_BOTH = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+    "stream_options",
+    # the market's own: the buyer's price cap per million tokens
+    "max_price_per_mtok",
+})
+# accepted and without effect on the output (bookkeeping fields of OpenAI's API)
+_NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
+                        "prompt_cache_key"})
+
+SERVED: dict[str, frozenset[str]] = {
+    "chat": _SERVED_BOTH | _NO_EFFECT | {"messages", "max_completion_tokens"},
+    "completion": _SERVED_BOTH | {"prompt", "user"},
+}
+
+_OFF_BOTH: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+}
+# not served yet: the values that ask for nothing (0 == 0.0 and False == 0 compare equal)
+OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "chat": {
+        **_OFF_BOTH,
+        "logprobs": (False,),
+        "top_logprobs": (0,),
+        "tools": ([],),
+        "tool_choice": ("none", "auto"),  # without tools both mean: answer in text
+        "parallel_tool_calls": (True, False),  # only matters with tools
+        "functions": ([],),
+        "function_call": ("none", "auto"),
+        "response_format": ({"type": "text"},),
+        "modalities": (["text"],),
+        "audio": (),
+        "prediction": (),
+        "reasoning_effort": (),
+        "verbosity": (),
+        "web_search_options": (),
+    },
+    "completion": {
+        **_OFF_BOTH,
+        "logprobs": (0,),
+        "echo": (False,),
+        "best_of": (1,),
+        "suffix": ("",),
+    },
+}
+
+
+def _same(value: Any, off: Any) -> bool:
+    """Equal and of a compatible type: ``True`` is not the ``1`` of ``n: 1``."""
+    if isinstance(value, bool) != isinstance(off, bool):
+        return False
+    return bool(value == off)
+
+
+def check(kind: str, body: Mapping[str, Any]) -> None:
+    """Raise ``PydanticCustomError`` (``unknown_parameter`` / ``unsupported_parameter``,
+    with the parameter's name in ``ctx["param"]``) for the first parameter of ``body``
+    the market does not serve as asked."""
+    served, off = SERVED[kind], OFF_VALUES[kind]
+    for name, value in body.items():
+        if name in served:
+            continue
+        if name in off:
+            if value is None or any(_same(value, v) for v in off[name]):
+                continue
+            raise PydanticCustomError(
+                "unsupported_parameter",
+                "'{param}' is not supported by this market yet (only its default is "
+                "accepted; the README lists the supported parameters)",
+                {"param": name},
+            )
+        raise PydanticCustomError(
+            "unknown_parameter", "Unrecognized request argument supplied: {param}",
+            {"param": name})
