@@ -52,7 +52,9 @@ def job_order(body: GenerationRequestBody, settings: MarketSettings) -> JobOrder
     except InvalidJobRequest as exc:
         raise BadRequest(str(exc)) from None
     return JobOrder(request=request, stream=body.stream, price_cap=body.max_price_per_mtok,
-                    prompt_chars=body.prompt_chars(), messages=len(getattr(body, "messages", ())))
+                    prompt_chars=body.prompt_chars(), messages=len(getattr(body, "messages", ())),
+                    max_tokens_given=body.max_tokens is not None
+                    or getattr(body, "max_completion_tokens", None) is not None)
 
 
 async def complete(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> dict[str, Any]:

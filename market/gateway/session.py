@@ -60,6 +60,7 @@ class JobOrder:
     price_cap: int | None = None  # the buyer's cap, AIDP base units per 1M tokens
     prompt_chars: int = 0  # characters of prompt text: cheap bounds before counting
     messages: int = 0  # chat messages (each adds a little JSON to the job frame)
+    max_tokens_given: bool = False  # the buyer set max_tokens (not the market's default)
 
     @property
     def model(self) -> str:
@@ -234,6 +235,15 @@ async def _quote(state: MarketState, order: JobOrder, vocabulary: Vocabulary) ->
             f"'{order.model}' offers is {context}",
             param="messages" if request.kind == "chat" else "prompt",
             code="context_length_exceeded")
+    max_tokens = request.sampling.max_tokens
+    if order.max_tokens_given and prompt_tokens + max_tokens > context:
+        # as OpenAI: asked for more than fits, a 400 (a default is cut to what fits)
+        raise BadRequest(
+            f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+            f"{prompt_tokens + max_tokens} in all, over the longest context any node "
+            f"serving '{order.model}' offers ({context}); ask for at most "
+            f"{context - prompt_tokens}",
+            param="max_tokens", code="context_length_exceeded")
     routing = settings.routing
     prices = state.router.hold_prices(order.model, cap, prompt_tokens + 1,
                                       routing.hold_price_nodes, routing.hold_price_spread)

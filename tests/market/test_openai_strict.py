@@ -163,3 +163,35 @@ def test_every_parameter_is_served_or_has_an_off_value() -> None:
     """One table per endpoint: nothing both served and merely tolerated."""
     for kind in ("chat", "completion"):
         assert not parameters.SERVED[kind] & set(parameters.OFF_VALUES[kind])
+
+
+async def test_more_than_the_context_holds_is_400_before_dispatch(buyer: Buyer, nodes: Nodes,
+                                                                  market: Market) -> None:
+    """A prompt over the longest context, or an explicit max_tokens that cannot fit after
+    it, is the buyer's error (400 context_length_exceeded, which SDKs do not retry), not
+    a node's failure; a default max_tokens is cut to what fits instead."""
+    from inference.fake import DeterministicEngine
+
+    model = unique_model()
+    await nodes.start(model, engine=DeterministicEngine(model_id=model, context_length=64))
+    client = buyer.client()
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "word " * 200}], max_tokens=4)
+    assert (_error(info.value)["code"], _error(info.value)["param"]) == (
+        "context_length_exceeded", "messages")
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=60)
+    error = _error(info.value)
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_tokens")
+    assert "at most" in error["message"]
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model=model, messages=MESSAGES,
+                                             max_completion_tokens=60)
+    reply = await client.chat.completions.create(model=model, messages=MESSAGES)  # default
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= 64
+    async with httpx.AsyncClient(timeout=30) as http:  # nothing was held or charged
+        account = (await http.get(f"{market.api}/account",
+                                  headers={"Authorization": f"Bearer {buyer.key}"})).json()
+    assert account["held"] == 0
