@@ -325,8 +325,8 @@ class VllmEngine(Engine):
                 # continuation, which it sees as prompt
                 "aidp_position": len(request.continuation_token_ids),
             }
-        elif request.seed is not None:
-            body["seed"] = request.seed
+        # a greedy request sends no seed: it means nothing there, and vLLM refuses one
+        # past int64 (the protocol takes any 64-bit seed)
         if request.stop:
             body["stop"] = request.stop
         finish = "length"

@@ -124,7 +124,8 @@ def error_body(
 
 # pydantic error types that name a parameter the market does not take (raised by
 # market.api.parameters, or by a body that forbids extra fields)
-_PARAMETER_ERRORS = {"unknown_parameter", "unsupported_parameter", "extra_forbidden"}
+_PARAMETER_ERRORS = {"unknown_parameter", "unsupported_parameter", "unsupported_content",
+                     "extra_forbidden"}
 
 
 def validation_error(errors: Sequence[Any]) -> APIError:

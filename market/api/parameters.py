@@ -9,6 +9,9 @@ serve yet passes only at the value that means "off" (``presence_penalty: 0``,
 ``unsupported_parameter`` naming it; a name OpenAI does not define is 400
 ``unknown_parameter``, as OpenAI answers. ``None`` is "not given" everywhere.
 
+Chat messages are held to the same rule (:func:`check_messages`): tool calls, tool
+results and content parts other than text are refused by name until they are served.
+
 The README's table of supported parameters is this module's ``SERVED`` and
 ``OFF_VALUES``.
 """
@@ -98,3 +101,45 @@ def check(kind: str, body: Mapping[str, Any]) -> None:
         raise PydanticCustomError(
             "unknown_parameter", "Unrecognized request argument supplied: {param}",
             {"param": name})
+
+
+# message fields and roles the market renders; the rest are tools, audio or vision
+_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant"})
+_MESSAGE_OFF: dict[str, tuple[Any, ...]] = {"tool_calls": ([],), "function_call": (),
+                                           "audio": (), "refusal": ()}
+_MESSAGE_SERVED = frozenset({"role", "content", "name"})
+
+
+def check_messages(messages: Any) -> None:
+    """Raise ``PydanticCustomError`` for the first message part the market would drop:
+    a tool call or tool result (``unsupported_parameter``), or a content part that is
+    not text (``unsupported_content``); ``param`` is its path (``messages[2].tool_calls``)."""
+    if not isinstance(messages, list):
+        return  # the field's own validation says what is wrong
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            return
+        role = message.get("role")
+        if role not in _MESSAGE_ROLES and isinstance(role, str):
+            _unsupported(f"messages[{i}].role", f"messages with role '{role}' (tool results) "
+                         "are not supported by this market yet")
+        for name, value in message.items():
+            if name in _MESSAGE_SERVED or value is None:
+                continue
+            if name not in _MESSAGE_OFF or not any(_same(value, v) for v in _MESSAGE_OFF[name]):
+                _unsupported(f"messages[{i}].{name}",
+                             f"'{name}' in messages is not supported by this market yet")
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind != "text":
+                raise PydanticCustomError(
+                    "unsupported_content",
+                    "content parts of type '{kind}' are not served (text only: no node "
+                    "here serves a multimodal model)",
+                    {"param": f"messages[{i}].content[{j}].type", "kind": str(kind)})
+
+
+def _unsupported(param: str, message: str) -> None:
+    raise PydanticCustomError("unsupported_parameter", message + " ({param})",
+                              {"param": param})

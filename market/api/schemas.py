@@ -13,6 +13,7 @@ import time
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from market.api import parameters
 from protocol.job import JobRequest
@@ -115,6 +116,14 @@ class ChatCompletionRequest(_GenerationBody):
 
     kind: ClassVar[str] = "chat"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _served_messages(cls, data: Any) -> Any:
+        """400 for tool calls, tool results and non-text parts (not served yet)."""
+        if isinstance(data, dict):
+            parameters.check_messages(data.get("messages"))
+        return data
+
     def prompt_chars(self) -> int:
         total = 0
         for m in self.messages:
@@ -159,6 +168,19 @@ class BatchRequest(RequestBody):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     max_price_per_mtok: int | None = Field(default=None, ge=0, le=MAX_PRICE)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _served_messages(cls, data: Any) -> Any:
+        conversations = data.get("conversations") if isinstance(data, dict) else None
+        for k, messages in enumerate(conversations if isinstance(conversations, list) else ()):
+            try:
+                parameters.check_messages(messages)
+            except PydanticCustomError as exc:
+                context = dict(exc.context or {})
+                context["param"] = f"conversations[{k}].{context.get('param')}"
+                raise PydanticCustomError(exc.type, exc.message_template, context) from None
+        return data
 
     @model_validator(mode="after")
     def _one_kind(self) -> BatchRequest:

@@ -195,3 +195,43 @@ async def test_more_than_the_context_holds_is_400_before_dispatch(buyer: Buyer, 
         account = (await http.get(f"{market.api}/account",
                                   headers={"Authorization": f"Bearer {buyer.key}"})).json()
     assert account["held"] == 0
+
+
+@pytest.mark.parametrize("messages,param,code", [
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": None, "tool_calls": [
+          {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "42"}],
+     "messages[1].tool_calls", "unsupported_parameter"),
+    ([{"role": "tool", "tool_call_id": "c1", "content": "42"}], "messages[0].role",
+     "unsupported_parameter"),
+    ([{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                   {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+     "messages[0].content[1].type", "unsupported_content"),
+    ([{"role": "user", "content": "hi", "audio": {"id": "a1"}}], "messages[0].audio",
+     "unsupported_parameter"),
+])
+async def test_tool_messages_and_images_are_400_naming_the_part(
+        buyer: Buyer, market: Market, messages: list, param: str, code: str) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(
+            f"{market.api}/chat/completions", headers={"Authorization": f"Bearer {buyer.key}"},
+            json={"model": "m", "messages": messages})
+        batch = await client.post(
+            f"{market.api}/batch", headers={"Authorization": f"Bearer {buyer.key}"},
+            json={"model": "m", "conversations": [[{"role": "user", "content": "a"}], messages]})
+    assert response.status_code == 400, response.text
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, param)
+    assert batch.status_code == 400, batch.text
+    assert batch.json()["error"]["param"] == f"conversations[1].{param}"
+
+
+async def test_plain_message_fields_clients_send_are_accepted(buyer: Buyer, nodes: Nodes) -> None:
+    model = unique_model()
+    await nodes.start(model)
+    reply = await buyer.client().chat.completions.create(model=model, max_tokens=3, messages=[
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "ann"},
+        {"role": "assistant", "content": "hello", "tool_calls": [], "refusal": None},
+        {"role": "user", "content": "again"}])
+    assert reply.choices[0].message.content
