@@ -19,7 +19,8 @@ summary line last:
 * ``noise``: the numeric noise that sets the tolerances — the logprob differences of
   the same honest outputs scored by differently configured verifiers (threads,
   n_batch), by decode vs prefill (the greedy argmax gap), and by transformers on the
-  same GGUF where that engine is available;
+  same GGUF where that engine is available; ``locality``: whether the noise on a
+  position's top 4 tokens (what a fingerprint row shows) bounds that on its top 64;
 * ``margins``: what the honest runs came closest to each tolerance;
 * ``sampler_cost``: the protocol sampler's time per token beside the sampler it
   replaced (baseline), and the extra as a share of the engine's time per token.
@@ -357,6 +358,53 @@ def bench_noise(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
                       "sampler_excess_nats": _quantiles(sampler)}
         run_sync(engine.close())
     out["transformers_same_gguf"] = _transformers_noise(base, gens, ref)
+    out["locality"] = bench_noise_locality(base, gens)
+    return out
+
+
+def _tops(engine: Any, gen: Generated, k: int) -> list[dict[int, float]]:
+    scores = run_sync(engine.score(generation_request(gen.kind, gen.body), gen.token_ids, k))
+    return [dict(s.top) for s in scores]
+
+
+def bench_noise_locality(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
+    """Does the noise on a position's 4 most likely tokens (what a fingerprint row
+    shows) bound the noise on the rest of its head? Per position: ``d4``, the largest
+    |logprob difference| over the node's top 4; ``d64``, the largest over the top 64 of
+    both; and how far the second exceeds the first. A per-position noise bound taken
+    from the fingerprint (tighter nuclei for the sampler check) is safe only if d64
+    stays within a small multiple of d4."""
+    path = base.path
+    nodes: dict[str, Any] = {
+        "kv_cache_f16": lambda: LlamaCppEngine(path, model_id=base.model_id, n_threads=2,
+                                               kv_f32=False),
+        "decode_vs_prefill": lambda: LlamaCppEngine(path, model_id=base.model_id,
+                                                    n_threads=2, score_mode="replay"),
+    }
+    ref = {id(g): _tops(base, g, 64) for g in gens if g.token_ids}
+    out: dict[str, Any] = {}
+    for label, make in nodes.items():
+        engine = make()
+        run_sync(engine.start())
+        d4s: list[float] = []
+        d64s: list[float] = []
+        excess: list[float] = []
+        for g in gens:
+            if not g.token_ids:
+                continue
+            for mine, theirs in zip(_tops(engine, g, 64), ref[id(g)], strict=True):
+                shared = [t for t in mine if t in theirs]
+                head = sorted(shared, key=lambda t: -mine[t])[:4]
+                d4 = max((abs(mine[t] - theirs[t]) for t in head), default=0.0)
+                d64 = max((abs(mine[t] - theirs[t]) for t in shared), default=0.0)
+                d4s.append(d4)
+                d64s.append(d64)
+                excess.append(d64 - (2 * d4 + 1 / 64))
+        out[label] = {"positions": len(d4s), "d4": _quantiles(d4s), "d64": _quantiles(d64s),
+                      "d64_minus_2xd4_plus_step": _quantiles(excess),
+                      "share_d64_over_2xd4_plus_step": round(
+                          sum(e > 0 for e in excess) / len(excess), 4) if excess else None}
+        run_sync(engine.close())
     return out
 
 

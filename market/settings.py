@@ -154,7 +154,7 @@ class Tolerances(_Group):
     # another engine than the verifier (bench/honest.py, 1,024 jobs: honest mean <= 0.16
     # on one engine, f16 KV, threads and bf16 GPU nodes included, <= 0.19 for a llama.cpp
     # node judged by transformers; bench/fingerprint.py: Q3_K_M, Q2_K, altered prompts
-    # >= 0.35, shortened prompts >= 0.26)
+    # >= 0.34, shortened prompts >= 0.26)
     fingerprint_margin: float = 1.0
     fingerprint_window: float = 1.5
     fingerprint_incomplete_tol: float = 0.25

@@ -343,15 +343,18 @@ async def test_malformed_frames_are_logged_a_few_times_then_the_link_closes(
 
 
 async def test_a_request_too_big_for_the_node_link_is_refused_before_dispatch(
-    hostile, market: Market, buyer: Buyer
+    hostile, market: Market, buyer: Buyer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    node = await hostile(unique_model("link"), serve_honestly)
-    limit = market.settings.limits.link_max_frame_bytes
-    # fits the request body limit, but with max_tokens' worth of continuation ids the job
-    # frame could outgrow the link
+    # the smallest link the settings allow: a context's worth of continuation ids can
+    # outgrow it (at the default 4 MiB no request within a context of 8,192 does)
+    limits = market.state.settings.limits
+    monkeypatch.setattr(limits, "link_max_frame_bytes", 64 << 10)
+    node = await hostile(unique_model("link"), serve_honestly, context_length=8192)
+    # fits the request body limit and the context, but with max_tokens' worth of
+    # continuation ids the job frame could outgrow the link
     with pytest.raises(openai.APIStatusError) as exc:
         await buyer.client().chat.completions.create(
             model=node.model, messages=[{"role": "user", "content": "hi"}],
-            max_tokens=limit // 8)
+            max_tokens=8180)  # 8 bytes an id: 65,440 bytes of ids alone
     assert exc.value.status_code == 413
     assert node.jobs == []

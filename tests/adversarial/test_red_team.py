@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -172,7 +173,8 @@ async def test_no_more_output_than_the_nodes_own_context_is_taken(
     hostile, market: Market, buyer: Buyer
 ) -> None:
     """A node that advertised a 24-token context cannot stream (and be paid for) more
-    than what that context holds after the prompt, whatever max_tokens allows."""
+    than what that context holds after the prompt: the default max_tokens (256) is cut
+    to what fits, and an explicit one that cannot fit is refused before dispatch."""
     model = unique_model("ctx")
 
     async def overflowing(node: HostileNode, job: dict[str, Any]) -> None:
@@ -181,8 +183,11 @@ async def test_no_more_output_than_the_nodes_own_context_is_taken(
             await node.chunk(job, text, ids)
 
     cheat = await hostile(model, overflowing, context_length=24)
+    with pytest.raises(openai.BadRequestError):  # an explicit 60 cannot fit: the buyer's error
+        await buyer.client().chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=60, temperature=0)
     stream = await buyer.client().chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=60, temperature=0, stream=True)
+        model=model, messages=MESSAGES, temperature=0, stream=True)
     received = []
     with pytest.raises(Exception):
         async for chunk in stream:
