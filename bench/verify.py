@@ -14,8 +14,8 @@ summary line last:
   verifier catches, its 95% lower bound, which checks fired, and side by side as the
   baseline the verifier before the protocol sampler and the fingerprint (the
   statistical checks alone); ``detection_summary`` per cheat over all settings. A
-  cheat that changed nothing (a truncation the output ended before, another seed that
-  drew the same tokens) is not counted;
+  cheat that changed nothing (a truncation or an edit the output ended before, another
+  seed that drew the same tokens) is not counted;
 * ``noise``: the numeric noise that sets the tolerances — the logprob differences of
   the same honest outputs scored by differently configured verifiers (threads,
   n_batch), by decode vs prefill (the greedy argmax gap), and by transformers on the
@@ -222,10 +222,13 @@ def _wilson_lower(successes: int, n: int, z: float = 1.96) -> float | None:
 
 
 def _is_a_cheat(label: str, engine: Any, gen: Generated, honest: LlamaCppEngine) -> bool:
-    """Whether the cheat changed anything: a truncation that was not cut, or another
-    seed that drew the same tokens, served exactly what an honest node would have."""
+    """Whether the cheat changed anything: a truncation that was not cut, an edit of an
+    output that ended before the edit point, or another seed that drew the same tokens
+    served exactly what an honest node would have."""
     if label.startswith("truncate"):
         return bool(engine.last_cut)
+    if label.startswith("edit"):
+        return bool(engine.last_edited)
     if label == "sampler_not_followed":
         return generate(honest, gen.kind, gen.body).token_ids != gen.token_ids
     return True

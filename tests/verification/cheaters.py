@@ -196,6 +196,8 @@ class EditingEngine(_Wrapper):
     ``mode="tokens"``: from the middle on, the ids and text of an injected phrase
     replace what the model produced (consistent ids and text).
     ``mode="invalid_ids"``: one token id is swapped for one the vocabulary lacks.
+    ``last_edited`` says whether the last generation was edited (an output that ended
+    before a third of ``max_tokens`` is left as the model wrote it).
     """
 
     INVALID_ID = 10**7
@@ -205,16 +207,18 @@ class EditingEngine(_Wrapper):
     def __init__(self, inner: LlamaCppEngine, mode: str = "text") -> None:
         super().__init__(inner)
         self.mode = mode
+        self.last_edited = False
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         produced = 0
         injected = False
+        self.last_edited = False
         events = self.inner.generate(request)
         async for event in events:
             if isinstance(event, TokenDelta) and event.token_ids:
                 produced += len(event.token_ids)
                 if not injected and produced >= max(2, request.max_tokens // 3):
-                    injected = True
+                    injected = self.last_edited = True
                     if self.mode == "text":
                         yield replace(event, text=event.text + self.PHRASE)
                         continue
