@@ -52,10 +52,7 @@ from market.settings import MarketSettings  # noqa: E402
 from market.verify.engine import run_sync  # noqa: E402
 from tests.verification.cheaters import (  # noqa: E402
     DifferentModelEngine,
-    EditingEngine,
-    ForeignSamplerEngine,
-    PromptAlteringEngine,
-    TruncatingEngine,
+    output_cheat,
     perturbed_gguf,
     pruned_gguf,
     requantised_gguf,
@@ -198,17 +195,7 @@ def _cheat_engine(label: str, honest: LlamaCppEngine, tmp: Path) -> Any:
         engine: Any = DifferentModelEngine(models[label](), honest)
         run_sync(engine.start())
         return engine
-    engine = {
-        "edit_text": lambda: EditingEngine(honest, mode="text"),
-        "edit_tokens": lambda: EditingEngine(honest, mode="tokens"),
-        "truncate_stop": lambda: TruncatingEngine(honest, 0.4, "stop"),
-        "truncate_length": lambda: TruncatingEngine(honest, 0.4, "length"),
-        "prompt_shortened": lambda: PromptAlteringEngine(honest, "shorten"),
-        "prompt_altered": lambda: PromptAlteringEngine(honest, "alter"),
-        "sampler_not_followed": lambda: ForeignSamplerEngine(honest),
-    }[label]()
-    engine.model = honest.model
-    return engine
+    return output_cheat(label, honest)
 
 
 def _wilson_lower(successes: int, n: int, z: float = 1.96) -> float | None:
@@ -327,9 +314,10 @@ def _claimed_logprobs(engine: LlamaCppEngine, gen: Generated
             [s.sampler_excess for s in scores if s.sampler_excess is not None])
 
 
-def bench_noise(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
+def _node_configs(base: LlamaCppEngine) -> dict[str, Any]:
+    """Honest llama.cpp configurations other than the verifier's, by label."""
     path = base.path
-    configs: dict[str, Any] = {
+    return {
         "n_threads=1": lambda: ConfiguredLlama(path, model_id=base.model_id, n_threads=1),
         "n_batch=8": lambda: ConfiguredLlama(path, model_id=base.model_id, n_threads=2,
                                              n_batch=8),
@@ -342,6 +330,10 @@ def bench_noise(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
         "decode_vs_prefill": lambda: LlamaCppEngine(path, model_id=base.model_id,
                                                     n_threads=2, score_mode="replay"),
     }
+
+
+def bench_noise(base: LlamaCppEngine, gens: list[Generated]) -> dict[str, Any]:
+    configs = _node_configs(base)
     ref = {id(g): _claimed_logprobs(base, g) for g in gens if g.token_ids}
     out: dict[str, Any] = {"jobs": len(ref)}
     for label, make in configs.items():
@@ -377,13 +369,8 @@ def bench_noise_locality(base: LlamaCppEngine, gens: list[Generated]) -> dict[st
     both; and how far the second exceeds the first. A per-position noise bound taken
     from the fingerprint (tighter nuclei for the sampler check) is safe only if d64
     stays within a small multiple of d4."""
-    path = base.path
-    nodes: dict[str, Any] = {
-        "kv_cache_f16": lambda: LlamaCppEngine(path, model_id=base.model_id, n_threads=2,
-                                               kv_f32=False),
-        "decode_vs_prefill": lambda: LlamaCppEngine(path, model_id=base.model_id,
-                                                    n_threads=2, score_mode="replay"),
-    }
+    configs = _node_configs(base)
+    nodes = {label: configs[label] for label in ("kv_cache_f16", "decode_vs_prefill")}
     ref = {id(g): _tops(base, g, 64) for g in gens if g.token_ids}
     out: dict[str, Any] = {}
     for label, make in nodes.items():

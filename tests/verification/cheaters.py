@@ -290,3 +290,23 @@ class TruncatingEngine(_Wrapper):
                     return
             else:
                 yield event
+
+
+# the cheats that serve the honest model but do less (or other) work with its output or
+# prompt, by label: bench/verify.py and the detection tests build them from here
+OUTPUT_CHEATS: dict[str, Callable[[LlamaCppEngine], Engine]] = {
+    "edit_text": lambda honest: EditingEngine(honest, mode="text"),
+    "edit_tokens": lambda honest: EditingEngine(honest, mode="tokens"),
+    "truncate_stop": lambda honest: TruncatingEngine(honest, 0.4, "stop"),
+    "truncate_length": lambda honest: TruncatingEngine(honest, 0.4, "length"),
+    "prompt_shortened": lambda honest: PromptAlteringEngine(honest, "shorten"),
+    "prompt_altered": lambda honest: PromptAlteringEngine(honest, "alter"),
+    "sampler_not_followed": lambda honest: ForeignSamplerEngine(honest),
+}
+
+
+def output_cheat(label: str, honest: LlamaCppEngine) -> Engine:
+    """The ``OUTPUT_CHEATS`` engine for ``label``, attesting ``honest``'s model."""
+    engine = OUTPUT_CHEATS[label](honest)
+    engine.model = honest.model
+    return engine

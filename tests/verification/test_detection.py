@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.verification.cheaters import EditingEngine, ForeignSamplerEngine, TruncatingEngine
+from tests.verification.cheaters import output_cheat
 from tests.verification.workload import generate, verify
 
 pytestmark = pytest.mark.slow
@@ -18,15 +18,7 @@ CHAT = {"messages": [{"role": "user", "content": "Tell me a short story about a 
 def _cheat(honest_engine, label, different_model_engine):
     if label == "other_model":
         return different_model_engine
-    engine = {
-        "edit_text": lambda: EditingEngine(honest_engine, mode="text"),
-        "edit_tokens": lambda: EditingEngine(honest_engine, mode="tokens"),
-        "truncate_stop": lambda: TruncatingEngine(honest_engine, 0.4, "stop"),
-        "truncate_length": lambda: TruncatingEngine(honest_engine, 0.4, "length"),
-        "sampler_not_followed": lambda: ForeignSamplerEngine(honest_engine),
-    }[label]()
-    engine.model = honest_engine.model
-    return engine
+    return output_cheat(label, honest_engine)
 
 
 CASES = [
