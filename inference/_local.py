@@ -32,6 +32,9 @@ from inference.base import (
     GenerationRequest,
     PositionScore,
 )
+from inference.grammar import GRAMMAR_ENGINE, GrammarTokenizer, tokenizer_for
+from inference.shaping import LogitShaper, shaped_scores
+from protocol.messages import Capabilities
 
 Logits = np.ndarray
 
@@ -115,6 +118,7 @@ class LocalEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self._require_started()
+        self.refuse_unsupported(request)
         slot, release = await self._acquire()
         events = stream_from_thread(
             lambda emit, cancel: self._run(slot, request, emit, cancel),
@@ -158,7 +162,22 @@ class LocalEngine(Engine):
             n_ctx=self.n_ctx,
             emit=emit,
             cancel=cancel,
+            shaper=self._shaper(request),
         )
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(grammar=GRAMMAR_ENGINE, logit_shaping=True, logprobs=True)
+
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The token table grammars compile against: this engine's own pieces."""
+        piece = self.token_piece()
+        if piece is None:
+            raise EngineError("invalid_constraint", "this engine has no token table")
+        return tokenizer_for(self, [piece(t) for t in range(self.vocab_size())],
+                             self.eog_token_ids())
+
+    def _shaper(self, request: GenerationRequest) -> LogitShaper | None:
+        return LogitShaper.for_request(request, self.vocab_size(), self.grammar_tokenizer)
 
     # ---- scoring -----------------------------------------------------------------------
 
@@ -174,11 +193,21 @@ class LocalEngine(Engine):
             return []
         return self._score_output(request, prompt_ids, list(output_token_ids), k, slack)
 
+    def _scores_from_rows(self, request: GenerationRequest, output_ids: list[int],
+                          rows: np.ndarray, k: int, slack: float) -> list[PositionScore] | None:
+        """The shaped job's scores from the raw logit ``rows`` (None: an unshaped job,
+        which the engine scores its own faster way)."""
+        shaper = self._shaper(request)
+        if shaper is None:
+            return None
+        return shaped_scores(request, output_ids, rows, k, slack, self.eog_token_ids(), shaper)
+
     async def score(
         self, request: GenerationRequest, output_token_ids: list[int], top_k: int = 20,
         *, nucleus_noise: float = 0.0,
     ) -> list[PositionScore]:
         self._require_started()
+        self.refuse_unsupported(request)
         if top_k < 1:
             raise EngineError("bad_request", "top_k must be >= 1")
         return await asyncio.to_thread(self._score_sync, request, list(output_token_ids), top_k,

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from inference.base import GenerationEnd, GenerationEvent, GenerationRequest, TokenDelta
 from inference.sampler import sample, sampler_key
 from protocol import fingerprint
+from protocol.messages import TokenLogprob
 from protocol.text import TextStream
+
+if TYPE_CHECKING:
+    from inference.shaping import LogitShaper
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -43,6 +48,13 @@ def fingerprint_row(logits: np.ndarray) -> bytes:
     return fingerprint.encode_row((i, float(x[i]) - lse) for i in head)
 
 
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """What a buyer who asked for logprobs sees of one position (temperature 1)."""
+    lp = log_softmax(logits)
+    return TokenLogprob(token_id=token, logprob=min(0.0, float(lp[token])),
+                        top=[(t, min(0.0, v)) for t, v in top_k(lp, k)] if k else [])
+
+
 def decode_loop(
     request: GenerationRequest,
     *,
@@ -54,13 +66,18 @@ def decode_loop(
     n_ctx: int,
     emit: Callable[[GenerationEvent], None],
     cancel: threading.Event,
+    shaper: LogitShaper | None = None,
 ) -> None:
     """The token loop every local engine runs once prompt (+ continuation) is evaluated.
 
     ``logits`` are those after the last prompt token; ``step(token)`` evaluates one
     token and returns the next logits; ``piece(token)`` is the token's output bytes.
     Emits ``TokenDelta``s then one ``GenerationEnd``; returns early when ``cancel`` is set.
+    ``shaper`` (``inference.shaping``, primed with the continuation): the job's bias,
+    penalties and grammar, applied before the sampler; the fingerprint and the returned
+    log-probabilities stay those of the model's own logits.
     """
+    want_logprobs = request.job.logprobs
     # the protocol sampler (inference.sampler): position counts the whole output, so a
     # node continuing another's output draws the noise the first node would have drawn
     key = sampler_key(request.seed)
@@ -74,13 +91,18 @@ def decode_loop(
     while produced < request.max_tokens and length < n_ctx:
         if cancel.is_set():
             return
-        token = sample(logits, request.temperature, request.top_p, key, start + produced)
+        drawn = shaper.apply(logits) if shaper is not None else logits
+        token = sample(drawn, request.temperature, request.top_p, key, start + produced)
         if is_eog(token):
             finish = "stop"
             break
+        if shaper is not None:
+            shaper.accept(token)
         produced += 1
         delta, stopped = text.push(piece(token))
-        emit(TokenDelta(text=delta, token_ids=[token], fingerprint=fingerprint_row(logits)))
+        emit(TokenDelta(text=delta, token_ids=[token], fingerprint=fingerprint_row(logits),
+                        logprobs=None if want_logprobs is None
+                        else [token_logprob(logits, token, want_logprobs)]))
         if stopped:
             finish = "stop"
             break

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from protocol.job import JobKind, JobRequest, SamplingParams
+from protocol.messages import Capabilities, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class TokenDelta:
     text: str
     token_ids: list[int]
     fingerprint: bytes = b""
+    # jobs that asked for log-probabilities: one entry per id (protocol.messages)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class PositionScore:
     # sampled jobs: how far the claimed token falls short of the protocol sampler's choice
     # on these numbers, in nats (inference.sampler.sampler_excess); None: not computed
     sampler_excess: float | None = None
+    # shaped jobs (inference.shaping): ``top`` is over the shaped distribution the node
+    # sampled from, this over the model's own logits, which the fingerprint commits to
+    fingerprint_top: list[tuple[int, float]] | None = None
 
 
 class EngineError(Exception):
@@ -148,6 +154,24 @@ class Engine(abc.ABC):
     async def prompt_token_count(self, request: GenerationRequest) -> int:
         """:meth:`count_prompt_tokens` for engines that must ask a server to tokenize."""
         return self.count_prompt_tokens(request)
+
+    def capabilities(self) -> Capabilities:
+        """What this engine serves beyond plain generation (declared in ``hello``; the
+        router sends a job only where it can be served). Default: nothing."""
+        return Capabilities()
+
+    def refuse_unsupported(self, request: GenerationRequest) -> None:
+        """Raise ``EngineError("unsupported_parameter")`` for a job this engine cannot
+        serve faithfully (a router bug or a hostile market, never silently ignored)."""
+        caps = self.capabilities()
+        job = request.job
+        if job.constraint is not None and caps.grammar is None:
+            raise EngineError("unsupported_parameter", "this engine serves no response_format")
+        if job.sampling.shaped and not caps.logit_shaping:
+            raise EngineError("unsupported_parameter",
+                              "this engine serves no penalties or logit_bias")
+        if job.logprobs is not None and not caps.logprobs:
+            raise EngineError("unsupported_parameter", "this engine returns no logprobs")
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load weights / start child processes. Called once before serving."""

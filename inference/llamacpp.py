@@ -360,6 +360,9 @@ class LlamaCppEngine(LocalEngine):
                     collected.append(self._last_logits(scorer))
                     scorer.eval([token])
                 rows = np.array(collected, dtype=np.float32)
+        shaped = self._scores_from_rows(request, output_ids, rows, k, slack)
+        if shaped is not None:
+            return shaped
         logprobs = log_softmax(rows)
         excess = sampler_excesses(request, output_ids, lambda i: logprobs[i], slack,
                                   self.eog_token_ids())

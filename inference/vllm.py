@@ -299,6 +299,7 @@ class VllmEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if self._client is None:
             raise EngineError("engine_not_started", "call start() before serving")
+        self.refuse_unsupported(request)
         prompt_ids = await self.prompt_token_ids_async(request)
         body: dict[str, Any] = {
             "model": self.model_id,
@@ -365,6 +366,7 @@ class VllmEngine(Engine):
     ) -> list[PositionScore]:
         if self._client is None:
             raise EngineError("engine_not_started", "call start() before serving")
+        self.refuse_unsupported(request)
         if not output_token_ids:
             return []
         prompt_ids = await self.prompt_token_ids_async(request)

@@ -290,6 +290,7 @@ class NodeLink:
                     engine=e.name,
                     quantization=e.model.quantization,
                     context_length=e.model.context_length,
+                    capabilities=e.capabilities(),
                 )
                 for e in self.engines.values()
             ],

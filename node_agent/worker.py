@@ -287,7 +287,8 @@ class JobWorker:
         running.tokens_sent += len(delta.token_ids)
         self._stats.recent.append((time.monotonic(), len(delta.token_ids)))
         await self._send(
-            Chunk(job_id=running.job.job_id, text=delta.text, token_ids=delta.token_ids)
+            Chunk(job_id=running.job.job_id, text=delta.text, token_ids=delta.token_ids,
+                  logprobs=delta.logprobs)
         )
 
     def _sign(

@@ -83,6 +83,14 @@ def check_sampling(claimed: SamplingParams, expected: SamplingParams) -> list[Ch
                 "sampling_mismatch", f"receipt seed {claimed.seed} != requested {expected.seed}"
             )
         )
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not _close(getattr(claimed, name), getattr(expected, name)):
+            failures.append(CheckFailure(
+                "sampling_mismatch",
+                f"receipt {name} {getattr(claimed, name)} != requested {getattr(expected, name)}"))
+    if tuple(claimed.logit_bias) != tuple(expected.logit_bias):
+        failures.append(CheckFailure("sampling_mismatch",
+                                     "receipt logit_bias is not the requested one"))
     if list(claimed.stop) != list(expected.stop):
         failures.append(
             CheckFailure(

@@ -13,13 +13,27 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
-from protocol.canonical import digest_json
+from protocol.canonical import canonical_json, digest_json
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 DEFAULT_TOP_P = 1.0  # OpenAI's default
+# OpenAI's ranges: penalties in [-2, 2], a logit bias in [-100, 100]
+PENALTY_LIMIT = 2.0
+LOGIT_BIAS_LIMIT = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs maximum
+# a response_format schema is compiled into a grammar by every party: bounded
+MAX_SCHEMA_BYTES = 64 * 1024
 
 JobKind = Literal["chat", "completion"]
 # "cancelled": the market sent ``cancel``; the receipt covers what was produced by then
@@ -46,10 +60,71 @@ class SamplingParams(_Strict):
     max_tokens: int
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    # applied to the logits before the protocol sampler (inference.shaping), OpenAI's
+    # way: bias added; count·frequency + presence subtracted for tokens already output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def shaped(self) -> bool:
+        """Whether the logits are changed before sampling (penalties or bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    @model_serializer(mode="wrap")
+    def _omit_unshaped(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The shaping fields only when set: an unshaped job's stored form, wire frame
+        and receipt hash are what they were before the fields existed."""
+        return _without_defaults(handler(self), _SHAPING_FIELDS)
+
+    def canonical_dict(self) -> dict[str, Any]:
+        """The fields as signed (in a receipt)."""
+        return self.model_dump(mode="json")
+
+
+_SHAPING_FIELDS: dict[str, Any] = {"presence_penalty": 0.0, "frequency_penalty": 0.0,
+                                   "logit_bias": ()}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if default is None or value is None:
+        return value is default
+    if isinstance(default, tuple):  # () dumps as [] in JSON mode
+        return isinstance(value, list | tuple) and not value
+    return bool(value == default)
+
+
+def _without_defaults(data: Any, defaults: Mapping[str, Any]) -> Any:
+    if isinstance(data, dict):
+        for name, default in defaults.items():
+            if name in data and _is_default(data[name], default):
+                del data[name]
+    return data
+
+
+class OutputConstraint(_Strict):
+    """What the output must be, enforced by constrained decoding (``inference.grammar``):
+    any JSON object (``json_object``) or JSON valid against ``json_schema``. Part of the
+    request digest: a node that ignored it signed a request it did not serve."""
+
+    type: Literal["json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+    name: str | None = None  # OpenAI's response_format.json_schema.name, informative
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> OutputConstraint:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("a json_schema constraint has a schema, json_object none")
+        if self.json_schema is not None and len(canonical_json(self.json_schema)) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the JSON schema is over {MAX_SCHEMA_BYTES // 1024} KiB")
+        return self
+
+    def digest_value(self) -> dict[str, Any]:
+        return {"type": self.type, "json_schema": self.json_schema}
 
 
 class Usage(_Strict):
@@ -73,6 +148,14 @@ class JobRequest(_Strict):
     messages: list[ChatTurn] | None = None
     prompt: str | None = None
     sampling: SamplingParams
+    constraint: OutputConstraint | None = None
+    # return log-probabilities: None no; k >= 0: the chosen token's and the top k
+    logprobs: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No constraint and no logprobs leave no trace (as for the shaping fields)."""
+        return _without_defaults(handler(self), {"constraint": None, "logprobs": None})
 
     @model_validator(mode="after")
     def _consistent(self) -> JobRequest:
@@ -83,6 +166,9 @@ class JobRequest(_Strict):
         s = self.sampling
         if s.max_tokens < 0 or s.temperature < 0 or not 0 < s.top_p <= 1:
             raise ValueError("max_tokens >= 0, temperature >= 0 and 0 < top_p <= 1")
+        _check_shaping(s)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         return self
 
     @property
@@ -92,9 +178,14 @@ class JobRequest(_Strict):
             return [{"role": m.role, "content": m.content} for m in self.messages or []]
         return self.prompt or ""
 
+    @property
+    def shaped(self) -> bool:
+        """Whether the logits are changed before sampling (``inference.shaping``)."""
+        return self.sampling.shaped or self.constraint is not None
+
     def digest(self, continuation_token_ids: Sequence[int] = ()) -> str:
         """The receipt's ``request_sha256`` for this job given ``continuation_token_ids``."""
-        return request_digest(self.kind, self.input, continuation_token_ids)
+        return request_digest(self.kind, self.input, continuation_token_ids, self.constraint)
 
     def with_max_tokens(self, max_tokens: int) -> JobRequest:
         """This job with fewer tokens left (a failover segment continues after others)."""
@@ -114,7 +205,10 @@ class JobRequest(_Strict):
 
         ``max_completion_tokens`` is an alias of ``max_tokens``; ``stop`` may be a string
         or a list (empty strings mean nothing); text content parts are joined with
-        newlines, as vLLM joins them; the model and field bounds are the market's to check.
+        newlines, as vLLM joins them; ``logit_bias`` maps token ids (as JSON's string
+        keys) to biases; ``response_format`` becomes the output constraint; chat's
+        ``logprobs``/``top_logprobs`` and completions' ``logprobs: k`` become
+        ``logprobs``. The model and field bounds are the market's to check.
         """
         if kind == "chat":
             turns, prompt = _chat_turns(body.get("messages")), None
@@ -124,25 +218,46 @@ class JobRequest(_Strict):
             raise InvalidJobRequest(f"unknown kind {kind!r}")
         try:
             return cls(kind=kind, model=str(body.get("model") or ""), messages=turns,
-                       prompt=prompt, sampling=_sampling(body, default_max_tokens))
+                       prompt=prompt, sampling=_sampling(body, default_max_tokens),
+                       constraint=_constraint(body.get("response_format")),
+                       logprobs=_logprobs(kind, body))
         except ValueError as exc:  # pydantic's ValidationError is one
             raise InvalidJobRequest(_first_error(exc)) from None
 
 
+def _check_shaping(s: SamplingParams) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -PENALTY_LIMIT <= getattr(s, name) <= PENALTY_LIMIT:
+            raise ValueError(f"{name} must be in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}]")
+    ids = [token for token, _ in s.logit_bias]
+    if len(ids) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias holds at most {MAX_LOGIT_BIAS_ENTRIES} tokens")
+    if ids != sorted(set(ids)) or (ids and ids[0] < 0):
+        raise ValueError("logit_bias token ids are distinct, ascending and >= 0")
+    if any(not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT for _, bias in s.logit_bias):
+        raise ValueError(f"a logit_bias value must be in [-{LOGIT_BIAS_LIMIT:g}, "
+                         f"{LOGIT_BIAS_LIMIT:g}]")
+
+
 def request_digest(kind: str, request_input: str | Sequence[Mapping[str, Any]],
-                   continuation_token_ids: Sequence[int] = ()) -> str:
+                   continuation_token_ids: Sequence[int] = (),
+                   constraint: OutputConstraint | None = None) -> str:
     """Digest of what the model was asked: the prompt or the turns, plus any prefix.
 
     ``continuation_token_ids`` are the tokens earlier nodes produced when a job fails
     over mid-stream; the new node's receipt covers prompt + that prefix. Turns are
-    reduced to role and content so extra client fields do not matter.
+    reduced to role and content so extra client fields do not matter. A constraint is
+    part of what was asked (absent from the digest when there is none, as before).
     """
     normalized: Any = request_input
     if kind == "chat":
         normalized = [{"role": m.get("role"), "content": m.get("content")}
                       for m in request_input]  # type: ignore[union-attr]
-    return digest_json({"kind": kind, "input": normalized,
-                        "continuation": list(continuation_token_ids)})
+    value: dict[str, Any] = {"kind": kind, "input": normalized,
+                             "continuation": list(continuation_token_ids)}
+    if constraint is not None:
+        value["constraint"] = constraint.digest_value()
+    return digest_json(value)
 
 
 # ---- the OpenAI body, read once ------------------------------------------------------
@@ -220,7 +335,67 @@ def _sampling(body: Mapping[str, Any], default_max_tokens: int) -> SamplingParam
     if not 0 < top_p <= 1:
         raise InvalidJobRequest("top_p must be in (0, 1]")
     return SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                          seed=seed, stop=_stop(body.get("stop")))
+                          seed=seed, stop=_stop(body.get("stop")),
+                          presence_penalty=_number(body, "presence_penalty", 0.0),
+                          frequency_penalty=_number(body, "frequency_penalty", 0.0),
+                          logit_bias=_logit_bias(body.get("logit_bias")))
+
+
+def _logit_bias(raw: Any) -> tuple[tuple[int, float], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise InvalidJobRequest("logit_bias must map token ids to numbers")
+    pairs: dict[int, float] = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise InvalidJobRequest(f"logit_bias key {key!r} is not a token id") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidJobRequest(f"logit_bias[{key}] must be a number")
+        if value:
+            pairs[token] = float(value)
+    return tuple(sorted(pairs.items()))
+
+
+def _constraint(raw: Any) -> OutputConstraint | None:
+    """OpenAI's ``response_format``: text (no constraint), json_object or json_schema."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise InvalidJobRequest("response_format must be an object")
+    kind = raw.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputConstraint(type="json_object")
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+            raise InvalidJobRequest(
+                "response_format.json_schema must be an object with a 'schema' object")
+        name = spec.get("name")
+        return OutputConstraint(type="json_schema", json_schema=dict(spec.get("schema") or {}),
+                                name=str(name) if name is not None else None)
+    raise InvalidJobRequest(
+        "response_format.type must be 'text', 'json_object' or 'json_schema'")
+
+
+def _logprobs(kind: str, body: Mapping[str, Any]) -> int | None:
+    value = body.get("logprobs")
+    if kind == "chat":
+        if not value:
+            return None
+        top = body.get("top_logprobs") or 0
+        if isinstance(top, bool) or not isinstance(top, int):
+            raise InvalidJobRequest("top_logprobs must be an integer")
+        return top
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidJobRequest("logprobs must be an integer")
+    return value
 
 
 def _first_error(exc: ValueError) -> str:

@@ -11,11 +11,11 @@ the market, answered by ``chunk``… then ``done`` or ``error``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from protocol.job import FinishReason, JobRequest, Usage
+from protocol.job import MAX_TOP_LOGPROBS, FinishReason, JobRequest, Usage
 from protocol.receipt import SignedReceipt
 
 # 4: sampled tokens are drawn by the protocol sampler (inference.sampler) from the job's
@@ -31,12 +31,23 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class Capabilities(_Message):
+    """What a node's engine does beyond plain generation; the router sends a job only to
+    nodes that declare what it needs (absent in older nodes' hellos: nothing)."""
+
+    # the grammar engine (``inference.grammar.GRAMMAR_ENGINE``): response_format served
+    grammar: str | None = Field(default=None, max_length=64)
+    logit_shaping: bool = False  # presence/frequency penalties and logit_bias
+    logprobs: bool = False  # per-token log-probabilities with up to MAX_TOP_LOGPROBS
+
+
 class ModelOffer(_Message):
     id: str
     sha256: str
     engine: str
     quantization: str | None = None
     context_length: int
+    capabilities: Capabilities = Field(default_factory=Capabilities)
 
 
 class GpuInfo(_Message):
@@ -98,11 +109,28 @@ class Status(_Message):
     gpus: list[GpuSample] = Field(default_factory=list)
 
 
+class TokenLogprob(_Message):
+    """One output token's log-probability under the model (temperature 1, before any
+    shaping) and the ``top`` (id, log-probability) pairs, most likely first."""
+
+    token_id: int
+    logprob: float = Field(le=0)
+    top: list[tuple[int, float]] = Field(default_factory=list, max_length=MAX_TOP_LOGPROBS)
+
+
 class Chunk(_Message):
     type: Literal["chunk"] = "chunk"
     job_id: str
     text: str
     token_ids: list[int]
+    # present when the job asked for log-probabilities: one per token id
+    logprobs: list[TokenLogprob] | None = None
+
+    @model_validator(mode="after")
+    def _one_logprob_per_token(self) -> Chunk:
+        if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):
+            raise ValueError("a chunk carries one logprobs entry per token id")
+        return self
 
 
 class Done(_Message):
@@ -158,8 +186,8 @@ class Cancel(_Message):
     job_id: str
 
 
-NodeMessage = Annotated[Union[Hello, Auth, Status, Chunk, Done, JobError], Field(discriminator="type")]
-MarketMessage = Annotated[Union[Challenge, Welcome, Reject, Job, Cancel], Field(discriminator="type")]
+NodeMessage = Annotated[Hello | Auth | Status | Chunk | Done | JobError, Field(discriminator="type")]
+MarketMessage = Annotated[Challenge | Welcome | Reject | Job | Cancel, Field(discriminator="type")]
 
 _node_adapter: TypeAdapter[Any] = TypeAdapter(NodeMessage)
 _market_adapter: TypeAdapter[Any] = TypeAdapter(MarketMessage)

@@ -20,12 +20,14 @@ from market.api.schemas import (
     CompletionRequest,
     GenerationRequestBody,
     completion_response,
+    logprobs_object,
     stream_chunk,
     usage_dict,
 )
 from market.api.sse import EventStreamResponse
-from market.errors import APIError, BadRequest, UpstreamFailed
+from market.errors import APIError, BadRequest, ModelNotFound, UpstreamFailed
 from market.gateway.auth import Buyer, authenticate, market_state
+from market.gateway.router import FEATURE_PARAMETERS, offers
 from market.gateway.session import JobOrder, JobSession
 from market.gateway.state import MarketState
 from market.metrics import endpoint_label
@@ -63,9 +65,12 @@ async def complete(state: MarketState, buyer: Buyer, body: GenerationRequestBody
     await job.run_to_end()
     runner = job.runner
     prefix = "chatcmpl-" if body.kind == "chat" else "cmpl-"
+    wanted = runner.spec.request.logprobs is not None
     return completion_response(
         body.kind, prefix + runner.spec.job_id, body.model, runner.text,
         runner.finish_reason or "stop", runner.usage(),
+        logprobs=logprobs_object(body.kind, runner.logprobs if wanted else None,
+                                 runner.spec.vocabulary.piece),
     )
 
 
@@ -89,11 +94,25 @@ async def _sse(
     template = _dumps(stream_chunk(kind, rid, model, created, marker, usage_field=with_usage))
     head, _, tail = template.partition(_dumps(marker))
     head, tail = "data: " + head, tail + "\n\n"
+    wants_logprobs = runner.spec.request.logprobs is not None
+    logprobs_sent = 0  # runner.logprobs already streamed
+    text_sent = 0  # characters already streamed (completions' text_offset)
     try:
         event = first
         while event is not _END:
             if event is None:
                 yield ": keep-alive\n\n"
+            elif wants_logprobs:  # a chunk of its own for every delta: no template
+                entries = runner.logprobs[logprobs_sent:]
+                logprobs_sent += len(entries)
+                chunk = stream_chunk(kind, rid, model, created, event, first=not sent_first,
+                                     usage_field=with_usage,
+                                     logprobs=logprobs_object(kind, entries,
+                                                              runner.spec.vocabulary.piece,
+                                                              text_sent))
+                text_sent += len(event)
+                sent_first = True
+                yield f"data: {_dumps(chunk)}\n\n"
             elif not sent_first:
                 chunk = stream_chunk(kind, rid, model, created, event, first=True,
                                      usage_field=with_usage)
@@ -204,27 +223,44 @@ async def batch(body: BatchRequest, request: Request, buyer: Buyer = Depends(aut
     }
 
 
+def _model_card(model_id: str, conns: list[Any]) -> dict[str, Any]:
+    """One model as OpenAI lists it, with what the market knows of its nodes: how many,
+    the longest context, the lowest prices, and which parameters some node serves."""
+    return {
+        "id": model_id,
+        "object": "model",
+        # since when the market serves it: its longest-connected node's arrival
+        "created": min(c.connected_at for c in conns),
+        "owned_by": "aidp-market",
+        "nodes": len(conns),
+        "context_length": max(c.models[model_id].context_length for c in conns),
+        "price_per_mtok": {
+            "input": min(c.price_in for c in conns),
+            "output": min(c.price_out for c in conns),
+        },
+        "capabilities": {
+            parameter: sum(offers(c.models[model_id], frozenset({feature})) for c in conns)
+            for feature, parameter in FEATURE_PARAMETERS.items()
+        },
+    }
+
+
 @router.get("/v1/models")
 async def list_models(request: Request, _buyer: Buyer = Depends(authenticate)) -> Any:
     state = market_state(request)
-    data = []
-    for model_id, conns in sorted(state.registry.available_models().items()):
-        data.append(
-            {
-                "id": model_id,
-                "object": "model",
-                # since when the market serves it: its longest-connected node's arrival
-                "created": min(c.connected_at for c in conns),
-                "owned_by": "aidp-market",
-                "nodes": len(conns),
-                "context_length": max(c.models[model_id].context_length for c in conns),
-                "price_per_mtok": {
-                    "input": min(c.price_in for c in conns),
-                    "output": min(c.price_out for c in conns),
-                },
-            }
-        )
+    data = [_model_card(model_id, conns)
+            for model_id, conns in sorted(state.registry.available_models().items())]
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request,
+                    _buyer: Buyer = Depends(authenticate)) -> Any:
+    conns = market_state(request).registry.available_models().get(model_id)
+    if not conns:
+        raise ModelNotFound(f"The model '{model_id}' does not exist or no node offers it",
+                            param="model")
+    return _model_card(model_id, conns)
 
 
 @router.get("/v1/account")

@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 # served as OpenAI defines them (typed fields of market.api.schemas), both endpoints
 _SERVED_BOTH = frozenset({
     "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
-    "stream_options",
+    "stream_options", "presence_penalty", "frequency_penalty", "logit_bias",
     # the market's own: the buyer's price cap per million tokens
     "max_price_per_mtok",
 })
@@ -35,28 +35,23 @@ _NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "safety_ide
                         "prompt_cache_key"})
 
 SERVED: dict[str, frozenset[str]] = {
-    "chat": _SERVED_BOTH | _NO_EFFECT | {"messages", "max_completion_tokens"},
-    "completion": _SERVED_BOTH | {"prompt", "user"},
+    "chat": _SERVED_BOTH | _NO_EFFECT | {"messages", "max_completion_tokens",
+                                         "response_format", "logprobs", "top_logprobs"},
+    "completion": _SERVED_BOTH | {"prompt", "user", "logprobs"},
 }
 
 _OFF_BOTH: dict[str, tuple[Any, ...]] = {
     "n": (1,),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logit_bias": ({},),
 }
 # not served yet: the values that ask for nothing (0 == 0.0 and False == 0 compare equal)
 OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
     "chat": {
         **_OFF_BOTH,
-        "logprobs": (False,),
-        "top_logprobs": (0,),
         "tools": ([],),
         "tool_choice": ("none", "auto"),  # without tools both mean: answer in text
         "parallel_tool_calls": (True, False),  # only matters with tools
         "functions": ([],),
         "function_call": ("none", "auto"),
-        "response_format": ({"type": "text"},),
         "modalities": (["text"],),
         "audio": (),
         "prediction": (),
@@ -66,7 +61,6 @@ OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
     },
     "completion": {
         **_OFF_BOTH,
-        "logprobs": (0,),
         "echo": (False,),
         "best_of": (1,),
         "suffix": ("",),

@@ -10,18 +10,34 @@ and their shape is OpenAI's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from market.api import parameters
-from protocol.job import JobRequest
+from protocol.job import (
+    LOGIT_BIAS_LIMIT,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_TOP_LOGPROBS,
+    PENALTY_LIMIT,
+    JobRequest,
+)
+from protocol.messages import TokenLogprob
 
 # Upper bounds that keep every number a request carries inside what the database and
 # the arithmetic on it hold (BIGINT); real limits (context length) apply later.
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_PRICE = 10**15
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the completions endpoint
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -79,6 +95,11 @@ class _GenerationBody(RequestBody):
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = Field(default=None, max_length=256)
     max_price_per_mtok: int | None = Field(default=None, ge=0, le=MAX_PRICE)
+    presence_penalty: float | None = Field(default=None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    frequency_penalty: float | None = Field(default=None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    # token id (as a JSON string key) → bias; ids are checked against the model's vocabulary
+    logit_bias: dict[str, float] | None = Field(default=None,
+                                                max_length=MAX_LOGIT_BIAS_ENTRIES)
 
     kind: ClassVar[str]
 
@@ -100,6 +121,17 @@ class _GenerationBody(RequestBody):
             raise ValueError("a stop sequence is at most 256 characters")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias key {key!r} is not a token id")
+            if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"logit_bias[{key}] must be in [-{LOGIT_BIAS_LIMIT:g}, "
+                                 f"{LOGIT_BIAS_LIMIT:g}]")
+        return value
+
     def job_request(self, default_max_tokens: int) -> JobRequest:
         """The job this body asks for, read once (``protocol.job`` holds the defaults);
         raises ``protocol.job.InvalidJobRequest``."""
@@ -113,8 +145,19 @@ class _GenerationBody(RequestBody):
 
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
+    # text, json_object or json_schema (read by protocol.job: OutputConstraint)
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     kind: ClassVar[str] = "chat"
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -136,6 +179,7 @@ class ChatCompletionRequest(_GenerationBody):
 
 class CompletionRequest(_GenerationBody):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
     kind: ClassVar[str] = "completion"
 
@@ -216,9 +260,56 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+Piece = Callable[[int], bytes]
+
+
+def _token_text(piece: Piece, token: int) -> tuple[str, list[int]]:
+    raw = piece(token)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], piece: Piece) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs`` object: each token's text, bytes, log-probability and
+    its ``top_logprobs``."""
+    content = []
+    for entry in entries:
+        text, raw = _token_text(piece, entry.token_id)
+        top = []
+        for token, logprob in entry.top:
+            top_text, top_raw = _token_text(piece, token)
+            top.append({"token": top_text, "logprob": logprob, "bytes": top_raw})
+        content.append({"token": text, "logprob": entry.logprob, "bytes": raw,
+                        "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], piece: Piece,
+                        text_offset: int = 0) -> dict[str, Any]:
+    """The completions endpoint's (legacy) ``logprobs`` object."""
+    tokens, offsets, top = [], [], []
+    offset = text_offset
+    for entry in entries:
+        text, _ = _token_text(piece, entry.token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        top.append({_token_text(piece, t)[0]: lp for t, lp in entry.top})
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+def logprobs_object(kind: str, entries: Sequence[TokenLogprob] | None, piece: Piece,
+                    text_offset: int = 0) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    if kind == "chat":
+        return chat_logprobs(entries, piece)
+    return completion_logprobs(entries, piece, text_offset)
+
+
 def completion_response(
     kind: str, response_id: str, model: str, text: str, finish_reason: str, usage: dict[str, int],
-    created: int | None = None,
+    created: int | None = None, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     created = created or int(time.time())
     if kind == "chat":
@@ -231,7 +322,7 @@ def completion_response(
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": finish_reason,
                 }
             ],
@@ -243,7 +334,7 @@ def completion_response(
         "created": created,
         "model": model,
         "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         ],
         "usage": usage,
     }
@@ -261,6 +352,7 @@ def stream_chunk(
     usage: dict[str, int] | None = None,
     no_choices: bool = False,
     usage_field: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk. ``usage_field``: the stream asked for usage
     (``include_usage``), so every chunk has the field, null but on the usage-only chunk
@@ -272,11 +364,12 @@ def stream_chunk(
         if text is not None:
             delta["content"] = text
         choice: dict[str, Any] = {
-            "index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason
+            "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason
         }
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs,
+                  "finish_reason": finish_reason}
         obj = "text_completion"
     chunk: dict[str, Any] = {
         "id": response_id,

@@ -12,8 +12,10 @@ keep-alive). Behind it:
 * every chunk is checked before it is relayed: its token ids are in the model's
   vocabulary, its text is what those ids decode to (the market replays the node's
   text stream, :class:`protocol.text.ExpectedText`), no more ids than ``max_tokens``
-  and nothing after a stop string; a chunk that fails is never relayed and the node
-  is failed over;
+  and nothing after a stop string; under an output constraint every token keeps the
+  output inside its grammar (the same mask the node had to apply, ``inference.grammar``)
+  and a natural stop leaves a whole document; a chunk that fails is never relayed and
+  the node is failed over;
 * on ``done`` the receipt is checked against what the market itself sent, counted and
   relayed (``protocol.checks.check_receipt``); a failing receipt counts
   against the node and the job fails over like an error;
@@ -38,15 +40,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from inference.grammar import GrammarMatcher, vocabulary_tokenizer
 from inference.vocab import Vocabulary
 from market.errors import APIError, ModelNotFound, NoHealthyNode, UpstreamFailed
 from market.gateway.registry import NodeConn
-from market.gateway.router import Need
+from market.gateway.router import Need, required_features
 from market.gateway.state import MarketState
 from market.money.billing import Outcome, Segment, cap_to_hold, node_cost, token_cost
 from protocol.checks import check_receipt
 from protocol.job import JobRequest
-from protocol.messages import Cancel, Chunk, Done, Job, JobError
+from protocol.messages import Cancel, Chunk, Done, Job, JobError, TokenLogprob
 from protocol.text import ExpectedText, TextMismatch
 
 log = logging.getLogger("market.gateway.jobs")
@@ -58,6 +61,7 @@ KNOWN_NODE_ERRORS = frozenset({
     "deadline_exceeded", "internal", "engine_error", "invalid_token",
     "context_length_exceeded", "node_disconnected", "node_unhealthy", "node_reconnected",
     "timeout", "send_failed", "receipt_rejected", "over_max_tokens", "text_mismatch",
+    "grammar_violation", "bad_logprobs", "unsupported_parameter", "invalid_constraint", "grammar_error",
     "flooding",
 })
 
@@ -113,6 +117,10 @@ class JobRunner:
         # The job's hold, when it is still being written (see market.gateway.funds): finalizing
         # waits for it, and a hold the database refused stops the job uncharged.
         self.hold_written: asyncio.Future[int] | None = None
+        # per relayed token, when the buyer asked for log-probabilities
+        self.logprobs: list[TokenLogprob] = []
+        self._features = frozenset(required_features(spec.request))
+        self._grammar = _grammar_matcher(spec)
 
     @property
     def text(self) -> str:
@@ -150,7 +158,7 @@ class JobRunner:
                                           code="deadline_exceeded"))
                 return
             need = Need(self.spec.price_cap, self.spec.price_bound,
-                        self.spec.prompt_tokens + len(self.token_ids) + 1)
+                        self.spec.prompt_tokens + len(self.token_ids) + 1, self._features)
             try:
                 conn = await self.state.router.acquire(
                     self.spec.model, self.spec.price_cap, tried,
@@ -215,12 +223,28 @@ class JobRunner:
         bad = next((t for t in ids if not vocabulary.valid(t)), None)
         if bad is not None:
             raise SegmentFailed("invalid_token", f"token id {bad} is not in the vocabulary")
+        top = self.spec.request.logprobs
+        sent = chunk.logprobs
+        if (sent is not None and (top is None or any(
+                entry.token_id != token or len(entry.top) > top
+                for entry, token in zip(sent, ids, strict=True)))) or (
+                top is not None and ids and sent is None):
+            raise SegmentFailed("bad_logprobs",
+                                "the chunk's logprobs are not one per token of the job's")
         try:
             return expected.chunk(list(ids), chunk.text)
         except TextMismatch as exc:
             raise SegmentFailed("text_mismatch", str(exc)) from None
 
-    def _relay(self, conn: NodeConn, text: str, ids: list[int], seg_ids: list[int]) -> None:
+    def _relay(self, conn: NodeConn, text: str, ids: list[int], seg_ids: list[int],
+               logprobs: list[TokenLogprob] | None = None) -> None:
+        if self._grammar is not None and ids:
+            bad = self._grammar.take(ids)
+            if bad is not None:
+                raise SegmentFailed("grammar_violation",
+                                    f"token {ids[bad]} leaves the job's response_format")
+        if logprobs:
+            self.logprobs.extend(logprobs)
         seg_ids.extend(ids)
         self.text_parts.append(text)
         self.token_ids.extend(ids)
@@ -277,6 +301,7 @@ class JobRunner:
                     # Coalesce chunks that are already waiting: one delta, one write.
                     texts = [self._check_chunk(message, expected, seg_ids, remaining)]
                     ids = list(message.token_ids)
+                    logprobs = list(message.logprobs or ())
                     while not queue.empty():
                         following = queue.get_nowait()
                         if not isinstance(following, Chunk):
@@ -285,6 +310,7 @@ class JobRunner:
                         texts.append(self._check_chunk(following, expected,
                                                        seg_ids + ids, remaining))
                         ids.extend(following.token_ids)
+                        logprobs.extend(following.logprobs or ())
                     text = "".join(texts)
                     if not ids and not text:
                         continue
@@ -292,7 +318,7 @@ class JobRunner:
                         first_at = time.monotonic()
                         if self.first_token_at is None:
                             self.first_token_at = first_at
-                    self._relay(conn, text, ids, seg_ids)
+                    self._relay(conn, text, ids, seg_ids, logprobs)
                     yield text
                 elif isinstance(message, Done):
                     finished = True
@@ -348,7 +374,8 @@ class JobRunner:
                         # produced before the node saw the cancel: covered by its receipt
                         text = self._check_chunk(message, expected, seg_ids,
                                                  request.sampling.max_tokens)
-                        self._relay(conn, text, list(message.token_ids), seg_ids)
+                        self._relay(conn, text, list(message.token_ids), seg_ids,
+                                    message.logprobs)
                     elif isinstance(message, Done):
                         self._accept_done(conn, message, request, continuation_ids, expected,
                                           seg_ids, cancel_sent=True)
@@ -382,6 +409,10 @@ class JobRunner:
                 expected.finish()
             except TextMismatch as exc:
                 raise SegmentFailed("text_mismatch", str(exc)) from None
+        if (done.finish_reason == "stop" and self._grammar is not None and not expected.stopped
+                and not self._grammar.complete):
+            raise SegmentFailed("grammar_violation",
+                                "the output stopped before its response_format was complete")
         try:
             failures = self._check_receipt(conn, done, request, continuation_ids, expected,
                                            seg_ids)
@@ -477,6 +508,14 @@ class JobRunner:
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
         }
+
+
+def _grammar_matcher(spec: JobSpec) -> GrammarMatcher | None:
+    """The relay's own copy of the job's grammar (None without a constraint), compiled
+    against the listed model's vocabulary as every node's and verifier's is."""
+    if spec.request.constraint is None:
+        return None
+    return GrammarMatcher(vocabulary_tokenizer(spec.vocabulary), spec.request.constraint)
 
 
 async def _send_quietly(conn: NodeConn, message: Any) -> None:

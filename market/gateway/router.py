@@ -23,8 +23,11 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from market.errors import ModelNotFound, NoHealthyNode
+from inference.grammar import GRAMMAR_ENGINE
+from market.errors import BadRequest, ModelNotFound, NoHealthyNode
 from market.gateway.registry import NodeConn, NodeRegistry
+from protocol.job import JobRequest
+from protocol.messages import ModelOffer
 
 W_LATENCY = 0.4
 W_LOAD = 0.4
@@ -38,6 +41,7 @@ class Need:
     cap: int | None = None  # the buyer's max_price_per_mtok, for input and output
     price_bound: tuple[int, int] | None = None  # (input, output) the hold covers
     min_context: int = 0  # tokens the node's context must hold
+    features: frozenset[str] = frozenset()  # what the job needs (:func:`required_features`)
 
     def admits(self, conn: NodeConn, model: str) -> bool:
         if not within_cap(conn, self.cap):
@@ -46,7 +50,38 @@ class Need:
             conn.price_in > self.price_bound[0] or conn.price_out > self.price_bound[1]
         ):
             return False
-        return conn.models[model].context_length >= self.min_context
+        offer = conn.models[model]
+        return offer.context_length >= self.min_context and offers(offer, self.features)
+
+
+# the buyer's parameter each feature serves (as /v1/models lists them)
+FEATURE_PARAMETERS = {"grammar": "response_format", "logit_shaping": "logit_bias",
+                      "logprobs": "logprobs"}
+
+
+def required_features(request: JobRequest) -> dict[str, str]:
+    """What a node must declare (``protocol.messages.Capabilities``) to serve ``request``:
+    feature → the buyer's parameter that asks for it (named in a 400)."""
+    needed: dict[str, str] = {}
+    if request.constraint is not None:
+        needed["grammar"] = "response_format"
+    s = request.sampling
+    if s.shaped:
+        needed["logit_shaping"] = ("presence_penalty" if s.presence_penalty else
+                                   "frequency_penalty" if s.frequency_penalty else "logit_bias")
+    if request.logprobs is not None:
+        needed["logprobs"] = "logprobs"
+    return needed
+
+
+def offers(offer: ModelOffer, features: frozenset[str]) -> bool:
+    """Whether ``offer`` serves every one of ``features``. A grammar counts only when it
+    is the market's own engine and version: the market and the verifiers compute the
+    same mask, and any other would make an honest node's output look like a violation."""
+    caps = offer.capabilities
+    return (("grammar" not in features or caps.grammar == GRAMMAR_ENGINE)
+            and ("logit_shaping" not in features or caps.logit_shaping)
+            and ("logprobs" not in features or caps.logprobs))
 
 
 def _total_price(conn: NodeConn) -> int:
@@ -113,10 +148,17 @@ class Router:
             return ranked[0][1]
         return self.rng.choice(ranked[:2])[1]
 
-    def ensure_available(self, model: str, cap: int | None = None) -> None:
-        """Raise 404/503 unless some healthy node serves ``model`` within ``cap`` (busy or not)."""
-        if not any(within_cap(c, cap) for c in self.registry.serving(model) if c.available):
+    def ensure_available(self, model: str, cap: int | None = None,
+                         features: dict[str, str] | None = None) -> None:
+        """Raise 404/503 unless some healthy node serves ``model`` within ``cap`` (busy or
+        not); 400 naming the parameter when none of them serves what the job needs."""
+        serving = [c for c in self.registry.serving(model) if c.available and within_cap(c, cap)]
+        if not serving:
             self.choose(model, cap)  # raises the precise error
+        for feature, parameter in sorted((features or {}).items()):
+            if not any(offers(c.models[model], frozenset({feature})) for c in serving):
+                raise BadRequest(f"no node serving '{model}' supports {parameter} right now",
+                                 param=parameter, code="unsupported_parameter")
 
     async def acquire(
         self, model: str, cap: int | None, exclude: Iterable[str], timeout: float,
@@ -142,12 +184,13 @@ class Router:
                 await self.registry.wait_changed(left)
 
     def hold_prices(self, model: str, cap: int | None = None, min_context: int = 0,
-                    nodes: int = 4, spread: float = 4.0) -> tuple[int, int]:
+                    nodes: int = 4, spread: float = 4.0,
+                    features: frozenset[str] = frozenset()) -> tuple[int, int]:
         """The (input, output) prices a job's hold is computed at: the highest among the
         ``nodes`` cheapest that could serve it (enough to fail over on), leaving out any
         asking more than ``spread`` times the (lower) median price. Nodes above these
         prices are not offered the job, so a node asking a fortune sets nobody's hold."""
-        need = Need(cap, None, min_context)
+        need = Need(cap, None, min_context, features)
         pool = sorted((c for c in self.registry.serving(model)
                        if c.available and need.admits(c, model)), key=_total_price)
         if not pool:

@@ -21,11 +21,13 @@ from typing import Any, TypeVar
 
 from inference.base import EngineError
 from inference.convert import engine_request
+from inference.grammar import InvalidConstraint, check_constraint, vocabulary_tokenizer
 from inference.sampler import SAMPLER
 from inference.vocab import Vocabulary
 from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
 from market.gateway.auth import Buyer
 from market.gateway.jobs import JobRunner, JobSpec
+from market.gateway.router import required_features
 from market.gateway.state import MarketState
 from market.models import Job, new_id, utcnow
 from market.money import billing
@@ -91,8 +93,12 @@ class JobSession:
         if order.request.sampling.seed is None:  # every job's sampler noise is fixed here
             order = replace(order, request=order.request.with_seed(secrets.randbits(63)))
         state.catalog.require(order.model)
-        state.router.ensure_available(order.model, order.price_cap)
+        state.router.ensure_available(order.model, order.price_cap,
+                                      required_features(order.request))
         vocabulary = await state.catalog.vocabulary(order.model)
+        _check_shaping(order.request, vocabulary)
+        if order.request.constraint is not None:  # built once per model, off the loop
+            await asyncio.to_thread(vocabulary_tokenizer, vocabulary)
         quote = await _quote(state, order, vocabulary)
         lifetime = settings.routing.job_first_token_timeout + settings.limits.job_max_duration_s
         spec = JobSpec(
@@ -204,6 +210,20 @@ def _count_prompt(vocabulary: Vocabulary, request: JobRequest) -> int:
                          code=exc.code) from None
 
 
+def _check_shaping(request: JobRequest, vocabulary: Vocabulary) -> None:
+    """400 for a logit bias outside the model's vocabulary or a schema no grammar can be
+    built from: refused before any funds are held, never discovered by a node."""
+    if request.sampling.logit_bias and request.sampling.logit_bias[-1][0] >= vocabulary.size:
+        raise BadRequest(f"logit_bias names token {request.sampling.logit_bias[-1][0]}; this "
+                         f"model's token ids are 0…{vocabulary.size - 1}",
+                         param="logit_bias", code="invalid_value")
+    if request.constraint is not None:
+        try:
+            check_constraint(request.constraint)
+        except InvalidConstraint as exc:
+            raise BadRequest(str(exc), param="response_format", code="invalid_value") from None
+
+
 def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> None:
     """413 unless the job frame fits the node link however far it fails over (the
     continuation ids it may carry included). Encoded only when a cheap bound does not
@@ -246,7 +266,8 @@ async def _quote(state: MarketState, order: JobOrder, vocabulary: Vocabulary) ->
             param="max_tokens", code="context_length_exceeded")
     routing = settings.routing
     prices = state.router.hold_prices(order.model, cap, prompt_tokens + 1,
-                                      routing.hold_price_nodes, routing.hold_price_spread)
+                                      routing.hold_price_nodes, routing.hold_price_spread,
+                                      frozenset(required_features(request)))
     hold = billing.worst_case_hold(prompt_tokens, request.sampling.max_tokens, *prices,
                                    settings.billing.market_fee_bps)
     return _Quote(prompt_tokens, prices, hold)

@@ -259,7 +259,7 @@ def _judge_fingerprint(
         verdict.stats["fingerprint_checked"] = False
         return
     try:
-        cmp = fp.compare(fingerprint, [s.top for s in scores],
+        cmp = fp.compare(fingerprint, [s.fingerprint_top or s.top for s in scores],
                          margin=tol.fingerprint_margin, window=tol.fingerprint_window)
     except ValueError as exc:  # the cheap checks refuse these; a stored one is still proof
         verdict.fraud = True

@@ -27,9 +27,11 @@ def _error(exc: openai.APIStatusError) -> dict:
 @pytest.mark.parametrize("extra,param", [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
+    # served by the market, but no node here declares it (the deterministic engine
+    # declares no capabilities): the same 400, naming what the buyer asked for
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -1}, "frequency_penalty"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
@@ -76,7 +78,7 @@ async def test_the_defaults_sdks_send_are_accepted(buyer: Buyer, nodes: Nodes) -
         parallel_tool_calls=True, extra_body={"top_logprobs": None})
     assert reply.choices[0].finish_reason == "length"
     reply = await buyer.client().completions.create(
-        model=model, prompt="hi", max_tokens=4, echo=False, best_of=1, logprobs=0, n=1)
+        model=model, prompt="hi", max_tokens=4, echo=False, best_of=1, n=1)
     assert reply.usage is not None and reply.usage.completion_tokens == 4
 
 
@@ -84,6 +86,12 @@ async def test_the_defaults_sdks_send_are_accepted(buyer: Buyer, nodes: Nodes) -
     ({"messages": MESSAGES, "temperature": 7}, "invalid_value", "temperature"),
     ({"messages": MESSAGES, "max_tokens": 0}, "invalid_value", "max_tokens"),
     ({"messages": []}, "invalid_value", "messages"),
+    ({"messages": MESSAGES, "top_logprobs": 2}, "invalid_value", "top_logprobs"),
+    ({"messages": MESSAGES, "top_logprobs": 21, "logprobs": True}, "invalid_value",
+     "top_logprobs"),
+    ({"messages": MESSAGES, "presence_penalty": 2.5}, "invalid_value", "presence_penalty"),
+    ({"messages": MESSAGES, "logit_bias": {"7": 101}}, "invalid_value", "logit_bias"),
+    ({"messages": MESSAGES, "logit_bias": {"x": 1}}, "invalid_value", "logit_bias"),
     ({}, "missing_required_parameter", "messages"),
 ])
 async def test_validation_errors_are_400_with_a_code(buyer: Buyer, market: Market,

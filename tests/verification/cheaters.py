@@ -37,6 +37,7 @@ from inference.base import (
 )
 from inference.llamacpp import LlamaCppEngine, default_gguf
 from protocol import fingerprint
+from protocol.messages import Capabilities
 
 
 def _rewrite_gguf(source: Path, target: Path, *, keep_blocks: int | None = None,
@@ -152,6 +153,24 @@ class _Wrapper(Engine):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         return self.inner.generate(request)
+
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities()
+
+
+class ShapingIgnoringEngine(_Wrapper):
+    """Declares constrained decoding, penalties and logit_bias, then serves the job
+    without them (no grammar mask to compute, the model's favourite tokens); the receipt
+    still names the job's request, constraint and sampling as asked."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        job = request.job
+        plain = job.model_copy(update={
+            "constraint": None,
+            "sampling": job.sampling.model_copy(update={
+                "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": ()}),
+        })
+        return self.inner.generate(replace(request, job=plain))
 
 
 class DifferentModelEngine(_Wrapper):
