@@ -10,6 +10,7 @@ and turn honest receipts into mismatches.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from protocol import tools
 from protocol.canonical import canonical_json, digest_json
 
 DEFAULT_MAX_TOKENS = 256
@@ -41,7 +43,12 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class InvalidJobRequest(ValueError):
-    """An OpenAI body that no engine can serve (a 400 at the market)."""
+    """An OpenAI body that no engine can serve (a 400 at the market; ``param`` names the
+    field at fault where one does)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class _Strict(BaseModel):
@@ -119,7 +126,8 @@ class OutputConstraint(_Strict):
     def _schema_given(self) -> OutputConstraint:
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise ValueError("a json_schema constraint has a schema, json_object none")
-        if self.json_schema is not None and len(canonical_json(self.json_schema)) > MAX_SCHEMA_BYTES:
+        schema = self.json_schema
+        if schema is not None and len(canonical_json(schema)) > MAX_SCHEMA_BYTES:
             raise ValueError(f"the JSON schema is over {MAX_SCHEMA_BYTES // 1024} KiB")
         return self
 
@@ -210,17 +218,25 @@ class JobRequest(_Strict):
         ``logprobs``/``top_logprobs`` and completions' ``logprobs: k`` become
         ``logprobs``. The model and field bounds are the market's to check.
         """
+        constraint = None
         if kind == "chat":
             turns, prompt = _chat_turns(body.get("messages")), None
+            turns, constraint = _with_tools(turns, body)
         elif kind == "completion":
             turns, prompt = None, _completion_prompt(body.get("prompt", ""))
         else:
             raise InvalidJobRequest(f"unknown kind {kind!r}")
         try:
+            response_format = _constraint(body.get("response_format"))
+            if constraint is not None and response_format is not None:
+                raise InvalidJobRequest("a required tool call and a response_format cannot "
+                                        "both constrain the output", "response_format")
             return cls(kind=kind, model=str(body.get("model") or ""), messages=turns,
                        prompt=prompt, sampling=_sampling(body, default_max_tokens),
-                       constraint=_constraint(body.get("response_format")),
+                       constraint=constraint or response_format,
                        logprobs=_logprobs(kind, body))
+        except InvalidJobRequest:
+            raise
         except ValueError as exc:  # pydantic's ValidationError is one
             raise InvalidJobRequest(_first_error(exc)) from None
 
@@ -284,8 +300,52 @@ def message_text(content: Any) -> str:
 def _chat_turns(raw: Any) -> list[ChatTurn]:
     if not isinstance(raw, list) or not raw or not all(isinstance(m, Mapping) for m in raw):
         raise InvalidJobRequest("messages must be a non-empty list of objects")
-    return [ChatTurn(role=str(m.get("role")), content=message_text(m.get("content")))
-            for m in raw]
+    return [ChatTurn(role=str(m.get("role")),
+                     content=message_text(m.get("content")) + _rendered_calls(m, i))
+            for i, m in enumerate(raw)]
+
+
+def _rendered_calls(message: Mapping[str, Any], index: int) -> str:
+    """An assistant turn's earlier tool calls, as the model writes them (protocol.tools)."""
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise InvalidJobRequest("tool_calls must be a list", f"messages[{index}].tool_calls")
+    text = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise InvalidJobRequest("a tool call is {'type': 'function', 'function': "
+                                    "{'name', 'arguments'}}", f"messages[{index}].tool_calls[{j}]")
+        arguments: Any = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass  # rendered as the string the client sent
+        text.append(tools.render_call(function["name"], arguments))
+    return "".join(text)
+
+
+def _with_tools(turns: list[ChatTurn], body: Mapping[str, Any]
+                ) -> tuple[list[ChatTurn], OutputConstraint | None]:
+    """The turns with the offered tools in the system turn, and the constraint of a
+    required call (``protocol.tools``)."""
+    try:
+        offered = tools.parse_tools(body.get("tools"))
+        mode, only = tools.tool_mode(body.get("tool_choice"), offered)
+    except tools.InvalidTools as exc:
+        raise InvalidJobRequest(str(exc), exc.param) from None
+    if mode == "none":
+        return turns, None
+    text = tools.tools_prompt(offered if only is None else
+                              [t for t in offered if t.name == only], mode == "required")
+    if turns[0].role == "system":
+        turns = [ChatTurn(role="system", content=f"{turns[0].content}\n\n{text}"), *turns[1:]]
+    else:
+        turns = [ChatTurn(role="system", content=text), *turns]
+    if mode != "required":
+        return turns, None
+    return turns, OutputConstraint(type="json_schema", name=tools.CONSTRAINT_NAME,
+                                   json_schema=tools.call_schema(offered, only))
 
 
 def _completion_prompt(raw: Any) -> str:

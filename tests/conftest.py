@@ -94,6 +94,7 @@ _NODE_MARKERS: list[tuple[str, tuple[str, ...]]] = [
     ("tests/node/test_transformers_engine.py::*", ("weights",)),  # GGUF weights / tokenizer
     ("tests/node/test_vllm_engine.py::*", ("weights",)),  # an HF copy of the GGUF
     ("tests/node/test_gpu_and_cli.py::test_doctor_reports_*", ("weights",)),  # hashes the GGUF
+    ("tests/market/test_structured_outputs.py::*", ("weights",)),  # llama.cpp nodes
     # processes the test starts: aidp-market serve, aidp-node run, Celery, chain workers
     ("tests/adversarial/test_holds.py::test_a_market_killed_*", ("services",)),
     ("tests/node/test_market_integration.py::test_aidp_node_run_*", ("services", "weights")),

@@ -34,6 +34,7 @@ from market.metrics import endpoint_label
 from market.money import accounts
 from market.settings import MarketSettings
 from protocol.job import InvalidJobRequest
+from protocol.tools import ToolCall, parse_calls
 
 router = APIRouter()
 
@@ -52,7 +53,7 @@ def job_order(body: GenerationRequestBody, settings: MarketSettings) -> JobOrder
     try:
         request = body.job_request(settings.billing.default_max_tokens)
     except InvalidJobRequest as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(str(exc), param=exc.param) from None
     return JobOrder(request=request, stream=body.stream, price_cap=body.max_price_per_mtok,
                     prompt_chars=body.prompt_chars(), messages=len(getattr(body, "messages", ())),
                     max_tokens_given=body.max_tokens is not None
@@ -60,18 +61,51 @@ def job_order(body: GenerationRequestBody, settings: MarketSettings) -> JobOrder
 
 
 async def complete(state: MarketState, buyer: Buyer, body: GenerationRequestBody) -> dict[str, Any]:
-    """Run a non-streamed request to the end; returns the OpenAI response body."""
-    job = await JobSession.open(state, buyer, job_order(body, state.settings))
-    await job.run_to_end()
-    runner = job.runner
+    """Run a non-streamed request to the end (one job per choice, concurrently); returns
+    the OpenAI response body. A choice that fails fails the request (the others' output
+    was produced and is charged, as for a stream the buyer left)."""
+    jobs = await JobSession.open_choices(state, buyer, job_order(body, state.settings), body.n)
+    results = await asyncio.gather(*(job.run_to_end() for job in jobs), return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
     prefix = "chatcmpl-" if body.kind == "chat" else "cmpl-"
+    responses = [_choice_response(body, job.runner, prefix) for job in jobs]
+    response = responses[0]
+    if len(responses) > 1:
+        for index, other in enumerate(responses[1:], start=1):
+            response["choices"].append({**other["choices"][0], "index": index})
+        usage = [r["usage"] for r in responses]
+        response["usage"] = usage_dict(sum(u["prompt_tokens"] for u in usage),
+                                       sum(u["completion_tokens"] for u in usage))
+    return response
+
+
+def _choice_response(body: GenerationRequestBody, runner: Any, prefix: str) -> dict[str, Any]:
     wanted = runner.spec.request.logprobs is not None
-    return completion_response(
+    response = completion_response(
         body.kind, prefix + runner.spec.job_id, body.model, runner.text,
         runner.finish_reason or "stop", runner.usage(),
         logprobs=logprobs_object(body.kind, runner.logprobs if wanted else None,
                                  runner.spec.vocabulary.piece),
     )
+    content, calls = _tool_calls(body, runner)
+    if calls:
+        choice = response["choices"][0]
+        choice["message"] = {"role": "assistant", "content": content,
+                             "tool_calls": [c.openai() for c in calls]}
+        choice["finish_reason"] = "tool_calls"
+    return response
+
+
+def _tool_calls(body: GenerationRequestBody, runner: Any) -> tuple[str | None, list[ToolCall]]:
+    """The calls in a finished chat output (``protocol.tools``); none for a job cut at
+    max_tokens, whose call could not be whole."""
+    if not isinstance(body, ChatCompletionRequest) or not body.tools or (
+            runner.finish_reason != "stop"):
+        return runner.text, []
+    mode, offered = body.tool_setup()
+    return parse_calls(runner.text, mode, offered, runner.spec.job_id)
 
 
 async def _sse(
@@ -97,10 +131,13 @@ async def _sse(
     wants_logprobs = runner.spec.request.logprobs is not None
     logprobs_sent = 0  # runner.logprobs already streamed
     text_sent = 0  # characters already streamed (completions' text_offset)
+    # with tools the output is read as a whole (a call or text): held, keep-alives meanwhile
+    holds_output = isinstance(body, ChatCompletionRequest) and bool(body.tools) and (
+        body.tool_setup()[0] != "none")
     try:
         event = first
         while event is not _END:
-            if event is None:
+            if event is None or holds_output:
                 yield ": keep-alive\n\n"
             elif wants_logprobs:  # a chunk of its own for every delta: no template
                 entries = runner.logprobs[logprobs_sent:]
@@ -132,11 +169,20 @@ async def _sse(
         if runner.error is not None:
             yield f"data: {_dumps(runner.error.body())}\n\n"
         else:
+            finish = runner.finish_reason or "stop"
+            if holds_output:
+                content, calls = _tool_calls(body, runner)
+                chunk = stream_chunk(kind, rid, model, created, content, first=True,
+                                     usage_field=with_usage,
+                                     tool_calls=[c.openai(i) for i, c in enumerate(calls)]
+                                     if calls else None)
+                sent_first = True
+                finish = "tool_calls" if calls else finish
+                yield f"data: {_dumps(chunk)}\n\n"
             # usage once, on OpenAI's usage-only chunk when asked for (a client that sums
             # the usage of every chunk counts it once), never on the finish chunk
             final = stream_chunk(kind, rid, model, created, None if kind == "chat" else "",
-                                 runner.finish_reason or "stop", first=not sent_first,
-                                 usage_field=with_usage)
+                                 finish, first=not sent_first, usage_field=with_usage)
             yield f"data: {_dumps(final)}\n\n"
             if with_usage:
                 usage_chunk = stream_chunk(kind, rid, model, created, None,

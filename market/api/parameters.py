@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 # served as OpenAI defines them (typed fields of market.api.schemas), both endpoints
 _SERVED_BOTH = frozenset({
     "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
-    "stream_options", "presence_penalty", "frequency_penalty", "logit_bias",
+    "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "n",
     # the market's own: the buyer's price cap per million tokens
     "max_price_per_mtok",
 })
@@ -36,20 +36,16 @@ _NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "safety_ide
 
 SERVED: dict[str, frozenset[str]] = {
     "chat": _SERVED_BOTH | _NO_EFFECT | {"messages", "max_completion_tokens",
-                                         "response_format", "logprobs", "top_logprobs"},
+                                         "response_format", "logprobs", "top_logprobs",
+                                         "tools", "tool_choice", "parallel_tool_calls"},
     "completion": _SERVED_BOTH | {"prompt", "user", "logprobs"},
 }
 
-_OFF_BOTH: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-}
+_OFF_BOTH: dict[str, tuple[Any, ...]] = {}
 # not served yet: the values that ask for nothing (0 == 0.0 and False == 0 compare equal)
 OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
     "chat": {
         **_OFF_BOTH,
-        "tools": ([],),
-        "tool_choice": ("none", "auto"),  # without tools both mean: answer in text
-        "parallel_tool_calls": (True, False),  # only matters with tools
         "functions": ([],),
         "function_call": ("none", "auto"),
         "modalities": (["text"],),
@@ -98,16 +94,17 @@ def check(kind: str, body: Mapping[str, Any]) -> None:
 
 
 # message fields and roles the market renders; the rest are tools, audio or vision
-_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant"})
-_MESSAGE_OFF: dict[str, tuple[Any, ...]] = {"tool_calls": ([],), "function_call": (),
-                                           "audio": (), "refusal": ()}
-_MESSAGE_SERVED = frozenset({"role", "content", "name"})
+_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_MESSAGE_OFF: dict[str, tuple[Any, ...]] = {"function_call": (), "audio": (), "refusal": ()}
+# tool calls and results are rendered into the prompt (protocol.tools)
+_MESSAGE_SERVED = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
 
 def check_messages(messages: Any) -> None:
-    """Raise ``PydanticCustomError`` for the first message part the market would drop:
-    a tool call or tool result (``unsupported_parameter``), or a content part that is
-    not text (``unsupported_content``); ``param`` is its path (``messages[2].tool_calls``)."""
+    """Raise ``PydanticCustomError`` for the first message part the market would drop: a
+    legacy ``function_call`` or role ``function`` (``unsupported_parameter``), or a
+    content part that is not text (``unsupported_content``); ``param`` is its path
+    (``messages[2].function_call``)."""
     if not isinstance(messages, list):
         return  # the field's own validation says what is wrong
     for i, message in enumerate(messages):
@@ -115,8 +112,8 @@ def check_messages(messages: Any) -> None:
             return
         role = message.get("role")
         if role not in _MESSAGE_ROLES and isinstance(role, str):
-            _unsupported(f"messages[{i}].role", f"messages with role '{role}' (tool results) "
-                         "are not supported by this market yet")
+            _unsupported(f"messages[{i}].role", f"messages with role '{role}' are not "
+                         "supported (tool results are role 'tool', with tool_call_id)")
         for name, value in message.items():
             if name in _MESSAGE_SERVED or value is None:
                 continue

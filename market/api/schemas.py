@@ -32,12 +32,14 @@ from protocol.job import (
     JobRequest,
 )
 from protocol.messages import TokenLogprob
+from protocol.tools import MAX_TOOLS, Tool, ToolMode, parse_tools, tool_mode
 
 # Upper bounds that keep every number a request carries inside what the database and
 # the arithmetic on it hold (BIGINT); real limits (context length) apply later.
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_PRICE = 10**15
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the completions endpoint
+MAX_CHOICES = 8  # n: one job per choice, each held, receipted and billed
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -92,7 +94,7 @@ class _GenerationBody(RequestBody):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = Field(default=None, max_length=256)
     max_price_per_mtok: int | None = Field(default=None, ge=0, le=MAX_PRICE)
     presence_penalty: float | None = Field(default=None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
@@ -119,6 +121,15 @@ class _GenerationBody(RequestBody):
         items = [value] if isinstance(value, str) else value or []
         if any(len(s) > 256 for s in items):
             raise ValueError("a stop sequence is at most 256 characters")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_streamed_choice(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and info.data.get("stream"):
+            raise PydanticCustomError(
+                "unsupported_parameter", "n > 1 is served without stream only (yet)",
+                {"param": "n"})
         return value
 
     @field_validator("logit_bias")
@@ -149,8 +160,17 @@ class ChatCompletionRequest(_GenerationBody):
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # functions the model may call (read by protocol.job / protocol.tools)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted; one call per answer is rendered
 
     kind: ClassVar[str] = "chat"
+
+    def tool_setup(self) -> tuple[ToolMode, list[Tool]]:
+        """How this request's output is read back: the tool mode and the tools."""
+        offered = parse_tools(self.tools)
+        return tool_mode(self.tool_choice, offered)[0], offered
 
     @field_validator("top_logprobs")
     @classmethod
@@ -353,6 +373,7 @@ def stream_chunk(
     no_choices: bool = False,
     usage_field: bool = False,
     logprobs: dict[str, Any] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk. ``usage_field``: the stream asked for usage
     (``include_usage``), so every chunk has the field, null but on the usage-only chunk
@@ -363,6 +384,8 @@ def stream_chunk(
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if tool_calls is not None:
+            delta["tool_calls"] = tool_calls
         choice: dict[str, Any] = {
             "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason
         }

@@ -61,7 +61,8 @@ KNOWN_NODE_ERRORS = frozenset({
     "deadline_exceeded", "internal", "engine_error", "invalid_token",
     "context_length_exceeded", "node_disconnected", "node_unhealthy", "node_reconnected",
     "timeout", "send_failed", "receipt_rejected", "over_max_tokens", "text_mismatch",
-    "grammar_violation", "bad_logprobs", "unsupported_parameter", "invalid_constraint", "grammar_error",
+    "grammar_violation", "bad_logprobs", "unsupported_parameter", "invalid_constraint",
+    "grammar_error",
     "flooding",
 })
 

@@ -12,6 +12,7 @@ OpenAI's response shapes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable
@@ -32,6 +33,7 @@ from market.gateway.state import MarketState
 from market.models import Job, new_id, utcnow
 from market.money import billing
 from market.settings import MarketSettings
+from protocol import tools
 from protocol.job import JobRequest
 from protocol.messages import Job as JobMessage
 from protocol.messages import encode
@@ -129,6 +131,31 @@ class JobSession:
         runner.hold_written = await _place_hold(state, buyer, job)
         return cls(state, runner)
 
+    @classmethod
+    async def open_choices(cls, state: MarketState, buyer: Buyer, order: JobOrder,
+                           n: int) -> list[JobSession]:
+        """``n`` jobs for OpenAI's ``n`` choices: each its own hold, receipt and bill, and
+        its own seed (choice 0 keeps the buyer's; the others derive from it, or are drawn
+        when the buyer gave none). All are held or none: a refusal releases the holds
+        already placed, unstarted and uncharged (every hold is confirmed written before
+        any choice starts, so no choice runs for a request that is then refused)."""
+        sessions: list[JobSession] = []
+        try:
+            for index in range(n):
+                seed = choice_seed(order.request.sampling.seed, index)
+                request = order.request if seed is None else order.request.with_seed(seed)
+                sessions.append(await cls.open(state, buyer, replace(order, request=request)))
+            if n > 1:  # holds are written behind the balance check: wait for every one
+                for session in sessions:
+                    if session.runner.hold_written is not None:
+                        await session.runner.hold_written
+        except BaseException:
+            for session in sessions:
+                session.runner.error = UpstreamFailed("another choice of the request was refused")
+                await session.finalize()
+            raise
+        return sessions
+
     @property
     def job_id(self) -> str:
         return self.runner.spec.job_id
@@ -188,6 +215,16 @@ class JobSession:
         _observe(state, runner, outcome)
 
 
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of a request seeded ``seed`` (a 63-bit hash of both
+    for index > 0: reproducible, and each choice draws its own noise)."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.sha256(b"aidp-choice-v1" + seed.to_bytes(8, "little", signed=True)
+                            + index.to_bytes(2, "little")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _observe(state: MarketState, runner: JobRunner, outcome: billing.Outcome) -> None:
     metrics = state.metrics
     model = runner.spec.model
@@ -221,7 +258,9 @@ def _check_shaping(request: JobRequest, vocabulary: Vocabulary) -> None:
         try:
             check_constraint(request.constraint)
         except InvalidConstraint as exc:
-            raise BadRequest(str(exc), param="response_format", code="invalid_value") from None
+            param = ("tools" if request.constraint.name == tools.CONSTRAINT_NAME
+                     else "response_format")
+            raise BadRequest(str(exc), param=param, code="invalid_value") from None
 
 
 def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> None:

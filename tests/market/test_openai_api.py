@@ -231,7 +231,7 @@ async def test_unknown_model_is_404(buyer: Buyer) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [{"temperature": 7}, {"n": 3}, {"max_tokens": 0}, {"messages": []}, {"top_p": 0}],
+    [{"temperature": 7}, {"n": 9}, {"max_tokens": 0}, {"messages": []}, {"top_p": 0}],
 )
 async def test_bad_body_is_4xx(buyer: Buyer, nodes: Nodes, extra: dict) -> None:
     model = unique_model()
