@@ -191,3 +191,35 @@ async def test_both_engines_refuse_ids_outside_one_vocabulary(engines) -> None:
             await run(tf, generation_request("chat", chat(PROMPTS[1], 4), [bad]))
         with pytest.raises(EngineError, match="outside the vocabulary"):
             tf.decode([bad])
+
+
+async def test_both_engines_compile_one_grammar_mask_and_agree_on_constrained_jobs(
+        engines) -> None:
+    """A constrained job judged across engines: both token tables give the grammar the
+    same pieces (so the mask is the same function of the prefix), and a llama.cpp
+    node's constrained, penalised output is within tolerance on transformers' numbers."""
+    from market.settings import Tolerances
+
+    tf, lc = engines
+    assert [tf.piece(t) for t in range(tf.vocab_size())] == [
+        lc.vocabulary.piece(t) for t in range(lc.vocab_size())]
+    # llama.cpp also ends on one more control token (id 4): a mask difference only at
+    # positions where the document is whole, on a token no claimed output holds
+    assert set(tf.eog_token_ids()) <= set(lc.eog_token_ids())
+    tol = Tolerances()
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    for temperature in (0.0, 1.0):
+        body = {**chat("Describe a person as JSON.", 32), "temperature": temperature,
+                "seed": 3, "frequency_penalty": 0.5,
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "p", "schema": schema}}}
+        request = generation_request("chat", body)
+        _, ids = await run(lc, request)
+        scores = await tf.score(request, ids, top_k=5, nucleus_noise=tol.sampler_nucleus_noise)
+        assert min(s.logprob for s in scores) > -50  # no token the mask forbids
+        if temperature == 0.0:
+            assert max(s.top[0][1] - s.logprob for s in scores) <= tol.greedy_logprob_tol
+        else:
+            assert max(s.sampler_excess for s in scores) <= tol.sampler_tol
