@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from inference.grammar import GrammarMatcher, vocabulary_tokenizer
+from inference.grammar import GrammarMatcher
 from inference.vocab import Vocabulary
 from market.errors import APIError, ModelNotFound, NoHealthyNode, UpstreamFailed
 from market.gateway.registry import NodeConn
@@ -95,7 +95,8 @@ class SegmentFailed(Exception):
 
 
 class JobRunner:
-    def __init__(self, state: MarketState, spec: JobSpec) -> None:
+    def __init__(self, state: MarketState, spec: JobSpec,
+                 grammar: GrammarMatcher | None = None) -> None:
         self.state = state
         self.spec = spec
         self.max_tokens: int = spec.request.sampling.max_tokens
@@ -121,7 +122,10 @@ class JobRunner:
         # per relayed token, when the buyer asked for log-probabilities
         self.logprobs: list[TokenLogprob] = []
         self._features = frozenset(required_features(spec.request))
-        self._grammar = _grammar_matcher(spec)
+        # the relay's own copy of the job's grammar (market.gateway.session compiles it)
+        if spec.request.constraint is not None and grammar is None:
+            raise ValueError("a constrained job needs its grammar matcher")
+        self._grammar = grammar
 
     @property
     def text(self) -> str:
@@ -303,17 +307,25 @@ class JobRunner:
                     texts = [self._check_chunk(message, expected, seg_ids, remaining)]
                     ids = list(message.token_ids)
                     logprobs = list(message.logprobs or ())
+                    refused: SegmentFailed | None = None
                     while not queue.empty():
                         following = queue.get_nowait()
                         if not isinstance(following, Chunk):
                             pending = following
                             break
-                        texts.append(self._check_chunk(following, expected,
-                                                       seg_ids + ids, remaining))
+                        try:
+                            texts.append(self._check_chunk(following, expected,
+                                                           seg_ids + ids, remaining))
+                        except SegmentFailed as exc:
+                            # relay the chunks before it, as if it had come later
+                            refused = exc
+                            break
                         ids.extend(following.token_ids)
                         logprobs.extend(following.logprobs or ())
                     text = "".join(texts)
                     if not ids and not text:
+                        if refused is not None:
+                            raise refused
                         continue
                     if first_at is None:
                         first_at = time.monotonic()
@@ -321,6 +333,8 @@ class JobRunner:
                             self.first_token_at = first_at
                     self._relay(conn, text, ids, seg_ids, logprobs)
                     yield text
+                    if refused is not None:
+                        raise refused
                 elif isinstance(message, Done):
                     finished = True
                     self._accept_done(conn, message, request, continuation_ids, expected, seg_ids)
@@ -509,14 +523,6 @@ class JobRunner:
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
         }
-
-
-def _grammar_matcher(spec: JobSpec) -> GrammarMatcher | None:
-    """The relay's own copy of the job's grammar (None without a constraint), compiled
-    against the listed model's vocabulary as every node's and verifier's is."""
-    if spec.request.constraint is None:
-        return None
-    return GrammarMatcher(vocabulary_tokenizer(spec.vocabulary), spec.request.constraint)
 
 
 async def _send_quietly(conn: NodeConn, message: Any) -> None:

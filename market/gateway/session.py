@@ -22,7 +22,12 @@ from typing import Any, TypeVar
 
 from inference.base import EngineError
 from inference.convert import engine_request
-from inference.grammar import InvalidConstraint, check_constraint, vocabulary_tokenizer
+from inference.grammar import (
+    GrammarMatcher,
+    InvalidConstraint,
+    check_constraint,
+    vocabulary_tokenizer,
+)
 from inference.sampler import SAMPLER
 from inference.vocab import Vocabulary
 from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
@@ -98,9 +103,10 @@ class JobSession:
         state.router.ensure_available(order.model, order.price_cap,
                                       required_features(order.request))
         vocabulary = await state.catalog.vocabulary(order.model)
-        _check_shaping(order.request, vocabulary)
-        if order.request.constraint is not None:  # built once per model, off the loop
-            await asyncio.to_thread(vocabulary_tokenizer, vocabulary)
+        _check_bias(order.request, vocabulary)
+        grammar = None
+        if order.request.constraint is not None:  # compiled off the loop (≤ 64 KiB schemas)
+            grammar = await asyncio.to_thread(_compile_constraint, order.request, vocabulary)
         quote = await _quote(state, order, vocabulary)
         lifetime = settings.routing.job_first_token_timeout + settings.limits.job_max_duration_s
         spec = JobSpec(
@@ -127,7 +133,7 @@ class JobSession:
             hold_amount=quote.hold,
             deadline_at=utcnow() + timedelta(seconds=lifetime),
         )
-        runner = JobRunner(state, spec)
+        runner = JobRunner(state, spec, grammar)
         runner.hold_written = await _place_hold(state, buyer, job)
         return cls(state, runner)
 
@@ -247,20 +253,27 @@ def _count_prompt(vocabulary: Vocabulary, request: JobRequest) -> int:
                          code=exc.code) from None
 
 
-def _check_shaping(request: JobRequest, vocabulary: Vocabulary) -> None:
-    """400 for a logit bias outside the model's vocabulary or a schema no grammar can be
-    built from: refused before any funds are held, never discovered by a node."""
+def _check_bias(request: JobRequest, vocabulary: Vocabulary) -> None:
+    """400 for a logit bias outside the model's vocabulary (refused before any funds are
+    held, never discovered by a node)."""
     if request.sampling.logit_bias and request.sampling.logit_bias[-1][0] >= vocabulary.size:
         raise BadRequest(f"logit_bias names token {request.sampling.logit_bias[-1][0]}; this "
                          f"model's token ids are 0…{vocabulary.size - 1}",
                          param="logit_bias", code="invalid_value")
-    if request.constraint is not None:
-        try:
-            check_constraint(request.constraint)
-        except InvalidConstraint as exc:
-            param = ("tools" if request.constraint.name == tools.CONSTRAINT_NAME
-                     else "response_format")
-            raise BadRequest(str(exc), param=param, code="invalid_value") from None
+
+
+def _compile_constraint(request: JobRequest, vocabulary: Vocabulary) -> GrammarMatcher:
+    """The relay's own matcher of the job's constraint, against the listed vocabulary (as
+    every node and verifier compiles it); 400 for a schema no grammar can be built from.
+    Blocking: run it in a thread."""
+    constraint = request.constraint
+    assert constraint is not None
+    try:
+        check_constraint(constraint)
+        return GrammarMatcher(vocabulary_tokenizer(vocabulary), constraint)
+    except InvalidConstraint as exc:
+        param = "tools" if constraint.name == tools.CONSTRAINT_NAME else "response_format"
+        raise BadRequest(str(exc), param=param, code="invalid_value") from None
 
 
 def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> None:
