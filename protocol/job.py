@@ -424,7 +424,7 @@ def _constraint(raw: Any) -> OutputConstraint | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
-        raise InvalidJobRequest("response_format must be an object")
+        raise InvalidJobRequest("response_format must be an object", "response_format")
     kind = raw.get("type")
     if kind == "text":
         return None
@@ -434,12 +434,17 @@ def _constraint(raw: Any) -> OutputConstraint | None:
         spec = raw.get("json_schema")
         if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
             raise InvalidJobRequest(
-                "response_format.json_schema must be an object with a 'schema' object")
+                "response_format.json_schema must be an object with a 'schema' object",
+                "response_format")
         name = spec.get("name")
-        return OutputConstraint(type="json_schema", json_schema=dict(spec.get("schema") or {}),
-                                name=str(name) if name is not None else None)
+        try:
+            return OutputConstraint(type="json_schema",
+                                    json_schema=dict(spec.get("schema") or {}),
+                                    name=str(name) if name is not None else None)
+        except ValueError as exc:  # the schema is over its size bound
+            raise InvalidJobRequest(_first_error(exc), "response_format") from None
     raise InvalidJobRequest(
-        "response_format.type must be 'text', 'json_object' or 'json_schema'")
+        "response_format.type must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
 def _logprobs(kind: str, body: Mapping[str, Any]) -> int | None:
@@ -449,12 +454,12 @@ def _logprobs(kind: str, body: Mapping[str, Any]) -> int | None:
             return None
         top = body.get("top_logprobs") or 0
         if isinstance(top, bool) or not isinstance(top, int):
-            raise InvalidJobRequest("top_logprobs must be an integer")
+            raise InvalidJobRequest("top_logprobs must be an integer", "top_logprobs")
         return top
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidJobRequest("logprobs must be an integer")
+        raise InvalidJobRequest("logprobs must be an integer", "logprobs")
     return value
 
 

@@ -75,3 +75,12 @@ def test_output_is_parsed_into_calls() -> None:
     content, calls = parse_calls('{"name":"get_time","arguments":{}}', "required", tools, "j")
     assert content is None and calls[0].name == "get_time"
     assert parse_calls('{"name":"get_time"', "required", tools, "j")[1] == []  # cut short
+
+
+def test_response_format_errors_name_the_field() -> None:
+    for response_format in ({"type": "xml"}, {"type": "json_schema"}, "json",
+                            {"type": "json_schema", "json_schema": {
+                                "name": "big", "schema": {"enum": ["x" * 1000] * 70}}}):
+        with pytest.raises(InvalidJobRequest) as info:
+            _job(response_format=response_format)
+        assert info.value.param == "response_format", response_format
