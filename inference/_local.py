@@ -173,8 +173,8 @@ class LocalEngine(Engine):
         piece = self.token_piece()
         if piece is None:
             raise EngineError("invalid_constraint", "this engine has no token table")
-        return tokenizer_for(self, [piece(t) for t in range(self.vocab_size())],
-                             self.eog_token_ids())
+        return tokenizer_for(self, lambda: ([piece(t) for t in range(self.vocab_size())],
+                                            self.eog_token_ids()))
 
     def _shaper(self, request: GenerationRequest) -> LogitShaper | None:
         return LogitShaper.for_request(request, self.vocab_size(), self.grammar_tokenizer)

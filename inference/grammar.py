@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,14 +58,6 @@ def grammar_text(constraint: OutputConstraint) -> str:
     except ValueError as exc:
         raise InvalidConstraint(f"response_format schema: {exc}") from None
     return str(grammar)
-
-
-def check_constraint(constraint: OutputConstraint) -> None:
-    """Raise :class:`InvalidConstraint` unless ``constraint`` compiles (no tokenizer
-    needed: the market checks a buyer's schema before it holds any funds)."""
-    error = llguidance.LLMatcher.validate_grammar(grammar_text(constraint)) if llguidance else ""
-    if error:
-        raise InvalidConstraint(f"response_format schema is not supported: {error}")
 
 
 class GrammarTokenizer:
@@ -132,7 +124,8 @@ class GrammarMatcher:
         self._matcher = llguidance.LLMatcher(tokenizer.lltokenizer, grammar_text(constraint),
                                              log_level=0)
         if self._matcher.is_error():
-            raise InvalidConstraint(f"grammar: {self._matcher.get_error()}")
+            raise InvalidConstraint(
+                f"response_format schema is not supported: {self._matcher.get_error()}")
         self._bitmask = llg_numpy.allocate_token_bitmask(1, self._size)
         self.violated_at: int | None = None  # the first output position outside the grammar
         self.position = 0
@@ -177,24 +170,23 @@ class GrammarMatcher:
 _TOKENIZERS_LOCK = threading.Lock()
 
 
-def tokenizer_for(owner: object, pieces: Sequence[bytes] | None = None,
-                  eog_ids: Sequence[int] = ()) -> GrammarTokenizer:
+def tokenizer_for(owner: object,
+                  table: Callable[[], tuple[Sequence[bytes], Sequence[int]]]) -> GrammarTokenizer:
     """The grammar tokenizer of ``owner`` (an engine or a vocabulary), built on first use
-    from ``pieces`` and kept for the owner's lifetime."""
+    from ``table()`` (its pieces and end-of-generation ids) and kept for the owner's
+    lifetime: later calls read no table."""
     cached = getattr(owner, "_grammar_tokenizer", None)
     if cached is not None:
         return cached
     with _TOKENIZERS_LOCK:
         cached = getattr(owner, "_grammar_tokenizer", None)
         if cached is None:
-            if pieces is None:
-                raise InvalidConstraint("this engine has no token table for grammars")
-            cached = GrammarTokenizer(pieces, eog_ids)
+            cached = GrammarTokenizer(*table())
             owner._grammar_tokenizer = cached  # type: ignore[attr-defined]
         return cached
 
 
 def vocabulary_tokenizer(vocabulary: Any) -> GrammarTokenizer:
     """The grammar tokenizer of a market's listed vocabulary (``inference.vocab``)."""
-    return tokenizer_for(vocabulary, [vocabulary.piece(t) for t in range(vocabulary.size)],
-                         vocabulary.eog_token_ids)
+    return tokenizer_for(vocabulary, lambda: (
+        [vocabulary.piece(t) for t in range(vocabulary.size)], vocabulary.eog_token_ids))

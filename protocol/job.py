@@ -88,10 +88,6 @@ class SamplingParams(_Strict):
         and receipt hash are what they were before the fields existed."""
         return _without_defaults(handler(self), _SHAPING_FIELDS)
 
-    def canonical_dict(self) -> dict[str, Any]:
-        """The fields as signed (in a receipt)."""
-        return self.model_dump(mode="json")
-
 
 _SHAPING_FIELDS: dict[str, Any] = {"presence_penalty": 0.0, "frequency_penalty": 0.0,
                                    "logit_bias": ()}

@@ -11,7 +11,7 @@ the market, answered by ``chunk``… then ``done`` or ``error``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -186,8 +186,8 @@ class Cancel(_Message):
     job_id: str
 
 
-NodeMessage = Annotated[Hello | Auth | Status | Chunk | Done | JobError, Field(discriminator="type")]
-MarketMessage = Annotated[Challenge | Welcome | Reject | Job | Cancel, Field(discriminator="type")]
+NodeMessage = Annotated[Union[Hello, Auth, Status, Chunk, Done, JobError], Field(discriminator="type")]
+MarketMessage = Annotated[Union[Challenge, Welcome, Reject, Job, Cancel], Field(discriminator="type")]
 
 _node_adapter: TypeAdapter[Any] = TypeAdapter(NodeMessage)
 _market_adapter: TypeAdapter[Any] = TypeAdapter(MarketMessage)

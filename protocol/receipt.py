@@ -65,7 +65,6 @@ class ReceiptBody(BaseModel):
 
     def canonical(self) -> bytes:
         data = self.model_dump(mode="json")
-        data["sampling"] = self.sampling.canonical_dict()
         if data["fingerprint_sha256"] is None:
             del data["fingerprint_sha256"]  # receipts from before it keep their hash
         return canonical_json(data)

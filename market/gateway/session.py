@@ -22,12 +22,7 @@ from typing import Any, TypeVar
 
 from inference.base import EngineError
 from inference.convert import engine_request
-from inference.grammar import (
-    GrammarMatcher,
-    InvalidConstraint,
-    check_constraint,
-    vocabulary_tokenizer,
-)
+from inference.grammar import GrammarMatcher, InvalidConstraint, vocabulary_tokenizer
 from inference.sampler import SAMPLER
 from inference.vocab import Vocabulary
 from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
@@ -269,7 +264,6 @@ def _compile_constraint(request: JobRequest, vocabulary: Vocabulary) -> GrammarM
     constraint = request.constraint
     assert constraint is not None
     try:
-        check_constraint(constraint)
         return GrammarMatcher(vocabulary_tokenizer(vocabulary), constraint)
     except InvalidConstraint as exc:
         param = "tools" if constraint.name == tools.CONSTRAINT_NAME else "response_format"
