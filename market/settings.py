@@ -155,6 +155,12 @@ class Tolerances(_Group):
     # on one engine, f16 KV, threads and bf16 GPU nodes included, <= 0.19 for a llama.cpp
     # node judged by transformers; bench/fingerprint.py: Q3_K_M, Q2_K, altered prompts
     # >= 0.34, shortened prompts >= 0.26)
+    # embeddings (market.verify.embedding): every returned vector's cosine with the
+    # verifier's (bench/embedding.py, all-MiniLM-L6-v2, 64 inputs: honest float32 >=
+    # 0.9999999 over batch sizes, orders and threads; bfloat16 >= 0.99994; cheaper work
+    # claiming the weights: 1% weight noise <= 0.9988 mean, int8 <= 0.93, 5 of 6 layers
+    # <= 0.44, CLS pooling <= 0.50, inputs cut to 32 tokens 0.61…)
+    embedding_min_cosine: float = 0.9995
     fingerprint_margin: float = 1.0
     fingerprint_window: float = 1.5
     fingerprint_incomplete_tol: float = 0.25

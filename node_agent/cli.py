@@ -15,6 +15,7 @@ calls node_agent.stake's.
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import logging
 import sys
@@ -185,6 +186,13 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
 # ---- parser -----------------------------------------------------------------------------
 
 
+class _WrapAtSpaces(argparse.HelpFormatter):
+    """Help wrapped at spaces only: package names and paths keep their hyphens whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aidp-node",
@@ -212,6 +220,7 @@ def _add_run(sub: Any) -> None:
         "finish, then exit. A flag not given takes its AIDP_NODE_* variable (or .env), else "
         "the default shown.",
         argument_default=argparse.SUPPRESS,
+        formatter_class=_WrapAtSpaces,
     )
     add_settings_flags(run)
     run.set_defaults(func=cmd_run)

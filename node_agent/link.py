@@ -51,6 +51,7 @@ from solders.keypair import Keypair
 from websockets.asyncio.client import ClientConnection, connect
 
 from inference.base import Engine
+from inference.embedding import SentenceEmbedder
 from node_agent import __version__
 from node_agent.gpu import GpuMonitor
 from node_agent.worker import JobCounters, JobWorker, send_error
@@ -59,6 +60,7 @@ from protocol.messages import (
     Auth,
     Cancel,
     Challenge,
+    EmbedJob,
     GpuInfo,
     Hello,
     Job,
@@ -139,10 +141,14 @@ class NodeLink:
         backoff_max: float = 30.0,
         metrics: Any | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        embedders: Iterable[SentenceEmbedder] = (),
     ) -> None:
         engine_list = [engines] if isinstance(engines, Engine) else list(engines)
-        if not engine_list:
+        self.embedders: dict[str, SentenceEmbedder] = {e.model.id: e for e in embedders}
+        if not engine_list and not self.embedders:
             raise ValueError("a node needs at least one engine")
+        if set(self.embedders) & {e.model.id for e in engine_list}:
+            raise ValueError("a model id is offered once: for generation or for embeddings")
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self.url = link_url(market_url)
@@ -179,6 +185,7 @@ class NodeLink:
             stats=self.stats,
             gpu_monitor=gpu_monitor,
             metrics=metrics,
+            embedders=self.embedders,
         )
         self._replies: set[asyncio.Task[None]] = set()  # refusals being sent (kept referenced)
         self._stopping = False
@@ -293,6 +300,11 @@ class NodeLink:
                     capabilities=e.capabilities(),
                 )
                 for e in self.engines.values()
+            ] + [
+                ModelOffer(id=e.model.id, sha256=e.model.sha256, engine=e.name,
+                           context_length=e.model.context_length, task="embedding",
+                           dimensions=e.dimensions)
+                for e in self.embedders.values()
             ],
             gpus=gpus,
             price=self.price,
@@ -400,7 +412,7 @@ class NodeLink:
             log.warning("ignoring a malformed frame from the market: %s", exc.errors()[:1])
             self._refuse_malformed_job(raw)
             return
-        if isinstance(message, Job):
+        if isinstance(message, Job | EmbedJob):
             self._accept(message)
         elif isinstance(message, Cancel):
             self._worker.cancel(message.job_id)
@@ -418,7 +430,7 @@ class NodeLink:
             return
         job_id = frame.get("job_id") if isinstance(frame, dict) else None
         if (
-            frame.get("type") == "job"
+            frame.get("type") in ("job", "embed")
             and isinstance(job_id, str)
             and not self._worker.is_running(job_id)
         ):
@@ -430,7 +442,7 @@ class NodeLink:
         self._replies.add(reply)
         reply.add_done_callback(self._replies.discard)
 
-    def _accept(self, job: Job) -> None:
+    def _accept(self, job: Job | EmbedJob) -> None:
         refusal = self._refusal(job)
         if refusal is not None:
             self.stats.jobs_failed += 1
@@ -438,7 +450,7 @@ class NodeLink:
             return
         self._worker.start(job)
 
-    def _refusal(self, job: Job) -> tuple[str, str] | None:
+    def _refusal(self, job: Job | EmbedJob) -> tuple[str, str] | None:
         """``(code, message)`` when this node will not start ``job`` now."""
         if self._worker.is_running(job.job_id):
             return ("duplicate_job", f"job {job.job_id} is already running here")

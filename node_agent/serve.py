@@ -37,12 +37,28 @@ async def serve(settings: NodeSettings, *, install_signals: bool = True) -> int:
     gpu = GpuMonitor()
     _say(f"aidp-node {__version__}: node {keypair.pubkey()}; {gpu.note}")
     engine = create_engine(settings)
+    embedders = create_embedders(settings)
     try:
-        return await _serve_engine(settings, keypair, engine, gpu, install_signals)
+        return await _serve_engine(settings, keypair, engine, embedders, gpu, install_signals)
     finally:
         # also when loading fails or is interrupted: a vLLM child must not outlive us
         await engine.close()
+        for embedder in embedders:
+            await embedder.close()
         gpu.close()
+
+
+def create_embedders(settings: NodeSettings) -> list[Any]:
+    """The embedding model the settings ask for (none unless ``embedding_model`` is set)."""
+    if not settings.embedding_model:
+        return []
+    from inference.embedding import SentenceEmbedder
+
+    path = None if settings.embedding_model == "default" else settings.embedding_model
+    return [SentenceEmbedder(path, model_id=settings.embedding_model_id,
+                             device=settings.device,
+                             threads=settings.threads,
+                             cache_dir=settings.cache_dir.expanduser())]
 
 
 def _load_keypair(path: Path) -> Any | None:
@@ -65,7 +81,8 @@ def _load_keypair(path: Path) -> Any | None:
 
 
 async def _serve_engine(
-    settings: NodeSettings, keypair: Any, engine: Any, gpu: Any, install_signals: bool
+    settings: NodeSettings, keypair: Any, engine: Any, embedders: list[Any], gpu: Any,
+    install_signals: bool,
 ) -> int:
     from node_agent.link import NodeLink
 
@@ -77,6 +94,12 @@ async def _serve_engine(
         f"[{engine.model.quantization or 'native'}] sha256 {engine.model.sha256[:16]}… "
         f"in {time.perf_counter() - started:.1f}s"
     )
+    for embedder in embedders:
+        started = time.perf_counter()
+        await embedder.start()
+        _say(f"embeddings: {embedder.model.id} ({embedder.dimensions} dimensions, "
+             f"{embedder.version}) sha256 {embedder.model.sha256[:16]}… "
+             f"in {time.perf_counter() - started:.1f}s")
     link = NodeLink(
         settings.market_url,
         keypair,
@@ -87,6 +110,7 @@ async def _serve_engine(
         gpu_monitor=gpu,
         metrics=_start_metrics(settings, gpu),
         ssl_context=tls_context(settings.ca_file),
+        embedders=embedders,
     )
     if install_signals:  # this process is the node's own: see protocol.runtime
         install_signal_handlers(link, settings.drain_timeout)

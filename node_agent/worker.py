@@ -29,9 +29,11 @@ from solders.keypair import Keypair
 
 from inference.base import Engine, EngineError, GenerationEnd, GenerationRequest, TokenDelta
 from inference.convert import engine_request
+from inference.embedding import SentenceEmbedder
 from node_agent.gpu import GpuMonitor
-from node_agent.receipts import build_receipt
-from protocol.messages import Chunk, Done, Job, JobError, Usage
+from node_agent.receipts import build_embedding_receipt, build_receipt
+from protocol.embedding import encode_vectors
+from protocol.messages import Chunk, Done, Embedded, EmbedJob, Job, JobError, Usage
 from protocol.receipt import GpuMetrics, SignedReceipt
 
 log = logging.getLogger("aidp.node.worker")
@@ -69,7 +71,7 @@ class JobCounters:
 
 @dataclass
 class _RunningJob:
-    job: Job
+    job: Job | EmbedJob
     task: asyncio.Task[None] | None = None
     cancelled_by_market: bool = False
     tokens_sent: int = 0
@@ -141,8 +143,10 @@ class JobWorker:
         stats: JobCounters,
         gpu_monitor: GpuMonitor | None = None,
         metrics: JobMetrics | None = None,
+        embedders: Mapping[str, SentenceEmbedder] | None = None,
     ) -> None:
         self._engines = engines
+        self._embedders = embedders or {}
         self._keypair = keypair
         self._market_id = market_id  # signed into every receipt
         self._send = send
@@ -163,7 +167,7 @@ class JobWorker:
     def tasks(self) -> list[asyncio.Task[None]]:
         return [j.task for j in self._jobs.values() if j.task is not None]
 
-    def start(self, job: Job) -> None:
+    def start(self, job: Job | EmbedJob) -> None:
         """Take ``job`` (the link already decided it fits) and serve it in a task."""
         self._stats.jobs_accepted += 1
         running = _RunningJob(job=job)
@@ -202,6 +206,9 @@ class JobWorker:
     async def _serve(self, running: _RunningJob) -> None:
         job = running.job
         try:
+            if isinstance(job, EmbedJob):
+                await self._embed(job)
+                return
             model = job.request.model
             engine = self._engines.get(model)
             if engine is None:
@@ -224,6 +231,39 @@ class JobWorker:
         finally:
             self._jobs.pop(job.job_id, None)
             self._report_running()
+
+    async def _embed(self, job: EmbedJob) -> None:
+        """One embedding job: tokenize as the market counted, embed, sign, answer."""
+        embedder = self._embedders.get(job.request.model)
+        if embedder is None:
+            raise EngineError("model_not_found",
+                              f"this node embeds no {job.request.model!r}")
+        monitor = self._gpu_monitor
+        started_at = monitor.job_started() if monitor is not None else time.time()
+        gpu = None
+        t0 = time.perf_counter()
+        try:
+            token_ids = embedder.tokenizer.encode(job.request.inputs)
+            async with asyncio.timeout_at(_loop_deadline(job.deadline)):
+                output = encode_vectors(await embedder.embed(token_ids))
+        except TimeoutError as exc:
+            raise EngineError("deadline_exceeded", "the job's deadline passed") from exc
+        finally:
+            finished_at = time.time()
+            if monitor is not None:
+                gpu = monitor.job_finished(started_at)
+        prompt_tokens = sum(len(ids) for ids in token_ids)
+        receipt = build_embedding_receipt(
+            keypair=self._keypair, job_id=job.job_id, market_id=self._market_id,
+            embedder=embedder, request=job.request, output=output,
+            prompt_tokens=prompt_tokens, started_at=started_at, finished_at=finished_at,
+            gpu=gpu)
+        await self._send(Embedded(job_id=job.job_id, output=output,
+                                  usage=_usage(prompt_tokens, 0), receipt=receipt))
+        self._stats.jobs_done += 1
+        if self._metrics is not None:
+            self._metrics.job_done(model=embedder.model.id, tokens=0,
+                                   seconds=time.perf_counter() - t0, ttft=None)
 
     async def _generate(
         self, running: _RunningJob, engine: Engine, request: GenerationRequest

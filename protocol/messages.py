@@ -6,7 +6,8 @@ anything else with a ``pydantic.ValidationError``.
 
 Sequence: node ``hello`` → market ``challenge`` → node ``auth`` → market ``welcome``
 (or ``reject``), then ``status`` heartbeats from the node and ``job``/``cancel`` from
-the market, answered by ``chunk``… then ``done`` or ``error``.
+the market, answered by ``chunk``… then ``done`` or ``error``; ``embed`` jobs (texts to
+vectors, ``protocol.embedding``) are answered by one ``embedded`` or ``error``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from protocol.embedding import EmbeddingRequest
 from protocol.job import MAX_TOP_LOGPROBS, FinishReason, JobRequest, Usage
 from protocol.receipt import SignedReceipt
 
@@ -46,8 +48,17 @@ class ModelOffer(_Message):
     sha256: str
     engine: str
     quantization: str | None = None
-    context_length: int
+    context_length: int  # for an embedding model: the most tokens one input may have
     capabilities: Capabilities = Field(default_factory=Capabilities)
+    # "embedding": the model turns texts into vectors (``embed`` jobs), of ``dimensions``
+    task: Literal["generation", "embedding"] = "generation"
+    dimensions: int | None = Field(default=None, ge=1, le=65_536)
+
+    @model_validator(mode="after")
+    def _dimensions_for_embeddings(self) -> ModelOffer:
+        if (self.task == "embedding") != (self.dimensions is not None):
+            raise ValueError("an embedding model has dimensions, a generation model none")
+        return self
 
 
 class GpuInfo(_Message):
@@ -141,6 +152,17 @@ class Done(_Message):
     receipt: SignedReceipt
 
 
+class Embedded(_Message):
+    """The answer to ``embed``: the vectors (``protocol.embedding``: float32 little-endian,
+    base64, input order) and the signed receipt whose ``output_sha256`` is their hash."""
+
+    type: Literal["embedded"] = "embedded"
+    job_id: str
+    output: str
+    usage: Usage
+    receipt: SignedReceipt
+
+
 class JobError(_Message):
     type: Literal["error"] = "error"
     job_id: str
@@ -181,24 +203,37 @@ class Job(_Message):
     continuation_token_ids: list[int] = Field(default_factory=list)
 
 
+class EmbedJob(_Message):
+    """One embedding job: every input of the request, embedded by one node."""
+
+    type: Literal["embed"] = "embed"
+    job_id: str
+    request: EmbeddingRequest
+    deadline: float  # unix seconds
+
+
 class Cancel(_Message):
     type: Literal["cancel"] = "cancel"
     job_id: str
 
 
-NodeMessage = Annotated[Union[Hello, Auth, Status, Chunk, Done, JobError], Field(discriminator="type")]
-MarketMessage = Annotated[Union[Challenge, Welcome, Reject, Job, Cancel], Field(discriminator="type")]
+NodeMessage = Annotated[Union[Hello, Auth, Status, Chunk, Done, Embedded, JobError],
+                        Field(discriminator="type")]
+MarketMessage = Annotated[Union[Challenge, Welcome, Reject, Job, EmbedJob, Cancel],
+                          Field(discriminator="type")]
 
 _node_adapter: TypeAdapter[Any] = TypeAdapter(NodeMessage)
 _market_adapter: TypeAdapter[Any] = TypeAdapter(MarketMessage)
 
 
-def parse_node_message(raw: str | bytes) -> Hello | Auth | Status | Chunk | Done | JobError:
+def parse_node_message(raw: str | bytes
+                       ) -> Hello | Auth | Status | Chunk | Done | Embedded | JobError:
     """Parse a frame sent by a node (raises ``pydantic.ValidationError``)."""
     return _node_adapter.validate_json(raw)
 
 
-def parse_market_message(raw: str | bytes) -> Challenge | Welcome | Reject | Job | Cancel:
+def parse_market_message(raw: str | bytes
+                         ) -> Challenge | Welcome | Reject | Job | EmbedJob | Cancel:
     """Parse a frame sent by the market (raises ``pydantic.ValidationError``)."""
     return _market_adapter.validate_json(raw)
 

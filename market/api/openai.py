@@ -18,8 +18,10 @@ from market.api.schemas import (
     BatchRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequestBody,
     GenerationRequestBody,
     completion_response,
+    embedding_response,
     logprobs_object,
     stream_chunk,
     usage_dict,
@@ -33,6 +35,7 @@ from market.gateway.state import MarketState
 from market.metrics import endpoint_label
 from market.money import accounts
 from market.settings import MarketSettings
+from protocol.embedding import EmbeddingRequest
 from protocol.job import InvalidJobRequest
 from protocol.tools import ToolCall, parse_calls
 
@@ -239,6 +242,35 @@ async def completions(
     return response
 
 
+@router.post("/v1/embeddings")
+async def embeddings(
+    body: EmbeddingRequestBody, request: Request, buyer: Buyer = Depends(authenticate)
+) -> Any:
+    """Texts to vectors on an embedding node: one held, receipted, billed job per request."""
+    state = market_state(request)
+    endpoint = endpoint_label(request.scope)
+    started = time.monotonic()
+    try:
+        job_request = EmbeddingRequest.from_openai(body.model_dump(mode="json",
+                                                                   exclude_none=True))
+    except InvalidJobRequest as exc:
+        raise BadRequest(str(exc), param=exc.param) from None
+    if body.dimensions is not None:
+        state.catalog.require_task(body.model, "embedding")
+        width = state.router.max_dimensions(body.model, body.max_price_per_mtok)
+        if width and body.dimensions != width:
+            raise BadRequest(f"'{body.model}' returns {width}-dimensional vectors and cannot "
+                             "shorten them", param="dimensions", code="unsupported_parameter")
+    job = await JobSession.open_embedding(state, buyer, job_request, body.max_price_per_mtok)
+    await job.run_to_end()
+    runner = job.runner
+    response = embedding_response(body.model, runner.vectors,  # type: ignore[union-attr]
+                                  body.encoding_format, runner.spec.prompt_tokens)
+    state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+    state.metrics.requests.labels(endpoint, "200").inc()
+    return JSONResponse(response)
+
+
 @router.post("/v1/batch")
 async def batch(body: BatchRequest, request: Request, buyer: Buyer = Depends(authenticate)) -> Any:
     """Several prompts in one call; results come back in the order given."""
@@ -272,12 +304,20 @@ async def batch(body: BatchRequest, request: Request, buyer: Buyer = Depends(aut
 def _model_card(model_id: str, conns: list[Any]) -> dict[str, Any]:
     """One model as OpenAI lists it, with what the market knows of its nodes: how many,
     the longest context, the lowest prices, and which parameters some node serves."""
+    offer = conns[0].models[model_id]
+    if offer.task == "embedding":
+        return {"id": model_id, "object": "model",
+                "created": min(c.connected_at for c in conns), "owned_by": "aidp-market",
+                "task": "embedding", "nodes": len(conns), "dimensions": offer.dimensions,
+                "context_length": max(c.models[model_id].context_length for c in conns),
+                "price_per_mtok": {"input": min(c.price_in for c in conns)}}
     return {
         "id": model_id,
         "object": "model",
         # since when the market serves it: its longest-connected node's arrival
         "created": min(c.connected_at for c in conns),
         "owned_by": "aidp-market",
+        "task": "generation",
         "nodes": len(conns),
         "context_length": max(c.models[model_id].context_length for c in conns),
         "price_per_mtok": {

@@ -39,6 +39,9 @@ SERVED: dict[str, frozenset[str]] = {
                                          "response_format", "logprobs", "top_logprobs",
                                          "tools", "tool_choice", "parallel_tool_calls"},
     "completion": _SERVED_BOTH | {"prompt", "user", "logprobs"},
+    # dimensions: only the model's own width (checked against the nodes' offers)
+    "embedding": frozenset({"model", "input", "encoding_format", "dimensions", "user",
+                            "max_price_per_mtok"}),
 }
 
 _OFF_BOTH: dict[str, tuple[Any, ...]] = {}
@@ -61,6 +64,7 @@ OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
         "best_of": (1,),
         "suffix": ("",),
     },
+    "embedding": {},
 }
 
 

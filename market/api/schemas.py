@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from market.api import parameters
+from protocol.embedding import vector_base64
 from protocol.job import (
     LOGIT_BIAS_LIMIT,
     MAX_LOGIT_BIAS_ENTRIES,
@@ -216,6 +217,38 @@ class CompletionRequest(_GenerationBody):
 
 
 GenerationRequestBody = ChatCompletionRequest | CompletionRequest
+
+
+class EmbeddingRequestBody(RequestBody):
+    """``POST /v1/embeddings``: ``input`` is read by ``protocol.embedding`` (texts only)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[Any]
+    encoding_format: Literal["float", "base64"] = "float"
+    # the model's own width only: no node here shortens vectors (checked by the route)
+    dimensions: int | None = Field(default=None, ge=1, le=65_536)
+    user: str | None = Field(default=None, max_length=256)
+    max_price_per_mtok: int | None = Field(default=None, ge=0, le=MAX_PRICE)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _served_parameters(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            parameters.check("embedding", data)
+        return data
+
+
+def embedding_response(model: str, vectors: Sequence[Sequence[float]],
+                       encoding: Literal["float", "base64"], prompt_tokens: int
+                       ) -> dict[str, Any]:
+    """OpenAI's embeddings list: one ``embedding`` object per input, in order."""
+    data = [{"object": "embedding", "index": index,
+             "embedding": vector_base64(vector) if encoding == "base64" else list(vector)}
+            for index, vector in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
 class BatchRequest(RequestBody):

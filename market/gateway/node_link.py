@@ -45,6 +45,7 @@ from protocol.messages import (
     Challenge,
     Chunk,
     Done,
+    Embedded,
     Hello,
     JobError,
     Reject,
@@ -318,7 +319,7 @@ async def _read_loop(state: MarketState, conn: NodeConn) -> None:
             if malformed >= settings.limits.link_max_malformed:
                 raise LinkAbuse(f"{malformed} malformed frames") from None
             continue
-        if isinstance(message, Chunk | Done | JobError):
+        if isinstance(message, Chunk | Done | Embedded | JobError):
             conn.route(message.job_id, message)
         elif isinstance(message, Status):
             conn.status = message

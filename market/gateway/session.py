@@ -27,6 +27,7 @@ from inference.sampler import SAMPLER
 from inference.vocab import Vocabulary
 from market.errors import APIError, BadRequest, PayloadTooLarge, UpstreamFailed
 from market.gateway.auth import Buyer
+from market.gateway.embeddings import EmbeddingRunner, EmbeddingSpec
 from market.gateway.jobs import JobRunner, JobSpec
 from market.gateway.router import required_features
 from market.gateway.state import MarketState
@@ -34,6 +35,7 @@ from market.models import Job, new_id, utcnow
 from market.money import billing
 from market.settings import MarketSettings
 from protocol import tools
+from protocol.embedding import FLOAT_BYTES, EmbeddingRequest
 from protocol.job import JobRequest
 from protocol.messages import Job as JobMessage
 from protocol.messages import encode
@@ -45,6 +47,8 @@ CONTINUATION_ID_BYTES = 8
 # a job frame's bytes beyond its prompt text and continuation (ids, sampling, stop strings)
 FRAME_OVERHEAD_BYTES = 16_384
 MESSAGE_OVERHEAD_CHARS = 64  # a message's role, name and JSON punctuation
+# an ``embedded`` frame's bytes beyond its vectors (the receipt, usage, punctuation)
+EMBEDDED_OVERHEAD_BYTES = 8_192
 # a finalize the database refused is retried after these pauses (doubling)
 FINALIZE_RETRY_FIRST_S = 0.5
 FINALIZE_RETRY_MAX_S = 30.0
@@ -83,7 +87,7 @@ class _Quote:
 class JobSession:
     """A held, stored job and the runner that serves it; finalized exactly once."""
 
-    def __init__(self, state: MarketState, runner: JobRunner) -> None:
+    def __init__(self, state: MarketState, runner: JobRunner | EmbeddingRunner) -> None:
         self.state = state
         self.runner = runner
 
@@ -94,7 +98,7 @@ class JobSession:
         settings = state.settings
         if order.request.sampling.seed is None:  # every job's sampler noise is fixed here
             order = replace(order, request=order.request.with_seed(secrets.randbits(63)))
-        state.catalog.require(order.model)
+        state.catalog.require_task(order.model, "generation")
         state.router.ensure_available(order.model, order.price_cap,
                                       required_features(order.request))
         vocabulary = await state.catalog.vocabulary(order.model)
@@ -129,6 +133,36 @@ class JobSession:
             deadline_at=utcnow() + timedelta(seconds=lifetime),
         )
         runner = JobRunner(state, spec, grammar)
+        runner.hold_written = await _place_hold(state, buyer, job)
+        return cls(state, runner)
+
+    @classmethod
+    async def open_embedding(cls, state: MarketState, buyer: Buyer, request: EmbeddingRequest,
+                             price_cap: int | None = None) -> JobSession:
+        """Check the model, count every input as the node must, hold what they cost,
+        store the job (raises the ``APIError`` the buyer sees: 404, 400, 402, 413, 503)."""
+        settings, model = state.settings, request.model
+        state.catalog.require_task(model, "embedding")
+        state.router.ensure_available(model, price_cap)
+        tokenizer = await state.catalog.embedding_tokenizer(model)
+        chars = sum(len(text) for text in request.inputs)
+        counts = (await asyncio.to_thread(tokenizer.count, request.inputs)
+                  if chars > TOKENIZE_INLINE_CHARS else tokenizer.count(request.inputs))
+        _check_inputs(state, request, counts, price_cap, chars)
+        prices = state.router.hold_prices(model, price_cap, max(counts),
+                                          settings.routing.hold_price_nodes,
+                                          settings.routing.hold_price_spread)
+        hold = billing.worst_case_hold(sum(counts), 0, *prices, settings.billing.market_fee_bps)
+        lifetime = settings.routing.job_first_token_timeout + settings.limits.job_max_duration_s
+        spec = EmbeddingSpec(job_id=new_id("job"), request=request, prompt_tokens=sum(counts),
+                             longest_input=max(counts), hold=hold, price_bound=prices,
+                             deadline=asyncio.get_running_loop().time() + lifetime,
+                             price_cap=price_cap)
+        job = Job(id=spec.job_id, account_id=buyer.account_id, api_key_id=buyer.key_id,
+                  model=model, kind=request.kind, request=request.model_dump(mode="json"),
+                  stream=False, sampler=None, status="running", hold_amount=hold,
+                  deadline_at=utcnow() + timedelta(seconds=lifetime))
+        runner = EmbeddingRunner(state, spec)
         runner.hold_written = await _place_hold(state, buyer, job)
         return cls(state, runner)
 
@@ -268,6 +302,25 @@ def _compile_constraint(request: JobRequest, vocabulary: Vocabulary) -> GrammarM
     except InvalidConstraint as exc:
         param = "tools" if constraint.name == tools.CONSTRAINT_NAME else "response_format"
         raise BadRequest(str(exc), param=param, code="invalid_value") from None
+
+
+def _check_inputs(state: MarketState, request: EmbeddingRequest, counts: list[int],
+                  price_cap: int | None, chars: int) -> None:
+    """400 for an input longer than any node's model reads; 413 when the job or its
+    vectors would not fit one node-link frame."""
+    context = state.router.max_context(request.model, price_cap)
+    for index, count in enumerate(counts):
+        if count > context:
+            raise BadRequest(f"input {index} is {count} tokens; '{request.model}' reads at "
+                             f"most {context} per input", param=f"input[{index}]",
+                             code="context_length_exceeded")
+    limit = state.settings.limits.link_max_frame_bytes
+    dimensions = state.router.max_dimensions(request.model, price_cap)
+    answer = len(counts) * dimensions * FLOAT_BYTES * 4 // 3 + EMBEDDED_OVERHEAD_BYTES
+    if max(answer, chars * 6 + FRAME_OVERHEAD_BYTES) > limit:
+        raise PayloadTooLarge(f"{len(counts)} inputs of {dimensions} dimensions need "
+                              f"{max(answer, chars * 6)} bytes on the node link, more than "
+                              f"its {limit}: send fewer inputs per request")
 
 
 def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from inference.base import Engine
+from inference.embedding import DEFAULT_EMBEDDING_MODEL_ID, SentenceEmbedder
 from market.settings import MarketSettings
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -28,6 +29,7 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _engines: dict[tuple[str, str, str], Engine] = {}
+_embedders: dict[str, SentenceEmbedder] = {}  # by directory: one model, any listing id
 _loop: asyncio.AbstractEventLoop | None = None
 
 
@@ -60,6 +62,11 @@ def model_path(model_id: str, settings: MarketSettings) -> str | None:
 
 
 def _listed_gguf(model_id: str, database_url: str) -> str | None:
+    spec = _listed_vocabulary(model_id, database_url)
+    return spec.removeprefix("gguf:") if spec and spec.startswith("gguf:") else None
+
+
+def _listed_vocabulary(model_id: str, database_url: str) -> str | None:
     from sqlalchemy import select
     from sqlalchemy.pool import NullPool
 
@@ -75,7 +82,7 @@ def _listed_gguf(model_id: str, database_url: str) -> str | None:
         return None
     finally:
         engine.dispose()
-    return spec.removeprefix("gguf:") if spec and spec.startswith("gguf:") else None
+    return str(spec) if spec else None
 
 
 def _build(model_id: str, path: str | None, settings: MarketSettings) -> Engine:
@@ -115,6 +122,39 @@ def get_engine(model_id: str, settings: MarketSettings) -> Engine:
     return engine
 
 
+def embedding_path(model_id: str, settings: MarketSettings) -> str | None:
+    """The sentence-transformers directory to verify ``model_id`` with: ``verify.models``,
+    else the listing's ``embedding:`` directory, else (all-MiniLM-L6-v2) the package's."""
+    path = settings.verify.models.get(model_id)
+    if path:
+        return path
+    spec = _listed_vocabulary(model_id, settings.db.url)
+    if spec and spec.startswith("embedding:"):
+        return spec.removeprefix("embedding:")
+    if model_id == DEFAULT_EMBEDDING_MODEL_ID:
+        from inference.embedding import default_embedding_dir
+
+        return str(default_embedding_dir())
+    return None
+
+
+def get_embedder(model_id: str, settings: MarketSettings) -> SentenceEmbedder:
+    """The loaded verifier embedder for ``model_id`` (float32 on the CPU, loaded once)."""
+    path = embedding_path(model_id, settings)
+    if path is None:
+        raise VerifierNotConfigured(f"no verifier embedding model for {model_id!r}")
+    with _lock:
+        embedder = _embedders.get(path)
+        if embedder is None:
+            from inference.embedding import SentenceEmbedder
+
+            embedder = SentenceEmbedder(path, model_id=model_id, device="cpu",
+                                        threads=settings.verify.threads or None)
+            run_sync(embedder.start())
+            _embedders[path] = embedder
+    return embedder
+
+
 def eog_token_ids(engine: Engine) -> list[int]:
     """End-of-generation ids (``Engine.eog_token_ids()`` where the engine has it; the
     llama.cpp and transformers engines do). Empty: the natural-stop check is skipped."""
@@ -135,3 +175,4 @@ def reset() -> None:
             except Exception:  # noqa: BLE001 - best effort
                 pass
         _engines.clear()
+        _embedders.clear()

@@ -20,7 +20,8 @@ from inference.base import Engine, EngineError
 from inference.convert import engine_request
 from market.settings import MarketSettings
 from market.verify import window
-from market.verify.engine import VerifierNotConfigured, get_engine, run_sync
+from market.verify.embedding import judge_embedding
+from market.verify.engine import VerifierNotConfigured, get_embedder, get_engine, run_sync
 from market.verify.reexec import (
     Verdict,
     VerificationUnavailable,
@@ -28,7 +29,7 @@ from market.verify.reexec import (
     reexecute,
 )
 from protocol.checks import check_receipt
-from protocol.receipt import receipt_from_json
+from protocol.receipt import SignedReceipt, receipt_from_json
 
 log = logging.getLogger("market.verify")
 
@@ -95,6 +96,8 @@ def judge_receipt(
     if failures:
         evidence["checks"] = [f.as_dict() for f in failures]
         return "fraud", evidence, "cheap checks failed: " + ", ".join(f.code for f in failures)
+    if inp.embedding_request is not None:
+        return _judge_embedding(inp, signed, settings, evidence)
     if inp.job_request is None:
         evidence["unavailable"] = "the stored request is not a job request"
         return "unavailable", evidence, "verification unavailable: request not replayable"
@@ -132,6 +135,20 @@ def judge_receipt(
     if verdict.fraud:
         return "fraud", evidence, "re-execution: " + "; ".join(verdict.reasons)
     return "honest", evidence, "verified honest"
+
+
+def _judge_embedding(inp: window.VerificationInput, signed: SignedReceipt,
+                     settings: MarketSettings, evidence: dict[str, Any]
+                     ) -> tuple[str, dict[str, Any], str]:
+    assert inp.embedding_request is not None
+    try:
+        embedder = get_embedder(signed.body.model_id, settings)
+    except (VerifierNotConfigured, EngineError, ImportError, OSError) as exc:
+        evidence["unavailable"] = str(exc)
+        return "unavailable", evidence, f"verification unavailable: {exc}"
+    outcome, found, reason = judge_embedding(embedder, signed, inp.embedding_request,
+                                             inp.output_text, settings.verify.tolerances)
+    return outcome, {**evidence, **found}, reason
 
 
 def verify(

@@ -34,6 +34,7 @@ from market.money import billing
 from market.settings import MarketSettings
 from market.verify import sampling
 from market.verify.models import VerificationTask
+from protocol.embedding import EmbeddingRequest
 from protocol.job import JobRequest
 
 log = logging.getLogger("market.verify")
@@ -415,11 +416,20 @@ class VerificationInput:
     registered_model_sha256: str | None
     context_length: int | None
     sampler: str | None = None  # the job's sampler (None: before the protocol fixed one)
+    # an embedding job's request (``job_request`` is then None)
+    embedding_request: EmbeddingRequest | None = None
 
 
 def _stored_request(data: Any) -> JobRequest | None:
     try:
         return JobRequest.model_validate(data)
+    except ValueError:
+        return None
+
+
+def _stored_embedding(data: Any) -> EmbeddingRequest | None:
+    try:
+        return EmbeddingRequest.model_validate(data)
     except ValueError:
         return None
 
@@ -442,7 +452,8 @@ def load_input(session: Session, receipt_id: str) -> VerificationInput:
         state=receipt.state,
         signed=dict(receipt.receipt),
         output_text=receipt.output_text,
-        job_request=_stored_request(job.request),
+        job_request=_stored_request(job.request) if job.kind != "embedding" else None,
+        embedding_request=_stored_embedding(job.request) if job.kind == "embedding" else None,
         job_model=job.model,
         finish_reason=job.finish_reason,
         is_last_segment=is_last,

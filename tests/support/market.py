@@ -217,6 +217,18 @@ class Nodes:
         await wait_for(lambda: link.node_id in self.market.state.registry.links)
         return link
 
+    async def start_embedder(self, embedder: Any, *, price: tuple[int, int] = (100, 200),
+                             keypair: Keypair | None = None) -> NodeLink:
+        """A node serving only ``embedder`` (a started ``SentenceEmbedder``)."""
+        link = NodeLink(self.market.url, keypair or Keypair(), [], price=price,
+                        max_concurrency=4, backoff_initial=0.05, backoff_max=0.5,
+                        embedders=[embedder])
+        task = asyncio.create_task(link.run())
+        self.links.append((link, task))
+        await link.wait_ready(timeout=15)
+        await wait_for(lambda: link.node_id in self.market.state.registry.links)
+        return link
+
     async def close(self) -> None:
         for link, task in self.links:
             with contextlib.suppress(Exception):

@@ -14,12 +14,15 @@ run:
   protocol sampler's draw for the job's seed).
 * :class:`TruncatingEngine` — stops after a fraction of the work and claims a natural
   stop (``finish_reason`` "stop") or ``length``.
+* :class:`CheapEmbedder` — the listed embedding model's identity over less work.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +38,7 @@ from inference.base import (
     PositionScore,
     TokenDelta,
 )
+from inference.embedding import SentenceEmbedder
 from inference.llamacpp import LlamaCppEngine, default_gguf
 from protocol import fingerprint
 from protocol.messages import Capabilities
@@ -329,3 +333,55 @@ def output_cheat(label: str, honest: LlamaCppEngine) -> Engine:
     engine = OUTPUT_CHEATS[label](honest)
     engine.model = honest.model
     return engine
+
+
+# ---- embeddings ------------------------------------------------------------------------------
+
+
+class CheapEmbedder(SentenceEmbedder):
+    """The listed embedding model's identity (its weights' sha256, its id) over a cheaper
+    computation, built from the honest, started ``base``:
+
+    * ``layers=k``: only the first k transformer layers (k/6 of the work);
+    * ``quantized``: int8 dynamic quantisation of every linear layer (torch's own);
+    * ``noise=s``: weights perturbed by relative Gaussian noise of scale s;
+    * ``pooling="cls"``: the first token's state instead of the mean;
+    * ``truncate=n``: embeds only each input's first n tokens (a shorter job).
+    """
+
+    def __init__(self, base: SentenceEmbedder, *, model_id: str | None = None,
+                 layers: int | None = None, quantized: bool = False, noise: float = 0.0,
+                 pooling: str | None = None, truncate: int | None = None,
+                 seed: int = 0) -> None:
+        import copy
+
+        import torch
+
+        self.__dict__.update(base.__dict__)
+        self._lock = threading.Lock()
+        if model_id is not None:
+            self.model = replace(base.model, id=model_id)
+            self.model_id = model_id
+        net = copy.deepcopy(base._net)
+        if layers is not None:
+            net.encoder.layer = net.encoder.layer[:layers]
+        if noise:
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for parameter in net.parameters():
+                    parameter.mul_(1 + noise * torch.randn(parameter.shape, generator=generator))
+        if quantized:
+            with warnings.catch_warnings():  # torch's eager quantiser is deprecated, works
+                warnings.simplefilter("ignore")
+                net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear},
+                                                             dtype=torch.qint8)
+        self._net = net
+        if pooling is not None:
+            self.layout = replace(self.layout, pooling=pooling)
+        self._truncate = truncate
+
+    def embed_sync(self, token_ids: Any) -> bytes:
+        if self._truncate is not None:
+            token_ids = [list(ids[: self._truncate - 1]) + [ids[-1]] if len(ids) > self._truncate
+                         else ids for ids in token_ids]
+        return super().embed_sync(token_ids)
