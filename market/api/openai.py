@@ -86,8 +86,9 @@ async def complete(state: MarketState, buyer: Buyer, body: GenerationRequestBody
 
 def _choice_response(body: GenerationRequestBody, runner: Any, prefix: str) -> dict[str, Any]:
     wanted = runner.spec.request.logprobs is not None
+    echoed = body.echoed if isinstance(body, CompletionRequest) else ""
     response = completion_response(
-        body.kind, prefix + runner.spec.job_id, body.model, runner.text,
+        body.kind, prefix + runner.spec.job_id, body.model, echoed + runner.text,
         runner.finish_reason or "stop", runner.usage(),
         logprobs=logprobs_object(body.kind, runner.logprobs if wanted else None,
                                  runner.spec.vocabulary.piece),
@@ -137,9 +138,13 @@ async def _sse(
     # with tools the output is read as a whole (a call or text): held, keep-alives meanwhile
     holds_output = isinstance(body, ChatCompletionRequest) and bool(body.tools) and (
         body.tool_setup()[0] != "none")
+    # echo: the prompt goes out with the first text (or alone at the end)
+    echo = body.echoed if isinstance(body, CompletionRequest) else ""
     try:
         event = first
         while event is not _END:
+            if echo and isinstance(event, str):
+                event, echo = echo + event, ""
             if event is None or holds_output:
                 yield ": keep-alive\n\n"
             elif wants_logprobs:  # a chunk of its own for every delta: no template
@@ -184,7 +189,7 @@ async def _sse(
                 yield f"data: {_dumps(chunk)}\n\n"
             # usage once, on OpenAI's usage-only chunk when asked for (a client that sums
             # the usage of every chunk counts it once), never on the finish chunk
-            final = stream_chunk(kind, rid, model, created, None if kind == "chat" else "",
+            final = stream_chunk(kind, rid, model, created, None if kind == "chat" else echo,
                                  finish, first=not sent_first, usage_field=with_usage)
             yield f"data: {_dumps(final)}\n\n"
             if with_usage:

@@ -32,13 +32,13 @@ _SERVED_BOTH = frozenset({
 })
 # accepted and without effect on the output (bookkeeping fields of OpenAI's API)
 _NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
-                        "prompt_cache_key"})
+                        "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options"})
 
 SERVED: dict[str, frozenset[str]] = {
     "chat": _SERVED_BOTH | _NO_EFFECT | {"messages", "max_completion_tokens",
                                          "response_format", "logprobs", "top_logprobs",
                                          "tools", "tool_choice", "parallel_tool_calls"},
-    "completion": _SERVED_BOTH | {"prompt", "user", "logprobs"},
+    "completion": _SERVED_BOTH | {"prompt", "user", "logprobs", "echo"},
     # dimensions: only the model's own width (checked against the nodes' offers)
     "embedding": frozenset({"model", "input", "encoding_format", "dimensions", "user",
                             "max_price_per_mtok"}),
@@ -57,10 +57,10 @@ OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
         "reasoning_effort": (),
         "verbosity": (),
         "web_search_options": (),
+        "moderation": (),
     },
     "completion": {
         **_OFF_BOTH,
-        "echo": (False,),
         "best_of": (1,),
         "suffix": ("",),
     },

@@ -201,8 +201,25 @@ class ChatCompletionRequest(_GenerationBody):
 class CompletionRequest(_GenerationBody):
     prompt: str | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    # the prompt comes back before the completion (its own tokens are not re-scored:
+    # with logprobs it is refused rather than answered without the prompt's)
+    echo: bool = False
 
     kind: ClassVar[str] = "completion"
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("logprobs") is not None:
+            raise PydanticCustomError(
+                "unsupported_parameter", "echo with logprobs is not served (the prompt's "
+                "tokens are not scored); ask for one of them", {"param": "echo"})
+        return value
+
+    @property
+    def echoed(self) -> str:
+        """What comes before the completion's text: the prompt when ``echo`` is set."""
+        return str(self.prompt) if self.echo else ""
 
     @model_validator(mode="after")
     def _single_prompt(self) -> CompletionRequest:

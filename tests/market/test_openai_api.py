@@ -111,6 +111,25 @@ async def test_completions_stream_and_not(buyer: Buyer, nodes: Nodes) -> None:
     assert usage is not None and usage.completion_tokens == len(ids)
 
 
+async def test_completions_echo_prepends_the_prompt(buyer: Buyer, nodes: Nodes) -> None:
+    model = unique_model()
+    await nodes.start(model)
+    client = buyer.client()
+    prompt = "Once upon a time"
+    text, _ = await expected_output("completion", model, 8, prompt=prompt)
+    reply = await client.completions.create(model=model, prompt=prompt, max_tokens=8, echo=True)
+    assert reply.choices[0].text == prompt + text
+    assert reply.usage is not None and reply.usage.completion_tokens == 8  # billed as before
+    stream = await client.completions.create(model=model, prompt=[prompt], max_tokens=8,
+                                             echo=True, stream=True)
+    parts = [c.text async for chunk in stream for c in chunk.choices]
+    assert parts[0].startswith(prompt) and "".join(parts) == prompt + text
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.completions.create(model=model, prompt=prompt, max_tokens=8, echo=True,
+                                        logprobs=2)
+    assert info.value.response.json()["error"]["param"] == "echo"
+
+
 async def test_batch_returns_results_in_order(buyer: Buyer, nodes: Nodes, market: Market) -> None:
     model = unique_model()
     await nodes.start(model, max_concurrency=4)
