@@ -56,13 +56,20 @@ def _read_json(path: Path, default: Any) -> Any:
         return default
 
 
+# how far a normalised vector's length may be from 1 (float32 rounding is ~1e-7)
+UNIT_NORM_TOL = 1e-3
+
+
 @dataclass(frozen=True)
 class ModelLayout:
-    """What the sentence-transformers files say about turning hidden states into a vector."""
+    """What the sentence-transformers files say about turning hidden states into a
+    vector: the most tokens one input may have, the pooling, whether vectors are unit
+    length, and their width (the model's hidden size)."""
 
     max_seq_length: int
     pooling: str  # "mean" | "cls"
     normalize: bool
+    dimensions: int
 
     @classmethod
     def read(cls, directory: Path) -> ModelLayout:
@@ -73,7 +80,8 @@ class ModelLayout:
         pooling = _read_json(directory / str(pooling_dir) / "config.json", {})
         mode = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
         normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-        return cls(int(config.get("max_seq_length", 512)), mode, normalize)
+        width = int(_read_json(directory / "config.json", {}).get("hidden_size", 0))
+        return cls(int(config.get("max_seq_length", 512)), mode, normalize, width)
 
 
 class EmbeddingTokenizer:
@@ -87,7 +95,8 @@ class EmbeddingTokenizer:
         self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
-        self.max_tokens = ModelLayout.read(directory).max_seq_length
+        self.layout = ModelLayout.read(directory)
+        self.max_tokens = self.layout.max_seq_length
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> EmbeddingTokenizer:
@@ -148,10 +157,16 @@ class SentenceEmbedder:
                                quantization=None, context_length=self.layout.max_seq_length)
 
     async def embed(self, token_ids: Sequence[Sequence[int]]) -> bytes:
-        """The vectors of already tokenized inputs, float32 little-endian, in order."""
-        return await asyncio.to_thread(self.embed_sync, token_ids)
+        """The vectors of already tokenized inputs, float32 little-endian, in order. A
+        cancelled call stops at the next batch (no work goes on that nobody waits for)."""
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(self.embed_sync, token_ids, stop)
+        finally:
+            stop.set()
 
-    def embed_sync(self, token_ids: Sequence[Sequence[int]]) -> bytes:
+    def embed_sync(self, token_ids: Sequence[Sequence[int]],
+                   stop: threading.Event | None = None) -> bytes:
         import numpy as np
 
         if self._net is None:
@@ -166,6 +181,8 @@ class SentenceEmbedder:
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         with self._lock:
             for start in range(0, len(order), BATCH_SIZE):
+                if stop is not None and stop.is_set():
+                    raise EngineError("cancelled", "the embedding job was cancelled")
                 batch = order[start:start + BATCH_SIZE]
                 out[batch] = self._forward([token_ids[i] for i in batch])
         return out.tobytes()

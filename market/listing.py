@@ -25,12 +25,14 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from inference.embedding import DEFAULT_EMBEDDING_MODEL_ID, EmbeddingTokenizer
+from inference.embedding import DEFAULT_EMBEDDING_MODEL_ID, EmbeddingTokenizer, ModelLayout
 from inference.vocab import Vocabulary
 from market.errors import BadRequest, ModelNotFound, NoHealthyNode
 from market.models import ListedModelRow, utcnow
@@ -62,10 +64,22 @@ class ListedModel:
         """``embedding`` (texts to vectors) or ``generation``: what its nodes are sent."""
         return "embedding" if self.vocabulary.startswith(EMBEDDING_PREFIX) else "generation"
 
+    @cached_property
+    def embedding_layout(self) -> ModelLayout | None:
+        """An embedding model's width and input length, from its listed directory (the
+        market's word, never a node's)."""
+        if self.task != "embedding":
+            return None
+        return ModelLayout.read(Path(self.vocabulary.removeprefix(EMBEDDING_PREFIX)))
+
     def refusal(self, offer: ModelOffer) -> str | None:
         """Why ``offer`` cannot be served under this listing (None: it can)."""
         if offer.task != self.task:
             return f"{offer.id!r} is listed as a {self.task} model, offered for {offer.task}"
+        layout = self.embedding_layout
+        if layout is not None and offer.dimensions != layout.dimensions:
+            return (f"{offer.id!r} returns {layout.dimensions}-dimensional vectors, not "
+                    f"{offer.dimensions}")
         if offer.sha256.lower() not in self.sha256:
             return f"weights {offer.sha256[:16]}… are not accepted for model {offer.id!r}"
         if not 0 < offer.context_length <= self.context_length:
@@ -88,7 +102,16 @@ def validate_listing(model_id: str, sha256: list[str], vocabulary: str,
     if not 1 <= context_length <= 10_000_000:
         raise BadRequest("context_length must be between 1 and 10,000,000",
                          param="context_length")
-    return ListedModel(model_id, frozenset(hashes), vocabulary, context_length)
+    listing = ListedModel(model_id, frozenset(hashes), vocabulary, context_length)
+    layout = listing.embedding_layout
+    if layout is None:
+        return listing
+    if not layout.dimensions:
+        raise BadRequest("the embedding directory has no config.json with a hidden_size",
+                         param="vocabulary")
+    # no node may claim to read longer inputs than the model does (its own files say)
+    return ListedModel(model_id, frozenset(hashes), vocabulary,
+                       min(context_length, layout.max_seq_length))
 
 
 def load_vocabulary(spec: str) -> Vocabulary | EmbeddingTokenizer:

@@ -93,6 +93,9 @@ class RoutingSettings(_Group):
     max_failover_attempts: int = 3  # nodes a job may continue on after its first token
     # nodes a job may be offered to before one streams its first token: refusals and
     # failures there are invisible to the buyer, so a few Sybils cannot fail a request
+    # an embedding node has the first-token timeout plus its inputs' tokens at this rate
+    # to answer before the job fails over (a 2-core CPU embeds MiniLM at ~10k tokens/s)
+    embedding_min_tokens_per_s: float = Field(default=500.0, gt=0)
     max_attempts_before_first_token: int = 8
     # after a buyer leaves mid-stream, how long to wait for the node's receipt for the
     # tokens it produced (without one, the relayed tokens are billed unreceipted)

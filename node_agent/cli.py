@@ -15,10 +15,10 @@ calls node_agent.stake's.
 from __future__ import annotations
 
 import argparse
-import textwrap
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin

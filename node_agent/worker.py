@@ -243,8 +243,10 @@ class JobWorker:
         gpu = None
         t0 = time.perf_counter()
         try:
-            token_ids = embedder.tokenizer.encode(job.request.inputs)
             async with asyncio.timeout_at(_loop_deadline(job.deadline)):
+                # up to a frame of text: tokenized off the link's event loop
+                token_ids = await asyncio.to_thread(embedder.tokenizer.encode,
+                                                    job.request.inputs)
                 output = encode_vectors(await embedder.embed(token_ids))
         except TimeoutError as exc:
             raise EngineError("deadline_exceeded", "the job's deadline passed") from exc

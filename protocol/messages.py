@@ -14,7 +14,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from protocol.embedding import EmbeddingRequest
 from protocol.job import MAX_TOP_LOGPROBS, FinishReason, JobRequest, Usage
@@ -59,6 +68,16 @@ class ModelOffer(_Message):
         if (self.task == "embedding") != (self.dimensions is not None):
             raise ValueError("an embedding model has dimensions, a generation model none")
         return self
+
+    @model_serializer(mode="wrap")
+    def _generation_as_before(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """A generation offer's hello is what it was before embeddings existed (a market
+        of the same protocol version that knows no ``task`` still takes it)."""
+        data = handler(self)
+        if isinstance(data, dict) and self.task == "generation":
+            data.pop("task", None)
+            data.pop("dimensions", None)
+        return data
 
 
 class GpuInfo(_Message):

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from market.api.schemas import (
     BatchRequest,
@@ -261,19 +261,20 @@ async def embeddings(
     except InvalidJobRequest as exc:
         raise BadRequest(str(exc), param=exc.param) from None
     if body.dimensions is not None:
-        state.catalog.require_task(body.model, "embedding")
-        width = state.router.max_dimensions(body.model, body.max_price_per_mtok)
-        if width and body.dimensions != width:
+        layout = state.catalog.require_task(body.model, "embedding").embedding_layout
+        width = layout.dimensions if layout is not None else 0
+        if body.dimensions != width:
             raise BadRequest(f"'{body.model}' returns {width}-dimensional vectors and cannot "
                              "shorten them", param="dimensions", code="unsupported_parameter")
     job = await JobSession.open_embedding(state, buyer, job_request, body.max_price_per_mtok)
     await job.run_to_end()
     runner = job.runner
-    response = embedding_response(body.model, runner.vectors,  # type: ignore[union-attr]
-                                  body.encoding_format, runner.spec.prompt_tokens)
+    content = await asyncio.to_thread(embedding_response, body.model,
+                                      runner.vectors,  # type: ignore[union-attr]
+                                      body.encoding_format, runner.spec.prompt_tokens)
     state.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
     state.metrics.requests.labels(endpoint, "200").inc()
-    return JSONResponse(response)
+    return Response(content, media_type="application/json")
 
 
 @router.post("/v1/batch")

@@ -9,6 +9,7 @@ and their shape is OpenAI's.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
@@ -258,14 +259,21 @@ class EmbeddingRequestBody(RequestBody):
 
 
 def embedding_response(model: str, vectors: Sequence[Sequence[float]],
-                       encoding: Literal["float", "base64"], prompt_tokens: int
-                       ) -> dict[str, Any]:
-    """OpenAI's embeddings list: one ``embedding`` object per input, in order."""
-    data = [{"object": "embedding", "index": index,
-             "embedding": vector_base64(vector) if encoding == "base64" else list(vector)}
-            for index, vector in enumerate(vectors)]
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+                       encoding: Literal["float", "base64"], prompt_tokens: int) -> bytes:
+    """OpenAI's embeddings list as JSON bytes: one ``embedding`` object per input, in
+    order. Floats are written with the 9 significant digits that round-trip a float32
+    (not float64's 17): megabytes of vectors are built as text directly, and the
+    caller runs this off the event loop."""
+    head = json.dumps({"object": "list", "data": "\x00", "model": model,
+                       "usage": {"prompt_tokens": prompt_tokens,
+                                 "total_tokens": prompt_tokens}}, separators=(",", ":"))
+    before, _, after = head.partition('"\\u0000"')
+    items = []
+    for index, vector in enumerate(vectors):
+        value = (f'"{vector_base64(vector)}"' if encoding == "base64"
+                 else "[" + ",".join(format(x, ".9g") for x in vector) + "]")
+        items.append(f'{{"object":"embedding","index":{index},"embedding":{value}}}')
+    return (before + "[" + ",".join(items) + "]" + after).encode()
 
 
 class BatchRequest(RequestBody):

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import defer, selectinload
 
 from market.models import Anchor, ChainTransfer, Job, Node, Receipt, ReceiptEvent
 
@@ -37,7 +37,10 @@ async def paginate(session: AsyncSession, query: Select[Any], number: int) -> Pa
 
 
 def receipts_query() -> Select[Any]:
-    return select(Receipt, Node.pubkey, Job.model).join(Node, Receipt.node_id == Node.id).join(
+    """Receipts for the list pages, without their outputs (an embedding job's vectors are
+    megabytes; no list shows them)."""
+    return select(Receipt, Node.pubkey, Job.model).options(defer(Receipt.output_text)).join(
+        Node, Receipt.node_id == Node.id).join(
         Job, Receipt.job_id == Job.id
     ).order_by(Receipt.created_at.desc(), Receipt.id.desc())
 

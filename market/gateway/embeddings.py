@@ -5,8 +5,8 @@ stream to relay and no mid-stream failover: a node that errors, refuses, goes si
 or answers with anything the market cannot accept is replaced by another one (up to
 ``max_attempts_before_first_token`` nodes) and counted against. What is accepted:
 
-* the vectors are exactly one per input, of the dimensions the node declared, finite
-  (``protocol.embedding.decode_vectors``);
+* the vectors are exactly one per input, of the listed model's width, finite
+  (``protocol.embedding.decode_vectors``), and of unit length where the model's are;
 * the receipt passes the cheap checks (``protocol.checks.check_receipt``) against what
   the market knows: its own token count of the inputs (the only number billed), the
   request it sent, the vectors it relays, the node's identity and registered weights;
@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from inference.embedding import UNIT_NORM_TOL
 from market.errors import APIError, ModelNotFound, NoHealthyNode, UpstreamFailed
 from market.gateway.jobs import SegmentFailed, error_label
 from market.gateway.registry import NodeConn
@@ -55,6 +57,8 @@ class EmbeddingSpec:
     hold: int
     price_bound: tuple[int, int]  # (input, output) per 1M tokens the hold was computed at
     deadline: float  # event-loop time by which the job is over
+    dimensions: int  # the listed model's width (its config.json), never a node's word
+    normalized: bool  # the listed model returns unit vectors
     price_cap: int | None = None
 
     @property
@@ -74,7 +78,7 @@ class EmbeddingRunner:
         self.cancelled = False
         self.failovers = 0
         self.started = time.monotonic()
-        self.first_token_at: float | None = None  # when the vectors arrived
+        self.first_token_at: float | None = None  # none: TTFT is generation's metric
         self.hold_written: asyncio.Future[int] | None = None
         self._last_failure = "none"
 
@@ -136,13 +140,18 @@ class EmbeddingRunner:
                 await conn.send(job)
             except Exception as exc:
                 raise SegmentFailed("send_failed", f"could not send the job: {exc}") from exc
-            # the node answers once, after embedding everything: its deadline, not the
-            # first-token timeout, bounds the wait
+            # the node answers once, after embedding everything: it has the first-token
+            # timeout plus the inputs' tokens at a floor throughput, and the rest of the
+            # job's deadline stays for failing over
+            attempt_end = asyncio.get_running_loop().time() + (
+                settings.routing.job_first_token_timeout
+                + spec.prompt_tokens / settings.routing.embedding_min_tokens_per_s)
             while True:
-                left = self._deadline_left()
+                left = min(self._deadline_left(),
+                           attempt_end - asyncio.get_running_loop().time())
                 if left <= 0:
-                    raise SegmentFailed("timeout", "no answer from the node before the "
-                                        "deadline", weight=conn.quarantine_after)
+                    raise SegmentFailed("timeout", "no answer from the node in time",
+                                        weight=conn.quarantine_after)
                 try:
                     async with asyncio.timeout(min(left, settings.routing.sse_keepalive_s)):
                         message = await queue.get()
@@ -168,12 +177,18 @@ class EmbeddingRunner:
     def _accept(self, conn: NodeConn, message: Embedded) -> None:
         spec = self.spec
         offer = conn.models.get(spec.model)
-        if offer is None or offer.dimensions is None:
+        if offer is None:
             raise SegmentFailed("receipt_rejected", "the node offers no embedding model")
         try:
-            vectors = decode_vectors(message.output, len(spec.request.inputs), offer.dimensions)
+            vectors = decode_vectors(message.output, len(spec.request.inputs), spec.dimensions)
         except MalformedVectors as exc:
             raise SegmentFailed("bad_vectors", str(exc)) from None
+        if spec.normalized:
+            off = next((i for i, v in enumerate(vectors)
+                        if abs(math.sqrt(sum(x * x for x in v)) - 1.0) > UNIT_NORM_TOL), None)
+            if off is not None:
+                raise SegmentFailed("bad_vectors", f"vector {off} is not of unit length, as "
+                                    "this model's are")
         receipt = message.receipt
         failures = check_receipt(
             receipt,
@@ -206,7 +221,6 @@ class EmbeddingRunner:
             output_text=message.output, prompt_tokens=receipt.body.prompt_tokens,
             completion_tokens=0, node_earning=earning, fee=fee, continuation_token_ids=[]))
         self.vectors = vectors
-        self.first_token_at = time.monotonic()
 
     def outcome(self) -> Outcome:
         if self.cancelled:

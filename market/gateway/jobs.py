@@ -62,7 +62,7 @@ KNOWN_NODE_ERRORS = frozenset({
     "context_length_exceeded", "node_disconnected", "node_unhealthy", "node_reconnected",
     "timeout", "send_failed", "receipt_rejected", "over_max_tokens", "text_mismatch",
     "grammar_violation", "bad_logprobs", "unsupported_parameter", "invalid_constraint",
-    "grammar_error",
+    "grammar_error", "bad_vectors",
     "flooding",
 })
 
@@ -346,6 +346,9 @@ class JobRunner:
                 elif isinstance(message, JobError):
                     finished = True
                     raise SegmentFailed(message.code, message.message)
+                else:  # an embedding's answer to a generation: nothing it was asked
+                    raise SegmentFailed("receipt_rejected",
+                                        f"a {message.type!r} frame answered a generation job")
         except (GeneratorExit, asyncio.CancelledError):
             consumer_left = True
             raise

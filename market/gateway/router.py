@@ -199,11 +199,6 @@ class Router:
         chosen = [c for c in pool if _total_price(c) <= spread * median][:max(1, nodes)]
         return max(c.price_in for c in chosen), max(c.price_out for c in chosen)
 
-    def max_dimensions(self, model: str, cap: int | None = None) -> int:
-        """The widest vectors among the healthy nodes embedding with ``model``."""
-        return max((c.models[model].dimensions or 0 for c in self.registry.serving(model)
-                    if c.available and within_cap(c, cap)), default=0)
-
     def max_context(self, model: str, cap: int | None = None) -> int:
         """The longest context among the healthy nodes serving ``model`` within ``cap``."""
         return max((c.models[model].context_length for c in self.registry.serving(model)

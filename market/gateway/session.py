@@ -142,13 +142,14 @@ class JobSession:
         """Check the model, count every input as the node must, hold what they cost,
         store the job (raises the ``APIError`` the buyer sees: 404, 400, 402, 413, 503)."""
         settings, model = state.settings, request.model
-        state.catalog.require_task(model, "embedding")
+        listing = state.catalog.require_task(model, "embedding")
         state.router.ensure_available(model, price_cap)
         tokenizer = await state.catalog.embedding_tokenizer(model)
         chars = sum(len(text) for text in request.inputs)
         counts = (await asyncio.to_thread(tokenizer.count, request.inputs)
                   if chars > TOKENIZE_INLINE_CHARS else tokenizer.count(request.inputs))
-        _check_inputs(state, request, counts, price_cap, chars)
+        _check_inputs(state, request, counts, min(listing.context_length, tokenizer.max_tokens),
+                      price_cap, tokenizer.layout.dimensions, chars)
         prices = state.router.hold_prices(model, price_cap, max(counts),
                                           settings.routing.hold_price_nodes,
                                           settings.routing.hold_price_spread)
@@ -157,7 +158,8 @@ class JobSession:
         spec = EmbeddingSpec(job_id=new_id("job"), request=request, prompt_tokens=sum(counts),
                              longest_input=max(counts), hold=hold, price_bound=prices,
                              deadline=asyncio.get_running_loop().time() + lifetime,
-                             price_cap=price_cap)
+                             dimensions=tokenizer.layout.dimensions,
+                             normalized=tokenizer.layout.normalize, price_cap=price_cap)
         job = Job(id=spec.job_id, account_id=buyer.account_id, api_key_id=buyer.key_id,
                   model=model, kind=request.kind, request=request.model_dump(mode="json"),
                   stream=False, sampler=None, status="running", hold_amount=hold,
@@ -305,22 +307,24 @@ def _compile_constraint(request: JobRequest, vocabulary: Vocabulary) -> GrammarM
 
 
 def _check_inputs(state: MarketState, request: EmbeddingRequest, counts: list[int],
-                  price_cap: int | None, chars: int) -> None:
-    """400 for an input longer than any node's model reads; 413 when the job or its
-    vectors would not fit one node-link frame."""
-    context = state.router.max_context(request.model, price_cap)
+                  model_max: int, price_cap: int | None, dimensions: int, chars: int) -> None:
+    """400 for an input longer than the model reads (its own files and the listing say
+    how long; a node may offer less); 413 when the job or its vectors would not fit one
+    node-link frame (the width is the listing's, never a node's)."""
+    context = min(model_max, state.router.max_context(request.model, price_cap))
     for index, count in enumerate(counts):
         if count > context:
             raise BadRequest(f"input {index} is {count} tokens; '{request.model}' reads at "
-                             f"most {context} per input", param=f"input[{index}]",
+                             f"most {context} per input",
+                             param="input" if len(counts) == 1 else f"input[{index}]",
                              code="context_length_exceeded")
     limit = state.settings.limits.link_max_frame_bytes
-    dimensions = state.router.max_dimensions(request.model, price_cap)
     answer = len(counts) * dimensions * FLOAT_BYTES * 4 // 3 + EMBEDDED_OVERHEAD_BYTES
-    if max(answer, chars * 6 + FRAME_OVERHEAD_BYTES) > limit:
-        raise PayloadTooLarge(f"{len(counts)} inputs of {dimensions} dimensions need "
-                              f"{max(answer, chars * 6)} bytes on the node link, more than "
-                              f"its {limit}: send fewer inputs per request")
+    job = chars * 6 + FRAME_OVERHEAD_BYTES
+    if max(answer, job) > limit:
+        raise PayloadTooLarge(f"{len(counts)} inputs of {dimensions} dimensions need up to "
+                              f"{max(answer, job)} bytes on the node link, more than its "
+                              f"{limit}: send fewer inputs per request")
 
 
 def _check_frame(spec: JobSpec, settings: MarketSettings, prompt_chars: int) -> None:

@@ -3,7 +3,8 @@
 Nothing is sampled, so there is no distribution to judge: the verifier embeds the same
 inputs with the same weights (float32, its own tokenizer — the market's) and every
 vector the node returned must point where the verifier's does, within
-``Tolerances.embedding_min_cosine``. The tolerance is measured, not guessed
+``Tolerances.embedding_min_cosine``, and be as long as the verifier's within one minus
+that (cosine alone would pass a vector scaled by any factor). The tolerance is measured, not guessed
 (``bench/embedding.py``): honest nodes (other batch sizes, thread counts) agree to
 within float32 rounding, while cheaper computations (fewer layers, noisy or requantised
 weights, other pooling) fall well below it.
@@ -11,6 +12,7 @@ weights, other pooling) fall well below it.
 
 from __future__ import annotations
 
+import math
 from array import array
 from typing import Any
 
@@ -59,16 +61,28 @@ def judge_embedding(embedder: SentenceEmbedder, receipt: SignedReceipt,
     own = array("f")
     own.frombytes(raw)
     width = embedder.dimensions
-    cosines = [cosine(vector, own[i * width:(i + 1) * width])
-               for i, vector in enumerate(claimed)]
+    mine = [own[i * width:(i + 1) * width] for i in range(len(claimed))]
+    cosines = [cosine(vector, ref) for vector, ref in zip(claimed, mine, strict=True)]
+    # cosine ignores length: a vector scaled (or left unnormalised) points the same way
+    scales = [_norm(vector) / max(_norm(ref), 1e-12) for vector, ref in zip(claimed, mine,
+                                                                           strict=True)]
     floor = tolerances.embedding_min_cosine
-    failed = [i for i, c in enumerate(cosines) if c < floor]
+    failed = [i for i, (c, k) in enumerate(zip(cosines, scales, strict=True))
+              if c < floor or abs(k - 1.0) > 1.0 - floor]
     evidence["embedding"] = {
         "inputs": len(cosines), "min_cosine": round(min(cosines), 6),
         "mean_cosine": round(sum(cosines) / len(cosines), 6), "min_cosine_tol": floor,
-        "failed": [{"index": i, "cosine": round(cosines[i], 6)} for i in failed[:MAX_EVIDENCE]],
+        "max_length_ratio_off": round(max(abs(k - 1.0) for k in scales), 6),
+        "failed": [{"index": i, "cosine": round(cosines[i], 6), "length_ratio": round(scales[i], 6)}
+                   for i in failed[:MAX_EVIDENCE]],
     }
     if failed:
         return "fraud", evidence, (f"re-execution: {len(failed)} of {len(cosines)} vectors "
-                                   f"below cosine {floor} (lowest {min(cosines):.4f})")
+                                   f"off the verifier's (cosine below {floor} or length off "
+                                   f"by more than {1.0 - floor:g}; lowest cosine "
+                                   f"{min(cosines):.4f})")
     return "honest", evidence, "verified honest"
+
+
+def _norm(vector: Any) -> float:
+    return math.sqrt(sum(x * x for x in vector))

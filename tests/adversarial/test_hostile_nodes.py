@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 import openai
 import pytest
@@ -358,3 +359,29 @@ async def test_a_request_too_big_for_the_node_link_is_refused_before_dispatch(
             max_tokens=8180)  # 8 bytes an id: 65,440 bytes of ids alone
     assert exc.value.status_code == 413
     assert node.jobs == []
+
+
+async def _answers_with_vectors(node: Any, job: dict[str, Any]) -> None:
+    """Answers a generation job with an embedding's frame (a well-formed one)."""
+    out = honest_output(job)
+    receipt = node.receipt(job, out.ids, out.text, prompt_tokens=out.prompt_tokens)
+    usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": 0,
+             "total_tokens": out.prompt_tokens}
+    await node.send({"type": "embedded", "job_id": job["job_id"], "output": "",
+                     "usage": usage, "receipt": receipt})
+
+
+async def test_an_embedding_frame_answering_a_generation_fails_the_node_over(
+        hostile, nodes: Nodes, market: Market, buyer: Buyer) -> None:
+    model = unique_model("vectors")
+    cheat = await hostile(model, _answers_with_vectors)
+    await nodes.start(model, price=cheat.price)
+    for _ in range(20):  # the router picks at random: ask until the cheat was tried
+        reply = await _ask(buyer, model, max_tokens=8, temperature=0)
+        if cheat.jobs:
+            break
+    assert cheat.jobs, "the cheat was never chosen"
+    expected, _ = await expected_output("chat", model, 8, messages=MESSAGES)
+    assert reply.choices[0].message.content == expected
+    assert market.state.registry.links[cheat.node_id].jobs_failed >= 1
+    assert _node_earned(market, cheat.node_id) == 0

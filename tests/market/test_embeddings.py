@@ -20,7 +20,7 @@ import pytest
 from inference.embedding import SentenceEmbedder
 from market.money import billing
 from market.verify import service
-from tests.support.market import Buyer, Market, Nodes, unique_model
+from tests.support.market import Buyer, Market, Nodes, unique_model, wait_for
 from tests.verification.cheaters import CheapEmbedder
 
 pytestmark = pytest.mark.weights
@@ -120,7 +120,8 @@ async def test_raw_base64_is_float32_little_endian(buyer: Buyer, market: Market,
     ({"input": ["ok", ""]}, "input[1]", None),
     ({"input": []}, "input", None),
     ({"input": ["x"] * 2049}, "input", None),
-    ({"input": "word " * 300}, "input[0]", "context_length_exceeded"),
+    ({"input": "word " * 300}, "input", "context_length_exceeded"),
+    ({"input": ["ok", "word " * 300]}, "input[1]", "context_length_exceeded"),
     ({"input": "hi", "dimensions": 128}, "dimensions", "unsupported_parameter"),
     ({"input": "hi", "encoding_format": "int8"}, "encoding_format", None),
     ({"input": "hi", "temperature": 0.5}, "temperature", "unknown_parameter"),
@@ -182,7 +183,16 @@ class _Overcounting(_Renamed):
         self.tokenizer = Tokenizer()  # type: ignore[assignment]
 
 
+class _Scaled(_Renamed):
+    """Right directions, unnormalised lengths (cosine alone would not see it)."""
+
+    async def embed(self, token_ids: Any) -> bytes:
+        raw = await super().embed(token_ids)
+        return (np.frombuffer(raw, dtype="<f4") * 3).astype("<f4").tobytes()
+
+
 @pytest.mark.parametrize("hostile, reason", [(_WrongShape, "bad_vectors"),
+                                             (_Scaled, "bad_vectors"),
                                              (_Overcounting, "prompt_tokens_mismatch")])
 async def test_an_answer_the_market_cannot_accept_fails_over(
         buyer: Buyer, market: Market, nodes: Nodes, embedder: SentenceEmbedder,
@@ -253,3 +263,55 @@ async def test_a_cheaper_computation_is_slashed(buyer: Buyer, market: Market, no
     assert receipt["verification"]["embedding"]["min_cosine"] < \
         market.settings.verify.tolerances.embedding_min_cosine
     assert buyer.get("/v1/account")["balance"] == before  # refunded in full
+
+
+class _Narrow(_Renamed):
+    """Claims narrower vectors than the model's (it would be paid in full for less)."""
+
+    def __init__(self, base: SentenceEmbedder, model_id: str) -> None:
+        super().__init__(base, model_id)
+        self.dimensions = 16
+
+
+async def test_a_node_claiming_another_width_is_refused_at_hello(
+        buyer: Buyer, market: Market, nodes: Nodes, embedder: SentenceEmbedder) -> None:
+    model = _listed(market, embedder)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(nodes.start_embedder(_Narrow(embedder, model)), 3)
+    link = nodes.links[-1][0]
+    assert "384-dimensional" in (link.stats.last_reject or "")
+
+
+class _Silent(_Renamed):
+    """Takes the job and never answers."""
+
+    async def embed(self, token_ids: Any) -> bytes:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+async def test_a_silent_node_is_failed_over_long_before_the_deadline(
+        db_url: str, embedder: SentenceEmbedder) -> None:
+    from tests.support.market import start_market
+
+    market = start_market(db_url, routing__job_first_token_timeout=1.0,
+                          limits__job_max_duration_s=600.0)
+    nodes = Nodes(market)
+    try:
+        buyer = market.buyer()
+        model = _listed(market, embedder)
+        silent = await nodes.start_embedder(_Silent(embedder, model))
+        started = asyncio.get_running_loop().time()
+        request = asyncio.ensure_future(
+            buyer.client().embeddings.create(model=model, input=TEXTS))
+        await wait_for(lambda: silent.running_jobs == 1)  # the only node took it
+        await nodes.start_embedder(_Renamed(embedder, model))
+        reply = await request
+        assert len(reply.data) == 3
+        # answered after the silent node's own time (1 s + its tokens), not the deadline
+        assert asyncio.get_running_loop().time() - started < 15
+        conn = market.state.registry.links[silent.node_id]
+        assert conn.jobs_failed == 1
+    finally:
+        await nodes.close()
+        market.stop()

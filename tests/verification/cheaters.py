@@ -380,8 +380,8 @@ class CheapEmbedder(SentenceEmbedder):
             self.layout = replace(self.layout, pooling=pooling)
         self._truncate = truncate
 
-    def embed_sync(self, token_ids: Any) -> bytes:
+    def embed_sync(self, token_ids: Any, stop: Any = None) -> bytes:
         if self._truncate is not None:
             token_ids = [list(ids[: self._truncate - 1]) + [ids[-1]] if len(ids) > self._truncate
                          else ids for ids in token_ids]
-        return super().embed_sync(token_ids)
+        return super().embed_sync(token_ids, stop)
