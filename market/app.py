@@ -27,6 +27,7 @@ from market import secret_store
 from market.api import admin as admin_api
 from market.api import chain as chain_api
 from market.api import openai as openai_api
+from market.api import responses as responses_api
 from market.api import verification as verification_api
 from market.api.gate import Gate
 from market.api.request_id import RequestId
@@ -52,6 +53,7 @@ log = logging.getLogger("market.app")
 # Every APIRouter the app serves, in order.
 ROUTERS: list[APIRouter] = [
     openai_api.router,
+    responses_api.router,
     admin_api.router,
     verification_api.router,
     chain_api.router,

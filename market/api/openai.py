@@ -93,7 +93,7 @@ def _choice_response(body: GenerationRequestBody, runner: Any, prefix: str) -> d
         logprobs=logprobs_object(body.kind, runner.logprobs if wanted else None,
                                  runner.spec.vocabulary.piece),
     )
-    content, calls = _tool_calls(body, runner)
+    content, calls = finished_tool_calls(body, runner)
     if calls:
         choice = response["choices"][0]
         choice["message"] = {"role": "assistant", "content": content,
@@ -102,7 +102,8 @@ def _choice_response(body: GenerationRequestBody, runner: Any, prefix: str) -> d
     return response
 
 
-def _tool_calls(body: GenerationRequestBody, runner: Any) -> tuple[str | None, list[ToolCall]]:
+def finished_tool_calls(body: GenerationRequestBody, runner: Any
+                        ) -> tuple[str | None, list[ToolCall]]:
     """The calls in a finished chat output (``protocol.tools``); none for a job cut at
     max_tokens, whose call could not be whole."""
     if not isinstance(body, ChatCompletionRequest) or not body.tools or (
@@ -179,7 +180,7 @@ async def _sse(
         else:
             finish = runner.finish_reason or "stop"
             if holds_output:
-                content, calls = _tool_calls(body, runner)
+                content, calls = finished_tool_calls(body, runner)
                 chunk = stream_chunk(kind, rid, model, created, content, first=True,
                                      usage_field=with_usage,
                                      tool_calls=[c.openai(i) for i, c in enumerate(calls)]

@@ -42,6 +42,11 @@ SERVED: dict[str, frozenset[str]] = {
     # dimensions: only the model's own width (checked against the nodes' offers)
     "embedding": frozenset({"model", "input", "encoding_format", "dimensions", "user",
                             "max_price_per_mtok"}),
+    # mapped onto the chat job (market.api.responses)
+    "responses": frozenset({"model", "input", "instructions", "max_output_tokens",
+                            "temperature", "top_p", "stream", "tools", "tool_choice",
+                            "parallel_tool_calls", "text", "max_price_per_mtok"})
+    | _NO_EFFECT,
 }
 
 _OFF_BOTH: dict[str, tuple[Any, ...]] = {}
@@ -65,6 +70,14 @@ OFF_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
         "suffix": ("",),
     },
     "embedding": {},
+    "responses": {
+        # nothing is stored: no earlier response or conversation to continue
+        "previous_response_id": (), "conversation": (), "prompt": (),
+        "background": (False,), "background_options": (), "include": ([],),
+        "truncation": ("disabled",), "reasoning": (), "top_logprobs": (0,),
+        "max_tool_calls": (), "stream_options": (), "context_management": (),
+        "moderation": (), "access_programs": (), "image": (),
+    },
 }
 
 

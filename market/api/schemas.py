@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -25,6 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from market.api import parameters
+from market.errors import validation_error
 from protocol.embedding import vector_base64
 from protocol.job import (
     LOGIT_BIAS_LIMIT,
@@ -283,7 +285,7 @@ class BatchRequest(RequestBody):
 
     model: str = Field(min_length=1)
     prompts: list[str] | None = None
-    conversations: list[list[ChatMessage]] | None = None
+    conversations: list[Annotated[list[ChatMessage], Field(min_length=1)]] | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -316,15 +318,19 @@ class BatchRequest(RequestBody):
         return self
 
     def items(self) -> list[GenerationRequestBody]:
+        """One body per item; an item its endpoint refuses is a 400 (raises ``APIError``)."""
         shared = self.model_dump(
             include={"model", "max_tokens", "temperature", "top_p", "seed", "stop",
                      "max_price_per_mtok"},
             exclude_none=True,
         )
-        if self.prompts is not None:
-            return [CompletionRequest(prompt=p, **shared) for p in self.prompts]
-        assert self.conversations is not None
-        return [ChatCompletionRequest(messages=c, **shared) for c in self.conversations]
+        try:
+            if self.prompts is not None:
+                return [CompletionRequest(prompt=p, **shared) for p in self.prompts]
+            assert self.conversations is not None
+            return [ChatCompletionRequest(messages=c, **shared) for c in self.conversations]
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from None
 
 
 # ---- responses ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from openai.types import completion_create_params, embedding_create_params
 from openai.types.chat import completion_create_params as chat_create_params
+from openai.types.responses import response_create_params
 
 from market.api import parameters
 from tests.support.market import Buyer, Nodes, unique_model
@@ -26,6 +27,7 @@ MARKET = "tests/market/"
 STRICT = MARKET + "test_openai_strict.py::"
 SHAPED = MARKET + "test_structured_outputs.py::"
 EMBED = MARKET + "test_embeddings.py::"
+RESPONSES = MARKET + "test_responses.py::"
 API = MARKET + "test_openai_api.py::"
 
 _SHARED = {
@@ -65,12 +67,26 @@ HONOURED: dict[str, dict[str, str]] = {
         # the model's own width is served; any other is a 400 (test_bad_input_is_a_400…)
         "dimensions": EMBED + "test_bad_input_is_a_400_naming_it",
     },
+    "responses": {
+        "model": RESPONSES + "test_a_failed_job_is_a_failed_response",
+        "input": RESPONSES + "test_text_in_and_out",
+        "instructions": RESPONSES + "test_text_in_and_out",
+        "max_output_tokens": RESPONSES + "test_text_in_and_out",
+        "temperature": _SHARED["temperature"],
+        "top_p": _SHARED["top_p"],
+        "tools": RESPONSES + "test_function_calls_and_their_outputs",
+        "tool_choice": RESPONSES + "test_function_calls_and_their_outputs",
+        "parallel_tool_calls": "tests/protocol/test_tools.py::test_output_is_parsed_into_calls",
+        "text": RESPONSES + "test_structured_text_parses",
+    },
 }
 NO_EFFECT: dict[str, set[str]] = {
     "chat": {"user", "metadata", "store", "service_tier", "safety_identifier",
              "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options"},
     "completion": {"user"},
     "embedding": {"user"},
+    "responses": {"user", "metadata", "store", "service_tier", "safety_identifier",
+                  "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options"},
 }
 # a value that asks for something the market does not serve
 REFUSED: dict[str, dict[str, Any]] = {
@@ -87,14 +103,28 @@ REFUSED: dict[str, dict[str, Any]] = {
     },
     "completion": {"best_of": 2, "suffix": "!"},
     "embedding": {},
+    "responses": {
+        "previous_response_id": "resp_123", "conversation": "conv_123",
+        "prompt": {"id": "pmpt_123"}, "background": True, "background_options": {},
+        "include": ["reasoning.encrypted_content"], "truncation": "auto",
+        "reasoning": {"effort": "low"}, "top_logprobs": 3, "max_tool_calls": 2,
+        "stream_options": {"include_obfuscation": False}, "context_management": [{}],
+        "moderation": {"enabled": True}, "access_programs": ["x"], "image": {"x": 1},
+    },
 }
 SDK_PARAMS = {
     "chat": chat_create_params.CompletionCreateParamsBase,
     "completion": completion_create_params.CompletionCreateParamsBase,
     "embedding": embedding_create_params.EmbeddingCreateParams,
+    "responses": response_create_params.ResponseCreateParamsBase,
 }
 ENDPOINT = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
-            "embedding": "/v1/embeddings"}
+            "embedding": "/v1/embeddings", "responses": "/v1/responses"}
+PROMPT: dict[str, dict[str, Any]] = {
+    "chat": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    "completion": {"prompt": "hi", "max_tokens": 4},
+    "responses": {"input": "hi", "max_output_tokens": 4},
+}
 
 
 @pytest.mark.parametrize("kind", list(SDK_PARAMS))
@@ -121,9 +151,7 @@ async def test_a_refused_parameter_is_400_naming_it(buyer: Buyer, nodes: Nodes, 
                                                     parameter: str) -> None:
     model = unique_model()
     await nodes.start(model)
-    body: dict[str, Any] = {"model": model, "max_tokens": 4, parameter: REFUSED[kind][parameter]}
-    body.update({"messages": [{"role": "user", "content": "hi"}]} if kind == "chat"
-                else {"prompt": "hi"})
+    body: dict[str, Any] = {"model": model, **PROMPT[kind], parameter: REFUSED[kind][parameter]}
     async with httpx.AsyncClient(base_url=buyer.market.url, timeout=30,
                                  headers={"Authorization": f"Bearer {buyer.key}"}) as client:
         response = await client.post(ENDPOINT[kind], json=body)
@@ -132,7 +160,7 @@ async def test_a_refused_parameter_is_400_naming_it(buyer: Buyer, nodes: Nodes, 
     assert (error["code"], error["param"]) == ("unsupported_parameter", parameter)
 
 
-@pytest.mark.parametrize("kind", ["chat", "completion"])
+@pytest.mark.parametrize("kind", ["chat", "completion", "responses"])
 async def test_bookkeeping_parameters_change_nothing(buyer: Buyer, nodes: Nodes,
                                                      kind: str) -> None:
     model = unique_model()
@@ -140,9 +168,7 @@ async def test_bookkeeping_parameters_change_nothing(buyer: Buyer, nodes: Nodes,
     values = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
               "safety_identifier": "s", "prompt_cache_key": "c",
               "prompt_cache_retention": "in_memory", "prompt_cache_options": {}}
-    base: dict[str, Any] = {"model": model, "max_tokens": 6, "temperature": 0}
-    base.update({"messages": [{"role": "user", "content": "hi"}]} if kind == "chat"
-                else {"prompt": "hi"})
+    base: dict[str, Any] = {"model": model, **PROMPT[kind], "temperature": 0}
     async with httpx.AsyncClient(base_url=buyer.market.url, timeout=30,
                                  headers={"Authorization": f"Bearer {buyer.key}"}) as client:
         plain = await client.post(ENDPOINT[kind], json=base)
@@ -151,6 +177,8 @@ async def test_bookkeeping_parameters_change_nothing(buyer: Buyer, nodes: Nodes,
     assert plain.status_code == tagged.status_code == 200, tagged.text
 
     def text(response: httpx.Response) -> str:
+        if kind == "responses":
+            return str(response.json()["output"][0]["content"][0]["text"])
         choice = response.json()["choices"][0]
         return choice["message"]["content"] if kind == "chat" else choice["text"]
 

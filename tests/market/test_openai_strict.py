@@ -115,6 +115,19 @@ async def test_batch_refuses_unknown_fields(buyer: Buyer, market: Market) -> Non
     assert response.json()["error"]["code"] == "unknown_parameter"
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"conversations": [[]]}, "conversations.0"),  # found by tests/market/test_openapi_fuzz.py
+    ({"prompts": ["a"], "stop": ["1", "2", "3", "4", "5"]}, "stop"),
+])
+async def test_a_batch_item_its_endpoint_refuses_is_a_400(buyer: Buyer, market: Market,
+                                                          body: dict, param: str) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(f"{market.api}/batch", json={"model": "m", **body},
+                                     headers={"Authorization": f"Bearer {buyer.key}"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
 async def test_every_response_has_a_request_id(buyer: Buyer, market: Market) -> None:
     async with httpx.AsyncClient(timeout=30) as client:
         ok = await client.get(f"{market.api}/models",

@@ -31,7 +31,7 @@ EXAMPLES = 30  # per operation and mode
 
 
 KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion",
-         "/v1/embeddings": "embedding"}
+         "/v1/embeddings": "embedding", "/v1/responses": "responses"}
 
 
 def _aimed(case: Any, aim: bool) -> Any:
