@@ -52,7 +52,7 @@ test-unit: install
 	$(BIN)/python -m pytest -q -ra -m "$(UNIT)" $(PYTEST_ARGS)
 
 bench: install
-	for b in adversarial gateway node verify verify_cost settle settle_market; do \
+	for b in adversarial gateway node verify verify_cost embedding settle settle_market; do \
 	  echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
