@@ -10,8 +10,10 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 CHROMIUM := /usr/bin/chromium
+CLANG    := /usr/bin/clang-19
+PROGRAM  := build/programs/aidp_market.so
 
-.PHONY: up test test-unit install clean lint bench
+.PHONY: up test test-unit install clean lint bench programs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +37,20 @@ $(CHROMIUM):
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	  || echo "chromium could not be installed: the browser test will be skipped"
 
+# Debian's clang-19 compiles the on-chain program (programs/) to BPF; our own linker
+# (programs/link.py) makes the SBPF v0 ELF. See ../shared/ONCHAIN.md.
+$(CLANG):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 llvm-19
+
+$(PROGRAM): $(CLANG) install $(wildcard programs/*.py programs/include/*.h programs/*/*.c programs/*/idl.json)
+	$(BIN)/python programs/build.py
+
+programs: $(PROGRAM)
+
 up: install
 	$(BIN)/aidp-market up
 
-test: install $(CHROMIUM)
+test: install $(CHROMIUM) $(PROGRAM)
 	$(BIN)/lint-imports  # the dependency rule in pyproject.toml
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 

@@ -1,0 +1,276 @@
+/* aidp_market: Neural Cloud's on-chain program (first slice: config and receipt anchors).
+ *
+ * Anchor's conventions without Anchor (idl.json beside this file is the interface):
+ * an instruction starts with its 8-byte discriminator, sha256("global:<name>")[:8]; an
+ * account's data with sha256("account:<Name>")[:8]; everything after is Borsh. Every
+ * check Anchor would generate is written out here: signers, owners, PDA seeds and bumps,
+ * discriminators, sizes, duplicate accounts, arithmetic bounds, rent. The constants
+ * named DISC_* come from discriminators.h, which programs/build.py writes from the IDL.
+ */
+#include "sol.h"
+#include "discriminators.h"
+
+/* errors (idl.json "errors"; Anchor numbers user errors from 6000) */
+#define ERR_UNAUTHORIZED 6000
+#define ERR_INVALID_ACCOUNT 6001
+#define ERR_ALREADY_EXISTS 6002
+#define ERR_INVALID_ARGUMENT 6003
+#define ERR_UNKNOWN_INSTRUCTION 6004
+#define ERR_DUPLICATE_ACCOUNT 6005
+
+#define MAX_VERIFIERS 8
+#define MAX_FEE_BPS 10000
+
+/* MarketConfig (Borsh, after the discriminator) */
+#define CFG_AUTHORITY 8
+#define CFG_MINT 40
+#define CFG_TREASURY 72
+#define CFG_FEE_BPS 104
+#define CFG_QUORUM 106
+#define CFG_VERIFIER_COUNT 107
+#define CFG_VERIFIERS 108
+#define CFG_MIN_STAKE (CFG_VERIFIERS + 32 * MAX_VERIFIERS)
+#define CFG_UNBONDING (CFG_MIN_STAKE + 8)
+#define CFG_MAX_SLASH (CFG_UNBONDING + 8)
+#define CFG_BUMP (CFG_MAX_SLASH + 8)
+#define CONFIG_SIZE (CFG_BUMP + 1)
+
+/* ReceiptAnchor */
+#define ANC_ROOT 8
+#define ANC_LEAF_COUNT 40
+#define ANC_SLOT 48
+#define ANC_BUMP 56
+#define ANCHOR_SIZE 57
+
+static const SolPubkey SYSTEM_PROGRAM = {{0}};
+/* TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA */
+static const SolPubkey TOKEN_PROGRAM = {{
+    6, 221, 246, 225, 215, 101, 161, 147, 217, 203, 225, 70, 206, 235, 121, 172,
+    28, 180, 133, 237, 95, 91, 55, 145, 58, 140, 245, 133, 126, 255, 0, 169}};
+
+static const uint8_t SEED_CONFIG[] = "config";
+static const uint8_t SEED_ANCHOR[] = "anchor";
+
+/* ---- little-endian fields at any alignment -------------------------------------------- */
+
+static uint64_t get_u64(const uint8_t *p) {
+  uint64_t v;
+  sol_memcpy_(&v, p, 8);
+  return v;
+}
+static void put_u64(uint8_t *p, uint64_t v) { sol_memcpy_(p, &v, 8); }
+static uint16_t get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* ---- checks ------------------------------------------------------------------------------ */
+
+/* Each account of an instruction in its own role: a key passed twice is refused (an
+ * account that is both config and anchor would be written twice). */
+static uint64_t distinct_accounts(const SolParameters *params, uint64_t count) {
+  for (uint64_t i = 0; i < count; i++) {
+    if (params->dup_of[i] != i) return ERR_DUPLICATE_ACCOUNT;
+  }
+  return 0;
+}
+
+/* The PDA of ``seeds`` + its canonical bump must be ``account``'s key. */
+static uint64_t expect_pda(const SolAccountInfo *account, const SolSignerSeed *seeds,
+                           int seed_count, const SolPubkey *program_id, uint8_t *bump) {
+  SolPubkey derived;
+  if (sol_try_find_program_address(seeds, seed_count, program_id, &derived, bump) != 0)
+    return ERR_INVALID_ACCOUNT;
+  return sol_pubkey_eq(&derived, account->key) ? 0 : ERR_INVALID_ACCOUNT;
+}
+
+/* An initialised account of this program with the given discriminator and size. */
+static uint64_t expect_owned(const SolAccountInfo *account, const SolPubkey *program_id,
+                             const uint8_t *discriminator, uint64_t size) {
+  if (!sol_pubkey_eq(account->owner, program_id)) return ERR_INVALID_ACCOUNT;
+  if (account->data_len != size) return ERR_INVALID_ACCOUNT;
+  return sol_bytes_eq(account->data, discriminator, 8) ? 0 : ERR_INVALID_ACCOUNT;
+}
+
+/* ---- creating a PDA account -------------------------------------------------------------- */
+
+typedef struct {
+  SolAccountInfo *payer;
+  SolAccountInfo *account;
+  SolAccountInfo *system_program;
+  const SolSignerSeeds *signer;
+  const SolPubkey *owner;
+  uint64_t space;
+} Creation;
+
+static uint64_t system_call(const Creation *c, const uint8_t *data, uint64_t len,
+                            bool from_payer) {
+  SolAccountMeta metas[2] = {{c->payer->key, true, true}, {c->account->key, true, true}};
+  SolAccountMeta *first = from_payer ? metas : metas + 1;
+  SolInstruction ix = {(SolPubkey *)&SYSTEM_PROGRAM, first, from_payer ? 2 : 1,
+                       (uint8_t *)data, len};
+  SolAccountInfo infos[3] = {*c->payer, *c->account, *c->system_program};
+  uint64_t result = sol_invoke_signed_c(&ix, infos, 3, c->signer, 1);
+  /* the callee may have resized the account: the runtime wrote its new length just
+   * before its data in the input buffer, which our copy must follow */
+  c->account->data_len = *(const uint64_t *)(c->account->data - 8);
+  return result;
+}
+
+/* Rent-exempt minimum: (128 + space) bytes for two years (the exemption threshold is
+ * 2.0 on every cluster; SBPF has no floating point to read it with). */
+static uint64_t rent_minimum(uint64_t space) {
+  uint8_t rent[17];
+  sol_get_rent_sysvar(rent);
+  return (128 + space) * get_u64(rent) * 2;
+}
+
+/* Create ``account`` (a PDA signed by ``signer``) owned by this program. An account
+ * someone funded beforehand is topped up, allocated and assigned instead, so sending it
+ * lamports cannot block its creation. */
+static uint64_t create_pda(const Creation *c) {
+  uint64_t needed = rent_minimum(c->space);
+  uint8_t data[52];
+  if (!sol_pubkey_eq(c->account->owner, &SYSTEM_PROGRAM) || c->account->data_len != 0)
+    return ERR_ALREADY_EXISTS;
+  uint64_t result;
+  if (*c->account->lamports == 0) {
+    sol_memset_(data, 0, 4); /* CreateAccount */
+    put_u64(data + 4, needed);
+    put_u64(data + 12, c->space);
+    sol_memcpy_(data + 20, c->owner, 32);
+    return system_call(c, data, 52, true);
+  }
+  if (*c->account->lamports < needed) {
+    sol_memset_(data, 0, 4);
+    data[0] = 2; /* Transfer */
+    put_u64(data + 4, needed - *c->account->lamports);
+    result = system_call(c, data, 12, true);
+    if (result) return result;
+  }
+  sol_memset_(data, 0, 4);
+  data[0] = 8; /* Allocate */
+  put_u64(data + 4, c->space);
+  result = system_call(c, data, 12, false);
+  if (result) return result;
+  sol_memset_(data, 0, 4);
+  data[0] = 1; /* Assign */
+  sol_memcpy_(data + 4, c->owner, 32);
+  return system_call(c, data, 36, false);
+}
+
+/* ---- initialize ------------------------------------------------------------------------ */
+
+/* accounts: config (w), authority (signer, w), mint, treasury, system program
+ * data: fee_bps u16, quorum u8, verifiers vec<pubkey>, min_stake u64,
+ *       unbonding_period i64, max_slash_per_receipt u64 */
+static uint64_t initialize(SolParameters *params) {
+  if (params->ka_num != 5) return ERR_INVALID_ACCOUNT;
+  uint64_t result = distinct_accounts(params, 5);
+  if (result) return result;
+  SolAccountInfo *config = &params->ka[0], *authority = &params->ka[1];
+  SolAccountInfo *mint = &params->ka[2], *treasury = &params->ka[3];
+  SolAccountInfo *system = &params->ka[4];
+  if (!authority->is_signer || !authority->is_writable || !config->is_writable)
+    return ERR_UNAUTHORIZED;
+  if (!sol_pubkey_eq(system->key, &SYSTEM_PROGRAM)) return ERR_INVALID_ACCOUNT;
+  /* the mint and the treasury are SPL Token accounts, not look-alikes */
+  if (!sol_pubkey_eq(mint->owner, &TOKEN_PROGRAM) || mint->data_len != 82)
+    return ERR_INVALID_ACCOUNT;
+  if (!sol_pubkey_eq(treasury->owner, &TOKEN_PROGRAM) || treasury->data_len != 165 ||
+      !sol_bytes_eq(treasury->data, mint->key->x, 32))
+    return ERR_INVALID_ACCOUNT;
+
+  const uint8_t *in = params->data + 8;
+  uint64_t left = params->data_len - 8;
+  if (left < 2 + 1 + 4) return ERR_INVALID_ARGUMENT;
+  uint16_t fee_bps = get_u16(in);
+  uint8_t quorum = in[2];
+  uint32_t count = (uint32_t)(in[3] | (in[4] << 8) | (in[5] << 16) | ((uint32_t)in[6] << 24));
+  if (count == 0 || count > MAX_VERIFIERS) return ERR_INVALID_ARGUMENT;
+  if (left != 7 + 32 * (uint64_t)count + 24) return ERR_INVALID_ARGUMENT;
+  const uint8_t *verifiers = in + 7;
+  const uint8_t *tail = verifiers + 32 * (uint64_t)count;
+  int64_t unbonding = (int64_t)get_u64(tail + 8);
+  if (fee_bps > MAX_FEE_BPS || quorum == 0 || quorum > count || unbonding < 0)
+    return ERR_INVALID_ARGUMENT;
+  for (uint32_t i = 0; i < count; i++) { /* m of n means n distinct keys */
+    for (uint32_t j = i + 1; j < count; j++) {
+      if (sol_bytes_eq(verifiers + 32 * i, verifiers + 32 * j, 32)) return ERR_INVALID_ARGUMENT;
+    }
+  }
+
+  uint8_t bump;
+  SolSignerSeed find[1] = {{SEED_CONFIG, sizeof(SEED_CONFIG) - 1}};
+  result = expect_pda(config, find, 1, params->program_id, &bump);
+  if (result) return result;
+  SolSignerSeed seeds[2] = {{SEED_CONFIG, sizeof(SEED_CONFIG) - 1}, {&bump, 1}};
+  SolSignerSeeds signer = {seeds, 2};
+  Creation creation = {authority, config, system, &signer, params->program_id, CONFIG_SIZE};
+  result = create_pda(&creation);
+  if (result) return result;
+
+  uint8_t *d = config->data;
+  sol_memcpy_(d, DISC_ACCOUNT_MARKET_CONFIG, 8);
+  sol_memcpy_(d + CFG_AUTHORITY, authority->key, 32);
+  sol_memcpy_(d + CFG_MINT, mint->key, 32);
+  sol_memcpy_(d + CFG_TREASURY, treasury->key, 32);
+  d[CFG_FEE_BPS] = (uint8_t)fee_bps;
+  d[CFG_FEE_BPS + 1] = (uint8_t)(fee_bps >> 8);
+  d[CFG_QUORUM] = quorum;
+  d[CFG_VERIFIER_COUNT] = (uint8_t)count;
+  sol_memcpy_(d + CFG_VERIFIERS, verifiers, 32 * (uint64_t)count);
+  sol_memcpy_(d + CFG_MIN_STAKE, tail, 24); /* min_stake, unbonding_period, max_slash */
+  d[CFG_BUMP] = bump;
+  return 0;
+}
+
+/* ---- anchor_root ------------------------------------------------------------------------- */
+
+/* accounts: config, authority (signer, w), anchor (w), system program
+ * data: root [u8; 32], leaf_count u64 */
+static uint64_t anchor_root(SolParameters *params) {
+  if (params->ka_num != 4) return ERR_INVALID_ACCOUNT;
+  uint64_t result = distinct_accounts(params, 4);
+  if (result) return result;
+  SolAccountInfo *config = &params->ka[0], *authority = &params->ka[1];
+  SolAccountInfo *anchor = &params->ka[2], *system = &params->ka[3];
+  if (params->data_len != 8 + 32 + 8) return ERR_INVALID_ARGUMENT;
+  result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
+  if (result) return result;
+  if (!authority->is_signer || !authority->is_writable || !anchor->is_writable ||
+      !sol_bytes_eq(config->data + CFG_AUTHORITY, authority->key->x, 32))
+    return ERR_UNAUTHORIZED;
+  if (!sol_pubkey_eq(system->key, &SYSTEM_PROGRAM)) return ERR_INVALID_ACCOUNT;
+  const uint8_t *root = params->data + 8;
+  uint64_t leaf_count = get_u64(root + 32);
+  if (leaf_count == 0) return ERR_INVALID_ARGUMENT;
+
+  uint8_t bump;
+  SolSignerSeed find[2] = {{SEED_ANCHOR, sizeof(SEED_ANCHOR) - 1}, {root, 32}};
+  result = expect_pda(anchor, find, 2, params->program_id, &bump);
+  if (result) return result;
+  SolSignerSeed seeds[3] = {{SEED_ANCHOR, sizeof(SEED_ANCHOR) - 1}, {root, 32}, {&bump, 1}};
+  SolSignerSeeds signer = {seeds, 3};
+  Creation creation = {authority, anchor, system, &signer, params->program_id, ANCHOR_SIZE};
+  result = create_pda(&creation); /* a root is anchored once: the PDA exists after */
+  if (result) return result;
+
+  SolClock clock;
+  sol_get_clock_sysvar(&clock);
+  uint8_t *d = anchor->data;
+  sol_memcpy_(d, DISC_ACCOUNT_RECEIPT_ANCHOR, 8);
+  sol_memcpy_(d + ANC_ROOT, root, 32);
+  put_u64(d + ANC_LEAF_COUNT, leaf_count);
+  put_u64(d + ANC_SLOT, clock.slot);
+  d[ANC_BUMP] = bump;
+  return 0;
+}
+
+/* ---- entrypoint --------------------------------------------------------------------------- */
+
+uint64_t entrypoint(const uint8_t *input) {
+  SolParameters params;
+  if (!sol_deserialize(input, &params)) return ERR_INVALID_ACCOUNT;
+  if (params.data_len < 8) return ERR_UNKNOWN_INSTRUCTION;
+  if (sol_bytes_eq(params.data, DISC_INITIALIZE, 8)) return initialize(&params);
+  if (sol_bytes_eq(params.data, DISC_ANCHOR_ROOT, 8)) return anchor_root(&params);
+  return ERR_UNKNOWN_INSTRUCTION;
+}

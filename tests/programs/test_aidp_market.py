@@ -1,0 +1,258 @@
+"""The ``aidp_market`` program on LiteSVM, built from source here (clang-19 and
+``programs/link.py``): every instruction's success path and each refusal Anchor would
+have generated (signer, owner, PDA, discriminator, duplicate accounts, arguments), and
+the IDL against the code (sizes, discriminators)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from solders.keypair import Keypair
+from solders.litesvm import LiteSVM
+from solders.message import Message
+from solders.pubkey import Pubkey
+from solders.system_program import CreateAccountParams, TransferParams, create_account, transfer
+from solders.transaction import VersionedTransaction
+
+from chain import spl
+from chain.aidp import program as client
+from programs.build import build
+from programs.link import LinkError, link
+
+ERRORS = {e["name"]: e["code"] for e in client.idl()["errors"]}
+
+
+@pytest.fixture(scope="module")
+def program_so(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    if not shutil.which("clang-19"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("clang-19 is not installed (make installs it)")
+        pytest.skip("clang-19 is not installed (make programs installs it)")
+    return build("aidp_market", tmp_path_factory.mktemp("programs")).read_bytes()
+
+
+class Chain:
+    """One LiteSVM with the program deployed, a payer, an AIDP-like mint and treasury."""
+
+    def __init__(self, program: bytes) -> None:
+        self.svm = LiteSVM()
+        self.program_id = Pubkey.new_unique()
+        self.svm.add_program(self.program_id, program)
+        self.authority = self.funded()
+        self.mint = self.new_mint(self.authority)
+        self.treasury = self.token_account(self.mint, self.authority.pubkey())
+        self.config = client.config_address(self.program_id)
+
+    def funded(self, lamports: int = 10**10) -> Keypair:
+        key = Keypair()
+        self.svm.airdrop(key.pubkey(), lamports)
+        return key
+
+    def send(self, instructions: list[Any], payer: Keypair, *signers: Keypair) -> Any:
+        message = Message.new_with_blockhash(instructions, payer.pubkey(),
+                                             self.svm.latest_blockhash())
+        tx = VersionedTransaction(message, [payer, *signers])
+        result = self.svm.send_transaction(tx)
+        self.svm.expire_blockhash()
+        return result
+
+    def new_mint(self, authority: Keypair) -> Pubkey:
+        mint = Keypair()
+        rent = self.svm.minimum_balance_for_rent_exemption(82)
+        self.ok(self.send([create_account(CreateAccountParams(
+            from_pubkey=authority.pubkey(), to_pubkey=mint.pubkey(), lamports=rent, space=82,
+            owner=spl.TOKEN_PROGRAM_ID)), spl.initialize_mint2(mint.pubkey(), 6,
+                                                                authority.pubkey())],
+            authority, mint))
+        return mint.pubkey()
+
+    def token_account(self, mint: Pubkey, owner: Pubkey) -> Pubkey:
+        account = Keypair()
+        rent = self.svm.minimum_balance_for_rent_exemption(165)
+        self.ok(self.send([create_account(CreateAccountParams(
+            from_pubkey=self.authority.pubkey(), to_pubkey=account.pubkey(), lamports=rent,
+            space=165, owner=spl.TOKEN_PROGRAM_ID)),
+            spl.initialize_account3(account.pubkey(), mint, owner)], self.authority, account))
+        return account.pubkey()
+
+    @staticmethod
+    def ok(result: Any) -> Any:
+        assert not hasattr(result, "err"), (result.err(), result.meta().logs())
+        return result
+
+    @staticmethod
+    def code(result: Any) -> int | None:
+        """The program's error code (None: it succeeded)."""
+        if not hasattr(result, "err"):
+            return None
+        text = str(result.err())
+        marker = "InstructionErrorCustom("
+        assert marker in text, text
+        return int(text.split(marker)[1].split(")")[0])
+
+    def initialize(self, signer: Keypair | None = None, **changes: Any) -> Any:
+        signer = signer or self.authority
+        verifiers = changes.pop("verifiers", [Keypair().pubkey() for _ in range(5)])
+        args = {"feeBps": 1000, "quorum": 3, "verifiers": verifiers, "minStake": 10_000_000,
+                "unbondingPeriod": 7 * 86400, "maxSlashPerReceipt": 5_000_000}
+        accounts = {"config": self.config, "authority": signer.pubkey(), "mint": self.mint,
+                    "treasury": self.treasury, "systemProgram": client.SYSTEM_PROGRAM_ID}
+        accounts.update(changes.pop("accounts", {}))
+        args.update(changes)
+        ix = client.instruction(self.program_id, "initialize", accounts, **args)
+        return self.send([ix], signer)
+
+    def anchor(self, root: bytes, leaves: int = 4, signer: Keypair | None = None,
+               **accounts: Pubkey) -> Any:
+        signer = signer or self.authority
+        metas = {"config": self.config, "authority": signer.pubkey(),
+                 "anchor": client.anchor_address(self.program_id, root),
+                 "systemProgram": client.SYSTEM_PROGRAM_ID, **accounts}
+        ix = client.instruction(self.program_id, "anchorRoot", metas, root=root,
+                                leafCount=leaves)
+        return self.send([ix], signer)
+
+    def data(self, address: Pubkey) -> bytes:
+        account = self.svm.get_account(address)
+        assert account is not None
+        return bytes(account.data)
+
+
+@pytest.fixture
+def chain(program_so: bytes) -> Chain:
+    return Chain(program_so)
+
+
+def test_initialize_writes_the_config_the_idl_describes(chain: Chain) -> None:
+    verifiers = [Keypair().pubkey() for _ in range(5)]
+    result = chain.ok(chain.initialize(verifiers=verifiers))
+    data = chain.data(chain.config)
+    assert len(data) == client.account_size("MarketConfig")  # the C layout is the IDL's
+    config = client.MarketConfig.decode(data)
+    assert config.authority == chain.authority.pubkey() and config.mint == chain.mint
+    assert config.treasury == chain.treasury and config.verifiers == verifiers
+    assert (config.fee_bps, config.quorum, config.min_stake) == (1000, 3, 10_000_000)
+    assert config.unbonding_period == 7 * 86400 and config.max_slash_per_receipt == 5_000_000
+    owner = chain.svm.get_account(chain.config).owner
+    assert owner == chain.program_id
+    assert result.compute_units_consumed() < 20_000
+
+
+def test_a_config_is_created_once(chain: Chain) -> None:
+    chain.ok(chain.initialize())
+    assert chain.code(chain.initialize()) == ERRORS["AlreadyExists"]
+    assert chain.code(chain.initialize(chain.funded())) == ERRORS["AlreadyExists"]
+
+
+def test_lamports_sent_to_the_config_address_first_do_not_block_it(chain: Chain) -> None:
+    griefer = chain.funded()
+    lamports = chain.svm.minimum_balance_for_rent_exemption(0)  # the least it may hold
+    chain.ok(chain.send([transfer(TransferParams(from_pubkey=griefer.pubkey(),
+                                                 to_pubkey=chain.config, lamports=lamports))],
+                        griefer))
+    chain.ok(chain.initialize())
+    assert client.MarketConfig.decode(chain.data(chain.config)).quorum == 3
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"quorum": 6}, "InvalidArgument"),  # more than the verifiers
+    ({"quorum": 0}, "InvalidArgument"),
+    ({"feeBps": 10_001}, "InvalidArgument"),
+    ({"unbondingPeriod": -1}, "InvalidArgument"),
+    ({"verifiers": []}, "InvalidArgument"),
+    ({"verifiers": [Pubkey.new_unique()] * 9}, "InvalidArgument"),  # over 8
+])
+def test_initialize_refuses_arguments_out_of_range(chain: Chain, change: dict,
+                                                   error: str) -> None:
+    assert chain.code(chain.initialize(**change)) == ERRORS[error]
+
+
+def test_initialize_refuses_twice_the_same_verifier(chain: Chain) -> None:
+    same = Keypair().pubkey()
+    assert chain.code(chain.initialize(verifiers=[same, same], quorum=2)) == \
+        ERRORS["InvalidArgument"]
+
+
+def test_initialize_refuses_accounts_that_are_not_what_they_claim(chain: Chain) -> None:
+    other_mint = chain.new_mint(chain.authority)
+    foreign_treasury = chain.token_account(other_mint, chain.authority.pubkey())
+    cases = [
+        {"config": Keypair().pubkey()},  # not the config PDA
+        {"treasury": foreign_treasury},  # a token account of another mint
+        {"mint": chain.funded().pubkey()},  # not a mint at all (system-owned)
+        {"treasury": other_mint},  # a mint where a token account belongs
+        {"systemProgram": spl.TOKEN_PROGRAM_ID},
+    ]
+    for accounts in cases:
+        assert chain.code(chain.initialize(accounts=accounts)) == ERRORS["InvalidAccount"], \
+            accounts
+    assert chain.code(chain.initialize(accounts={"treasury": chain.mint,
+                                                 "mint": chain.mint})) == \
+        ERRORS["DuplicateAccount"]
+
+
+def test_a_root_is_anchored_once_by_the_authority_only(chain: Chain) -> None:
+    chain.ok(chain.initialize())
+    root = bytes(range(32))
+    result = chain.ok(chain.anchor(root, leaves=7))
+    data = chain.data(client.anchor_address(chain.program_id, root))
+    assert len(data) == client.account_size("ReceiptAnchor")
+    anchor = client.decode_account("ReceiptAnchor", data)
+    assert anchor["root"] == root and anchor["leafCount"] == 7
+    assert anchor["slot"] == chain.svm.get_clock().slot
+    assert result.compute_units_consumed() < 20_000
+    assert chain.code(chain.anchor(root)) == ERRORS["AlreadyExists"]
+    assert chain.code(chain.anchor(bytes(32), signer=chain.funded())) == ERRORS["Unauthorized"]
+    assert chain.code(chain.anchor(bytes(32), leaves=0)) == ERRORS["InvalidArgument"]
+
+
+def test_anchor_root_refuses_substituted_accounts(chain: Chain) -> None:
+    chain.ok(chain.initialize())
+    root = b"\x07" * 32
+    # a config look-alike: another program's account, or an account of this program's
+    # of another type (an anchor where the config belongs)
+    chain.ok(chain.anchor(b"\x01" * 32))
+    look_alike = client.anchor_address(chain.program_id, b"\x01" * 32)
+    assert chain.code(chain.anchor(root, config=look_alike)) == ERRORS["InvalidAccount"]
+    assert chain.code(chain.anchor(root, config=chain.treasury)) == ERRORS["InvalidAccount"]
+    assert chain.code(chain.anchor(root, anchor=Keypair().pubkey())) == ERRORS["InvalidAccount"]
+    assert chain.code(chain.anchor(root, anchor=chain.config)) == ERRORS["DuplicateAccount"]
+
+
+def test_an_instruction_the_idl_does_not_name_is_refused(chain: Chain) -> None:
+    from solders.instruction import Instruction
+
+    ix = Instruction(chain.program_id, b"\x00" * 8, [])
+    assert chain.code(chain.send([ix], chain.authority)) == ERRORS["UnknownInstruction"]
+    short = Instruction(chain.program_id, b"\x01", [])
+    assert chain.code(chain.send([short], chain.authority)) == ERRORS["UnknownInstruction"]
+
+
+# ---- the linker ---------------------------------------------------------------------------
+
+
+def _compile(tmp_path: Path, source: str) -> Path:
+    if not shutil.which("clang-19"):
+        pytest.skip("clang-19 is not installed")
+    (tmp_path / "x.c").write_text(source)
+    obj = tmp_path / "x.o"
+    subprocess.run(["clang-19", "-target", "bpf", "-mcpu=v2", "-O2", "-ffreestanding",
+                    "-nostdlib", "-c", str(tmp_path / "x.c"), "-o", str(obj)], check=True)
+    return obj
+
+
+def test_the_linker_refuses_writable_globals_and_unknown_symbols(tmp_path: Path) -> None:
+    obj = _compile(tmp_path, "unsigned long counter = 1;\n"
+                   "unsigned long entrypoint(const unsigned char *in) { return counter++; }\n")
+    with pytest.raises(LinkError, match="writable globals"):
+        link([obj], tmp_path / "x.so")
+    obj = _compile(tmp_path, "void not_a_syscall(void);\n"
+                   "unsigned long entrypoint(const unsigned char *in) "
+                   "{ not_a_syscall(); return 0; }\n")
+    with pytest.raises(LinkError, match="not_a_syscall"):
+        link([obj], tmp_path / "x.so")
