@@ -158,6 +158,14 @@ def anchor_address(program_id: Pubkey, root: bytes) -> Pubkey:
     return Pubkey.find_program_address([b"anchor", root], program_id)[0]
 
 
+def stake_address(program_id: Pubkey, operator: Pubkey) -> Pubkey:
+    return Pubkey.find_program_address([b"stake", bytes(operator)], program_id)[0]
+
+
+def vault_address(program_id: Pubkey, operator: Pubkey) -> Pubkey:
+    return Pubkey.find_program_address([b"vault", bytes(operator)], program_id)[0]
+
+
 @dataclass(frozen=True)
 class MarketConfig:
     authority: Pubkey
@@ -180,4 +188,4 @@ class MarketConfig:
 
 __all__ = ["MarketConfig", "ProgramError", "account_discriminator", "account_size",
            "anchor_address", "config_address", "decode_account", "encode", "idl",
-           "instruction", "instruction_discriminator"]
+           "instruction", "instruction_discriminator", "stake_address", "vault_address"]

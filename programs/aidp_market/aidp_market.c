@@ -20,6 +20,7 @@
 
 #define MAX_VERIFIERS 8
 #define MAX_FEE_BPS 10000
+#define MAX_UNBONDING_PERIOD (10L * 365 * 86400) /* keeps time arithmetic far from overflow */
 
 /* MarketConfig (Borsh, after the discriminator) */
 #define CFG_AUTHORITY 8
@@ -34,6 +35,21 @@
 #define CFG_MAX_SLASH (CFG_UNBONDING + 8)
 #define CFG_BUMP (CFG_MAX_SLASH + 8)
 #define CONFIG_SIZE (CFG_BUMP + 1)
+
+/* NodeStake: one per operator, PDA ["stake", operator]; its tokens sit in the vault, a
+ * token account PDA ["vault", operator] whose authority is the stake account itself, so
+ * only this program, by the rules below, moves them */
+#define STK_OPERATOR 8
+#define STK_VAULT 40
+#define STK_STAKED 72
+#define STK_UNBONDING 80
+#define STK_UNBOND_AT 88
+#define STK_CHALLENGE_UNTIL 96
+#define STK_SLASHED 104
+#define STK_BUMP 112
+#define STK_VAULT_BUMP 113
+#define STAKE_SIZE 114
+#define TOKEN_ACCOUNT_SIZE 165
 
 /* ReceiptAnchor */
 #define ANC_ROOT 8
@@ -50,6 +66,8 @@ static const SolPubkey TOKEN_PROGRAM = {{
 
 static const uint8_t SEED_CONFIG[] = "config";
 static const uint8_t SEED_ANCHOR[] = "anchor";
+static const uint8_t SEED_STAKE[] = "stake";
+static const uint8_t SEED_VAULT[] = "vault";
 
 /* ---- little-endian fields at any alignment -------------------------------------------- */
 
@@ -189,7 +207,8 @@ static uint64_t initialize(SolParameters *params) {
   const uint8_t *verifiers = in + 7;
   const uint8_t *tail = verifiers + 32 * (uint64_t)count;
   int64_t unbonding = (int64_t)get_u64(tail + 8);
-  if (fee_bps > MAX_FEE_BPS || quorum == 0 || quorum > count || unbonding < 0)
+  if (fee_bps > MAX_FEE_BPS || quorum == 0 || quorum > count || unbonding < 0 ||
+      unbonding > MAX_UNBONDING_PERIOD)
     return ERR_INVALID_ARGUMENT;
   for (uint32_t i = 0; i < count; i++) { /* m of n means n distinct keys */
     for (uint32_t j = i + 1; j < count; j++) {
@@ -264,6 +283,203 @@ static uint64_t anchor_root(SolParameters *params) {
   return 0;
 }
 
+/* ---- stake ------------------------------------------------------------------------------- */
+
+#define ERR_OVERFLOW 6006
+#define ERR_NOT_YET 6007
+#define ERR_INSUFFICIENT 6008
+
+static void put_i64(uint8_t *p, int64_t v) { sol_memcpy_(p, &v, 8); }
+static int64_t now(void) {
+  SolClock clock;
+  sol_get_clock_sysvar(&clock);
+  return clock.unix_timestamp;
+}
+
+/* An SPL Token account of ``mint`` (data: mint, owner, amount, …). */
+static bool is_token_account_of(const SolAccountInfo *account, const uint8_t *mint) {
+  return sol_pubkey_eq(account->owner, &TOKEN_PROGRAM) &&
+         account->data_len == TOKEN_ACCOUNT_SIZE && sol_bytes_eq(account->data, mint, 32);
+}
+
+typedef struct {
+  SolAccountInfo *source;
+  SolAccountInfo *destination;
+  SolAccountInfo *authority;
+  SolAccountInfo *token_program;
+  uint64_t amount;
+  const SolSignerSeeds *signer; /* the program signs for a PDA authority (a vault) */
+} Transfer;
+
+/* A token Transfer (instruction 3) of ``amount`` from ``source`` by ``authority``. */
+static uint64_t token_transfer(const Transfer *t) {
+  uint8_t data[9];
+  data[0] = 3;
+  put_u64(data + 1, t->amount);
+  SolAccountMeta metas[3] = {{t->source->key, true, false},
+                             {t->destination->key, true, false},
+                             {t->authority->key, false, true}};
+  SolInstruction ix = {(SolPubkey *)&TOKEN_PROGRAM, metas, 3, data, 9};
+  SolAccountInfo infos[4] = {*t->source, *t->destination, *t->authority, *t->token_program};
+  return sol_invoke_signed_c(&ix, infos, 4, t->signer, t->signer ? 1 : 0);
+}
+
+/* The operator's stake account, checked: this program's, a NodeStake, at its PDA, of
+ * this operator. */
+static uint64_t expect_stake(const SolAccountInfo *stake, const SolAccountInfo *operator,
+                             const SolPubkey *program_id) {
+  uint64_t result = expect_owned(stake, program_id, DISC_ACCOUNT_NODE_STAKE, STAKE_SIZE);
+  if (result) return result;
+  if (!sol_bytes_eq(stake->data + STK_OPERATOR, operator->key->x, 32)) return ERR_UNAUTHORIZED;
+  SolPubkey derived;
+  SolSignerSeed seeds[3] = {{SEED_STAKE, sizeof(SEED_STAKE) - 1}, {operator->key->x, 32},
+                            {stake->data + STK_BUMP, 1}};
+  if (sol_create_program_address(seeds, 3, program_id, &derived) != 0 ||
+      !sol_pubkey_eq(&derived, stake->key))
+    return ERR_INVALID_ACCOUNT;
+  return 0;
+}
+
+/* accounts: config, operator (signer, w), stake (w), vault (w), mint, token program,
+ * system program. Creates the operator's NodeStake and its vault token account. */
+static uint64_t register_stake(SolParameters *params) {
+  if (params->ka_num != 7) return ERR_INVALID_ACCOUNT;
+  uint64_t result = distinct_accounts(params, 7);
+  if (result) return result;
+  SolAccountInfo *config = &params->ka[0], *operator = &params->ka[1];
+  SolAccountInfo *stake = &params->ka[2], *vault = &params->ka[3], *mint = &params->ka[4];
+  SolAccountInfo *token_program = &params->ka[5], *system = &params->ka[6];
+  result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
+  if (result) return result;
+  if (!operator->is_signer || !operator->is_writable) return ERR_UNAUTHORIZED;
+  if (!sol_pubkey_eq(system->key, &SYSTEM_PROGRAM) ||
+      !sol_pubkey_eq(token_program->key, &TOKEN_PROGRAM) ||
+      !sol_bytes_eq(config->data + CFG_MINT, mint->key->x, 32))
+    return ERR_INVALID_ACCOUNT;
+  uint8_t bump, vault_bump;
+  SolSignerSeed find[2] = {{SEED_STAKE, sizeof(SEED_STAKE) - 1}, {operator->key->x, 32}};
+  result = expect_pda(stake, find, 2, params->program_id, &bump);
+  if (result) return result;
+  SolSignerSeed find_vault[2] = {{SEED_VAULT, sizeof(SEED_VAULT) - 1}, {operator->key->x, 32}};
+  result = expect_pda(vault, find_vault, 2, params->program_id, &vault_bump);
+  if (result) return result;
+
+  SolSignerSeed seeds[3] = {{SEED_STAKE, sizeof(SEED_STAKE) - 1}, {operator->key->x, 32},
+                            {&bump, 1}};
+  SolSignerSeeds signer = {seeds, 3};
+  Creation creation = {operator, stake, system, &signer, params->program_id, STAKE_SIZE};
+  result = create_pda(&creation);
+  if (result) return result;
+  SolSignerSeed vault_seeds[3] = {{SEED_VAULT, sizeof(SEED_VAULT) - 1},
+                                  {operator->key->x, 32}, {&vault_bump, 1}};
+  SolSignerSeeds vault_signer = {vault_seeds, 3};
+  Creation vault_creation = {operator, vault, system, &vault_signer, &TOKEN_PROGRAM,
+                             TOKEN_ACCOUNT_SIZE};
+  result = create_pda(&vault_creation);
+  if (result) return result;
+  /* InitializeAccount3 (18): the vault's authority is the stake account */
+  uint8_t data[33];
+  data[0] = 18;
+  sol_memcpy_(data + 1, stake->key, 32);
+  SolAccountMeta metas[2] = {{vault->key, true, false}, {mint->key, false, false}};
+  SolInstruction ix = {(SolPubkey *)&TOKEN_PROGRAM, metas, 2, data, 33};
+  SolAccountInfo infos[3] = {*vault, *mint, *token_program};
+  result = sol_invoke_signed_c(&ix, infos, 3, NULL, 0);
+  if (result) return result;
+
+  uint8_t *d = stake->data;
+  sol_memcpy_(d, DISC_ACCOUNT_NODE_STAKE, 8);
+  sol_memcpy_(d + STK_OPERATOR, operator->key, 32);
+  sol_memcpy_(d + STK_VAULT, vault->key, 32);
+  d[STK_BUMP] = bump;
+  d[STK_VAULT_BUMP] = vault_bump;
+  return 0;
+}
+
+/* accounts: operator (signer), stake (w), vault (w), source token account (w), token
+ * program. data: amount u64. The operator's tokens into its vault. */
+static uint64_t stake_tokens(SolParameters *params) {
+  if (params->ka_num != 5 || params->data_len != 16) return ERR_INVALID_ARGUMENT;
+  uint64_t result = distinct_accounts(params, 5);
+  if (result) return result;
+  SolAccountInfo *operator = &params->ka[0], *stake = &params->ka[1], *vault = &params->ka[2];
+  SolAccountInfo *source = &params->ka[3], *token_program = &params->ka[4];
+  if (!operator->is_signer) return ERR_UNAUTHORIZED;
+  result = expect_stake(stake, operator, params->program_id);
+  if (result) return result;
+  if (!stake->is_writable || !sol_bytes_eq(stake->data + STK_VAULT, vault->key->x, 32) ||
+      !sol_pubkey_eq(token_program->key, &TOKEN_PROGRAM))
+    return ERR_INVALID_ACCOUNT;
+  uint64_t amount = get_u64(params->data + 8);
+  uint64_t staked = get_u64(stake->data + STK_STAKED);
+  if (amount == 0) return ERR_INVALID_ARGUMENT;
+  if (staked + amount < staked) return ERR_OVERFLOW;
+  Transfer t = {source, vault, operator, token_program, amount, NULL};
+  result = token_transfer(&t);
+  if (result) return result;
+  put_u64(stake->data + STK_STAKED, staked + amount);
+  return 0;
+}
+
+/* accounts: operator (signer), stake (w). data: amount u64. Starts (or restarts, for
+ * the new total) the unbonding period of that much of the stake. */
+static uint64_t request_unbond(SolParameters *params) {
+  if (params->ka_num != 2 || params->data_len != 16) return ERR_INVALID_ARGUMENT;
+  uint64_t result = distinct_accounts(params, 2);
+  if (result) return result;
+  SolAccountInfo *operator = &params->ka[0], *stake = &params->ka[1];
+  if (!operator->is_signer) return ERR_UNAUTHORIZED;
+  result = expect_stake(stake, operator, params->program_id);
+  if (result) return result;
+  if (!stake->is_writable) return ERR_INVALID_ACCOUNT;
+  uint64_t amount = get_u64(params->data + 8);
+  uint64_t staked = get_u64(stake->data + STK_STAKED);
+  uint64_t unbonding = get_u64(stake->data + STK_UNBONDING);
+  if (amount == 0) return ERR_INVALID_ARGUMENT;
+  if (unbonding + amount < unbonding || unbonding + amount > staked) return ERR_INSUFFICIENT;
+  put_u64(stake->data + STK_UNBONDING, unbonding + amount);
+  put_i64(stake->data + STK_UNBOND_AT, now());
+  return 0;
+}
+
+/* accounts: config, operator (signer), stake (w), vault (w), destination token account
+ * (w), token program. The unbonded tokens to the operator's account, once the period
+ * has passed and no challenge is open: the operator's alone to ask, nobody's to stop
+ * beyond those rules. */
+static uint64_t withdraw(SolParameters *params) {
+  if (params->ka_num != 6 || params->data_len != 8) return ERR_INVALID_ARGUMENT;
+  uint64_t result = distinct_accounts(params, 6);
+  if (result) return result;
+  SolAccountInfo *config = &params->ka[0], *operator = &params->ka[1];
+  SolAccountInfo *stake = &params->ka[2], *vault = &params->ka[3];
+  SolAccountInfo *destination = &params->ka[4], *token_program = &params->ka[5];
+  result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
+  if (result) return result;
+  if (!operator->is_signer) return ERR_UNAUTHORIZED;
+  result = expect_stake(stake, operator, params->program_id);
+  if (result) return result;
+  if (!stake->is_writable || !sol_bytes_eq(stake->data + STK_VAULT, vault->key->x, 32) ||
+      !sol_pubkey_eq(token_program->key, &TOKEN_PROGRAM) ||
+      !is_token_account_of(destination, config->data + CFG_MINT))
+    return ERR_INVALID_ACCOUNT;
+  uint64_t unbonding = get_u64(stake->data + STK_UNBONDING);
+  if (unbonding == 0) return ERR_INSUFFICIENT;
+  int64_t period = (int64_t)get_u64(config->data + CFG_UNBONDING);
+  int64_t since = (int64_t)get_u64(stake->data + STK_UNBOND_AT);
+  int64_t time = now();
+  if (time < since + period || time < (int64_t)get_u64(stake->data + STK_CHALLENGE_UNTIL))
+    return ERR_NOT_YET;
+  SolSignerSeed seeds[3] = {{SEED_STAKE, sizeof(SEED_STAKE) - 1}, {operator->key->x, 32},
+                            {stake->data + STK_BUMP, 1}};
+  SolSignerSeeds signer = {seeds, 3};
+  Transfer t = {vault, destination, stake, token_program, unbonding, &signer};
+  result = token_transfer(&t);
+  if (result) return result;
+  put_u64(stake->data + STK_STAKED, get_u64(stake->data + STK_STAKED) - unbonding);
+  put_u64(stake->data + STK_UNBONDING, 0);
+  return 0;
+}
+
 /* ---- entrypoint --------------------------------------------------------------------------- */
 
 uint64_t entrypoint(const uint8_t *input) {
@@ -272,5 +488,9 @@ uint64_t entrypoint(const uint8_t *input) {
   if (params.data_len < 8) return ERR_UNKNOWN_INSTRUCTION;
   if (sol_bytes_eq(params.data, DISC_INITIALIZE, 8)) return initialize(&params);
   if (sol_bytes_eq(params.data, DISC_ANCHOR_ROOT, 8)) return anchor_root(&params);
+  if (sol_bytes_eq(params.data, DISC_REGISTER_STAKE, 8)) return register_stake(&params);
+  if (sol_bytes_eq(params.data, DISC_STAKE, 8)) return stake_tokens(&params);
+  if (sol_bytes_eq(params.data, DISC_REQUEST_UNBOND, 8)) return request_unbond(&params);
+  if (sol_bytes_eq(params.data, DISC_WITHDRAW, 8)) return withdraw(&params);
   return ERR_UNKNOWN_INSTRUCTION;
 }

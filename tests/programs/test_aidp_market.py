@@ -164,6 +164,7 @@ def test_lamports_sent_to_the_config_address_first_do_not_block_it(chain: Chain)
     ({"quorum": 0}, "InvalidArgument"),
     ({"feeBps": 10_001}, "InvalidArgument"),
     ({"unbondingPeriod": -1}, "InvalidArgument"),
+    ({"unbondingPeriod": 11 * 365 * 86400}, "InvalidArgument"),
     ({"verifiers": []}, "InvalidArgument"),
     ({"verifiers": [Pubkey.new_unique()] * 9}, "InvalidArgument"),  # over 8
 ])
@@ -231,6 +232,116 @@ def test_an_instruction_the_idl_does_not_name_is_refused(chain: Chain) -> None:
     assert chain.code(chain.send([ix], chain.authority)) == ERRORS["UnknownInstruction"]
     short = Instruction(chain.program_id, b"\x01", [])
     assert chain.code(chain.send([short], chain.authority)) == ERRORS["UnknownInstruction"]
+
+
+# ---- stake ---------------------------------------------------------------------------------
+
+PERIOD = 7 * 86400
+
+
+class Staking:
+    """An initialised market, an operator with 1,000 tokens of the mint, and helpers."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        chain.ok(chain.initialize(unbondingPeriod=PERIOD))
+        self.operator = chain.funded()
+        self.wallet = chain.token_account(chain.mint, self.operator.pubkey())
+        chain.ok(chain.send([spl.mint_to_checked(chain.mint, self.wallet,
+                                                 chain.authority.pubkey(), 1_000, 6)],
+                            chain.authority))
+        self.stake = client.stake_address(chain.program_id, self.operator.pubkey())
+        self.vault = client.vault_address(chain.program_id, self.operator.pubkey())
+
+    def call(self, name: str, signer: Keypair | None = None, **changes: Any) -> Any:
+        signer = signer or self.operator
+        accounts = {"config": self.chain.config, "operator": signer.pubkey(),
+                    "stake": self.stake, "vault": self.vault, "mint": self.chain.mint,
+                    "source": self.wallet, "destination": self.wallet,
+                    "tokenProgram": spl.TOKEN_PROGRAM_ID,
+                    "systemProgram": client.SYSTEM_PROGRAM_ID}
+        args = {k: changes.pop(k) for k in list(changes) if k == "amount"}
+        accounts.update(changes)
+        ix = client.instruction(self.chain.program_id, name, accounts, **args)
+        return self.chain.send([ix], signer)
+
+    def tokens(self, account: Pubkey) -> int:
+        return spl.parse_token_account(self.chain.data(account)).amount
+
+    def state(self) -> dict[str, Any]:
+        return client.decode_account("NodeStake", self.chain.data(self.stake))
+
+    def later(self, seconds: int) -> None:
+        clock = self.chain.svm.get_clock()
+        clock.unix_timestamp = clock.unix_timestamp + seconds
+        self.chain.svm.set_clock(clock)
+
+
+@pytest.fixture
+def staking(chain: Chain) -> Staking:
+    return Staking(chain)
+
+
+def test_stake_sits_in_a_vault_only_the_program_controls(staking: Staking) -> None:
+    chain = staking.chain
+    chain.ok(staking.call("registerStake"))
+    vault = spl.parse_token_account(chain.data(staking.vault))
+    assert vault.owner == staking.stake and vault.mint == chain.mint  # authority: the PDA
+    chain.ok(staking.call("stake", amount=600))
+    assert staking.tokens(staking.vault) == 600 and staking.tokens(staking.wallet) == 400
+    assert staking.state()["staked"] == 600
+    assert chain.code(staking.call("registerStake")) == ERRORS["AlreadyExists"]
+    # the market authority has no way to move it: not as the operator, not by token
+    # transfer (the vault's authority is a PDA only the program signs for)
+    market = chain.authority
+    assert chain.code(staking.call("withdraw", signer=market)) == ERRORS["Unauthorized"]
+    assert chain.code(staking.call("requestUnbond", signer=market, amount=1)) == \
+        ERRORS["Unauthorized"]
+    steal = spl.transfer_unchecked(staking.vault, chain.treasury, market.pubkey(), 600)
+    assert hasattr(chain.send([steal], market), "err")
+    assert staking.tokens(staking.vault) == 600
+
+
+def test_unbonding_waits_its_period_then_the_operator_alone_withdraws(staking: Staking) -> None:
+    chain = staking.chain
+    chain.ok(staking.call("registerStake"))
+    chain.ok(staking.call("stake", amount=500))
+    assert chain.code(staking.call("withdraw")) == ERRORS["Insufficient"]  # nothing unbonding
+    assert chain.code(staking.call("requestUnbond", amount=501)) == ERRORS["Insufficient"]
+    chain.ok(staking.call("requestUnbond", amount=200))
+    assert chain.code(staking.call("withdraw")) == ERRORS["NotYet"]
+    staking.later(PERIOD - 10)
+    assert chain.code(staking.call("withdraw")) == ERRORS["NotYet"]
+    staking.later(10)
+    other_mint_account = chain.token_account(chain.new_mint(chain.authority),
+                                             staking.operator.pubkey())
+    assert chain.code(staking.call("withdraw", destination=other_mint_account)) == \
+        ERRORS["InvalidAccount"]
+    chain.ok(staking.call("withdraw"))
+    assert staking.tokens(staking.vault) == 300 and staking.tokens(staking.wallet) == 700
+    state = staking.state()
+    assert (state["staked"], state["unbonding"]) == (300, 0)
+    assert chain.code(staking.call("withdraw")) == ERRORS["Insufficient"]  # once
+
+
+def test_one_operators_stake_is_not_anothers(staking: Staking) -> None:
+    chain = staking.chain
+    chain.ok(staking.call("registerStake"))
+    chain.ok(staking.call("stake", amount=100))
+    intruder = chain.funded()
+    # signing as itself with the victim's accounts
+    assert chain.code(staking.call("requestUnbond", signer=intruder, amount=1)) == \
+        ERRORS["Unauthorized"]
+    # the victim's stake with another vault, or a look-alike account as the stake
+    fake_vault = chain.token_account(chain.mint, staking.operator.pubkey())
+    assert chain.code(staking.call("stake", amount=1, vault=fake_vault)) == \
+        ERRORS["InvalidAccount"]
+    assert chain.code(staking.call("stake", amount=1, stake=chain.config)) == \
+        ERRORS["InvalidAccount"]
+    assert chain.code(staking.call("stake", amount=0)) == ERRORS["InvalidArgument"]
+    # registering at addresses that are not the operator's PDAs
+    assert chain.code(staking.call("registerStake", signer=intruder)) == \
+        ERRORS["InvalidAccount"]
 
 
 # ---- the linker ---------------------------------------------------------------------------
