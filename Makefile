@@ -63,8 +63,8 @@ test-unit: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra -m "$(UNIT)" $(PYTEST_ARGS)
 
-bench: install
-	for b in adversarial gateway node verify verify_cost embedding settle settle_market; do \
+bench: install $(CLANG)
+	for b in adversarial gateway node verify verify_cost embedding program settle settle_market; do \
 	  echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:

@@ -17,6 +17,9 @@ from solders.signature import Signature
 
 LINK_AUTH_DOMAIN = b"AIDP/node-link/auth/v1\x00"
 RECEIPT_DOMAIN = b"AIDP/receipt/v1\x00"
+#: a verifier's verdict that a receipt is fraud, naming the slash it asks for (checked on
+#: chain by programs/aidp_market: chain/aidp/program.py builds the message)
+VERDICT_DOMAIN = b"AIDP/verdict/v1\x00"
 #: a node operator asking the market to start unbonding part of its stake
 UNBOND_DOMAIN = b"AIDP/stake-unbond/v1\x00"
 #: a node operator asking the market to co-sign the withdrawal of unbonded stake

@@ -23,9 +23,14 @@ from typing import Any
 
 from solders.instruction import AccountMeta, Instruction
 from solders.pubkey import Pubkey
+from solders.signature import Signature
+
+from protocol.keys import RECEIPT_DOMAIN, VERDICT_DOMAIN
 
 IDL_PATH = Path(__file__).resolve().parents[2] / "programs" / "aidp_market" / "idl.json"
 SYSTEM_PROGRAM_ID = Pubkey.default()
+ED25519_PROGRAM_ID = Pubkey.from_string("Ed25519SigVerify111111111111111111111111111")
+INSTRUCTIONS_SYSVAR_ID = Pubkey.from_string("Sysvar1nstructions1111111111111111111111111")
 _PRIMITIVES = {"u8": "<B", "u16": "<H", "u32": "<I", "u64": "<Q", "i64": "<q", "bool": "<?"}
 
 
@@ -166,6 +171,45 @@ def vault_address(program_id: Pubkey, operator: Pubkey) -> Pubkey:
     return Pubkey.find_program_address([b"vault", bytes(operator)], program_id)[0]
 
 
+def case_address(program_id: Pubkey, receipt_hash: bytes) -> Pubkey:
+    return Pubkey.find_program_address([b"case", receipt_hash], program_id)[0]
+
+
+# ---- evidence ----------------------------------------------------------------------------
+
+
+def receipt_message(receipt_hash: bytes) -> bytes:
+    """What a node signs for a receipt (``protocol.receipt.sign_receipt``)."""
+    return RECEIPT_DOMAIN + receipt_hash
+
+
+def verdict_message(receipt_hash: bytes, node: Pubkey, amount: int, refund: int,
+                    refund_account: Pubkey, nonce: int) -> bytes:
+    """What each verifier signs to ask for a slash; the program rebuilds it byte for byte."""
+    return (VERDICT_DOMAIN + receipt_hash + bytes(node) + struct.pack("<QQ", amount, refund)
+            + bytes(refund_account) + struct.pack("<Q", nonce))
+
+
+def ed25519_instruction(signed: list[tuple[Pubkey, Signature, bytes]]) -> Instruction:
+    """One Ed25519 precompile instruction verifying every (key, signature, message), with
+    each distinct message written once (verifiers sign one verdict: it is shared)."""
+    header = 2 + 14 * len(signed)
+    body = bytearray()
+    messages: dict[bytes, int] = {}
+    offsets = bytearray(struct.pack("<BB", len(signed), 0))
+    for key, signature, message in signed:
+        signature_at = header + len(body)
+        body += bytes(signature)
+        key_at = header + len(body)
+        body += bytes(key)
+        if message not in messages:
+            messages[message] = header + len(body)
+            body += message
+        offsets += struct.pack("<HHHHHHH", signature_at, 0xFFFF, key_at, 0xFFFF,
+                               messages[message], len(message), 0xFFFF)
+    return Instruction(ED25519_PROGRAM_ID, bytes(offsets + body), [])
+
+
 @dataclass(frozen=True)
 class MarketConfig:
     authority: Pubkey
@@ -177,15 +221,17 @@ class MarketConfig:
     min_stake: int
     unbonding_period: int
     max_slash_per_receipt: int
+    challenge_period: int
 
     @classmethod
     def decode(cls, data: bytes) -> MarketConfig:
         f = decode_account("MarketConfig", data)
         return cls(f["authority"], f["mint"], f["treasury"], f["feeBps"], f["quorum"],
                    f["verifiers"][:f["verifierCount"]], f["minStake"], f["unbondingPeriod"],
-                   f["maxSlashPerReceipt"])
+                   f["maxSlashPerReceipt"], f["challengePeriod"])
 
 
 __all__ = ["MarketConfig", "ProgramError", "account_discriminator", "account_size",
            "anchor_address", "config_address", "decode_account", "encode", "idl",
-           "instruction", "instruction_discriminator", "stake_address", "vault_address"]
+           "instruction", "instruction_discriminator", "stake_address", "vault_address",
+           "case_address", "ed25519_instruction", "receipt_message", "verdict_message"]

@@ -21,6 +21,9 @@
 #define MAX_VERIFIERS 8
 #define MAX_FEE_BPS 10000
 #define MAX_UNBONDING_PERIOD (10L * 365 * 86400) /* keeps time arithmetic far from overflow */
+#define MAX_CHALLENGE_PERIOD (30L * 86400)
+/* a slash's verdict signatures must fit one transaction with the rest of its evidence */
+#define MAX_QUORUM 4
 
 /* MarketConfig (Borsh, after the discriminator) */
 #define CFG_AUTHORITY 8
@@ -33,7 +36,8 @@
 #define CFG_MIN_STAKE (CFG_VERIFIERS + 32 * MAX_VERIFIERS)
 #define CFG_UNBONDING (CFG_MIN_STAKE + 8)
 #define CFG_MAX_SLASH (CFG_UNBONDING + 8)
-#define CFG_BUMP (CFG_MAX_SLASH + 8)
+#define CFG_CHALLENGE_PERIOD (CFG_MAX_SLASH + 8)
+#define CFG_BUMP (CFG_CHALLENGE_PERIOD + 8)
 #define CONFIG_SIZE (CFG_BUMP + 1)
 
 /* NodeStake: one per operator, PDA ["stake", operator]; its tokens sit in the vault, a
@@ -46,9 +50,10 @@
 #define STK_UNBOND_AT 88
 #define STK_CHALLENGE_UNTIL 96
 #define STK_SLASHED 104
-#define STK_BUMP 112
-#define STK_VAULT_BUMP 113
-#define STAKE_SIZE 114
+#define STK_OPEN_CASES 112
+#define STK_BUMP 116
+#define STK_VAULT_BUMP 117
+#define STAKE_SIZE 118
 #define TOKEN_ACCOUNT_SIZE 165
 
 /* ReceiptAnchor */
@@ -78,6 +83,12 @@ static uint64_t get_u64(const uint8_t *p) {
 }
 static void put_u64(uint8_t *p, uint64_t v) { sol_memcpy_(p, &v, 8); }
 static uint16_t get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static uint32_t get_u32(const uint8_t *p) {
+  uint32_t v;
+  sol_memcpy_(&v, p, 4);
+  return v;
+}
+static void put_u32(uint8_t *p, uint32_t v) { sol_memcpy_(p, &v, 4); }
 
 /* ---- checks ------------------------------------------------------------------------------ */
 
@@ -203,12 +214,14 @@ static uint64_t initialize(SolParameters *params) {
   uint8_t quorum = in[2];
   uint32_t count = (uint32_t)(in[3] | (in[4] << 8) | (in[5] << 16) | ((uint32_t)in[6] << 24));
   if (count == 0 || count > MAX_VERIFIERS) return ERR_INVALID_ARGUMENT;
-  if (left != 7 + 32 * (uint64_t)count + 24) return ERR_INVALID_ARGUMENT;
+  if (left != 7 + 32 * (uint64_t)count + 32) return ERR_INVALID_ARGUMENT;
   const uint8_t *verifiers = in + 7;
   const uint8_t *tail = verifiers + 32 * (uint64_t)count;
   int64_t unbonding = (int64_t)get_u64(tail + 8);
-  if (fee_bps > MAX_FEE_BPS || quorum == 0 || quorum > count || unbonding < 0 ||
-      unbonding > MAX_UNBONDING_PERIOD)
+  int64_t challenge = (int64_t)get_u64(tail + 24);
+  if (fee_bps > MAX_FEE_BPS || quorum == 0 || quorum > count || quorum > MAX_QUORUM ||
+      unbonding < 0 || unbonding > MAX_UNBONDING_PERIOD || challenge <= 0 ||
+      challenge > MAX_CHALLENGE_PERIOD)
     return ERR_INVALID_ARGUMENT;
   for (uint32_t i = 0; i < count; i++) { /* m of n means n distinct keys */
     for (uint32_t j = i + 1; j < count; j++) {
@@ -236,7 +249,8 @@ static uint64_t initialize(SolParameters *params) {
   d[CFG_QUORUM] = quorum;
   d[CFG_VERIFIER_COUNT] = (uint8_t)count;
   sol_memcpy_(d + CFG_VERIFIERS, verifiers, 32 * (uint64_t)count);
-  sol_memcpy_(d + CFG_MIN_STAKE, tail, 24); /* min_stake, unbonding_period, max_slash */
+  /* min_stake, unbonding_period, max_slash, challenge_period */
+  sol_memcpy_(d + CFG_MIN_STAKE, tail, 32);
   d[CFG_BUMP] = bump;
   return 0;
 }
@@ -467,7 +481,10 @@ static uint64_t withdraw(SolParameters *params) {
   int64_t period = (int64_t)get_u64(config->data + CFG_UNBONDING);
   int64_t since = (int64_t)get_u64(stake->data + STK_UNBOND_AT);
   int64_t time = now();
-  if (time < since + period || time < (int64_t)get_u64(stake->data + STK_CHALLENGE_UNTIL))
+  if (time < since + period) return ERR_NOT_YET;
+  /* an open case holds the stake until it is decided or its period ends */
+  if (get_u32(stake->data + STK_OPEN_CASES) > 0 &&
+      time < (int64_t)get_u64(stake->data + STK_CHALLENGE_UNTIL))
     return ERR_NOT_YET;
   SolSignerSeed seeds[3] = {{SEED_STAKE, sizeof(SEED_STAKE) - 1}, {operator->key->x, 32},
                             {stake->data + STK_BUMP, 1}};
@@ -477,6 +494,292 @@ static uint64_t withdraw(SolParameters *params) {
   if (result) return result;
   put_u64(stake->data + STK_STAKED, get_u64(stake->data + STK_STAKED) - unbonding);
   put_u64(stake->data + STK_UNBONDING, 0);
+  return 0;
+}
+
+/* ---- evidence: signatures the Ed25519 precompile checked in this transaction ----------- */
+
+#define ERR_NO_EVIDENCE 6009
+#define ERR_EXPIRED 6010
+#define ERR_CASE_CLOSED 6011
+#define MAX_SIGNED 16
+#define MAX_PROOF_DEPTH 19 /* 524,288 receipts an anchor: the proof and its signature fit one transaction */
+
+/* Sysvar1nstructions1111111111111111111111111 */
+static const SolPubkey INSTRUCTIONS_SYSVAR = {{
+    6, 167, 213, 23, 24, 123, 209, 102, 53, 218, 212, 4, 85, 253, 194, 192,
+    193, 36, 198, 143, 33, 86, 117, 165, 219, 186, 203, 95, 8, 0, 0, 0}};
+/* Ed25519SigVerify111111111111111111111111111 */
+static const SolPubkey ED25519_PROGRAM = {{
+    3, 125, 70, 214, 124, 147, 251, 190, 18, 249, 66, 143, 131, 141, 64, 255,
+    5, 112, 116, 73, 39, 244, 138, 100, 252, 202, 112, 68, 128, 0, 0, 0}};
+static const uint8_t RECEIPT_DOMAIN[16] = "AIDP/receipt/v1";  /* + NUL: protocol/keys.py */
+static const uint8_t VERDICT_DOMAIN[16] = "AIDP/verdict/v1";
+#define VERDICT_SIZE (16 + 32 + 32 + 8 + 8 + 32 + 8)
+
+typedef struct { const uint8_t *pubkey; const uint8_t *message; uint64_t size; } Signed;
+typedef struct { Signed items[MAX_SIGNED]; uint64_t count; } SignedSet;
+
+/* Every (key, message) an Ed25519 precompile instruction of this transaction verified,
+ * read from the Instructions sysvar. Only entries whose key and message lie in the
+ * precompile instruction's own data are taken (their bytes are what was verified). */
+static uint64_t collect_signed(const SolAccountInfo *sysvar, SignedSet *out) {
+  out->count = 0;
+  if (!sol_pubkey_eq(sysvar->key, &INSTRUCTIONS_SYSVAR)) return ERR_INVALID_ACCOUNT;
+  const uint8_t *d = sysvar->data;
+  uint64_t len = sysvar->data_len;
+  if (len < 4) return ERR_NO_EVIDENCE;
+  uint16_t total = get_u16(d), current = get_u16(d + len - 2);
+  if (2 + 2 * (uint64_t)total > len) return ERR_NO_EVIDENCE;
+  for (uint16_t i = 0; i < total; i++) {
+    if (i == current) continue;
+    uint64_t at = get_u16(d + 2 + 2 * (uint64_t)i);
+    if (at + 2 > len) return ERR_NO_EVIDENCE;
+    at += 2 + 33 * (uint64_t)get_u16(d + at); /* account metas */
+    if (at + 34 > len) return ERR_NO_EVIDENCE;
+    bool precompile = sol_bytes_eq(d + at, ED25519_PROGRAM.x, 32);
+    uint64_t size = get_u16(d + at + 32);
+    const uint8_t *ix = d + at + 34;
+    if (at + 34 + size > len) return ERR_NO_EVIDENCE;
+    if (!precompile || size < 2) continue;
+    uint8_t signatures = ix[0];
+    for (uint8_t j = 0; j < signatures; j++) {
+      const uint8_t *o = ix + 2 + 14 * (uint64_t)j;
+      if (2 + 14 * ((uint64_t)j + 1) > size) return ERR_NO_EVIDENCE;
+      uint16_t pk = get_u16(o + 4), msg = get_u16(o + 8), msg_size = get_u16(o + 10);
+      if (get_u16(o + 2) != 0xFFFF || get_u16(o + 6) != 0xFFFF || get_u16(o + 12) != 0xFFFF)
+        continue; /* data in another instruction: not read here */
+      if ((uint64_t)pk + 32 > size || (uint64_t)msg + msg_size > size) continue;
+      if (out->count == MAX_SIGNED) return ERR_NO_EVIDENCE;
+      Signed *item = &out->items[out->count++];
+      item->pubkey = ix + pk;
+      item->message = ix + msg;
+      item->size = msg_size;
+    }
+  }
+  return 0;
+}
+
+static bool was_signed(const SignedSet *set, const uint8_t *pubkey, const uint8_t *message,
+                       uint64_t size) {
+  for (uint64_t i = 0; i < set->count; i++) {
+    const Signed *item = &set->items[i];
+    if (item->size == size && sol_bytes_eq(item->pubkey, pubkey, 32) &&
+        sol_bytes_eq(item->message, message, size))
+      return true;
+  }
+  return false;
+}
+
+/* RFC 6962 inclusion (protocol/merkle.py): leaf sha256(0x00 || hash), node sha256(0x01 ||
+ * left || right); bit i of ``lefts`` says the i-th sibling is on the left. */
+static void merkle_root_of(const uint8_t *hash, const uint8_t *proof, uint32_t depth,
+                           uint32_t lefts, uint8_t *root) {
+  uint8_t prefix[1] = {0};
+  SolBytes leaf[2] = {{prefix, 1}, {hash, 32}};
+  sol_sha256(leaf, 2, root);
+  prefix[0] = 1;
+  for (uint32_t i = 0; i < depth; i++) {
+    uint8_t node[32];
+    sol_memcpy_(node, root, 32);
+    const uint8_t *sibling = proof + 32 * (uint64_t)i;
+    bool left = (lefts >> i) & 1;
+    SolBytes parts[3] = {{prefix, 1}, {left ? sibling : node, 32}, {left ? node : sibling, 32}};
+    sol_sha256(parts, 3, root);
+  }
+}
+
+/* SlashCase: PDA ["case", receipt_hash], one per receipt ever */
+#define CASE_RECEIPT 8
+#define CASE_OPERATOR 40
+#define CASE_ROOT 72
+#define CASE_OPENED_AT 104
+#define CASE_STATE 112 /* 0 open, 1 slashed, 2 closed */
+#define CASE_AMOUNT 113
+#define CASE_BUMP 121
+#define CASE_SIZE 122
+static const uint8_t SEED_CASE[] = "case";
+
+/* accounts: config, authority (signer, w), anchor, stake (w), case (w), instructions
+ * sysvar, system program. data: receipt_hash [32], lefts u32, proof vec<[u8; 32]>.
+ * Opens a case against the node for one receipt it signed that an anchored root holds;
+ * the node's stake stays until the case is decided or its period ends. */
+static uint64_t open_case(SolParameters *params) {
+  if (params->ka_num != 7) return ERR_INVALID_ACCOUNT;
+  uint64_t result = distinct_accounts(params, 7);
+  if (result) return result;
+  SolAccountInfo *config = &params->ka[0], *authority = &params->ka[1];
+  SolAccountInfo *anchor = &params->ka[2], *stake = &params->ka[3], *cs = &params->ka[4];
+  SolAccountInfo *sysvar = &params->ka[5], *system = &params->ka[6];
+  result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
+  if (result) return result;
+  if (!authority->is_signer || !authority->is_writable ||
+      !sol_bytes_eq(config->data + CFG_AUTHORITY, authority->key->x, 32))
+    return ERR_UNAUTHORIZED;
+  result = expect_owned(anchor, params->program_id, DISC_ACCOUNT_RECEIPT_ANCHOR, ANCHOR_SIZE);
+  if (result) return result;
+  result = expect_owned(stake, params->program_id, DISC_ACCOUNT_NODE_STAKE, STAKE_SIZE);
+  if (result) return result;
+  if (!stake->is_writable || !sol_pubkey_eq(system->key, &SYSTEM_PROGRAM))
+    return ERR_INVALID_ACCOUNT;
+  if (params->data_len < 8 + 32 + 4 + 4) return ERR_INVALID_ARGUMENT;
+  const uint8_t *hash = params->data + 8;
+  uint32_t lefts = get_u32(hash + 32), depth = get_u32(hash + 36);
+  if (depth > MAX_PROOF_DEPTH || params->data_len != 8 + 32 + 8 + 32 * (uint64_t)depth)
+    return ERR_INVALID_ARGUMENT;
+  uint8_t root[32];
+  merkle_root_of(hash, hash + 40, depth, lefts, root);
+  if (!sol_bytes_eq(root, anchor->data + ANC_ROOT, 32)) return ERR_NO_EVIDENCE;
+  /* the node signed this receipt (its stake account names its key) */
+  SignedSet signed_set;
+  result = collect_signed(sysvar, &signed_set);
+  if (result) return result;
+  uint8_t message[48];
+  sol_memcpy_(message, RECEIPT_DOMAIN, 16);
+  sol_memcpy_(message + 16, hash, 32);
+  if (!was_signed(&signed_set, stake->data + STK_OPERATOR, message, 48)) return ERR_NO_EVIDENCE;
+
+  uint8_t bump;
+  SolSignerSeed find[2] = {{SEED_CASE, sizeof(SEED_CASE) - 1}, {hash, 32}};
+  result = expect_pda(cs, find, 2, params->program_id, &bump);
+  if (result) return result;
+  SolSignerSeed seeds[3] = {{SEED_CASE, sizeof(SEED_CASE) - 1}, {hash, 32}, {&bump, 1}};
+  SolSignerSeeds signer = {seeds, 3};
+  Creation creation = {authority, cs, system, &signer, params->program_id, CASE_SIZE};
+  result = create_pda(&creation);
+  if (result) return result;
+  int64_t time = now();
+  uint8_t *c = cs->data;
+  sol_memcpy_(c, DISC_ACCOUNT_SLASH_CASE, 8);
+  sol_memcpy_(c + CASE_RECEIPT, hash, 32);
+  sol_memcpy_(c + CASE_OPERATOR, stake->data + STK_OPERATOR, 32);
+  sol_memcpy_(c + CASE_ROOT, root, 32);
+  put_i64(c + CASE_OPENED_AT, time);
+  c[CASE_BUMP] = bump;
+  uint32_t open = get_u32(stake->data + STK_OPEN_CASES);
+  put_u32(stake->data + STK_OPEN_CASES, open + 1);
+  int64_t until = time + (int64_t)get_u64(config->data + CFG_CHALLENGE_PERIOD);
+  if (until > (int64_t)get_u64(stake->data + STK_CHALLENGE_UNTIL))
+    put_i64(stake->data + STK_CHALLENGE_UNTIL, until);
+  return 0;
+}
+
+/* The case's stake account: the one of the case's operator, at its PDA. */
+static uint64_t expect_case_stake(const SolAccountInfo *cs, const SolAccountInfo *stake,
+                                  const SolPubkey *program_id) {
+  uint64_t result = expect_owned(cs, program_id, DISC_ACCOUNT_SLASH_CASE, CASE_SIZE);
+  if (result) return result;
+  result = expect_owned(stake, program_id, DISC_ACCOUNT_NODE_STAKE, STAKE_SIZE);
+  if (result) return result;
+  if (!sol_bytes_eq(stake->data + STK_OPERATOR, cs->data + CASE_OPERATOR, 32))
+    return ERR_INVALID_ACCOUNT;
+  SolPubkey derived;
+  SolSignerSeed seeds[3] = {{SEED_STAKE, sizeof(SEED_STAKE) - 1},
+                            {cs->data + CASE_OPERATOR, 32}, {stake->data + STK_BUMP, 1}};
+  if (sol_create_program_address(seeds, 3, program_id, &derived) != 0 ||
+      !sol_pubkey_eq(&derived, stake->key))
+    return ERR_INVALID_ACCOUNT;
+  if (cs->data[CASE_STATE] != 0) return ERR_CASE_CLOSED;
+  return 0;
+}
+
+static void close_open_case(SolAccountInfo *cs, SolAccountInfo *stake, uint8_t state) {
+  cs->data[CASE_STATE] = state;
+  uint32_t open = get_u32(stake->data + STK_OPEN_CASES);
+  put_u32(stake->data + STK_OPEN_CASES, open ? open - 1 : 0);
+}
+
+/* accounts: config, case (w), stake (w), vault (w), refund (w), treasury (w),
+ * instructions sysvar, token program. data: amount u64, refund u64, nonce u64.
+ * Anyone may submit it: what moves the stake is a quorum of the config's verifiers
+ * having signed (Ed25519 precompile, this transaction) the verdict naming the receipt,
+ * the node, the amount, the refund and its account, and a nonce, within the case's
+ * period. At most max_slash_per_receipt and the stake; the refund to the buyer's account,
+ * the rest to the treasury; a case is decided once. */
+static uint64_t slash(SolParameters *params) {
+  if (params->ka_num != 8 || params->data_len != 8 + 24) return ERR_INVALID_ARGUMENT;
+  uint64_t result = distinct_accounts(params, 8);
+  if (result) return result;
+  SolAccountInfo *config = &params->ka[0], *cs = &params->ka[1], *stake = &params->ka[2];
+  SolAccountInfo *vault = &params->ka[3], *refund = &params->ka[4];
+  SolAccountInfo *treasury = &params->ka[5], *sysvar = &params->ka[6];
+  SolAccountInfo *token_program = &params->ka[7];
+  result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
+  if (result) return result;
+  result = expect_case_stake(cs, stake, params->program_id);
+  if (result) return result;
+  const uint8_t *mint = config->data + CFG_MINT;
+  if (!cs->is_writable || !stake->is_writable ||
+      !sol_bytes_eq(stake->data + STK_VAULT, vault->key->x, 32) ||
+      !sol_bytes_eq(config->data + CFG_TREASURY, treasury->key->x, 32) ||
+      !is_token_account_of(refund, mint) || !sol_pubkey_eq(token_program->key, &TOKEN_PROGRAM))
+    return ERR_INVALID_ACCOUNT;
+  uint64_t amount = get_u64(params->data + 8), to_refund = get_u64(params->data + 16);
+  if (amount == 0 || to_refund > amount || amount > get_u64(config->data + CFG_MAX_SLASH))
+    return ERR_INVALID_ARGUMENT;
+  int64_t deadline = (int64_t)get_u64(cs->data + CASE_OPENED_AT) +
+                     (int64_t)get_u64(config->data + CFG_CHALLENGE_PERIOD);
+  if (now() >= deadline) return ERR_EXPIRED;
+
+  uint8_t verdict[VERDICT_SIZE];
+  sol_memcpy_(verdict, VERDICT_DOMAIN, 16);
+  sol_memcpy_(verdict + 16, cs->data + CASE_RECEIPT, 32);
+  sol_memcpy_(verdict + 48, cs->data + CASE_OPERATOR, 32);
+  sol_memcpy_(verdict + 80, params->data + 8, 16); /* amount, refund */
+  sol_memcpy_(verdict + 96, refund->key, 32);
+  sol_memcpy_(verdict + 128, params->data + 24, 8); /* nonce */
+  SignedSet signed_set;
+  result = collect_signed(sysvar, &signed_set);
+  if (result) return result;
+  uint8_t count = config->data[CFG_VERIFIER_COUNT], agreeing = 0;
+  for (uint8_t v = 0; v < count; v++) { /* each verifier of the set counts once */
+    if (was_signed(&signed_set, config->data + CFG_VERIFIERS + 32 * (uint64_t)v, verdict,
+                   VERDICT_SIZE))
+      agreeing++;
+  }
+  if (agreeing < config->data[CFG_QUORUM]) return ERR_NO_EVIDENCE;
+
+  uint64_t staked = get_u64(stake->data + STK_STAKED);
+  uint64_t taken = amount < staked ? amount : staked;
+  uint64_t refunded = to_refund < taken ? to_refund : taken;
+  SolSignerSeed seeds[3] = {{SEED_STAKE, sizeof(SEED_STAKE) - 1},
+                            {cs->data + CASE_OPERATOR, 32}, {stake->data + STK_BUMP, 1}};
+  SolSignerSeeds signer = {seeds, 3};
+  if (refunded) {
+    Transfer t = {vault, refund, stake, token_program, refunded, &signer};
+    result = token_transfer(&t);
+    if (result) return result;
+  }
+  if (taken > refunded) {
+    Transfer t = {vault, treasury, stake, token_program, taken - refunded, &signer};
+    result = token_transfer(&t);
+    if (result) return result;
+  }
+  put_u64(stake->data + STK_STAKED, staked - taken);
+  uint64_t unbonding = get_u64(stake->data + STK_UNBONDING);
+  if (unbonding > staked - taken) put_u64(stake->data + STK_UNBONDING, staked - taken);
+  put_u64(stake->data + STK_SLASHED, get_u64(stake->data + STK_SLASHED) + taken);
+  put_u64(cs->data + CASE_AMOUNT, taken);
+  close_open_case(cs, stake, 1);
+  return 0;
+}
+
+/* accounts: config, authority (signer), case (w), stake (w). The market found the
+ * receipt honest: the case closes and holds the stake no longer. */
+static uint64_t close_case(SolParameters *params) {
+  if (params->ka_num != 4 || params->data_len != 8) return ERR_INVALID_ARGUMENT;
+  uint64_t result = distinct_accounts(params, 4);
+  if (result) return result;
+  SolAccountInfo *config = &params->ka[0], *authority = &params->ka[1];
+  SolAccountInfo *cs = &params->ka[2], *stake = &params->ka[3];
+  result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
+  if (result) return result;
+  if (!authority->is_signer || !sol_bytes_eq(config->data + CFG_AUTHORITY, authority->key->x, 32))
+    return ERR_UNAUTHORIZED;
+  result = expect_case_stake(cs, stake, params->program_id);
+  if (result) return result;
+  if (!cs->is_writable || !stake->is_writable) return ERR_INVALID_ACCOUNT;
+  close_open_case(cs, stake, 2);
   return 0;
 }
 
@@ -492,5 +795,8 @@ uint64_t entrypoint(const uint8_t *input) {
   if (sol_bytes_eq(params.data, DISC_STAKE, 8)) return stake_tokens(&params);
   if (sol_bytes_eq(params.data, DISC_REQUEST_UNBOND, 8)) return request_unbond(&params);
   if (sol_bytes_eq(params.data, DISC_WITHDRAW, 8)) return withdraw(&params);
+  if (sol_bytes_eq(params.data, DISC_OPEN_CASE, 8)) return open_case(&params);
+  if (sol_bytes_eq(params.data, DISC_SLASH, 8)) return slash(&params);
+  if (sol_bytes_eq(params.data, DISC_CLOSE_CASE, 8)) return close_case(&params);
   return ERR_UNKNOWN_INSTRUCTION;
 }

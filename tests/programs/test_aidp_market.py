@@ -99,7 +99,8 @@ class Chain:
         signer = signer or self.authority
         verifiers = changes.pop("verifiers", [Keypair().pubkey() for _ in range(5)])
         args = {"feeBps": 1000, "quorum": 3, "verifiers": verifiers, "minStake": 10_000_000,
-                "unbondingPeriod": 7 * 86400, "maxSlashPerReceipt": 5_000_000}
+                "unbondingPeriod": 7 * 86400, "maxSlashPerReceipt": 5_000_000,
+                "challengePeriod": 86400}
         accounts = {"config": self.config, "authority": signer.pubkey(), "mint": self.mint,
                     "treasury": self.treasury, "systemProgram": client.SYSTEM_PROGRAM_ID}
         accounts.update(changes.pop("accounts", {}))
@@ -138,6 +139,7 @@ def test_initialize_writes_the_config_the_idl_describes(chain: Chain) -> None:
     assert config.treasury == chain.treasury and config.verifiers == verifiers
     assert (config.fee_bps, config.quorum, config.min_stake) == (1000, 3, 10_000_000)
     assert config.unbonding_period == 7 * 86400 and config.max_slash_per_receipt == 5_000_000
+    assert config.challenge_period == 86400
     owner = chain.svm.get_account(chain.config).owner
     assert owner == chain.program_id
     assert result.compute_units_consumed() < 20_000
@@ -165,6 +167,9 @@ def test_lamports_sent_to_the_config_address_first_do_not_block_it(chain: Chain)
     ({"feeBps": 10_001}, "InvalidArgument"),
     ({"unbondingPeriod": -1}, "InvalidArgument"),
     ({"unbondingPeriod": 11 * 365 * 86400}, "InvalidArgument"),
+    ({"challengePeriod": 0}, "InvalidArgument"),
+    ({"challengePeriod": 31 * 86400}, "InvalidArgument"),
+    ({"quorum": 5, "verifiers": [Pubkey.new_unique() for _ in range(8)]}, "InvalidArgument"),
     ({"verifiers": []}, "InvalidArgument"),
     ({"verifiers": [Pubkey.new_unique()] * 9}, "InvalidArgument"),  # over 8
 ])
@@ -240,11 +245,14 @@ PERIOD = 7 * 86400
 
 
 class Staking:
-    """An initialised market, an operator with 1,000 tokens of the mint, and helpers."""
+    """An initialised market (3 of 5 verifiers), an operator with 1,000 tokens of the
+    mint, and helpers."""
 
-    def __init__(self, chain: Chain) -> None:
+    def __init__(self, chain: Chain, quorum: int = 3, verifiers: int = 5) -> None:
         self.chain = chain
-        chain.ok(chain.initialize(unbondingPeriod=PERIOD))
+        self.verifiers = [Keypair() for _ in range(verifiers)]
+        chain.ok(chain.initialize(unbondingPeriod=PERIOD, quorum=quorum,
+                                  verifiers=[v.pubkey() for v in self.verifiers]))
         self.operator = chain.funded()
         self.wallet = chain.token_account(chain.mint, self.operator.pubkey())
         chain.ok(chain.send([spl.mint_to_checked(chain.mint, self.wallet,
@@ -342,6 +350,205 @@ def test_one_operators_stake_is_not_anothers(staking: Staking) -> None:
     # registering at addresses that are not the operator's PDAs
     assert chain.code(staking.call("registerStake", signer=intruder)) == \
         ERRORS["InvalidAccount"]
+
+
+# ---- slashing on evidence -----------------------------------------------------------------
+
+
+class Case:
+    """A node with 500 staked, a batch of receipts anchored, one of them the node's."""
+
+    def __init__(self, staking: Staking, leaves: int = 6, index: int = 3) -> None:
+        from protocol import merkle
+
+        self.staking, self.chain = staking, staking.chain
+        self.chain.ok(staking.call("registerStake"))
+        self.chain.ok(staking.call("stake", amount=500))
+        self.hashes = [os.urandom(32).hex() for _ in range(leaves)]
+        self.receipt = bytes.fromhex(self.hashes[index])
+        self.root = bytes.fromhex(merkle.merkle_root(self.hashes))
+        self.proof = merkle.inclusion_proof(self.hashes, index)
+        self.chain.ok(self.chain.anchor(self.root, leaves=leaves))
+        self.buyer = self.chain.token_account(self.chain.mint, self.chain.funded().pubkey())
+        self.address = client.case_address(self.chain.program_id, self.receipt)
+
+    def node_signature(self, signer: Keypair | None = None) -> Instruction:
+        key = signer or self.staking.operator
+        message = client.receipt_message(self.receipt)
+        return client.ed25519_instruction([(key.pubkey(), key.sign_message(message), message)])
+
+    def open(self, evidence: Instruction | None = None, root: bytes | None = None,
+             signer: Keypair | None = None) -> Any:
+        signer = signer or self.chain.authority
+        proof = self.proof
+        lefts = sum(1 << i for i, step in enumerate(proof) if step.side == "left")
+        ix = client.instruction(self.chain.program_id, "openCase", {
+            "config": self.chain.config, "authority": signer.pubkey(),
+            "anchor": client.anchor_address(self.chain.program_id, root or self.root),
+            "stake": self.staking.stake, "case": self.address,
+            "instructions": client.INSTRUCTIONS_SYSVAR_ID,
+            "systemProgram": client.SYSTEM_PROGRAM_ID},
+            receiptHash=self.receipt, lefts=lefts,
+            proof=[bytes.fromhex(step.sibling) for step in proof])
+        evidence = self.node_signature() if evidence is None else evidence
+        return self.chain.send([evidence, ix] if evidence else [ix], signer)
+
+    def verdict(self, amount: int, refund: int, nonce: int = 1,
+                account: Pubkey | None = None) -> bytes:
+        return client.verdict_message(self.receipt, self.staking.operator.pubkey(), amount,
+                                      refund, account or self.buyer, nonce)
+
+    def signatures(self, signers: list[Keypair], message: bytes) -> Instruction:
+        return client.ed25519_instruction([(k.pubkey(), k.sign_message(message), message)
+                                           for k in signers])
+
+    def slash(self, amount: int, refund: int, signers: list[Keypair] | None = None,
+              nonce: int = 1, refund_account: Pubkey | None = None,
+              message: bytes | None = None, submitter: Keypair | None = None) -> Any:
+        signers = self.staking.verifiers[:3] if signers is None else signers
+        message = message or self.verdict(amount, refund, nonce, refund_account)
+        ix = client.instruction(self.chain.program_id, "slash", {
+            "config": self.chain.config, "case": self.address, "stake": self.staking.stake,
+            "vault": self.staking.vault, "refund": refund_account or self.buyer,
+            "treasury": self.chain.treasury, "instructions": client.INSTRUCTIONS_SYSVAR_ID,
+            "tokenProgram": spl.TOKEN_PROGRAM_ID}, amount=amount, refund=refund, nonce=nonce)
+        instructions = [self.signatures(signers, message), ix] if signers else [ix]
+        return self.chain.send(instructions, submitter or self.chain.funded())
+
+    def close(self, signer: Keypair | None = None) -> Any:
+        signer = signer or self.chain.authority
+        ix = client.instruction(self.chain.program_id, "closeCase", {
+            "config": self.chain.config, "authority": signer.pubkey(), "case": self.address,
+            "stake": self.staking.stake})
+        return self.chain.send([ix], signer)
+
+    def state(self) -> dict[str, Any]:
+        return client.decode_account("SlashCase", self.chain.data(self.address))
+
+
+@pytest.fixture
+def case(staking: Staking) -> Case:
+    return Case(staking)
+
+
+def test_a_quorum_of_verifiers_slashes_a_receipt_the_node_signed_and_anchored(
+        case: Case) -> None:
+    chain, staking = case.chain, case.staking
+    opened = chain.ok(case.open())
+    assert case.state()["operator"] == staking.operator.pubkey()
+    assert staking.state()["openCases"] == 1
+    treasury_before = staking.tokens(chain.treasury)
+    # anyone may submit it: the evidence, not the submitter, moves the stake
+    result = chain.ok(case.slash(amount=300, refund=200))
+    assert staking.tokens(case.buyer) == 200
+    assert staking.tokens(chain.treasury) - treasury_before == 100
+    assert staking.tokens(staking.vault) == 200
+    state = staking.state()
+    assert (state["staked"], state["slashed"], state["openCases"]) == (200, 300, 0)
+    assert (case.state()["state"], case.state()["amount"]) == (1, 300)
+    assert chain.code(case.slash(amount=1, refund=0)) == ERRORS["CaseClosed"]  # once
+    assert chain.code(case.open()) == ERRORS["AlreadyExists"]  # one case per receipt
+    assert opened.compute_units_consumed() < 60_000
+    assert result.compute_units_consumed() < 60_000
+
+
+def test_a_slash_needs_a_quorum_of_distinct_verifiers_on_the_exact_verdict(case: Case) -> None:
+    chain, verifiers = case.chain, case.staking.verifiers
+    chain.ok(case.open())
+    no = ERRORS["NoEvidence"]
+    assert chain.code(case.slash(300, 200, signers=verifiers[:2])) == no  # short by one
+    assert chain.code(case.slash(300, 200, signers=[verifiers[0]] * 3)) == no  # one, thrice
+    outsiders = [Keypair(), Keypair()]
+    assert chain.code(case.slash(300, 200, signers=verifiers[:2] + outsiders)) == no
+    assert chain.code(case.slash(300, 200, signers=[])) == no  # no precompile at all
+    # the verdict names amount, refund, refund account and nonce: none can be changed
+    assert chain.code(case.slash(300, 250, message=case.verdict(300, 200))) == no
+    assert chain.code(case.slash(400, 200, message=case.verdict(300, 200))) == no
+    thief = chain.token_account(chain.mint, chain.funded().pubkey())
+    assert chain.code(case.slash(300, 200, refund_account=thief,
+                                 message=case.verdict(300, 200))) == no
+    assert chain.code(case.slash(300, 200, nonce=2, message=case.verdict(300, 200))) == no
+    assert case.staking.state()["staked"] == 500  # nothing moved
+    chain.ok(case.slash(300, 200, signers=verifiers[2:5]))  # any 3 of the 5
+
+
+def test_a_forged_signature_fails_the_transaction(case: Case) -> None:
+    chain = case.chain
+    message = client.receipt_message(case.receipt)
+    forged = client.ed25519_instruction([(case.staking.operator.pubkey(),
+                                          Keypair().sign_message(message), message)])
+    result = case.open(evidence=forged)
+    assert hasattr(result, "err") and "InstructionErrorCustom" in str(result.err())
+    assert chain.svm.get_account(case.address) is None
+
+
+def test_a_case_needs_the_nodes_signature_and_an_anchored_root(case: Case) -> None:
+    chain = case.chain
+    no = ERRORS["NoEvidence"]
+    assert chain.code(case.open(evidence=case.node_signature(Keypair()))) == no  # not the node
+    assert chain.code(case.open(evidence=False)) == no  # no signature at all
+    other_root = os.urandom(32)
+    chain.ok(chain.anchor(other_root))
+    assert chain.code(case.open(root=other_root)) == no  # the proof is for another root
+    assert chain.code(case.open(signer=chain.funded())) == ERRORS["Unauthorized"]
+    chain.ok(case.open())
+
+
+def test_an_open_case_holds_the_stake_until_decided_or_expired(case: Case) -> None:
+    chain, staking = case.chain, case.staking
+    chain.ok(staking.call("requestUnbond", amount=500))
+    staking.later(PERIOD)  # unbonded, but a case opens before the operator withdraws
+    chain.ok(case.open())
+    assert chain.code(staking.call("withdraw")) == ERRORS["NotYet"]  # the case holds it
+    assert chain.code(case.close(signer=chain.funded())) == ERRORS["Unauthorized"]
+    chain.ok(case.close())
+    assert chain.code(case.slash(300, 0)) == ERRORS["CaseClosed"]
+    chain.ok(staking.call("withdraw"))
+    assert staking.tokens(staking.wallet) == 1_000
+
+
+def test_an_undecided_case_expires(case: Case) -> None:
+    chain, staking = case.chain, case.staking
+    chain.ok(staking.call("requestUnbond", amount=500))
+    staking.later(PERIOD)
+    chain.ok(case.open())
+    assert chain.code(staking.call("withdraw")) == ERRORS["NotYet"]
+    staking.later(86400)  # the challenge period: nobody decided, nothing holds the stake
+    assert chain.code(case.slash(300, 0)) == ERRORS["Expired"]
+    chain.ok(staking.call("withdraw"))
+
+
+def test_a_slash_is_capped_by_the_config_and_the_stake(case: Case) -> None:
+    chain, staking = case.chain, case.staking
+    chain.ok(case.open())
+    assert chain.code(case.slash(5_000_001, 0)) == ERRORS["InvalidArgument"]  # over the cap
+    assert chain.code(case.slash(100, 101)) == ERRORS["InvalidArgument"]  # refund > amount
+    chain.ok(case.slash(4_000, 4_000))  # more than staked: the stake is what there is
+    assert staking.tokens(case.buyer) == 500 and staking.state()["staked"] == 0
+
+
+def test_the_largest_evidence_fits_one_transaction(chain: Chain) -> None:
+    """A 4-of-8 verdict (the largest quorum) and a 19-level inclusion proof (524,288
+    receipts an anchor) each fit Solana's 1,232-byte transaction."""
+    staking = Staking(chain, quorum=4, verifiers=8)
+    big = Case(staking, leaves=5, index=4)
+    chain.ok(big.open())
+    chain.ok(big.slash(300, 200, signers=staking.verifiers[4:8]))
+    slash_tx = VersionedTransaction(Message.new_with_blockhash(
+        [big.signatures(staking.verifiers[:4], big.verdict(1, 1)), client.instruction(
+            chain.program_id, "slash", {name: Pubkey.new_unique() for name in (
+                "config", "case", "stake", "vault", "refund", "treasury", "instructions",
+                "tokenProgram")}, amount=1, refund=1, nonce=1)],
+        chain.authority.pubkey(), chain.svm.latest_blockhash()), [chain.authority])
+    assert len(bytes(slash_tx)) <= 1232
+    deep = client.instruction(chain.program_id, "openCase", {name: Pubkey.new_unique() for name
+                              in ("config", "anchor", "stake", "case", "instructions",
+                                  "systemProgram")} | {"authority": chain.authority.pubkey()},
+                              receiptHash=bytes(32), lefts=0, proof=[bytes(32)] * 19)
+    open_tx = VersionedTransaction(Message.new_with_blockhash(
+        [big.node_signature(), deep], chain.authority.pubkey(), chain.svm.latest_blockhash()),
+        [chain.authority])
+    assert len(bytes(open_tx)) <= 1232
 
 
 # ---- the linker ---------------------------------------------------------------------------
