@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from solders.instruction import Instruction
 from solders.keypair import Keypair
 from solders.litesvm import LiteSVM
 from solders.message import Message
@@ -231,8 +232,6 @@ def test_anchor_root_refuses_substituted_accounts(chain: Chain) -> None:
 
 
 def test_an_instruction_the_idl_does_not_name_is_refused(chain: Chain) -> None:
-    from solders.instruction import Instruction
-
     ix = Instruction(chain.program_id, b"\x00" * 8, [])
     assert chain.code(chain.send([ix], chain.authority)) == ERRORS["UnknownInstruction"]
     short = Instruction(chain.program_id, b"\x01", [])
