@@ -3,7 +3,7 @@
 Builds the program from source (clang-19 + programs/link.py), runs each instruction's
 success path once (slash: a 3-of-5 and a 4-of-8 verdict; open_case: inclusion proofs of
 depth 3 and 19), and prints one JSON object: compute units per instruction against the
-targets (slash with 3-of-5 verifiers <= 60,000; a claim <= 15,000 once payouts exist).
+targets (slash with 3-of-5 verifiers <= 60,000; a claim <= 15,000).
 
     python bench/program.py
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from solders.keypair import Keypair  # noqa: E402
 
 from programs.build import build  # noqa: E402
-from tests.programs.test_aidp_market import Case, Chain, Staking  # noqa: E402
+from tests.programs.test_aidp_market import Case, Chain, Epoch, Staking  # noqa: E402
 
 
 def units(result: object) -> int:
@@ -51,9 +51,13 @@ def main() -> None:
     closing = _case(Chain(program), leaves=6)
     closing.chain.ok(closing.open())
     measured["close_case"] = units(closing.close())
+    epoch = Epoch(Chain(program), [7] * 1000)  # a 1,000-node epoch: a 10-level proof
+    measured["post_payouts_1000"] = units(epoch.post())
+    measured["claim_of_1000"] = units(epoch.claim(999))
     print(json.dumps({"compute_units": measured,
-                      "targets": {"slash_3_of_5": 60_000},
-                      "slash_3_of_5_vs_target": round(measured["slash_3_of_5"] / 60_000, 3)},
+                      "targets": {"slash_3_of_5": 60_000, "claim": 15_000},
+                      "slash_3_of_5_vs_target": round(measured["slash_3_of_5"] / 60_000, 3),
+                      "claim_vs_target": round(measured["claim_of_1000"] / 15_000, 3)},
                      indent=2))
 
 

@@ -108,8 +108,13 @@ def _decode(kind: Any, data: bytes, at: int) -> tuple[Any, int]:
     raise ProgramError(f"unknown type {kind!r}")
 
 
+# accounts whose fixed fields are followed by variable data (the IDL's docs say what)
+_TRAILING = {"Payouts": "bitmap"}
+
+
 def decode_account(name: str, data: bytes) -> dict[str, Any]:
-    """An account's fields by the IDL (raises ProgramError for another account type)."""
+    """An account's fields by the IDL (raises ProgramError for another account type);
+    the bytes after an account's fixed fields come as ``_TRAILING[name]``."""
     if data[:8] != account_discriminator(name):
         raise ProgramError(f"not a {name} account")
     spec = next(a for a in idl()["accounts"] if a["name"] == name)
@@ -117,7 +122,9 @@ def decode_account(name: str, data: bytes) -> dict[str, Any]:
     at = 8
     for field in spec["type"]["fields"]:
         fields[field["name"]], at = _decode(field["type"], data, at)
-    if at != len(data):
+    if name in _TRAILING:
+        fields[_TRAILING[name]] = bytes(data[at:])
+    elif at != len(data):
         raise ProgramError(f"{name}: {len(data) - at} bytes beyond its fields")
     return fields
 
@@ -173,6 +180,20 @@ def vault_address(program_id: Pubkey, operator: Pubkey) -> Pubkey:
 
 def case_address(program_id: Pubkey, receipt_hash: bytes) -> Pubkey:
     return Pubkey.find_program_address([b"case", receipt_hash], program_id)[0]
+
+
+def payouts_address(program_id: Pubkey, epoch: int) -> Pubkey:
+    return Pubkey.find_program_address([b"payout", struct.pack("<Q", epoch)], program_id)[0]
+
+
+def payout_vault_address(program_id: Pubkey, epoch: int) -> Pubkey:
+    return Pubkey.find_program_address([b"payout_vault", struct.pack("<Q", epoch)],
+                                       program_id)[0]
+
+
+def payout_leaf(index: int, node: Pubkey, amount: int) -> bytes:
+    """One payout leaf as the program hashes it (``protocol.merkle`` over its hex)."""
+    return struct.pack("<I", index) + bytes(node) + struct.pack("<Q", amount)
 
 
 # ---- evidence ----------------------------------------------------------------------------
@@ -234,4 +255,5 @@ class MarketConfig:
 __all__ = ["MarketConfig", "ProgramError", "account_discriminator", "account_size",
            "anchor_address", "config_address", "decode_account", "encode", "idl",
            "instruction", "instruction_discriminator", "stake_address", "vault_address",
-           "case_address", "ed25519_instruction", "receipt_message", "verdict_message"]
+           "case_address", "ed25519_instruction", "receipt_message", "verdict_message",
+           "payout_leaf", "payout_vault_address", "payouts_address"]

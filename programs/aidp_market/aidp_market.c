@@ -783,6 +783,165 @@ static uint64_t close_case(SolParameters *params) {
   return 0;
 }
 
+/* ---- payouts ------------------------------------------------------------------------------ */
+
+/* Payouts: PDA ["payout", epoch u64]: the epoch's Merkle root of (index u32, node, amount
+ * u64) leaves, the total funded into its vault (PDA ["payout_vault", epoch], authority:
+ * the Payouts account) and a bitmap of claimed leaves */
+#define PAY_EPOCH 8
+#define PAY_ROOT 16
+#define PAY_TOTAL 48
+#define PAY_CLAIMED 56
+#define PAY_LEAVES 64
+#define PAY_BUMP 68
+#define PAY_VAULT_BUMP 69
+#define PAY_BITMAP 70
+#define MAX_PAYOUT_LEAVES 65536 /* an 8 KiB bitmap: under what one instruction may allocate */
+#define ERR_CLAIMED 6012
+static const uint8_t SEED_PAYOUT[] = "payout";
+static const uint8_t SEED_PAYOUT_VAULT[] = "payout_vault";
+
+/* accounts: config, authority (signer, w), payouts (w), payout vault (w), source (w,
+ * the authority's token account), mint, token program, system program.
+ * data: epoch u64, root [32], total u64, leaf_count u32. Funds the epoch's payouts:
+ * from here on each node claims its own, with or without the market. */
+static uint64_t post_payouts(SolParameters *params) {
+  if (params->ka_num != 8 || params->data_len != 8 + 8 + 32 + 8 + 4) return ERR_INVALID_ARGUMENT;
+  uint64_t result = distinct_accounts(params, 8);
+  if (result) return result;
+  SolAccountInfo *config = &params->ka[0], *authority = &params->ka[1];
+  SolAccountInfo *payouts = &params->ka[2], *vault = &params->ka[3], *source = &params->ka[4];
+  SolAccountInfo *mint = &params->ka[5], *token_program = &params->ka[6];
+  SolAccountInfo *system = &params->ka[7];
+  result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
+  if (result) return result;
+  if (!authority->is_signer || !authority->is_writable ||
+      !sol_bytes_eq(config->data + CFG_AUTHORITY, authority->key->x, 32))
+    return ERR_UNAUTHORIZED;
+  if (!sol_pubkey_eq(system->key, &SYSTEM_PROGRAM) ||
+      !sol_pubkey_eq(token_program->key, &TOKEN_PROGRAM) ||
+      !sol_bytes_eq(config->data + CFG_MINT, mint->key->x, 32))
+    return ERR_INVALID_ACCOUNT;
+  const uint8_t *epoch = params->data + 8;
+  const uint8_t *root = epoch + 8;
+  uint64_t total = get_u64(root + 32);
+  uint32_t leaves = get_u32(root + 40);
+  if (total == 0 || leaves == 0 || leaves > MAX_PAYOUT_LEAVES) return ERR_INVALID_ARGUMENT;
+
+  uint8_t bump, vault_bump;
+  SolSignerSeed find[2] = {{SEED_PAYOUT, sizeof(SEED_PAYOUT) - 1}, {epoch, 8}};
+  result = expect_pda(payouts, find, 2, params->program_id, &bump);
+  if (result) return result;
+  SolSignerSeed find_vault[2] = {{SEED_PAYOUT_VAULT, sizeof(SEED_PAYOUT_VAULT) - 1},
+                                 {epoch, 8}};
+  result = expect_pda(vault, find_vault, 2, params->program_id, &vault_bump);
+  if (result) return result;
+  uint64_t size = PAY_BITMAP + ((uint64_t)leaves + 7) / 8;
+  SolSignerSeed seeds[3] = {{SEED_PAYOUT, sizeof(SEED_PAYOUT) - 1}, {epoch, 8}, {&bump, 1}};
+  SolSignerSeeds signer = {seeds, 3};
+  Creation creation = {authority, payouts, system, &signer, params->program_id, size};
+  result = create_pda(&creation); /* an epoch is posted once */
+  if (result) return result;
+  SolSignerSeed vault_seeds[3] = {{SEED_PAYOUT_VAULT, sizeof(SEED_PAYOUT_VAULT) - 1},
+                                  {epoch, 8}, {&vault_bump, 1}};
+  SolSignerSeeds vault_signer = {vault_seeds, 3};
+  Creation vault_creation = {authority, vault, system, &vault_signer, &TOKEN_PROGRAM,
+                             TOKEN_ACCOUNT_SIZE};
+  result = create_pda(&vault_creation);
+  if (result) return result;
+  uint8_t init[33];
+  init[0] = 18; /* InitializeAccount3: the vault's authority is the Payouts account */
+  sol_memcpy_(init + 1, payouts->key, 32);
+  SolAccountMeta metas[2] = {{vault->key, true, false}, {mint->key, false, false}};
+  SolInstruction ix = {(SolPubkey *)&TOKEN_PROGRAM, metas, 2, init, 33};
+  SolAccountInfo infos[3] = {*vault, *mint, *token_program};
+  result = sol_invoke_signed_c(&ix, infos, 3, NULL, 0);
+  if (result) return result;
+  Transfer t = {source, vault, authority, token_program, total, NULL};
+  result = token_transfer(&t);
+  if (result) return result;
+
+  uint8_t *d = payouts->data;
+  sol_memcpy_(d, DISC_ACCOUNT_PAYOUTS, 8);
+  sol_memcpy_(d + PAY_EPOCH, epoch, 8);
+  sol_memcpy_(d + PAY_ROOT, root, 32);
+  put_u64(d + PAY_TOTAL, total);
+  put_u32(d + PAY_LEAVES, leaves);
+  d[PAY_BUMP] = bump;
+  d[PAY_VAULT_BUMP] = vault_bump;
+  return 0;
+}
+
+/* accounts: payouts (w), payout vault (w), destination (w: a token account of the
+ * node's, of the mint), token program. data: index u32, node [32], amount u64,
+ * lefts u32, proof vec<[u8; 32]>. Anyone may claim for a node: the leaf names it and the
+ * tokens go only to an account it owns; each leaf is paid once. */
+static uint64_t claim(SolParameters *params) {
+  if (params->ka_num != 4) return ERR_INVALID_ACCOUNT;
+  uint64_t result = distinct_accounts(params, 4);
+  if (result) return result;
+  SolAccountInfo *payouts = &params->ka[0], *vault = &params->ka[1];
+  SolAccountInfo *destination = &params->ka[2], *token_program = &params->ka[3];
+  if (!sol_pubkey_eq(payouts->owner, params->program_id) || payouts->data_len < PAY_BITMAP ||
+      !sol_bytes_eq(payouts->data, DISC_ACCOUNT_PAYOUTS, 8) || !payouts->is_writable)
+    return ERR_INVALID_ACCOUNT;
+  uint8_t *d = payouts->data;
+  uint32_t leaves = get_u32(d + PAY_LEAVES);
+  if (payouts->data_len != PAY_BITMAP + ((uint64_t)leaves + 7) / 8) return ERR_INVALID_ACCOUNT;
+  SolPubkey derived;
+  SolSignerSeed vault_seeds[3] = {{SEED_PAYOUT_VAULT, sizeof(SEED_PAYOUT_VAULT) - 1},
+                                  {d + PAY_EPOCH, 8}, {d + PAY_VAULT_BUMP, 1}};
+  if (sol_create_program_address(vault_seeds, 3, params->program_id, &derived) != 0 ||
+      !sol_pubkey_eq(&derived, vault->key) || !sol_pubkey_eq(token_program->key, &TOKEN_PROGRAM))
+    return ERR_INVALID_ACCOUNT;
+  if (params->data_len < 8 + 4 + 32 + 8 + 4 + 4) return ERR_INVALID_ARGUMENT;
+  const uint8_t *leaf = params->data + 8; /* index, node, amount: 44 bytes */
+  uint32_t index = get_u32(leaf);
+  const uint8_t *node = leaf + 4;
+  uint64_t amount = get_u64(leaf + 36);
+  uint32_t lefts = get_u32(leaf + 44), depth = get_u32(leaf + 48);
+  if (depth > 32 || params->data_len != 8 + 52 + 32 * (uint64_t)depth)
+    return ERR_INVALID_ARGUMENT;
+  if (index >= leaves || amount == 0) return ERR_INVALID_ARGUMENT;
+  /* the destination is the node's own token account of the vault's mint */
+  if (!sol_pubkey_eq(destination->owner, &TOKEN_PROGRAM) ||
+      destination->data_len != TOKEN_ACCOUNT_SIZE || !sol_bytes_eq(destination->data + 32, node, 32))
+    return ERR_INVALID_ACCOUNT;
+  uint8_t *bits = d + PAY_BITMAP + index / 8;
+  uint8_t bit = (uint8_t)(1u << (index % 8));
+  if (*bits & bit) return ERR_CLAIMED;
+
+  /* RFC 6962 leaf over the 44 bytes, as protocol.merkle.hash_leaf over their hex */
+  uint8_t root[32], prefix[1] = {0};
+  SolBytes parts[2] = {{prefix, 1}, {leaf, 44}};
+  sol_sha256(parts, 2, root);
+  prefix[0] = 1;
+  const uint8_t *proof = leaf + 52;
+  for (uint32_t i = 0; i < depth; i++) {
+    uint8_t node_hash[32];
+    sol_memcpy_(node_hash, root, 32);
+    const uint8_t *sibling = proof + 32 * (uint64_t)i;
+    bool left = (lefts >> i) & 1;
+    SolBytes level[3] = {{prefix, 1}, {left ? sibling : node_hash, 32},
+                         {left ? node_hash : sibling, 32}};
+    sol_sha256(level, 3, root);
+  }
+  if (!sol_bytes_eq(root, d + PAY_ROOT, 32)) return ERR_NO_EVIDENCE;
+  uint64_t claimed = get_u64(d + PAY_CLAIMED);
+  if (claimed + amount < claimed || claimed + amount > get_u64(d + PAY_TOTAL))
+    return ERR_INSUFFICIENT;
+
+  SolSignerSeed seeds[3] = {{SEED_PAYOUT, sizeof(SEED_PAYOUT) - 1}, {d + PAY_EPOCH, 8},
+                            {d + PAY_BUMP, 1}};
+  SolSignerSeeds signer = {seeds, 3};
+  Transfer t = {vault, destination, payouts, token_program, amount, &signer};
+  result = token_transfer(&t);
+  if (result) return result;
+  *bits |= bit;
+  put_u64(d + PAY_CLAIMED, claimed + amount);
+  return 0;
+}
+
 /* ---- entrypoint --------------------------------------------------------------------------- */
 
 uint64_t entrypoint(const uint8_t *input) {
@@ -798,5 +957,7 @@ uint64_t entrypoint(const uint8_t *input) {
   if (sol_bytes_eq(params.data, DISC_OPEN_CASE, 8)) return open_case(&params);
   if (sol_bytes_eq(params.data, DISC_SLASH, 8)) return slash(&params);
   if (sol_bytes_eq(params.data, DISC_CLOSE_CASE, 8)) return close_case(&params);
+  if (sol_bytes_eq(params.data, DISC_POST_PAYOUTS, 8)) return post_payouts(&params);
+  if (sol_bytes_eq(params.data, DISC_CLAIM, 8)) return claim(&params);
   return ERR_UNKNOWN_INSTRUCTION;
 }

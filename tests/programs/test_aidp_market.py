@@ -550,6 +550,99 @@ def test_the_largest_evidence_fits_one_transaction(chain: Chain) -> None:
     assert len(bytes(open_tx)) <= 1232
 
 
+# ---- payouts ------------------------------------------------------------------------------
+
+
+class Epoch:
+    """Payouts for some nodes, posted as a Merkle root and funded from the authority."""
+
+    def __init__(self, chain: Chain, amounts: list[int], epoch: int = 1) -> None:
+        from protocol import merkle
+
+        self.chain, self.epoch = chain, epoch
+        chain.ok(chain.initialize())
+        self.source = chain.token_account(chain.mint, chain.authority.pubkey())
+        chain.ok(chain.send([spl.mint_to_checked(chain.mint, self.source,
+                                                 chain.authority.pubkey(), 10_000, 6)],
+                            chain.authority))
+        self.nodes = [Keypair() for _ in amounts]
+        self.amounts = amounts
+        self.accounts = [chain.token_account(chain.mint, n.pubkey()) for n in self.nodes]
+        self.leaves = [client.payout_leaf(i, n.pubkey(), a).hex()
+                       for i, (n, a) in enumerate(zip(self.nodes, amounts, strict=True))]
+        self.root = bytes.fromhex(merkle.merkle_root(self.leaves))
+        self.payouts = client.payouts_address(chain.program_id, epoch)
+        self.vault = client.payout_vault_address(chain.program_id, epoch)
+
+    def post(self, total: int | None = None, signer: Keypair | None = None) -> Any:
+        signer = signer or self.chain.authority
+        ix = client.instruction(self.chain.program_id, "postPayouts", {
+            "config": self.chain.config, "authority": signer.pubkey(),
+            "payouts": self.payouts, "payoutVault": self.vault, "source": self.source,
+            "mint": self.chain.mint, "tokenProgram": spl.TOKEN_PROGRAM_ID,
+            "systemProgram": client.SYSTEM_PROGRAM_ID}, epoch=self.epoch, root=self.root,
+            total=sum(self.amounts) if total is None else total, leafCount=len(self.leaves))
+        return self.chain.send([ix], signer)
+
+    def claim(self, index: int, amount: int | None = None, node: Pubkey | None = None,
+              destination: Pubkey | None = None, proof_of: int | None = None) -> Any:
+        from protocol import merkle
+
+        proof = merkle.inclusion_proof(self.leaves, index if proof_of is None else proof_of)
+        ix = client.instruction(self.chain.program_id, "claim", {
+            "payouts": self.payouts, "payoutVault": self.vault,
+            "destination": destination or self.accounts[index],
+            "tokenProgram": spl.TOKEN_PROGRAM_ID}, index=index,
+            node=node or self.nodes[index].pubkey(),
+            amount=self.amounts[index] if amount is None else amount,
+            lefts=sum(1 << i for i, step in enumerate(proof) if step.side == "left"),
+            proof=[bytes.fromhex(step.sibling) for step in proof])
+        return self.chain.send([ix], self.chain.funded())  # anyone may submit it
+
+    def tokens(self, account: Pubkey) -> int:
+        return spl.parse_token_account(self.chain.data(account)).amount
+
+
+def test_each_node_claims_its_payout_once_without_the_market(chain: Chain) -> None:
+    epoch = Epoch(chain, [120, 30, 50, 800, 1])
+    chain.ok(epoch.post())
+    assert epoch.tokens(epoch.vault) == 1001
+    assert chain.code(epoch.post()) == ERRORS["AlreadyExists"]  # an epoch is posted once
+    for index in (3, 0, 4, 1, 2):
+        result = chain.ok(epoch.claim(index))
+        assert epoch.tokens(epoch.accounts[index]) == epoch.amounts[index]
+        assert result.compute_units_consumed() < 15_000
+    assert epoch.tokens(epoch.vault) == 0
+    assert chain.code(epoch.claim(3)) == ERRORS["Claimed"]
+    state = client.decode_account("Payouts", chain.data(epoch.payouts))
+    assert state["claimed"] == state["total"] == 1001 and state["bitmap"] == b"\x1f"
+
+
+def test_a_claim_must_be_the_leaf_as_posted(chain: Chain) -> None:
+    epoch = Epoch(chain, [100, 200, 300])
+    chain.ok(epoch.post())
+    no = ERRORS["NoEvidence"]
+    assert chain.code(epoch.claim(0, amount=101)) == no  # more than its leaf
+    assert chain.code(epoch.claim(0, proof_of=1)) == no  # another leaf's proof
+    thief = Keypair()
+    thief_account = chain.token_account(chain.mint, thief.pubkey())
+    assert chain.code(epoch.claim(1, node=thief.pubkey(), destination=thief_account)) == no
+    # the right leaf, to an account the node does not own
+    assert chain.code(epoch.claim(1, destination=thief_account)) == ERRORS["InvalidAccount"]
+    assert chain.code(epoch.claim(7, proof_of=0, node=epoch.nodes[0].pubkey(), amount=100,
+                                  destination=epoch.accounts[0])) == ERRORS["InvalidArgument"]
+    chain.ok(epoch.claim(1))
+
+
+def test_only_the_authority_posts_and_the_total_bounds_the_claims(chain: Chain) -> None:
+    epoch = Epoch(chain, [100, 200])
+    assert chain.code(epoch.post(signer=chain.funded())) == ERRORS["Unauthorized"]
+    chain.ok(epoch.post(total=250))  # funded for less than its leaves
+    chain.ok(epoch.claim(1))
+    assert chain.code(epoch.claim(0)) == ERRORS["Insufficient"]
+    assert epoch.tokens(epoch.vault) == 50
+
+
 # ---- the linker ---------------------------------------------------------------------------
 
 
