@@ -69,6 +69,11 @@ static const SolPubkey TOKEN_PROGRAM = {{
     6, 221, 246, 225, 215, 101, 161, 147, 217, 203, 225, 70, 206, 235, 121, 172,
     28, 180, 133, 237, 95, 91, 55, 145, 58, 140, 245, 133, 126, 255, 0, 169}};
 
+/* BPFLoaderUpgradeab1e11111111111111111111111 */
+static const SolPubkey UPGRADEABLE_LOADER = {{
+    2, 168, 246, 145, 78, 136, 161, 176, 226, 16, 21, 62, 247, 99, 174, 43,
+    0, 194, 185, 61, 22, 193, 36, 210, 192, 83, 122, 16, 4, 128, 0, 0}};
+
 static const uint8_t SEED_CONFIG[] = "config";
 static const uint8_t SEED_ANCHOR[] = "anchor";
 static const uint8_t SEED_STAKE[] = "stake";
@@ -187,18 +192,39 @@ static uint64_t create_pda(const Creation *c) {
 
 /* ---- initialize ------------------------------------------------------------------------ */
 
-/* accounts: config (w), authority (signer, w), mint, treasury, system program
+/* Whoever deployed the program (its upgrade authority, named in its ProgramData account)
+ * is the only one who may initialise it: nobody can front-run the deployer. */
+static uint64_t expect_upgrade_authority(const SolAccountInfo *programdata,
+                                         const SolAccountInfo *signer,
+                                         const SolPubkey *program_id) {
+  SolPubkey derived;
+  uint8_t bump;
+  SolSignerSeed seeds[1] = {{program_id->x, 32}};
+  if (sol_try_find_program_address(seeds, 1, &UPGRADEABLE_LOADER, &derived, &bump) != 0 ||
+      !sol_pubkey_eq(&derived, programdata->key) ||
+      !sol_pubkey_eq(programdata->owner, &UPGRADEABLE_LOADER) || programdata->data_len < 45)
+    return ERR_INVALID_ACCOUNT;
+  const uint8_t *d = programdata->data;
+  if (get_u32(d) != 3 || d[12] != 1 || !sol_bytes_eq(d + 13, signer->key->x, 32))
+    return ERR_UNAUTHORIZED;
+  return 0;
+}
+
+/* accounts: config (w), authority (signer, w), mint, treasury, system program, the
+ * program's ProgramData (its upgrade authority must be the signer)
  * data: fee_bps u16, quorum u8, verifiers vec<pubkey>, min_stake u64,
- *       unbonding_period i64, max_slash_per_receipt u64 */
+ *       unbonding_period i64, max_slash_per_receipt u64, challenge_period i64 */
 static uint64_t initialize(SolParameters *params) {
-  if (params->ka_num != 5) return ERR_INVALID_ACCOUNT;
-  uint64_t result = distinct_accounts(params, 5);
+  if (params->ka_num != 6) return ERR_INVALID_ACCOUNT;
+  uint64_t result = distinct_accounts(params, 6);
   if (result) return result;
   SolAccountInfo *config = &params->ka[0], *authority = &params->ka[1];
   SolAccountInfo *mint = &params->ka[2], *treasury = &params->ka[3];
-  SolAccountInfo *system = &params->ka[4];
+  SolAccountInfo *system = &params->ka[4], *programdata = &params->ka[5];
   if (!authority->is_signer || !authority->is_writable || !config->is_writable)
     return ERR_UNAUTHORIZED;
+  result = expect_upgrade_authority(programdata, authority, params->program_id);
+  if (result) return result;
   if (!sol_pubkey_eq(system->key, &SYSTEM_PROGRAM)) return ERR_INVALID_ACCOUNT;
   /* the mint and the treasury are SPL Token accounts, not look-alikes */
   if (!sol_pubkey_eq(mint->owner, &TOKEN_PROGRAM) || mint->data_len != 82)

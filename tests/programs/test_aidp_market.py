@@ -22,6 +22,7 @@ from solders.transaction import VersionedTransaction
 
 from chain import spl
 from chain.aidp import program as client
+from chain.aidp.deploy import deploy, programdata_address
 from programs.build import build
 from programs.link import LinkError, link
 
@@ -42,12 +43,18 @@ class Chain:
 
     def __init__(self, program: bytes) -> None:
         self.svm = LiteSVM()
-        self.program_id = Pubkey.new_unique()
-        self.svm.add_program(self.program_id, program)
-        self.authority = self.funded()
+        self.authority = self.funded(10**11)
+        # the real deploy path (the loader checks the ELF as a cluster does); the deployer
+        # is the upgrade authority, the only one who may initialise the program
+        self.program_id = deploy(program, self.authority, self._deploy_step,
+                                 self.svm.minimum_balance_for_rent_exemption)
+        self.svm.warp_to_slot(self.svm.get_clock().slot + 1)
         self.mint = self.new_mint(self.authority)
         self.treasury = self.token_account(self.mint, self.authority.pubkey())
         self.config = client.config_address(self.program_id)
+
+    def _deploy_step(self, instructions: list[Any], signers: list[Keypair]) -> None:
+        self.ok(self.send(instructions, self.authority, *signers))
 
     def funded(self, lamports: int = 10**10) -> Keypair:
         key = Keypair()
@@ -103,7 +110,8 @@ class Chain:
                 "unbondingPeriod": 7 * 86400, "maxSlashPerReceipt": 5_000_000,
                 "challengePeriod": 86400}
         accounts = {"config": self.config, "authority": signer.pubkey(), "mint": self.mint,
-                    "treasury": self.treasury, "systemProgram": client.SYSTEM_PROGRAM_ID}
+                    "treasury": self.treasury, "systemProgram": client.SYSTEM_PROGRAM_ID,
+                    "programData": programdata_address(self.program_id)}
         accounts.update(changes.pop("accounts", {}))
         args.update(changes)
         ix = client.instruction(self.program_id, "initialize", accounts, **args)
@@ -146,10 +154,14 @@ def test_initialize_writes_the_config_the_idl_describes(chain: Chain) -> None:
     assert result.compute_units_consumed() < 20_000
 
 
-def test_a_config_is_created_once(chain: Chain) -> None:
+def test_a_config_is_created_once_by_the_deployer(chain: Chain) -> None:
+    front_runner = chain.funded()
+    assert chain.code(chain.initialize(front_runner)) == ERRORS["Unauthorized"]
+    fake = Keypair().pubkey()  # a ProgramData look-alike
+    assert chain.code(chain.initialize(accounts={"programData": fake})) == \
+        ERRORS["InvalidAccount"]
     chain.ok(chain.initialize())
     assert chain.code(chain.initialize()) == ERRORS["AlreadyExists"]
-    assert chain.code(chain.initialize(chain.funded())) == ERRORS["AlreadyExists"]
 
 
 def test_lamports_sent_to_the_config_address_first_do_not_block_it(chain: Chain) -> None:
