@@ -5,6 +5,7 @@ account and usage. Thin: bodies become a ``JobOrder``, the job runs in a ``JobSe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -205,6 +206,85 @@ async def _sse(
             state.spawn(job.abandon(events))
 
 
+async def _sse_choices(state: MarketState, jobs: list[JobSession], body: GenerationRequestBody,
+                       request_path: str, started: float) -> AsyncIterator[str]:
+    """``n`` streamed choices, interleaved as their deltas come (each chunk names its
+    ``index``); each choice ends with its own finish chunk, and with ``include_usage``
+    one usage chunk sums them all. A choice that fails ends the stream with its error;
+    a buyer who leaves has every choice cancelled and billed for what it produced."""
+    kind, model = body.kind, body.model
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + jobs[0].runner.spec.job_id
+    created = int(time.time())
+    with_usage = body.include_usage
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    events = [job.runner.events() for job in jobs]
+    ended: set[int] = set()
+
+    async def pump(index: int) -> None:
+        job, stream = jobs[index], events[index]
+        try:
+            async for event in stream:
+                if event is not None:
+                    await queue.put((index, event))
+        except Exception as exc:
+            job.runner.error = exc if isinstance(exc, APIError) else UpstreamFailed(str(exc))
+        ended.add(index)  # from here the job is finalized here, whoever is listening
+        await job.finalize()
+        await queue.put((index, _END))
+
+    pumps = [state.spawn(pump(i)) for i in range(len(jobs))]
+    finished = False
+    try:
+        open_choices, sent = len(jobs), set()
+        while open_choices:
+            try:
+                async with asyncio.timeout(state.settings.routing.sse_keepalive_s):
+                    index, event = await queue.get()
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            runner = jobs[index].runner
+            if event is _END:
+                open_choices -= 1
+                if runner.error is not None:
+                    yield f"data: {_dumps(runner.error.body())}\n\n"
+                    break
+                final = stream_chunk(kind, rid, model, created, None if kind == "chat" else "",
+                                     runner.finish_reason or "stop", first=index not in sent,
+                                     usage_field=with_usage, index=index)
+                yield f"data: {_dumps(final)}\n\n"
+                continue
+            chunk = stream_chunk(kind, rid, model, created, event, first=index not in sent,
+                                 usage_field=with_usage, index=index)
+            sent.add(index)
+            yield f"data: {_dumps(chunk)}\n\n"
+        else:
+            if with_usage:
+                usages = [job.runner.usage() for job in jobs]
+                total = usage_dict(sum(u["prompt_tokens"] for u in usages),
+                                   sum(u["completion_tokens"] for u in usages))
+                usage_chunk = stream_chunk(kind, rid, model, created, None, usage=total,
+                                           no_choices=True)
+                yield f"data: {_dumps(usage_chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+        finished = True
+        state.metrics.latency.labels(request_path).observe(time.monotonic() - started)
+    finally:
+        for index, task in enumerate(pumps):
+            if index not in ended:  # the buyer left, or another choice failed
+                task.cancel()
+                state.spawn(_abandon_after(task, jobs[index], events[index]))
+        if not finished:
+            log.info("streamed choices of %s ended early", rid)
+
+
+async def _abandon_after(pump: asyncio.Task[None], job: JobSession, events: Any) -> None:
+    """Once a cancelled pump has stopped reading its choice, cancel and bill that job."""
+    with contextlib.suppress(BaseException):
+        await pump
+    await job.abandon(events)
+
+
 async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) -> Any:
     state = market_state(request)
     endpoint = endpoint_label(request.scope)
@@ -213,6 +293,13 @@ async def generate(request: Request, buyer: Buyer, body: GenerationRequestBody) 
     try:
         if not body.stream:
             return JSONResponse(await complete(state, buyer, body))
+        if body.n > 1:
+            jobs = await JobSession.open_choices(state, buyer, job_order(body, state.settings),
+                                                 body.n)
+            streaming = True
+            return EventStreamResponse(
+                _sse_choices(state, jobs, body, endpoint, started),
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         job = await JobSession.open(state, buyer, job_order(body, state.settings))
         events = job.runner.events()
         # The first event (or failure) before answering: errors keep their HTTP status.

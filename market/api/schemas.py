@@ -127,14 +127,17 @@ class _GenerationBody(RequestBody):
             raise ValueError("a stop sequence is at most 256 characters")
         return value
 
-    @field_validator("n")
-    @classmethod
-    def _one_streamed_choice(cls, value: int, info: ValidationInfo) -> int:
-        if value > 1 and info.data.get("stream"):
+    @model_validator(mode="after")
+    def _streamed_choices(self) -> Any:
+        """Streamed choices come interleaved as plain text deltas: not with tools (read
+        as a whole at the end) or logprobs."""
+        logprobs = getattr(self, "logprobs", None)
+        if self.n > 1 and self.stream and (getattr(self, "tools", None) or (
+                logprobs is not None and logprobs is not False)):
             raise PydanticCustomError(
-                "unsupported_parameter", "n > 1 is served without stream only (yet)",
-                {"param": "n"})
-        return value
+                "unsupported_parameter", "n > 1 with stream is served without tools and "
+                "logprobs (ask without stream for those)", {"param": "n"})
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -438,8 +441,9 @@ def stream_chunk(
     usage_field: bool = False,
     logprobs: dict[str, Any] | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One streamed chunk. ``usage_field``: the stream asked for usage
+    """One streamed chunk (of choice ``index``). ``usage_field``: the stream asked for usage
     (``include_usage``), so every chunk has the field, null but on the usage-only chunk
     (``no_choices``) that ends the stream, as OpenAI sends; without it no chunk has one."""
     if kind == "chat":
@@ -451,11 +455,12 @@ def stream_chunk(
         if tool_calls is not None:
             delta["tool_calls"] = tool_calls
         choice: dict[str, Any] = {
-            "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason
+            "index": index, "delta": delta, "logprobs": logprobs,
+            "finish_reason": finish_reason
         }
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs,
+        choice = {"index": index, "text": text or "", "logprobs": logprobs,
                   "finish_reason": finish_reason}
         obj = "text_completion"
     chunk: dict[str, Any] = {

@@ -1,5 +1,5 @@
 """``n`` choices: one job per choice, each held, receipted and billed on its own; all
-of them held or none; ``n > 1`` streams are refused by name until served."""
+of them held or none; streamed, the choices come interleaved by ``index``."""
 
 from __future__ import annotations
 
@@ -59,14 +59,69 @@ async def test_all_choices_are_held_or_none(market: Market, nodes: Nodes) -> Non
     assert buyer.get("/v1/usage")["charged"] == 0
 
 
-async def test_n_above_8_or_streamed_is_400_naming_n(market: Market, nodes: Nodes) -> None:
+async def test_streamed_choices_come_by_index_as_unstreamed_ones(market: Market,
+                                                                  nodes: Nodes) -> None:
+    model = unique_model()
+    await nodes.start(model, price=PRICE)
+    buyer = market.buyer(credit=10**9)
+    client = buyer.client()
+    whole = await client.chat.completions.create(model=model, messages=MESSAGES,
+                                                 max_tokens=6, n=3, seed=5)
+    stream = await client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=6, n=3, seed=5, stream=True,
+        stream_options={"include_usage": True})
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    usage = None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finishes == {0: "length", 1: "length", 2: "length"}
+    assert usage is not None and usage.completion_tokens == 18  # counted once, summed
+    completions = await client.completions.create(model=model, prompt="Once", max_tokens=4,
+                                                  n=2, stream=True)
+    indices = {c.index async for chunk in completions for c in chunk.choices}
+    assert indices == {0, 1}
+    assert buyer.get("/v1/account")["held"] == 0
+
+
+async def test_n_above_8_or_streamed_with_tools_is_400_naming_n(market: Market,
+                                                               nodes: Nodes) -> None:
     model = unique_model()
     await nodes.start(model)
     buyer = market.buyer()
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     for extra, code in (({"n": 9}, "invalid_value"),
-                        ({"n": 2, "stream": True}, "unsupported_parameter")):
+                        ({"n": 2, "stream": True, "tools": [tool]}, "unsupported_parameter"),
+                        ({"n": 2, "stream": True, "logprobs": True}, "unsupported_parameter")):
         with pytest.raises(openai.BadRequestError) as info:
             await buyer.client().chat.completions.create(
                 model=model, messages=MESSAGES, max_tokens=4, extra_body=extra)
         error = info.value.response.json()["error"]
         assert (error["param"], error["code"]) == ("n", code)
+
+
+async def test_a_buyer_leaving_streamed_choices_cancels_and_bills_each(market: Market,
+                                                                       nodes: Nodes) -> None:
+    from tests.support.market import wait_for
+
+    model = unique_model()
+    await nodes.start(model, price=PRICE, token_delay=0.05)
+    buyer = market.buyer(credit=10**9)
+    stream = await buyer.client().chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=200, n=2, stream=True)
+    seen = set()
+    async for chunk in stream:
+        seen.update(c.index for c in chunk.choices)
+        if seen == {0, 1}:
+            break
+    await stream.close()  # the buyer goes away mid-stream
+    await wait_for(lambda: buyer.get("/v1/account")["held"] == 0, timeout=20)
+    jobs = [j for j in buyer.get("/v1/usage")["data"] if j["model"] == model]
+    assert len(jobs) == 2 and {j["status"] for j in jobs} == {"cancelled"}
+    assert all(0 < j["completion_tokens"] < 200 and j["charged"] > 0 for j in jobs)
