@@ -243,6 +243,25 @@ def test_anchor_root_refuses_substituted_accounts(chain: Chain) -> None:
     assert chain.code(chain.anchor(root, anchor=chain.config)) == ERRORS["DuplicateAccount"]
 
 
+def test_every_instruction_of_the_idl_reaches_its_handler(chain: Chain) -> None:
+    """The IDL and the program agree on every instruction: each discriminator is
+    dispatched (no accounts: its handler refuses them, not the dispatcher), and every
+    account type the IDL names is one the tests above decoded at its size."""
+    for spec in client.idl()["instructions"]:
+        ix = Instruction(chain.program_id, client.instruction_discriminator(spec["name"]), [])
+        code = chain.code(chain.send([ix], chain.authority))
+        assert code not in (None, ERRORS["UnknownInstruction"]), spec["name"]
+    names = {a["name"] for a in client.idl()["accounts"]}
+    assert names == {"MarketConfig", "NodeStake", "ReceiptAnchor", "SlashCase", "Payouts"}
+    assert {e["code"] for e in client.idl()["errors"]} == set(range(6000, 6000 + len(ERRORS)))
+    import re
+
+    source = (Path(client.IDL_PATH).parent / "aidp_market.c").read_text()
+    defined = {name: int(code) for name, code in
+               re.findall(r"#define ERR_([A-Z_]+) (\d+)", source)}
+    assert defined == {client.snake(name).upper(): code for name, code in ERRORS.items()}
+
+
 def test_an_instruction_the_idl_does_not_name_is_refused(chain: Chain) -> None:
     ix = Instruction(chain.program_id, b"\x00" * 8, [])
     assert chain.code(chain.send([ix], chain.authority)) == ERRORS["UnknownInstruction"]
