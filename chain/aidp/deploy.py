@@ -43,28 +43,29 @@ def upgrade_authority(programdata: bytes) -> Pubkey | None:
     return Pubkey.from_bytes(programdata[13:45]) if has else None
 
 
-def deploy(elf: bytes, payer: Keypair, send: Send, rent: Rent,
-           program: Keypair | None = None) -> Pubkey:
-    """Deploy ``elf`` with ``payer`` as fee payer and upgrade authority; returns the
-    program id (``program``'s key, a new one by default)."""
-    program = program or Keypair()
-    buffer = Keypair()
+Step = tuple[list[Instruction], list[Keypair]]
+
+
+def deploy_steps(elf: bytes, payer: Keypair, program: Keypair, buffer: Keypair,
+                 buffer_rent: int, program_rent: int) -> list[Step]:
+    """The transactions of a deploy, in order (instructions, signers beyond the payer)."""
     buffer_size = BUFFER_HEADER + len(elf)
-    send([create_account(CreateAccountParams(
-        from_pubkey=payer.pubkey(), to_pubkey=buffer.pubkey(), lamports=rent(buffer_size),
+    steps: list[Step] = [([create_account(CreateAccountParams(
+        from_pubkey=payer.pubkey(), to_pubkey=buffer.pubkey(), lamports=buffer_rent,
         space=buffer_size, owner=LOADER_ID)),
         Instruction(LOADER_ID, struct.pack("<I", 0), [  # InitializeBuffer
             AccountMeta(buffer.pubkey(), False, True),
-            AccountMeta(payer.pubkey(), False, False)])], [buffer])
+            AccountMeta(payer.pubkey(), False, False)])], [buffer])]
     for offset in range(0, len(elf), CHUNK):
         chunk = elf[offset:offset + CHUNK]
-        send([Instruction(LOADER_ID, struct.pack("<IIQ", 1, offset, len(chunk)) + chunk, [
-            AccountMeta(buffer.pubkey(), False, True),
-            AccountMeta(payer.pubkey(), True, False)])], [])  # Write
+        steps.append(([Instruction(LOADER_ID, struct.pack("<IIQ", 1, offset, len(chunk))
+                                   + chunk, [AccountMeta(buffer.pubkey(), False, True),
+                                             AccountMeta(payer.pubkey(), True, False)])],
+                      []))  # Write
     programdata = programdata_address(program.pubkey())
-    send([create_account(CreateAccountParams(
-        from_pubkey=payer.pubkey(), to_pubkey=program.pubkey(),
-        lamports=rent(PROGRAM_SIZE), space=PROGRAM_SIZE, owner=LOADER_ID)),
+    steps.append(([create_account(CreateAccountParams(
+        from_pubkey=payer.pubkey(), to_pubkey=program.pubkey(), lamports=program_rent,
+        space=PROGRAM_SIZE, owner=LOADER_ID)),
         Instruction(LOADER_ID, struct.pack("<IQ", 2, len(elf)), [  # DeployWithMaxDataLen
             AccountMeta(payer.pubkey(), True, True),
             AccountMeta(programdata, False, True),
@@ -73,8 +74,33 @@ def deploy(elf: bytes, payer: Keypair, send: Send, rent: Rent,
             AccountMeta(RENT_SYSVAR, False, False),
             AccountMeta(CLOCK_SYSVAR, False, False),
             AccountMeta(SYSTEM_PROGRAM, False, False),
-            AccountMeta(payer.pubkey(), True, False)])], [program])
+            AccountMeta(payer.pubkey(), True, False)])], [program]))
+    return steps
+
+
+def deploy(elf: bytes, payer: Keypair, send: Send, rent: Rent,
+           program: Keypair | None = None) -> Pubkey:
+    """Deploy ``elf`` with ``payer`` as fee payer and upgrade authority, one transaction
+    at a time through ``send``; returns the program id (``program``'s key)."""
+    program = program or Keypair()
+    for instructions, signers in deploy_steps(elf, payer, program, Keypair(),
+                                              rent(BUFFER_HEADER + len(elf)),
+                                              rent(PROGRAM_SIZE)):
+        send(instructions, signers)
     return program.pubkey()
 
 
-__all__ = ["LOADER_ID", "deploy", "programdata_address", "upgrade_authority"]
+async def deploy_to(ledger: Any, elf: bytes, payer: Keypair,
+                    program: Keypair | None = None) -> Pubkey:
+    """The same through a ``chain.ledger`` backend (in-process or any RPC URL)."""
+    program = program or Keypair()
+    buffer_rent = await ledger.minimum_balance_for_rent_exemption(BUFFER_HEADER + len(elf))
+    program_rent = await ledger.minimum_balance_for_rent_exemption(PROGRAM_SIZE)
+    for instructions, signers in deploy_steps(elf, payer, program, Keypair(), buffer_rent,
+                                              program_rent):
+        await ledger.execute(instructions, payer, signers)
+    return program.pubkey()
+
+
+__all__ = ["LOADER_ID", "deploy", "deploy_steps", "deploy_to", "programdata_address",
+           "upgrade_authority"]
