@@ -165,18 +165,17 @@ def _relocate(obj: _Object, text: bytearray, rodata: bytearray, base: dict[str, 
             symbol = table.get_symbol(reloc["r_info_sym"])  # type: ignore[union-attr]
             where = _symbol_offset(obj, symbol, base, symbols)
             if kind == R_BPF_64_64:
-                low, = struct.unpack_from("<I", buffer, at + 4)
-                value = MM_PROGRAM_START + _required(where, symbol) + low
+                addend, = struct.unpack_from("<i", buffer, at + 4)  # signed
+                value = MM_PROGRAM_START + _required(where, symbol) + addend
                 struct.pack_into("<I", buffer, at + 4, value & 0xFFFFFFFF)
                 struct.pack_into("<I", buffer, at + 12, value >> 32)
             elif kind == R_BPF_64_ABS64:
                 addend, = struct.unpack_from("<Q", buffer, at)
                 struct.pack_into("<Q", buffer, at, MM_PROGRAM_START + _required(where, symbol)
                                  + addend)
-            elif kind == R_BPF_64_ABS32:
-                addend, = struct.unpack_from("<I", buffer, at)
-                value = MM_PROGRAM_START + _required(where, symbol) + addend
-                struct.pack_into("<I", buffer, at, value & 0xFFFFFFFF)
+            elif kind == R_BPF_64_ABS32:  # a VM address does not fit 32 bits
+                raise LinkError(f"a 32-bit absolute address at {target.name}+"
+                                f"{reloc['r_offset']:#x}: program addresses are 64-bit")
             elif kind == R_BPF_64_32:
                 if target.out != "text" or buffer[at] != CALL_IMM:
                     raise LinkError(f"R_BPF_64_32 at {target.name}+{reloc['r_offset']:#x} is "

@@ -20,6 +20,8 @@ RECEIPT_DOMAIN = b"AIDP/receipt/v1\x00"
 #: a verifier's verdict that a receipt is fraud, naming the slash it asks for (checked on
 #: chain by programs/aidp_market: chain/aidp/program.py builds the message)
 VERDICT_DOMAIN = b"AIDP/verdict/v1\x00"
+#: verifiers' acquittal of a receipt a case was opened on (padded to 16 bytes as the rest)
+ACQUIT_DOMAIN = b"AIDP/acquit/v1\x00\x00"
 #: a node operator asking the market to start unbonding part of its stake
 UNBOND_DOMAIN = b"AIDP/stake-unbond/v1\x00"
 #: a node operator asking the market to co-sign the withdrawal of unbonded stake

@@ -46,6 +46,14 @@ def upgrade_authority(programdata: bytes) -> Pubkey | None:
 Step = tuple[list[Instruction], list[Keypair]]
 
 
+def make_immutable(program_id: Pubkey, authority: Pubkey) -> Instruction:
+    """The loader's ``SetAuthority`` to none: nobody can upgrade the program again (the
+    market program takes funds only then: an upgrade could replace its every rule)."""
+    return Instruction(LOADER_ID, struct.pack("<I", 4), [
+        AccountMeta(programdata_address(program_id), False, True),
+        AccountMeta(authority, True, False)])
+
+
 def deploy_steps(elf: bytes, payer: Keypair, program: Keypair, buffer: Keypair,
                  buffer_rent: int, program_rent: int) -> list[Step]:
     """The transactions of a deploy, in order (instructions, signers beyond the payer)."""
@@ -102,5 +110,5 @@ async def deploy_to(ledger: Any, elf: bytes, payer: Keypair,
     return program.pubkey()
 
 
-__all__ = ["LOADER_ID", "deploy", "deploy_steps", "deploy_to", "programdata_address",
-           "upgrade_authority"]
+__all__ = ["LOADER_ID", "deploy", "deploy_steps", "deploy_to", "make_immutable",
+           "programdata_address", "upgrade_authority"]

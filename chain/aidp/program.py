@@ -25,7 +25,7 @@ from solders.instruction import AccountMeta, Instruction
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 
-from protocol.keys import RECEIPT_DOMAIN, VERDICT_DOMAIN
+from protocol.keys import ACQUIT_DOMAIN, RECEIPT_DOMAIN, VERDICT_DOMAIN
 
 IDL_PATH = Path(__file__).resolve().parents[2] / "programs" / "aidp_market" / "idl.json"
 SYSTEM_PROGRAM_ID = Pubkey.default()
@@ -204,11 +204,20 @@ def receipt_message(receipt_hash: bytes) -> bytes:
     return RECEIPT_DOMAIN + receipt_hash
 
 
-def verdict_message(receipt_hash: bytes, node: Pubkey, amount: int, refund: int,
-                    refund_account: Pubkey, nonce: int) -> bytes:
-    """What each verifier signs to ask for a slash; the program rebuilds it byte for byte."""
-    return (VERDICT_DOMAIN + receipt_hash + bytes(node) + struct.pack("<QQ", amount, refund)
-            + bytes(refund_account) + struct.pack("<Q", nonce))
+def verdict_message(program_id: Pubkey, receipt_hash: bytes, node: Pubkey, amount: int,
+                    refund: int, refund_account: Pubkey, nonce: int) -> bytes:
+    """What each verifier signs to ask for a slash; the program rebuilds it byte for byte
+    (it names the program: a verdict is worth nothing at another deployment)."""
+    return (VERDICT_DOMAIN + bytes(program_id) + receipt_hash + bytes(node)
+            + struct.pack("<QQ", amount, refund) + bytes(refund_account)
+            + struct.pack("<Q", nonce))
+
+
+def acquittal_message(program_id: Pubkey, receipt_hash: bytes, node: Pubkey,
+                      nonce: int) -> bytes:
+    """What each verifier signs to close a case before its period ends."""
+    return (ACQUIT_DOMAIN + bytes(program_id) + receipt_hash + bytes(node)
+            + struct.pack("<Q", nonce))
 
 
 def ed25519_instruction(signed: list[tuple[Pubkey, Signature, bytes]]) -> Instruction:
@@ -256,4 +265,4 @@ __all__ = ["MarketConfig", "ProgramError", "account_discriminator", "account_siz
            "anchor_address", "config_address", "decode_account", "encode", "idl",
            "instruction", "instruction_discriminator", "stake_address", "vault_address",
            "case_address", "ed25519_instruction", "receipt_message", "verdict_message",
-           "payout_leaf", "payout_vault_address", "payouts_address"]
+           "payout_leaf", "payout_vault_address", "payouts_address", "acquittal_message"]

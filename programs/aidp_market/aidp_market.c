@@ -69,6 +69,10 @@ static const SolPubkey TOKEN_PROGRAM = {{
     6, 221, 246, 225, 215, 101, 161, 147, 217, 203, 225, 70, 206, 235, 121, 172,
     28, 180, 133, 237, 95, 91, 55, 145, 58, 140, 245, 133, 126, 255, 0, 169}};
 
+/* ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL */
+static const SolPubkey ASSOCIATED_TOKEN_PROGRAM = {{
+    140, 151, 37, 143, 78, 36, 137, 241, 187, 61, 16, 41, 20, 142, 13, 131,
+    11, 90, 19, 153, 218, 255, 16, 132, 4, 142, 123, 216, 219, 233, 248, 89}};
 /* BPFLoaderUpgradeab1e11111111111111111111111 */
 static const SolPubkey UPGRADEABLE_LOADER = {{
     2, 168, 246, 145, 78, 136, 161, 176, 226, 16, 21, 62, 247, 99, 174, 43,
@@ -151,9 +155,9 @@ static uint64_t system_call(const Creation *c, const uint8_t *data, uint64_t len
 /* Rent-exempt minimum: (128 + space) bytes for two years (the exemption threshold is
  * 2.0 on every cluster; SBPF has no floating point to read it with). */
 static uint64_t rent_minimum(uint64_t space) {
-  uint8_t rent[17];
+  uint64_t rent[3]; /* Rent: lamports per byte-year, threshold (f64), burn (u8), padded */
   sol_get_rent_sysvar(rent);
-  return (128 + space) * get_u64(rent) * 2;
+  return (128 + space) * rent[0] * 2;
 }
 
 /* Create ``account`` (a PDA signed by ``signer``) owned by this program. An account
@@ -210,6 +214,23 @@ static uint64_t expect_upgrade_authority(const SolAccountInfo *programdata,
   return 0;
 }
 
+#define ERR_UPGRADEABLE 6013
+
+/* The program's ProgramData says nobody can upgrade it any more: funds enter only then
+ * (an upgrade could otherwise replace every rule here, the vaults' included). */
+static uint64_t expect_immutable(const SolAccountInfo *programdata,
+                                 const SolPubkey *program_id) {
+  SolPubkey derived;
+  uint8_t bump;
+  SolSignerSeed seeds[1] = {{program_id->x, 32}};
+  if (sol_try_find_program_address(seeds, 1, &UPGRADEABLE_LOADER, &derived, &bump) != 0 ||
+      !sol_pubkey_eq(&derived, programdata->key) ||
+      !sol_pubkey_eq(programdata->owner, &UPGRADEABLE_LOADER) || programdata->data_len < 13 ||
+      get_u32(programdata->data) != 3)
+    return ERR_INVALID_ACCOUNT;
+  return programdata->data[12] == 0 ? 0 : ERR_UPGRADEABLE;
+}
+
 /* accounts: config (w), authority (signer, w), mint, treasury, system program, the
  * program's ProgramData (its upgrade authority must be the signer)
  * data: fee_bps u16, quorum u8, verifiers vec<pubkey>, min_stake u64,
@@ -227,7 +248,9 @@ static uint64_t initialize(SolParameters *params) {
   if (result) return result;
   if (!sol_pubkey_eq(system->key, &SYSTEM_PROGRAM)) return ERR_INVALID_ACCOUNT;
   /* the mint and the treasury are SPL Token accounts, not look-alikes */
-  if (!sol_pubkey_eq(mint->owner, &TOKEN_PROGRAM) || mint->data_len != 82)
+  /* no freeze authority: nobody may lock a vault of this mint */
+  if (!sol_pubkey_eq(mint->owner, &TOKEN_PROGRAM) || mint->data_len != 82 ||
+      get_u32(mint->data + 46) != 0)
     return ERR_INVALID_ACCOUNT;
   if (!sol_pubkey_eq(treasury->owner, &TOKEN_PROGRAM) || treasury->data_len != 165 ||
       !sol_bytes_eq(treasury->data, mint->key->x, 32))
@@ -381,15 +404,18 @@ static uint64_t expect_stake(const SolAccountInfo *stake, const SolAccountInfo *
 }
 
 /* accounts: config, operator (signer, w), stake (w), vault (w), mint, token program,
- * system program. Creates the operator's NodeStake and its vault token account. */
+ * system program, the program's ProgramData. Creates the operator's NodeStake and its
+ * vault token account, once the program can no longer be upgraded. */
 static uint64_t register_stake(SolParameters *params) {
-  if (params->ka_num != 7) return ERR_INVALID_ACCOUNT;
-  uint64_t result = distinct_accounts(params, 7);
+  if (params->ka_num != 8) return ERR_INVALID_ACCOUNT;
+  uint64_t result = distinct_accounts(params, 8);
   if (result) return result;
   SolAccountInfo *config = &params->ka[0], *operator = &params->ka[1];
   SolAccountInfo *stake = &params->ka[2], *vault = &params->ka[3], *mint = &params->ka[4];
   SolAccountInfo *token_program = &params->ka[5], *system = &params->ka[6];
   result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
+  if (result) return result;
+  result = expect_immutable(&params->ka[7], params->program_id);
   if (result) return result;
   if (!operator->is_signer || !operator->is_writable) return ERR_UNAUTHORIZED;
   if (!sol_pubkey_eq(system->key, &SYSTEM_PROGRAM) ||
@@ -508,9 +534,12 @@ static uint64_t withdraw(SolParameters *params) {
   int64_t since = (int64_t)get_u64(stake->data + STK_UNBOND_AT);
   int64_t time = now();
   if (time < since + period) return ERR_NOT_YET;
-  /* an open case holds the stake until it is decided or its period ends */
-  if (get_u32(stake->data + STK_OPEN_CASES) > 0 &&
-      time < (int64_t)get_u64(stake->data + STK_CHALLENGE_UNTIL))
+  /* an open case holds the stake until it is decided or its period ends, and all cases
+   * together for at most one challenge period past the unbonding period (no authority
+   * can hold it for ever by opening case after case) */
+  int64_t hold = (int64_t)get_u64(stake->data + STK_CHALLENGE_UNTIL);
+  int64_t cap = since + period + (int64_t)get_u64(config->data + CFG_CHALLENGE_PERIOD);
+  if (get_u32(stake->data + STK_OPEN_CASES) > 0 && time < (hold < cap ? hold : cap))
     return ERR_NOT_YET;
   SolSignerSeed seeds[3] = {{SEED_STAKE, sizeof(SEED_STAKE) - 1}, {operator->key->x, 32},
                             {stake->data + STK_BUMP, 1}};
@@ -541,7 +570,9 @@ static const SolPubkey ED25519_PROGRAM = {{
     5, 112, 116, 73, 39, 244, 138, 100, 252, 202, 112, 68, 128, 0, 0, 0}};
 static const uint8_t RECEIPT_DOMAIN[16] = "AIDP/receipt/v1";  /* + NUL: protocol/keys.py */
 static const uint8_t VERDICT_DOMAIN[16] = "AIDP/verdict/v1";
-#define VERDICT_SIZE (16 + 32 + 32 + 8 + 8 + 32 + 8)
+#define VERDICT_SIZE (16 + 32 + 32 + 32 + 8 + 8 + 32 + 8)
+static const uint8_t ACQUIT_DOMAIN[16] = "AIDP/acquit/v1\0";
+#define ACQUIT_SIZE (16 + 32 + 32 + 32 + 8)
 
 typedef struct { const uint8_t *pubkey; const uint8_t *message; uint64_t size; } Signed;
 typedef struct { Signed items[MAX_SIGNED]; uint64_t count; } SignedSet;
@@ -613,6 +644,22 @@ static void merkle_root_of(const uint8_t *hash, const uint8_t *proof, uint32_t d
     SolBytes parts[3] = {{prefix, 1}, {left ? sibling : node, 32}, {left ? node : sibling, 32}};
     sol_sha256(parts, 3, root);
   }
+}
+
+/* A quorum of the config's verifiers, each counted once, signed ``message`` in this
+ * transaction. */
+static uint64_t expect_quorum(const SolAccountInfo *config, const SolAccountInfo *sysvar,
+                              const uint8_t *message, uint64_t size) {
+  SignedSet signed_set;
+  uint64_t result = collect_signed(sysvar, &signed_set);
+  if (result) return result;
+  uint8_t count = config->data[CFG_VERIFIER_COUNT], agreeing = 0;
+  for (uint8_t v = 0; v < count; v++) {
+    if (was_signed(&signed_set, config->data + CFG_VERIFIERS + 32 * (uint64_t)v, message,
+                   size))
+      agreeing++;
+  }
+  return agreeing < config->data[CFG_QUORUM] ? ERR_NO_EVIDENCE : 0;
 }
 
 /* SlashCase: PDA ["case", receipt_hash], one per receipt ever */
@@ -747,23 +794,17 @@ static uint64_t slash(SolParameters *params) {
                      (int64_t)get_u64(config->data + CFG_CHALLENGE_PERIOD);
   if (now() >= deadline) return ERR_EXPIRED;
 
+  /* the verdict names this program (a verdict for another deployment is not one here) */
   uint8_t verdict[VERDICT_SIZE];
   sol_memcpy_(verdict, VERDICT_DOMAIN, 16);
-  sol_memcpy_(verdict + 16, cs->data + CASE_RECEIPT, 32);
-  sol_memcpy_(verdict + 48, cs->data + CASE_OPERATOR, 32);
-  sol_memcpy_(verdict + 80, params->data + 8, 16); /* amount, refund */
-  sol_memcpy_(verdict + 96, refund->key, 32);
-  sol_memcpy_(verdict + 128, params->data + 24, 8); /* nonce */
-  SignedSet signed_set;
-  result = collect_signed(sysvar, &signed_set);
+  sol_memcpy_(verdict + 16, params->program_id, 32);
+  sol_memcpy_(verdict + 48, cs->data + CASE_RECEIPT, 32);
+  sol_memcpy_(verdict + 80, cs->data + CASE_OPERATOR, 32);
+  sol_memcpy_(verdict + 112, params->data + 8, 16); /* amount, refund */
+  sol_memcpy_(verdict + 128, refund->key, 32);
+  sol_memcpy_(verdict + 160, params->data + 24, 8); /* nonce */
+  result = expect_quorum(config, sysvar, verdict, VERDICT_SIZE);
   if (result) return result;
-  uint8_t count = config->data[CFG_VERIFIER_COUNT], agreeing = 0;
-  for (uint8_t v = 0; v < count; v++) { /* each verifier of the set counts once */
-    if (was_signed(&signed_set, config->data + CFG_VERIFIERS + 32 * (uint64_t)v, verdict,
-                   VERDICT_SIZE))
-      agreeing++;
-  }
-  if (agreeing < config->data[CFG_QUORUM]) return ERR_NO_EVIDENCE;
 
   uint64_t staked = get_u64(stake->data + STK_STAKED);
   uint64_t taken = amount < staked ? amount : staked;
@@ -790,21 +831,33 @@ static uint64_t slash(SolParameters *params) {
   return 0;
 }
 
-/* accounts: config, authority (signer), case (w), stake (w). The market found the
- * receipt honest: the case closes and holds the stake no longer. */
+/* accounts: config, case (w), stake (w), instructions sysvar. data: nonce u64.
+ * Closes a case: before its period ends only on a quorum of verifiers' acquittal
+ * (AIDP/acquit/v1 || program || receipt || node || nonce: the authority alone cannot
+ * overturn a verdict by closing first); after it, anyone may (the case is moot). */
 static uint64_t close_case(SolParameters *params) {
-  if (params->ka_num != 4 || params->data_len != 8) return ERR_INVALID_ARGUMENT;
+  if (params->ka_num != 4 || params->data_len != 16) return ERR_INVALID_ARGUMENT;
   uint64_t result = distinct_accounts(params, 4);
   if (result) return result;
-  SolAccountInfo *config = &params->ka[0], *authority = &params->ka[1];
-  SolAccountInfo *cs = &params->ka[2], *stake = &params->ka[3];
+  SolAccountInfo *config = &params->ka[0], *cs = &params->ka[1], *stake = &params->ka[2];
+  SolAccountInfo *sysvar = &params->ka[3];
   result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
   if (result) return result;
-  if (!authority->is_signer || !sol_bytes_eq(config->data + CFG_AUTHORITY, authority->key->x, 32))
-    return ERR_UNAUTHORIZED;
   result = expect_case_stake(cs, stake, params->program_id);
   if (result) return result;
   if (!cs->is_writable || !stake->is_writable) return ERR_INVALID_ACCOUNT;
+  int64_t deadline = (int64_t)get_u64(cs->data + CASE_OPENED_AT) +
+                     (int64_t)get_u64(config->data + CFG_CHALLENGE_PERIOD);
+  if (now() < deadline) {
+    uint8_t acquit[ACQUIT_SIZE];
+    sol_memcpy_(acquit, ACQUIT_DOMAIN, 16);
+    sol_memcpy_(acquit + 16, params->program_id, 32);
+    sol_memcpy_(acquit + 48, cs->data + CASE_RECEIPT, 32);
+    sol_memcpy_(acquit + 80, cs->data + CASE_OPERATOR, 32);
+    sol_memcpy_(acquit + 112, params->data + 8, 8);
+    result = expect_quorum(config, sysvar, acquit, ACQUIT_SIZE);
+    if (result) return result;
+  }
   close_open_case(cs, stake, 2);
   return 0;
 }
@@ -832,8 +885,10 @@ static const uint8_t SEED_PAYOUT_VAULT[] = "payout_vault";
  * data: epoch u64, root [32], total u64, leaf_count u32. Funds the epoch's payouts:
  * from here on each node claims its own, with or without the market. */
 static uint64_t post_payouts(SolParameters *params) {
-  if (params->ka_num != 8 || params->data_len != 8 + 8 + 32 + 8 + 4) return ERR_INVALID_ARGUMENT;
-  uint64_t result = distinct_accounts(params, 8);
+  if (params->ka_num != 9 || params->data_len != 8 + 8 + 32 + 8 + 4) return ERR_INVALID_ARGUMENT;
+  uint64_t result = distinct_accounts(params, 9);
+  if (result) return result;
+  result = expect_immutable(&params->ka[8], params->program_id);
   if (result) return result;
   SolAccountInfo *config = &params->ka[0], *authority = &params->ka[1];
   SolAccountInfo *payouts = &params->ka[2], *vault = &params->ka[3], *source = &params->ka[4];
@@ -929,9 +984,14 @@ static uint64_t claim(SolParameters *params) {
   if (depth > 32 || params->data_len != 8 + 52 + 32 * (uint64_t)depth)
     return ERR_INVALID_ARGUMENT;
   if (index >= leaves || amount == 0) return ERR_INVALID_ARGUMENT;
-  /* the destination is the node's own token account of the vault's mint */
-  if (!sol_pubkey_eq(destination->owner, &TOKEN_PROGRAM) ||
-      destination->data_len != TOKEN_ACCOUNT_SIZE || !sol_bytes_eq(destination->data + 32, node, 32))
+  /* the destination is the node's associated token account of the vault's mint (the
+   * account its wallet shows, not one someone else opened in its name) */
+  if (vault->data_len != TOKEN_ACCOUNT_SIZE) return ERR_INVALID_ACCOUNT;
+  SolPubkey ata;
+  uint8_t ata_bump;
+  SolSignerSeed ata_seeds[3] = {{node, 32}, {TOKEN_PROGRAM.x, 32}, {vault->data, 32}};
+  if (sol_try_find_program_address(ata_seeds, 3, &ASSOCIATED_TOKEN_PROGRAM, &ata, &ata_bump) != 0 ||
+      !sol_pubkey_eq(&ata, destination->key))
     return ERR_INVALID_ACCOUNT;
   uint8_t *bits = d + PAY_BITMAP + index / 8;
   uint8_t bit = (uint8_t)(1u << (index % 8));

@@ -22,7 +22,7 @@ from solders.transaction import VersionedTransaction
 
 from chain import spl
 from chain.aidp import program as client
-from chain.aidp.deploy import deploy, programdata_address
+from chain.aidp.deploy import deploy, make_immutable, programdata_address
 from programs.build import build
 from programs.link import LinkError, link
 
@@ -126,6 +126,16 @@ class Chain:
         ix = client.instruction(self.program_id, "anchorRoot", metas, root=root,
                                 leafCount=leaves)
         return self.send([ix], signer)
+
+    def make_immutable(self) -> None:
+        """Give up the upgrade authority: the program takes funds only then."""
+        self.ok(self.send([make_immutable(self.program_id, self.authority.pubkey())],
+                          self.authority))
+
+    def ata(self, owner: Pubkey) -> Pubkey:
+        self.ok(self.send([spl.create_ata_idempotent(self.authority.pubkey(), owner,
+                                                     self.mint)], self.authority))
+        return spl.associated_token_address(owner, self.mint)
 
     def data(self, address: Pubkey) -> bytes:
         account = self.svm.get_account(address)
@@ -283,6 +293,7 @@ class Staking:
         self.verifiers = [Keypair() for _ in range(verifiers)]
         chain.ok(chain.initialize(unbondingPeriod=PERIOD, quorum=quorum,
                                   verifiers=[v.pubkey() for v in self.verifiers]))
+        chain.make_immutable()
         self.operator = chain.funded()
         self.wallet = chain.token_account(chain.mint, self.operator.pubkey())
         chain.ok(chain.send([spl.mint_to_checked(chain.mint, self.wallet,
@@ -297,7 +308,8 @@ class Staking:
                     "stake": self.stake, "vault": self.vault, "mint": self.chain.mint,
                     "source": self.wallet, "destination": self.wallet,
                     "tokenProgram": spl.TOKEN_PROGRAM_ID,
-                    "systemProgram": client.SYSTEM_PROGRAM_ID}
+                    "systemProgram": client.SYSTEM_PROGRAM_ID,
+                    "programData": programdata_address(self.chain.program_id)}
         args = {k: changes.pop(k) for k in list(changes) if k == "amount"}
         accounts.update(changes)
         ix = client.instruction(self.chain.program_id, name, accounts, **args)
@@ -402,6 +414,18 @@ class Case:
         self.buyer = self.chain.token_account(self.chain.mint, self.chain.funded().pubkey())
         self.address = client.case_address(self.chain.program_id, self.receipt)
 
+    def sibling(self, index: int) -> Case:
+        """Another receipt of the same node in the same anchored batch."""
+        from copy import copy
+
+        from protocol import merkle
+
+        other = copy(self)
+        other.receipt = bytes.fromhex(self.hashes[index])
+        other.proof = merkle.inclusion_proof(self.hashes, index)
+        other.address = client.case_address(self.chain.program_id, other.receipt)
+        return other
+
     def node_signature(self, signer: Keypair | None = None) -> Instruction:
         key = signer or self.staking.operator
         message = client.receipt_message(self.receipt)
@@ -424,9 +448,10 @@ class Case:
         return self.chain.send([evidence, ix] if evidence else [ix], signer)
 
     def verdict(self, amount: int, refund: int, nonce: int = 1,
-                account: Pubkey | None = None) -> bytes:
-        return client.verdict_message(self.receipt, self.staking.operator.pubkey(), amount,
-                                      refund, account or self.buyer, nonce)
+                account: Pubkey | None = None, program: Pubkey | None = None) -> bytes:
+        return client.verdict_message(program or self.chain.program_id, self.receipt,
+                                      self.staking.operator.pubkey(), amount, refund,
+                                      account or self.buyer, nonce)
 
     def signatures(self, signers: list[Keypair], message: bytes) -> Instruction:
         return client.ed25519_instruction([(k.pubkey(), k.sign_message(message), message)
@@ -445,12 +470,16 @@ class Case:
         instructions = [self.signatures(signers, message), ix] if signers else [ix]
         return self.chain.send(instructions, submitter or self.chain.funded())
 
-    def close(self, signer: Keypair | None = None) -> Any:
-        signer = signer or self.chain.authority
+    def close(self, signers: list[Keypair] | None = None, nonce: int = 1) -> Any:
+        """Close the case on an acquittal by ``signers`` (a quorum, by default)."""
+        signers = self.staking.verifiers[:3] if signers is None else signers
+        message = client.acquittal_message(self.chain.program_id, self.receipt,
+                                           self.staking.operator.pubkey(), nonce)
         ix = client.instruction(self.chain.program_id, "closeCase", {
-            "config": self.chain.config, "authority": signer.pubkey(), "case": self.address,
-            "stake": self.staking.stake})
-        return self.chain.send([ix], signer)
+            "config": self.chain.config, "case": self.address, "stake": self.staking.stake,
+            "instructions": client.INSTRUCTIONS_SYSVAR_ID}, nonce=nonce)
+        instructions = [self.signatures(signers, message), ix] if signers else [ix]
+        return self.chain.send(instructions, self.chain.funded())
 
     def state(self) -> dict[str, Any]:
         return client.decode_account("SlashCase", self.chain.data(self.address))
@@ -530,7 +559,9 @@ def test_an_open_case_holds_the_stake_until_decided_or_expired(case: Case) -> No
     staking.later(PERIOD)  # unbonded, but a case opens before the operator withdraws
     chain.ok(case.open())
     assert chain.code(staking.call("withdraw")) == ERRORS["NotYet"]  # the case holds it
-    assert chain.code(case.close(signer=chain.funded())) == ERRORS["Unauthorized"]
+    verifiers = staking.verifiers
+    assert chain.code(case.close(signers=[])) == ERRORS["NoEvidence"]  # no acquittal
+    assert chain.code(case.close(signers=verifiers[:2])) == ERRORS["NoEvidence"]  # 2 of 3
     chain.ok(case.close())
     assert chain.code(case.slash(300, 0)) == ERRORS["CaseClosed"]
     chain.ok(staking.call("withdraw"))
@@ -581,6 +612,67 @@ def test_the_largest_evidence_fits_one_transaction(chain: Chain) -> None:
     assert len(bytes(open_tx)) <= 1232
 
 
+def test_funds_enter_only_an_immutable_program(chain: Chain) -> None:
+    """While the deployer can upgrade the program, it could replace every rule (a vault's
+    included): no stake is registered and no payout posted until it gives that up."""
+    chain.ok(chain.initialize())
+    operator = chain.funded()
+    register = client.instruction(chain.program_id, "registerStake", {
+        "config": chain.config, "operator": operator.pubkey(),
+        "stake": client.stake_address(chain.program_id, operator.pubkey()),
+        "vault": client.vault_address(chain.program_id, operator.pubkey()),
+        "mint": chain.mint, "tokenProgram": spl.TOKEN_PROGRAM_ID,
+        "systemProgram": client.SYSTEM_PROGRAM_ID,
+        "programData": programdata_address(chain.program_id)})
+    assert chain.code(chain.send([register], operator)) == ERRORS["Upgradeable"]
+    chain.make_immutable()
+    chain.ok(chain.send([register], operator))
+
+
+def test_a_mint_with_a_freeze_authority_is_refused(chain: Chain) -> None:
+    """Whoever could freeze a vault could block both withdrawal and slashing."""
+    mint = Keypair()
+    rent = chain.svm.minimum_balance_for_rent_exemption(82)
+    chain.ok(chain.send([create_account(CreateAccountParams(
+        from_pubkey=chain.authority.pubkey(), to_pubkey=mint.pubkey(), lamports=rent,
+        space=82, owner=spl.TOKEN_PROGRAM_ID)), spl.initialize_mint2(
+            mint.pubkey(), 6, chain.authority.pubkey(), chain.authority.pubkey())],
+        chain.authority, mint))
+    treasury = chain.token_account(mint.pubkey(), chain.authority.pubkey())
+    assert chain.code(chain.initialize(accounts={"mint": mint.pubkey(),
+                                                 "treasury": treasury})) == \
+        ERRORS["InvalidAccount"]
+
+
+def test_a_verdict_for_another_deployment_is_not_one_here(case: Case) -> None:
+    case.chain.ok(case.open())
+    elsewhere = case.verdict(300, 200, program=Pubkey.new_unique())
+    assert case.chain.code(case.slash(300, 200, message=elsewhere)) == ERRORS["NoEvidence"]
+
+
+def test_cases_hold_the_stake_at_most_a_challenge_period_past_unbonding(case: Case) -> None:
+    """An authority opening case after case (on honest receipts) cannot hold it for ever."""
+    chain, staking = case.chain, case.staking
+    chain.ok(staking.call("requestUnbond", amount=500))
+    staking.later(PERIOD - 3600)
+    chain.ok(case.open())  # holds until a day from now
+    staking.later(3600)
+    assert chain.code(staking.call("withdraw")) == ERRORS["NotYet"]
+    staking.later(80_000)
+    chain.ok(case.sibling(4).open())  # would hold a day more
+    assert chain.code(staking.call("withdraw")) == ERRORS["NotYet"]
+    staking.later(86400 - 80_000)  # the unbonding period plus one challenge period
+    chain.ok(staking.call("withdraw"))
+    assert staking.state()["openCases"] == 2  # still open, no longer holding
+
+
+def test_an_expired_case_is_closed_by_anyone(case: Case) -> None:
+    case.chain.ok(case.open())
+    case.staking.later(86400)
+    case.chain.ok(case.close(signers=[]))
+    assert case.state()["state"] == 2 and case.staking.state()["openCases"] == 0
+
+
 # ---- payouts ------------------------------------------------------------------------------
 
 
@@ -592,13 +684,14 @@ class Epoch:
 
         self.chain, self.epoch = chain, epoch
         chain.ok(chain.initialize())
+        chain.make_immutable()
         self.source = chain.token_account(chain.mint, chain.authority.pubkey())
         chain.ok(chain.send([spl.mint_to_checked(chain.mint, self.source,
                                                  chain.authority.pubkey(), 10_000, 6)],
                             chain.authority))
         self.nodes = [Keypair() for _ in amounts]
         self.amounts = amounts
-        self.accounts = [chain.token_account(chain.mint, n.pubkey()) for n in self.nodes]
+        self.accounts = [chain.ata(n.pubkey()) for n in self.nodes]
         self.leaves = [client.payout_leaf(i, n.pubkey(), a).hex()
                        for i, (n, a) in enumerate(zip(self.nodes, amounts, strict=True))]
         self.root = bytes.fromhex(merkle.merkle_root(self.leaves))
@@ -611,7 +704,9 @@ class Epoch:
             "config": self.chain.config, "authority": signer.pubkey(),
             "payouts": self.payouts, "payoutVault": self.vault, "source": self.source,
             "mint": self.chain.mint, "tokenProgram": spl.TOKEN_PROGRAM_ID,
-            "systemProgram": client.SYSTEM_PROGRAM_ID}, epoch=self.epoch, root=self.root,
+            "systemProgram": client.SYSTEM_PROGRAM_ID,
+            "programData": programdata_address(self.chain.program_id)},
+            epoch=self.epoch, root=self.root,
             total=sum(self.amounts) if total is None else total, leafCount=len(self.leaves))
         return self.chain.send([ix], signer)
 
@@ -656,10 +751,13 @@ def test_a_claim_must_be_the_leaf_as_posted(chain: Chain) -> None:
     assert chain.code(epoch.claim(0, amount=101)) == no  # more than its leaf
     assert chain.code(epoch.claim(0, proof_of=1)) == no  # another leaf's proof
     thief = Keypair()
-    thief_account = chain.token_account(chain.mint, thief.pubkey())
+    thief_account = chain.ata(thief.pubkey())
     assert chain.code(epoch.claim(1, node=thief.pubkey(), destination=thief_account)) == no
-    # the right leaf, to an account the node does not own
+    # the right leaf, to an account the node does not own, or one someone else opened
+    # in the node's name (not its associated account)
     assert chain.code(epoch.claim(1, destination=thief_account)) == ERRORS["InvalidAccount"]
+    planted = chain.token_account(chain.mint, epoch.nodes[1].pubkey())
+    assert chain.code(epoch.claim(1, destination=planted)) == ERRORS["InvalidAccount"]
     assert chain.code(epoch.claim(7, proof_of=0, node=epoch.nodes[0].pubkey(), amount=100,
                                   destination=epoch.accounts[0])) == ERRORS["InvalidArgument"]
     chain.ok(epoch.claim(1))
