@@ -139,9 +139,12 @@ async def test_function_calls_and_their_outputs(buyer: Buyer, market: Market,
 @pytest.mark.weights
 async def test_structured_text_parses(buyer: Buyer, market: Market, nodes: Nodes) -> None:
     model = await _smol(market, nodes)
+    # greedy (the Responses API has no seed: a sampled run could spend its tokens inside
+    # a string), and room enough for two 24-character strings of any tokens
     parsed = await buyer.client().responses.parse(
         model=model, input="Name a city and its country.", text_format=City,
-        max_output_tokens=60, temperature=0.7)
+        max_output_tokens=200, temperature=0)
+    assert parsed.status == "completed", parsed.output_text
     assert isinstance(parsed.output_parsed, City)
 
 
