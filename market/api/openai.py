@@ -114,6 +114,18 @@ def finished_tool_calls(body: GenerationRequestBody, runner: Any
     return parse_calls(runner.text, mode, offered, runner.spec.job_id)
 
 
+async def next_event(events: AsyncIterator[str | None], runner: Any) -> Any:
+    """The job's next event, or ``_END`` when it ended; a failure is kept on the runner
+    (the stream is already under way: it ends with the error, not an HTTP status)."""
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return _END
+    except Exception as exc:
+        runner.error = exc if isinstance(exc, APIError) else UpstreamFailed(str(exc))
+        return _END
+
+
 async def _sse(
     state: MarketState,
     job: JobSession,
@@ -167,13 +179,7 @@ async def _sse(
                 yield f"data: {_dumps(chunk)}\n\n"
             else:
                 yield head + _dumps(event) + tail
-            try:
-                event = await events.__anext__()
-            except StopAsyncIteration:
-                event = _END
-            except Exception as exc:
-                runner.error = exc if isinstance(exc, APIError) else UpstreamFailed(str(exc))
-                event = _END
+            event = await next_event(events, runner)
         finished = True
         await job.finalize()
         if runner.error is not None:

@@ -26,10 +26,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from market.api import parameters
-from market.api.openai import _END, complete, finished_tool_calls, job_order
+from market.api.openai import _END, complete, finished_tool_calls, job_order, next_event
 from market.api.schemas import MAX_PRICE, MAX_TOKENS_LIMIT, ChatCompletionRequest, RequestBody
 from market.api.sse import EventStreamResponse
-from market.errors import APIError, BadRequest, UpstreamFailed, validation_error
+from market.errors import APIError, BadRequest, validation_error
 from market.gateway.auth import Buyer, authenticate, market_state
 from market.gateway.session import JobSession
 from market.gateway.state import MarketState
@@ -321,13 +321,7 @@ async def _stream(state: MarketState, job: JobSession, events: AsyncIterator[str
                         yield frame
                 yield out.frame("response.output_text.delta", item_id=item_id,
                                 output_index=0, content_index=0, delta=event, logprobs=[])
-            try:
-                event = await events.__anext__()
-            except StopAsyncIteration:
-                event = _END
-            except Exception as exc:
-                runner.error = exc if isinstance(exc, APIError) else UpstreamFailed(str(exc))
-                event = _END
+            event = await next_event(events, runner)
         finished = True
         await job.finalize()
         if runner.error is not None:

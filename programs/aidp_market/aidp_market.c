@@ -387,6 +387,21 @@ static uint64_t token_transfer(const Transfer *t) {
   return sol_invoke_signed_c(&ix, infos, 4, t->signer, t->signer ? 1 : 0);
 }
 
+/* Create ``c->account`` as an SPL Token account of ``mint`` at its PDA (``c->signer``),
+ * whose authority is ``authority``: a vault only this program signs for. */
+static uint64_t create_token_vault(const Creation *c, SolAccountInfo *mint,
+                                   SolAccountInfo *token_program, const SolPubkey *authority) {
+  uint64_t result = create_pda(c);
+  if (result) return result;
+  uint8_t data[33];
+  data[0] = 18; /* InitializeAccount3 */
+  sol_memcpy_(data + 1, authority, 32);
+  SolAccountMeta metas[2] = {{c->account->key, true, false}, {mint->key, false, false}};
+  SolInstruction ix = {(SolPubkey *)&TOKEN_PROGRAM, metas, 2, data, 33};
+  SolAccountInfo infos[3] = {*c->account, *mint, *token_program};
+  return sol_invoke_signed_c(&ix, infos, 3, NULL, 0);
+}
+
 /* The operator's stake account, checked: this program's, a NodeStake, at its PDA, of
  * this operator. */
 static uint64_t expect_stake(const SolAccountInfo *stake, const SolAccountInfo *operator,
@@ -441,16 +456,7 @@ static uint64_t register_stake(SolParameters *params) {
   SolSignerSeeds vault_signer = {vault_seeds, 3};
   Creation vault_creation = {operator, vault, system, &vault_signer, &TOKEN_PROGRAM,
                              TOKEN_ACCOUNT_SIZE};
-  result = create_pda(&vault_creation);
-  if (result) return result;
-  /* InitializeAccount3 (18): the vault's authority is the stake account */
-  uint8_t data[33];
-  data[0] = 18;
-  sol_memcpy_(data + 1, stake->key, 32);
-  SolAccountMeta metas[2] = {{vault->key, true, false}, {mint->key, false, false}};
-  SolInstruction ix = {(SolPubkey *)&TOKEN_PROGRAM, metas, 2, data, 33};
-  SolAccountInfo infos[3] = {*vault, *mint, *token_program};
-  result = sol_invoke_signed_c(&ix, infos, 3, NULL, 0);
+  result = create_token_vault(&vault_creation, mint, token_program, stake->key);
   if (result) return result;
 
   uint8_t *d = stake->data;
@@ -628,12 +634,21 @@ static bool was_signed(const SignedSet *set, const uint8_t *pubkey, const uint8_
   return false;
 }
 
-/* RFC 6962 inclusion (protocol/merkle.py): leaf sha256(0x00 || hash), node sha256(0x01 ||
- * left || right); bit i of ``lefts`` says the i-th sibling is on the left. */
-static void merkle_root_of(const uint8_t *hash, const uint8_t *proof, uint32_t depth,
-                           uint32_t lefts, uint8_t *root) {
+typedef struct {
+  const uint8_t *leaf; /* the leaf's bytes (a receipt hash; a payout's index, node, amount) */
+  uint64_t leaf_len;
+  const uint8_t *proof; /* depth sibling hashes, 32 bytes each */
+  uint32_t depth;
+  uint32_t lefts; /* bit i: the i-th sibling is on the left */
+} Inclusion;
+
+/* RFC 6962 inclusion (protocol/merkle.py): leaf sha256(0x00 || leaf), node sha256(0x01 ||
+ * left || right). */
+static void merkle_root_of(const Inclusion *in, uint8_t *root) {
+  const uint8_t *proof = in->proof;
+  uint32_t depth = in->depth, lefts = in->lefts;
   uint8_t prefix[1] = {0};
-  SolBytes leaf[2] = {{prefix, 1}, {hash, 32}};
+  SolBytes leaf[2] = {{prefix, 1}, {in->leaf, in->leaf_len}};
   sol_sha256(leaf, 2, root);
   prefix[0] = 1;
   for (uint32_t i = 0; i < depth; i++) {
@@ -701,7 +716,8 @@ static uint64_t open_case(SolParameters *params) {
   if (depth > MAX_PROOF_DEPTH || params->data_len != 8 + 32 + 8 + 32 * (uint64_t)depth)
     return ERR_INVALID_ARGUMENT;
   uint8_t root[32];
-  merkle_root_of(hash, hash + 40, depth, lefts, root);
+  Inclusion inclusion = {hash, 32, hash + 40, depth, lefts};
+  merkle_root_of(&inclusion, root);
   if (!sol_bytes_eq(root, anchor->data + ANC_ROOT, 32)) return ERR_NO_EVIDENCE;
   /* the node signed this receipt (its stake account names its key) */
   SignedSet signed_set;
@@ -928,15 +944,7 @@ static uint64_t post_payouts(SolParameters *params) {
   SolSignerSeeds vault_signer = {vault_seeds, 3};
   Creation vault_creation = {authority, vault, system, &vault_signer, &TOKEN_PROGRAM,
                              TOKEN_ACCOUNT_SIZE};
-  result = create_pda(&vault_creation);
-  if (result) return result;
-  uint8_t init[33];
-  init[0] = 18; /* InitializeAccount3: the vault's authority is the Payouts account */
-  sol_memcpy_(init + 1, payouts->key, 32);
-  SolAccountMeta metas[2] = {{vault->key, true, false}, {mint->key, false, false}};
-  SolInstruction ix = {(SolPubkey *)&TOKEN_PROGRAM, metas, 2, init, 33};
-  SolAccountInfo infos[3] = {*vault, *mint, *token_program};
-  result = sol_invoke_signed_c(&ix, infos, 3, NULL, 0);
+  result = create_token_vault(&vault_creation, mint, token_program, payouts->key);
   if (result) return result;
   Transfer t = {source, vault, authority, token_program, total, NULL};
   result = token_transfer(&t);
@@ -997,21 +1005,10 @@ static uint64_t claim(SolParameters *params) {
   uint8_t bit = (uint8_t)(1u << (index % 8));
   if (*bits & bit) return ERR_CLAIMED;
 
-  /* RFC 6962 leaf over the 44 bytes, as protocol.merkle.hash_leaf over their hex */
-  uint8_t root[32], prefix[1] = {0};
-  SolBytes parts[2] = {{prefix, 1}, {leaf, 44}};
-  sol_sha256(parts, 2, root);
-  prefix[0] = 1;
-  const uint8_t *proof = leaf + 52;
-  for (uint32_t i = 0; i < depth; i++) {
-    uint8_t node_hash[32];
-    sol_memcpy_(node_hash, root, 32);
-    const uint8_t *sibling = proof + 32 * (uint64_t)i;
-    bool left = (lefts >> i) & 1;
-    SolBytes level[3] = {{prefix, 1}, {left ? sibling : node_hash, 32},
-                         {left ? node_hash : sibling, 32}};
-    sol_sha256(level, 3, root);
-  }
+  /* the 44 leaf bytes, as protocol.merkle.hash_leaf takes their hex */
+  uint8_t root[32];
+  Inclusion inclusion = {leaf, 44, leaf + 52, depth, lefts};
+  merkle_root_of(&inclusion, root);
   if (!sol_bytes_eq(root, d + PAY_ROOT, 32)) return ERR_NO_EVIDENCE;
   uint64_t claimed = get_u64(d + PAY_CLAIMED);
   if (claimed + amount < claimed || claimed + amount > get_u64(d + PAY_TOTAL))

@@ -16,15 +16,13 @@ import pytest
 from pydantic import BaseModel, Field
 
 from inference.embedding import SentenceEmbedder
-from inference.llamacpp import LlamaCppEngine, default_gguf
-from tests.support.market import Buyer, Market, Nodes, unique_model
+from tests.support.market import Buyer, Market, Nodes, serve_smol, unique_model
 
 # litellm reads its model price map from the network unless told to use its own copy
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 pytestmark = pytest.mark.weights
 
-N_CTX = 2048
 ASK = "Describe a person named Ada who lives in Paris."
 
 
@@ -34,16 +32,6 @@ class Person(BaseModel):
     name: str = Field(max_length=24)
     age: int = Field(ge=0, le=120)
     city: str = Field(max_length=24)
-
-
-async def _chat_node(market: Market, nodes: Nodes) -> str:
-    model = unique_model("smol")
-    engine = LlamaCppEngine(model_id=model, n_ctx=N_CTX, n_threads=2)
-    await engine.start()
-    market.list_model(model, engine.model.sha256, vocabulary=f"gguf:{default_gguf()}",
-                      context_length=N_CTX)
-    await nodes.start(model, engine=engine)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +68,7 @@ def _chat(market: Market, buyer: Buyer, model: str, http: httpx.AsyncClient,
 
 async def test_langchain_with_structured_output_returns_the_pydantic_object(
         buyer: Buyer, market: Market, nodes: Nodes, http: httpx.AsyncClient) -> None:
-    model = await _chat_node(market, nodes)
+    model = await serve_smol(market, nodes)
     llm = _chat(market, buyer, model, http, temperature=0.7, max_tokens=80, seed=3)
     for method in ("json_schema", "function_calling"):
         person = await llm.with_structured_output(Person, method=method).ainvoke(ASK)
@@ -93,7 +81,7 @@ async def test_langchain_bind_tools_gets_a_tool_call(buyer: Buyer, market: Marke
         """The current weather in a city, in celsius or fahrenheit."""
         return f"sunny in {city}"
 
-    model = await _chat_node(market, nodes)
+    model = await serve_smol(market, nodes)
     llm = _chat(market, buyer, model, http, temperature=0, max_tokens=80)
     # strict: the schema LangChain sends forbids other arguments, and the grammar holds it
     reply = await llm.bind_tools([get_weather], tool_choice="get_weather", strict=True).ainvoke(
@@ -112,7 +100,7 @@ async def test_langchain_bind_tools_gets_a_tool_call(buyer: Buyer, market: Marke
 
 async def test_langchain_streamed_usage_is_counted_once(buyer: Buyer, market: Market,
                                                         nodes: Nodes, http: httpx.AsyncClient) -> None:
-    model = await _chat_node(market, nodes)
+    model = await serve_smol(market, nodes)
     llm = _chat(market, buyer, model, http, temperature=0, max_tokens=12, stream_usage=True)
     total: Any = None
     async for chunk in llm.astream("Count from one to twenty."):
@@ -146,7 +134,7 @@ async def test_litellm_completion_streaming_and_embeddings(
     import litellm
 
     litellm.telemetry = False
-    model = await _chat_node(market, nodes)
+    model = await serve_smol(market, nodes)
     common = {"api_base": market.api, "api_key": buyer.key, "num_retries": 0}
     reply = await litellm.acompletion(
         model=f"openai/{model}", messages=[{"role": "user", "content": "Say hello"}],

@@ -12,10 +12,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from inference.llamacpp import LlamaCppEngine, default_gguf
-from tests.support.market import Buyer, Market, Nodes, expected_output, unique_model
+from tests.support.market import Buyer, Market, Nodes, expected_output, serve_smol, unique_model
 
-N_CTX = 2048
 
 
 async def test_text_in_and_out(buyer: Buyer, nodes: Nodes) -> None:
@@ -95,20 +93,10 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
            "strict": True}
 
 
-async def _smol(market: Market, nodes: Nodes) -> str:
-    model = unique_model("smol")
-    engine = LlamaCppEngine(model_id=model, n_ctx=N_CTX, n_threads=2)
-    await engine.start()
-    market.list_model(model, engine.model.sha256, vocabulary=f"gguf:{default_gguf()}",
-                      context_length=N_CTX)
-    await nodes.start(model, engine=engine)
-    return model
-
-
 @pytest.mark.weights
 async def test_function_calls_and_their_outputs(buyer: Buyer, market: Market,
                                                 nodes: Nodes) -> None:
-    model = await _smol(market, nodes)
+    model = await serve_smol(market, nodes)
     client = buyer.client()
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     reply = await client.responses.create(model=model, input=ask, tools=[WEATHER],
@@ -138,7 +126,7 @@ async def test_function_calls_and_their_outputs(buyer: Buyer, market: Market,
 
 @pytest.mark.weights
 async def test_structured_text_parses(buyer: Buyer, market: Market, nodes: Nodes) -> None:
-    model = await _smol(market, nodes)
+    model = await serve_smol(market, nodes)
     # greedy (the Responses API has no seed: a sampled run could spend its tokens inside
     # a string), and room enough for two 24-character strings of any tokens
     parsed = await buyer.client().responses.parse(

@@ -62,3 +62,19 @@ async def market(ledger: Ledger) -> Market:
     key = Keypair()
     cfg = await bootstrap(ledger, key, decimals=6)
     return Market(ledger, key, cfg)
+
+
+@pytest.fixture(scope="session")
+def aidp_program(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The ``aidp_market`` program built from source (clang-19 and programs/link.py):
+    skipped where clang-19 is missing, except under CI, where make installs it."""
+    import os
+    import shutil
+
+    if not shutil.which("clang-19"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("clang-19 is not installed (make installs it)")
+        pytest.skip("clang-19 is not installed (make programs installs it)")
+    from programs.build import build
+
+    return build("aidp_market", tmp_path_factory.mktemp("programs")).read_bytes()

@@ -23,19 +23,11 @@ from solders.transaction import VersionedTransaction
 from chain import spl
 from chain.aidp import program as client
 from chain.aidp.deploy import deploy, make_immutable, programdata_address
-from programs.build import build
 from programs.link import LinkError, link
 
 ERRORS = {e["name"]: e["code"] for e in client.idl()["errors"]}
 
 
-@pytest.fixture(scope="module")
-def program_so(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    if not shutil.which("clang-19"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("clang-19 is not installed (make installs it)")
-        pytest.skip("clang-19 is not installed (make programs installs it)")
-    return build("aidp_market", tmp_path_factory.mktemp("programs")).read_bytes()
 
 
 class Chain:
@@ -144,8 +136,8 @@ class Chain:
 
 
 @pytest.fixture
-def chain(program_so: bytes) -> Chain:
-    return Chain(program_so)
+def chain(aidp_program: bytes) -> Chain:
+    return Chain(aidp_program)
 
 
 def test_initialize_writes_the_config_the_idl_describes(chain: Chain) -> None:

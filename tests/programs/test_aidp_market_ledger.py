@@ -7,8 +7,6 @@ and anchoring a receipt root, on the in-process LiteSVM backend and through a re
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 from solders.keypair import Keypair
@@ -20,21 +18,10 @@ from protocol import merkle
 from tests.programs.conftest import Market
 
 
-@pytest.fixture(scope="module")
-def elf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    if not shutil.which("clang-19"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("clang-19 is not installed (make installs it)")
-        pytest.skip("clang-19 is not installed")
-    from programs.build import build
-
-    return build("aidp_market", tmp_path_factory.mktemp("ledger-programs")).read_bytes()
-
-
-async def test_deploy_initialise_and_anchor_through_the_ledger(market: Market, elf: bytes,
-                                                               tmp_path: Path) -> None:
+async def test_deploy_initialise_and_anchor_through_the_ledger(market: Market,
+                                                               aidp_program: bytes) -> None:
     ledger, key, cfg = market.ledger, market.key, market.cfg
-    program_id = await deploy_to(ledger, elf, key)
+    program_id = await deploy_to(ledger, aidp_program, key)
     account = await ledger.get_account(programdata_address(program_id))
     assert account is not None and upgrade_authority(bytes(account.data)) == key.pubkey()
     await ledger.advance_slots(1)

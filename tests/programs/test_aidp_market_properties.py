@@ -7,8 +7,6 @@ itself withdraws to it)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Any
 
 import pytest
@@ -29,17 +27,6 @@ ACTIONS = st.lists(st.one_of(
     st.tuples(st.just("slash"), st.integers(0, 700), st.integers(0, 700), st.integers(0, 5)),
     st.tuples(st.just("close"), st.sampled_from(["authority", "intruder"])),
 ), max_size=20)
-
-
-@pytest.fixture(scope="module")
-def program(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    if not shutil.which("clang-19"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("clang-19 is not installed (make installs it)")
-        pytest.skip("clang-19 is not installed")
-    from programs.build import build
-
-    return build("aidp_market", tmp_path_factory.mktemp("prop")).read_bytes()
 
 
 def _apply(case: Case, intruder: Any, intruder_wallet: Any, action: tuple) -> None:
@@ -67,9 +54,9 @@ def _apply(case: Case, intruder: Any, intruder_wallet: Any, action: tuple) -> No
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(actions=ACTIONS)
-def test_tokens_are_conserved_and_vaults_move_only_by_their_rules(program: bytes,
+def test_tokens_are_conserved_and_vaults_move_only_by_their_rules(aidp_program: bytes,
                                                                  actions: list) -> None:
-    chain = Chain(program)
+    chain = Chain(aidp_program)
     staking = Staking(chain)
     case = Case(staking)  # registered, 500 staked, a receipt anchored
     intruder = chain.funded()

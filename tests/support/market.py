@@ -260,6 +260,19 @@ def unique_model(prefix: str = "m") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
+async def serve_smol(market: Market, nodes: Nodes, n_ctx: int = 2048) -> str:
+    """A real llama.cpp node on a freshly listed copy of SmolLM2 (its GGUF vocabulary)."""
+    from inference.llamacpp import LlamaCppEngine, default_gguf
+
+    model = unique_model("smol")
+    engine = LlamaCppEngine(model_id=model, n_ctx=n_ctx, n_threads=2)
+    await engine.start()
+    market.list_model(model, engine.model.sha256, vocabulary=f"gguf:{default_gguf()}",
+                      context_length=n_ctx)
+    await nodes.start(model, engine=engine)
+    return model
+
+
 async def expected_output(kind: str, model: str, max_tokens: int, *, messages: Any = None,
                           prompt: str | None = None) -> tuple[str, list[int]]:
     """What one healthy node produces for this request (the deterministic reference)."""
