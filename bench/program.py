@@ -3,7 +3,8 @@
 Builds the program from source (clang-19 + programs/link.py), runs each instruction's
 success path once (slash: a 3-of-5 and a 4-of-8 verdict; open_case: inclusion proofs of
 depth 3 and 19), and prints one JSON object: compute units per instruction against the
-targets (slash with 3-of-5 verifiers <= 60,000; a claim <= 15,000).
+targets (slash with 3-of-5 verifiers <= 60,000; a claim <= 15,000); and the lamports that
+settling 1,000 receipts of 10 nodes takes, against today's Memo and transfer design.
 
     python bench/program.py
 """
@@ -54,11 +55,69 @@ def main() -> None:
     epoch = Epoch(Chain(program), [7] * 1000)  # a 1,000-node epoch: a 10-level proof
     measured["post_payouts_1000"] = units(epoch.post())
     measured["claim_of_1000"] = units(epoch.claim(999))
+    lamports = settlement_lamports(program)
     print(json.dumps({"compute_units": measured,
+                      "lamports_per_1000_jobs": lamports,
                       "targets": {"slash_3_of_5": 60_000, "claim": 15_000},
                       "slash_3_of_5_vs_target": round(measured["slash_3_of_5"] / 60_000, 3),
                       "claim_vs_target": round(measured["claim_of_1000"] / 15_000, 3)},
                      indent=2))
+
+
+def settlement_lamports(program: bytes, jobs: int = 1000, nodes: int = 10) -> dict[str, int]:
+    """Lamports the chain takes (fees, and rent locked in new accounts) to settle ``jobs``
+    receipts earned by ``nodes`` nodes in one anchor and one payout round: today's design
+    (a Memo anchor, one SPL transfer per node) against the program's (an anchored root,
+    one funded epoch, one claim per node). Both on LiteSVM, each payer's balance before
+    and after."""
+    import os
+
+    from chain import spl
+    from protocol import merkle
+
+    def spent(chain: Chain, payers: list[Keypair], run: object) -> int:
+        before = sum(chain.svm.get_balance(p.pubkey()) or 0 for p in payers)
+        run()  # type: ignore[operator]
+        return before - sum(chain.svm.get_balance(p.pubkey()) or 0 for p in payers)
+
+    receipts = [os.urandom(32).hex() for _ in range(jobs)]
+    root = bytes.fromhex(merkle.merkle_root(receipts))
+
+    memo_chain = Chain(program)
+    source = memo_chain.token_account(memo_chain.mint, memo_chain.authority.pubkey())
+    memo_chain.ok(memo_chain.send([spl.mint_to_checked(
+        memo_chain.mint, source, memo_chain.authority.pubkey(), 10**9, 6)],
+        memo_chain.authority))
+    node_accounts = [memo_chain.ata(Keypair().pubkey()) for _ in range(nodes)]
+
+    def memo_design() -> None:
+        memo_chain.ok(memo_chain.send([spl.memo(f"aidp:anchor:{root.hex()}:{jobs}",
+                                                [memo_chain.authority.pubkey()])],
+                                      memo_chain.authority))
+        for account in node_accounts:
+            memo_chain.ok(memo_chain.send([spl.transfer_unchecked(
+                source, account, memo_chain.authority.pubkey(), 1_000)], memo_chain.authority))
+
+    today = spent(memo_chain, [memo_chain.authority], memo_design)
+
+    epoch = Epoch(Chain(program), [1_000] * nodes)
+
+    def program_design() -> None:
+        epoch.chain.ok(epoch.chain.anchor(root, leaves=jobs))
+        epoch.chain.ok(epoch.post())
+        for index in range(nodes):
+            epoch.chain.ok(epoch.claim(index))
+
+    # the claims' fees fall on whoever submits them (Epoch.claim funds a new payer each)
+    with_program = spent(epoch.chain, [epoch.chain.authority], program_design)
+    claims = nodes * 5_000
+    rent = epoch.chain.svm.minimum_balance_for_rent_exemption
+    locked = rent(57) + rent(70 + (nodes + 7) // 8) + rent(165)  # anchor, payouts, vault
+    return {"memo_and_transfers": today, "program_market_side": with_program,
+            "program_rent_locked": locked, "program_claims": claims,
+            "program_total": with_program + claims,
+            "program_vs_memo": round((with_program + claims) / today, 2),
+            "program_fees_only_vs_memo": round((with_program + claims - locked) / today, 2)}
 
 
 def _case(chain: Chain, leaves: int, quorum: int = 3, verifiers: int = 5) -> Case:

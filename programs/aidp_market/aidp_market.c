@@ -152,12 +152,21 @@ static uint64_t system_call(const Creation *c, const uint8_t *data, uint64_t len
   return result;
 }
 
-/* Rent-exempt minimum: (128 + space) bytes for two years (the exemption threshold is
- * 2.0 on every cluster; SBPF has no floating point to read it with). */
+/* Rent-exempt minimum: (128 + space) bytes × lamports per byte-year × the exemption
+ * threshold. SBPF has no floating point: the threshold (an f64: 2.0 on older clusters,
+ * 1.0 where the byte-year price doubled instead) is read from its bits as a power of two,
+ * and any other value is rounded up to the next one (funding a little more, never too
+ * little: an account short of rent exemption is refused by the runtime). */
 static uint64_t rent_minimum(uint64_t space) {
   uint64_t rent[3]; /* Rent: lamports per byte-year, threshold (f64), burn (u8), padded */
   sol_get_rent_sysvar(rent);
-  return (128 + space) * rent[0] * 2;
+  uint64_t bits = rent[1];
+  int64_t exponent = (int64_t)((bits >> 52) & 0x7FF) - 1023;
+  bool exact = (bits & 0xFFFFFFFFFFFFFUL) == 0;
+  if (exponent < 0) exponent = 0; /* below 1: count it as 1 */
+  if (!exact) exponent += 1;
+  if (exponent > 8) exponent = 8; /* a threshold of 256 years would be absurd */
+  return (128 + space) * rent[0] * (1UL << exponent);
 }
 
 /* Create ``account`` (a PDA signed by ``signer``) owned by this program. An account

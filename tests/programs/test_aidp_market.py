@@ -166,6 +166,17 @@ def test_a_config_is_created_once_by_the_deployer(chain: Chain) -> None:
     assert chain.code(chain.initialize()) == ERRORS["AlreadyExists"]
 
 
+def test_accounts_are_funded_with_exactly_their_rent_exemption(chain: Chain) -> None:
+    """The program reads the Rent sysvar's threshold (an f64) without floating point: the
+    accounts it creates hold the runtime's own rent-exempt minimum, no more."""
+    chain.ok(chain.initialize())
+    chain.ok(chain.anchor(b"\x05" * 32))
+    for address in (chain.config, client.anchor_address(chain.program_id, b"\x05" * 32)):
+        account = chain.svm.get_account(address)
+        assert account.lamports == chain.svm.minimum_balance_for_rent_exemption(
+            len(account.data))
+
+
 def test_lamports_sent_to_the_config_address_first_do_not_block_it(chain: Chain) -> None:
     griefer = chain.funded()
     lamports = chain.svm.minimum_balance_for_rent_exemption(0)  # the least it may hold
