@@ -152,8 +152,22 @@ def start_market(db_url: str, **overrides: Any) -> Market:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("market server did not start")
         time.sleep(0.02)
+    _wait_preloaded(app)
     return Market(url=f"http://127.0.0.1:{port}", app=app, settings=settings, server=server,
                   thread=thread)
+
+
+def _wait_preloaded(app: Any, timeout: float = 60.0) -> None:
+    """Let the market finish reading its listed vocabularies (it does at start, in
+    threads) before a test times node heartbeats against it at test speed (0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = getattr(app.state, "market", None)
+        catalog = getattr(state, "catalog", None)
+        if catalog is not None and not catalog._loading and all(
+                model in catalog._vocabularies for model in catalog.listings):
+            return
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
