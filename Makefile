@@ -47,7 +47,7 @@ $(PROGRAM): $(CLANG) install $(wildcard programs/*.py programs/include/*.h progr
 
 programs: $(PROGRAM)
 
-up: install
+up: install $(PROGRAM)
 	$(BIN)/aidp-market up
 
 test: install $(CHROMIUM) $(PROGRAM)

@@ -26,6 +26,8 @@ from protocol.job import DEFAULT_MAX_TOKENS
 from protocol.keys import canonical_host
 
 DATA_DIR = Path(".aidp")
+#: the aidp_market program as ``make programs`` builds it
+PROGRAM_PATH = Path(__file__).resolve().parents[1] / "build" / "programs" / "aidp_market.so"
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
 MIN_ADMIN_TOKEN_LENGTH = 24
 
@@ -219,11 +221,36 @@ class ChainSettings(_Group):
         default=None, description="an existing AIDP token account for fees and slashes"
     )
     min_stake: int = Field(
-        default=0, ge=0, description="base units a node must have staked to register; 0 = off"
+        default=0, ge=0, description="base units a node must have bonded to register; 0 = off"
     )
-    unbonding_period_s: float = Field(
-        default=7 * 24 * 3600.0, ge=0,
-        description="seconds between a node's unbond request and the market co-signing its withdrawal",
+    program_id: str | None = Field(
+        default=None,
+        description="the aidp_market program on a public cluster; unset on a local chain: "
+        "chain init deploys it from program_path",
+    )
+    program_path: Path = Field(
+        default=PROGRAM_PATH, description="the program binary chain init deploys (make programs)"
+    )
+    verifiers: int = Field(
+        default=3, ge=1, le=8,
+        description="verifier keys chain init creates (verifier-<n>.json) and puts in the "
+        "program's verifier set; a worker signs verdicts with those it holds",
+    )
+    verifier_quorum: int = Field(
+        default=2, ge=1, le=4, description="verifier signatures a slash needs on chain"
+    )
+    unbonding_period_s: int = Field(
+        default=7 * 24 * 3600, ge=1,
+        description="seconds between a node's unbond request and its withdrawal (the program "
+        "enforces it; it must outlast the challenge window and the anchor and settle "
+        "intervals, or a node could leave before its fraud is slashed)",
+    )
+    challenge_period_s: int = Field(
+        default=24 * 3600, ge=1,
+        description="seconds an on-chain case holds a node's stake for its verdict",
+    )
+    max_slash_per_receipt: int = Field(
+        default=10**15, ge=1, description="the program's cap on one receipt's slash"
     )
     deposit_interval_s: float = 5.0  # deposit scan + allowance sync
     settle_interval_s: float = 30.0  # payouts, slashes, pulls, stake sync

@@ -3,8 +3,10 @@
     aidp-node keygen                       # write ~/.config/solana/id.json (solana-keygen format)
     aidp-node doctor                       # GPUs (NVML), engines, models found here
     aidp-node run --market http://127.0.0.1:8000 --model SmolLM2-135M-Instruct
+    aidp-node stake --market URL [--amount N]   # bond N base units in the program (or show)
     aidp-node unbond --market URL --amount N    # start unbonding N base units of stake
     aidp-node withdraw --market URL             # after the unbonding period: take it back
+    aidp-node claim --market URL                # claim unpaid payout leaves from the program
 
 The ``run`` flags are made from the fields of ``NodeSettings`` (node_agent/settings.py),
 one each, so a setting's default, type and help are written once, there. This module only
@@ -96,24 +98,26 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_stake(args: argparse.Namespace) -> int:
-    """``unbond`` / ``withdraw``: 1 when the market refuses or the withdrawal is unconfirmed."""
+    """``stake`` / ``unbond`` / ``withdraw`` / ``claim``: signed by the operator alone and
+    sent to the program; 1 when the chain or the market refuses."""
     from node_agent import stake
     from protocol.keys import load_keypair
 
-    keypair = load_keypair(args.keypair)
     try:
-        if args.command == "unbond":
-            out = stake.unbond(args.market, keypair, args.amount)
-            _say(f"unbonding {out['amount']} base units; withdrawable from "
-                 f"{out['available_at']} (request {out['id']})")
-            return 0
-        out = stake.withdraw(args.market, keypair)
+        op = stake.operator(args.market, load_keypair(args.keypair), args.rpc)
+        if args.command == "stake":
+            out = stake.stake(op, args.amount) if args.amount else stake.status(op)
+        elif args.command == "unbond":
+            out = stake.unbond(op, args.amount)
+        elif args.command == "withdraw":
+            out = stake.withdraw(op)
+        else:
+            out = stake.claim(op)
     except stake.ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    _say(f"withdrawal of {out['amount']} base units: {out['state']} "
-         f"(signature {out['signature']})")
-    return 0 if out.get("confirmed") else 1
+    _say(json.dumps(out, indent=2))
+    return 0
 
 
 # ---- run flags, made from NodeSettings --------------------------------------------------
@@ -243,15 +247,24 @@ def _add_keygen(sub: Any) -> None:
 
 def _add_stake(sub: Any) -> None:
     for name, helptext in (
-        ("unbond", "ask the market to start unbonding part of this node's stake"),
-        ("withdraw", "take unbonded stake back once the unbonding period has passed"),
+        ("stake", ("bond AIDP in this node's stake vault of the market's program "
+                   "(without --amount: show the stake)")),
+        ("unbond", "start unbonding part of this node's stake (the program's period)"),
+        ("withdraw", ("take unbonded stake back once the unbonding period has passed and "
+                      "no case against the node is open")),
+        ("claim", "claim this node's unpaid payout leaves from the program yourself"),
     ):
-        cmd = sub.add_parser(name, help=helptext)
+        cmd = sub.add_parser(name, help=helptext, description=helptext + ". Signed by the "
+                             "operator keypair alone: the market publishes its program's "
+                             "addresses and cannot move stake.")
         cmd.add_argument("--market", required=True, help="market URL, e.g. https://market.example")
         cmd.add_argument("--keypair", type=Path, default=DEFAULT_KEYPAIR_PATH,
                          help=f"the operator keypair (default {DEFAULT_KEYPAIR_PATH})")
-        if name == "unbond":
-            cmd.add_argument("--amount", type=int, required=True, help="AIDP base units")
+        cmd.add_argument("--rpc", default=None,
+                         help="Solana JSON-RPC URL (default: the one the market names)")
+        if name in ("stake", "unbond"):
+            cmd.add_argument("--amount", type=int, required=name == "unbond", default=0,
+                             help="AIDP base units")
         cmd.set_defaults(func=cmd_stake)
 
 

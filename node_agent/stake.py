@@ -1,30 +1,40 @@
-"""The stake calls of ``aidp-node unbond`` / ``withdraw``: signed requests to the market.
+"""``aidp-node stake | unbond | withdraw | claim``: the operator and the ``aidp_market``
+program, with no market key in between.
 
-Kept apart from the command line so the same calls serve a test's in-process client and
-the CLI's own ``httpx`` one.
+The market publishes where its program lives (``GET /v1/chain``: program id, mint, RPC
+URL); every transaction here is built locally from those addresses and signed by the
+operator's keypair alone, then sent to the chain's RPC. The market cannot move stake, so
+it is not asked to: it is only read, for its public config and (``claim``) the node's
+payout leaves with their Merkle proofs, which the program checks against the root it
+holds before paying.
 """
 
 from __future__ import annotations
 
-import base64
-import time
-from typing import Any
+import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
+from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 
-from chain.aidp import ChainConfig, stake_for, withdraw_message
-from protocol.canonical import canonical_json
-from protocol.keys import UNBOND_DOMAIN, WITHDRAW_DOMAIN, sign
+from chain import aidp
+from chain.aidp import ChainConfig
+from chain.ledger.base import Ledger, LedgerError
+from chain.ledger.open import open_ledger
+from protocol.merkle import ProofStep
 
 # what a stake command reports as a plain error rather than a traceback
-ERRORS: tuple[type[Exception], ...] = (RuntimeError, httpx.HTTPError, ValueError, KeyError)
-TIMEOUT_S = 120.0  # a withdrawal waits for the chain to confirm it
+ERRORS: tuple[type[Exception], ...] = (RuntimeError, httpx.HTTPError, ValueError, KeyError,
+                                       LedgerError)
+TIMEOUT_S = 30.0
+T = TypeVar("T")
 
 
-def _post(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """POST ``body``; the market's error envelope becomes a RuntimeError naming its code."""
-    resp = client.post(url, json=body)
+def _get(client: httpx.Client, url: str) -> dict[str, Any]:
+    """GET ``url``; the market's error envelope becomes a RuntimeError naming its code."""
+    resp = client.get(url)
     data = resp.json()
     if resp.status_code != 200:
         err = data.get("error", {}) if isinstance(data, dict) else {}
@@ -32,52 +42,138 @@ def _post(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
     return dict(data)
 
 
-def stake_unbond(client: Any, market: str, keypair: Any, amount: int) -> dict[str, Any]:
-    """Ask the market to start unbonding ``amount`` base units (signed, UNBOND_DOMAIN)."""
-    pubkey, now = str(keypair.pubkey()), int(time.time())
-    body = {"pubkey": pubkey, "amount": amount, "requested_at": now}
-    return _post(client, f"{market.rstrip('/')}/v1/stake/unbond",
-                 {**body, "signature": sign(keypair, UNBOND_DOMAIN, canonical_json(body))})
+def chain_config(info: dict[str, Any]) -> ChainConfig:
+    """The addresses stake and claims are built from, out of the market's ``/v1/chain``."""
+    if not info.get("program"):
+        raise RuntimeError("the market settles without the aidp_market program")
+    return ChainConfig(mint=info["mint"], decimals=info["decimals"], market=info["market"],
+                       deposit=info["deposit_account"], treasury=info["treasury"],
+                       program=info["program"])
 
 
-def stake_withdraw(client: Any, market: str, keypair: Any) -> dict[str, Any]:
-    """Withdraw unbonded stake: get the transaction message from the market, check it is
-    exactly stake → this operator's AIDP account (rebuilt here from the market's public
-    chain config), sign it, hand the signature back for the market to co-sign and send.
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    """One operator's view: its key, the market's chain config and where to send."""
 
-    The check matters: the operator's signature plus the market's is 2 of 3, so the node
-    never signs a message it did not rebuild itself."""
-    base, pubkey, now = market.rstrip("/"), str(keypair.pubkey()), int(time.time())
-    cfg, stake = _stake_account(client.get(f"{base}/v1/chain").json(), keypair)
-    body = {"pubkey": pubkey, "issued_at": now}
-    offer = _post(client, f"{base}/v1/stake/withdraw",
-                  {**body, "signature": sign(keypair, WITHDRAW_DOMAIN, canonical_json(body))})
-    expected = withdraw_message(cfg, stake, int(offer["amount"]),
-                                f"unbond-{int(offer['request_id'])}", offer["blockhash"])
-    raw = base64.b64decode(offer["message"])
-    if raw != bytes(expected):
-        raise RuntimeError("the market's withdrawal message is not the expected transfer of "
-                           "stake to this operator; refusing to sign it")
-    return _post(client, f"{base}/v1/stake/withdraw/submit", {
-        "pubkey": pubkey, "request_id": offer["request_id"], "blockhash": offer["blockhash"],
-        "tx_signature": str(keypair.sign_message(raw))})
+    keypair: Keypair
+    cfg: ChainConfig
+    rpc_url: str
+    market_url: str
+
+    @property
+    def pubkey(self) -> Pubkey:
+        return self.keypair.pubkey()
 
 
-def _stake_account(info: dict[str, Any], keypair: Any) -> tuple[ChainConfig, Any]:
-    """The chain config and this operator's stake account, from the market's public
-    ``/v1/chain`` alone: what the withdrawal message is rebuilt from."""
-    cfg = ChainConfig(mint=info["mint"], decimals=info["decimals"], market=info["market"],
-                      deposit=info["deposit_account"], treasury=info["treasury"])
-    return cfg, stake_for(cfg, keypair.pubkey(), Pubkey.from_string(info["arbiter"]))
+def _client(client: httpx.Client | None) -> httpx.Client:
+    return client if client is not None else httpx.Client(timeout=TIMEOUT_S)
 
 
-def unbond(market: str, keypair: Any, amount: int) -> dict[str, Any]:
-    """``stake_unbond`` over a fresh client: what ``aidp-node unbond`` runs."""
-    with httpx.Client(timeout=TIMEOUT_S) as client:
-        return stake_unbond(client, market, keypair, amount)
+def operator(market: str, keypair: Keypair, rpc_url: str | None = None,
+             client: httpx.Client | None = None) -> Operator:
+    """The operator's view of ``market``'s program (``client``: the HTTP client to read
+    the market with, a fresh one by default)."""
+    base = market.rstrip("/")
+    http = _client(client)
+    try:
+        info = _get(http, f"{base}/v1/chain")
+    finally:
+        if client is None:
+            http.close()
+    rpc = rpc_url or info.get("rpc_url")
+    if not rpc:
+        raise RuntimeError("the market names no RPC URL: pass --rpc")
+    return Operator(keypair, chain_config(info), rpc, base)
 
 
-def withdraw(market: str, keypair: Any) -> dict[str, Any]:
-    """``stake_withdraw`` over a fresh client: what ``aidp-node withdraw`` runs."""
-    with httpx.Client(timeout=TIMEOUT_S) as client:
-        return stake_withdraw(client, market, keypair)
+def _on_chain(op: Operator, action: Callable[[Ledger], Awaitable[T]]) -> T:
+    import asyncio
+
+    async def run() -> T:
+        ledger = open_ledger(op.rpc_url)
+        try:
+            return await action(ledger)
+        finally:
+            await ledger.close()
+
+    return asyncio.run(run())
+
+
+def status(op: Operator) -> dict[str, Any]:
+    """The operator's stake as the program holds it."""
+    stake = aidp.stake_for(op.cfg, op.pubkey)
+
+    async def read(ledger: Ledger) -> dict[str, Any]:
+        info = await aidp.read_stake(ledger, op.cfg, op.pubkey)
+        body: dict[str, Any] = {"operator": str(op.pubkey), "stake_account": stake.address,
+                                "vault": stake.vault, "registered": info is not None}
+        if info is not None:
+            body.update(dataclasses.asdict(info), bonded=info.bonded)
+        return body
+
+    return _on_chain(op, read)
+
+
+def stake(op: Operator, amount: int) -> dict[str, Any]:
+    """Bond ``amount`` base units (registering the stake first when it has none)."""
+    if amount <= 0:
+        raise ValueError("--amount must be a positive number of base units")
+
+    async def send(ledger: Ledger) -> str:
+        registered = await aidp.read_stake(ledger, op.cfg, op.pubkey) is not None
+        ixs = aidp.stake_instructions(op.cfg, op.pubkey, amount, register=not registered)
+        return (await ledger.execute(ixs, op.keypair)).signature
+
+    return {"signature": _on_chain(op, send), **status(op)}
+
+
+def unbond(op: Operator, amount: int) -> dict[str, Any]:
+    """Start the unbonding period for ``amount`` base units."""
+    if amount <= 0:
+        raise ValueError("--amount must be a positive number of base units")
+
+    async def send(ledger: Ledger) -> str:
+        ixs = aidp.request_unbond_instructions(op.cfg, op.pubkey, amount)
+        return (await ledger.execute(ixs, op.keypair)).signature
+
+    return {"signature": _on_chain(op, send), **status(op)}
+
+
+def withdraw(op: Operator) -> dict[str, Any]:
+    """Take the unbonded stake back, once its period has passed and no case holds it."""
+    async def send(ledger: Ledger) -> tuple[str, int]:
+        before = await ledger.token_balance(op.cfg.ata(op.pubkey))
+        sig = (await ledger.execute(aidp.withdraw_instructions(op.cfg, op.pubkey),
+                                    op.keypair)).signature
+        return sig, await ledger.token_balance(op.cfg.ata(op.pubkey)) - before
+
+    signature, amount = _on_chain(op, send)
+    return {"signature": signature, "withdrawn": amount, **status(op)}
+
+
+def claim(op: Operator, client: httpx.Client | None = None) -> dict[str, Any]:
+    """Claim every unclaimed payout leaf of this node from the program (the operator pays
+    the fees); a leaf someone already claimed is skipped."""
+    http = _client(client)
+    try:
+        leaves = _get(http, f"{op.market_url}/v1/chain/payouts/{op.pubkey}")["unclaimed"]
+    finally:
+        if client is None:
+            http.close()
+
+    async def send(ledger: Ledger) -> list[dict[str, Any]]:
+        done = []
+        for item in leaves:
+            posted = await aidp.read_epoch(ledger, op.cfg, int(item["epoch"]))
+            if posted is None or posted.is_claimed(int(item["index"])):
+                continue
+            leaf = aidp.PayoutLeaf(int(item["index"]), str(op.pubkey), int(item["amount"]))
+            proof = [ProofStep(p["sibling"], p["side"]) for p in item["proof"]]
+            ixs = aidp.claim_instructions(op.cfg, int(item["epoch"]), leaf, proof, op.pubkey)
+            signature = (await ledger.execute(ixs, op.keypair)).signature
+            done.append({"epoch": item["epoch"], "index": item["index"],
+                         "amount": item["amount"], "signature": signature})
+        return done
+
+    claimed = _on_chain(op, send)
+    return {"claimed": claimed, "amount": sum(int(c["amount"]) for c in claimed)}

@@ -104,7 +104,7 @@ _NODE_MARKERS: list[tuple[str, tuple[str, ...]]] = [
     ("tests/programs/test_ledger_server.py::test_server_restart_*", ("services",)),
     # aidp-ledger through request.getfixturevalue("chain_server")
     ("tests/chain/test_stake.py::test_link_rejects_a_node_below_min_stake", ("services",)),
-    ("tests/chain/test_unbonding.py::test_unbond_and_withdraw_over_http_*", ("services",)),
+    ("tests/chain/test_operator.py::*", ("services",)),
     # slow without services or weights
     ("tests/adversarial/test_hostile_nodes.py::test_sybils_*", ("slow",)),  # [10.5]
     ("tests/adversarial/test_red_team.py::test_a_nan_in_a_receipt_*", ("slow",)),  # [10.4]

@@ -8,9 +8,13 @@ own exactly-once bookkeeping) plus, where useful, an async convenience that runs
 * ``config``: ``ChainConfig`` (mint, deposit account, treasury) and its bootstrap;
 * ``deposits``: buyer payments into the deposit account, and scanning for them;
 * ``allowance``: delegations to the market, and pulls within them;
-* ``stake``: 2-of-3 multisig stake accounts, slashes and withdrawals;
-* ``payouts``: one transfer per node per round, and the market's fee;
-* ``anchors``: receipts' Merkle roots in a memo.
+* ``program``, ``deploy``, ``install``: the ``aidp_market`` program's client, its deploy
+  through the upgradeable loader, and a market's initialisation of it;
+* ``stake``: stake vaults of the program (stake, unbond, withdraw: the operator alone);
+* ``cases``: slashing on evidence (a case on an anchored, node-signed receipt; a
+  verdict signed by a quorum of verifiers);
+* ``payouts``: payout epochs posted as Merkle roots and claimed per node, and the fee;
+* ``anchors``: receipts' Merkle roots stored by the program (and a memo).
 
 The package re-exports each module's public names, so a caller that settles across
 several concerns (the market's settlement loop) can use one namespace.
@@ -23,7 +27,22 @@ from chain.aidp.allowance import (
     pull_instructions,
     revoke_instructions,
 )
-from chain.aidp.anchors import Anchor, anchor_instructions, read_anchor
+from chain.aidp.anchors import (
+    Anchor,
+    anchor_instructions,
+    anchor_memo_instruction,
+    read_anchor,
+    read_anchor_account,
+)
+from chain.aidp.cases import (
+    Case,
+    Evidence,
+    Verdict,
+    acquit_instructions,
+    open_case_instructions,
+    read_case,
+    slash_instructions,
+)
 from chain.aidp.config import (
     LAMPORTS_PER_SOL,
     MINT_SEED,
@@ -34,6 +53,7 @@ from chain.aidp.config import (
     local_mint_address,
 )
 from chain.aidp.deposits import Deposit, DepositScan, deposit_instructions, scan_deposits
+from chain.aidp.install import ProgramParams, install, read_config
 from chain.aidp.memo import (
     MEMO_PREFIX,
     AidpMemo,
@@ -45,27 +65,26 @@ from chain.aidp.memo import (
     memo_names,
     memo_texts,
     parse_memo,
-    payout_memo,
 )
 from chain.aidp.payouts import (
-    NodePayout,
-    PayoutRound,
+    PayoutEpoch,
+    PayoutLeaf,
+    PostedEpoch,
+    claim_instructions,
     fee_instructions,
-    payout_instructions,
-    plan_round,
-    round_transactions,
+    plan_epoch,
+    post_instructions,
+    read_epoch,
 )
 from chain.aidp.stake import (
     Stake,
     StakeInfo,
-    create_stake,
-    create_stake_instructions,
     read_stake,
-    slash_instructions,
-    stake_deposit_instructions,
+    register_instructions,
+    request_unbond_instructions,
     stake_for,
+    stake_instructions,
     withdraw_instructions,
-    withdraw_message,
 )
 
 __all__ = [
@@ -75,44 +94,55 @@ __all__ = [
     "TREASURY_SEED",
     "AidpMemo",
     "Anchor",
+    "Case",
     "ChainConfig",
     "Deposit",
     "DepositScan",
-    "NodePayout",
-    "PayoutRound",
+    "Evidence",
+    "PayoutEpoch",
+    "PayoutLeaf",
+    "PostedEpoch",
+    "ProgramParams",
     "Stake",
     "StakeInfo",
+    "Verdict",
+    "acquit_instructions",
     "allowance",
     "anchor_instructions",
     "anchor_memo",
+    "anchor_memo_instruction",
     "approve_instructions",
     "bootstrap",
-    "create_stake",
-    "create_stake_instructions",
+    "claim_instructions",
     "deposit_instructions",
     "deposit_memo",
     "fee_instructions",
     "fee_memo",
     "find_memo",
     "fund_wallet",
+    "install",
     "keyed_memo",
     "local_mint_address",
     "memo_names",
     "memo_texts",
+    "open_case_instructions",
     "parse_memo",
-    "payout_instructions",
-    "payout_memo",
-    "plan_round",
+    "plan_epoch",
+    "post_instructions",
     "prepare_pull",
     "pull_instructions",
     "read_anchor",
+    "read_anchor_account",
+    "read_case",
+    "read_config",
+    "read_epoch",
     "read_stake",
+    "register_instructions",
+    "request_unbond_instructions",
     "revoke_instructions",
-    "round_transactions",
     "scan_deposits",
     "slash_instructions",
-    "stake_deposit_instructions",
     "stake_for",
+    "stake_instructions",
     "withdraw_instructions",
-    "withdraw_message",
 ]

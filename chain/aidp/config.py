@@ -51,17 +51,24 @@ class ChainConfig:
 
     mint: str
     decimals: int
-    market: str  # market authority (fee payer, deposit owner, delegate, stake co-signer)
+    market: str  # market authority (fee payer, deposit owner, delegate, anchors, payouts)
     deposit: str  # token account receiving deposits and pulls; payouts leave from it
     treasury: str  # token account receiving fees and slashes
+    program: str = ""  # the aidp_market program holding stake, anchors, cases, payouts
 
     mint_pk = PubkeyField()
     market_pk = PubkeyField()
     deposit_pk = PubkeyField()
     treasury_pk = PubkeyField()
+    program_pk = PubkeyField()
 
     def ata(self, owner: Pubkey) -> Pubkey:
         return spl.associated_token_address(owner, self.mint_pk)
+
+    @property
+    def program_config(self) -> Pubkey:
+        """The program's ``MarketConfig`` account (a PDA of the program)."""
+        return Pubkey.find_program_address([b"config"], self.program_pk)[0]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

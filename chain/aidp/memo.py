@@ -1,16 +1,16 @@
 """The ``aidp:`` memo formats, and finding a movement on chain by the memo it carries.
 
-Memos (Memo v2, UTF-8) name what each movement is, so anyone reading the chain — the
-explorer, a reconcile job, an auditor — can tell them apart:
+Memos (Memo v2, UTF-8) name the movements that are plain SPL transfers, so anyone
+reading the chain — the explorer, a reconcile job, an auditor — can tell them apart:
 
     aidp:deposit:v1:<account>                buyer → deposit account
     aidp:pull:v1:<key>                       allowance pull, market as delegate
-    aidp:payout:v1:<root>:<count>:<key>      deposit → node, root = Merkle root of its jobs
     aidp:fee:v1:<root>:<count>:<key>         deposit → treasury, market fee of a round
-    aidp:refund:v1:<key>                     deposit → buyer
-    aidp:slash:v1:<key>                      stake → treasury (market + arbiter)
-    aidp:withdraw:v1:<key>                   stake → operator (operator + one other)
-    aidp:anchor:v1:<root>:<count>            receipts' Merkle root, no transfer
+    aidp:mint:v1:<key>                       local chains: backing minted to the deposit
+    aidp:anchor:v1:<root>:<count>            beside the program's ``anchor_root``
+
+Stake, slashes, payout epochs and claims are instructions of the ``aidp_market`` program
+and need no memo: the program's accounts say what they are.
 
 ``<key>`` is the caller's idempotency key (``chain_transfers.idempotency_key``), which
 lets a reconcile find a payment on chain even when its signature was lost. Writers and
@@ -59,10 +59,6 @@ def _root_fields(root_hex: str, count: int) -> str:
 
 def deposit_memo(account: str) -> str:
     return f"aidp:deposit:v1:{_check_field(account)}"
-
-
-def payout_memo(root_hex: str, count: int, key: str) -> str:
-    return f"aidp:payout:v1:{_root_fields(root_hex, count)}:{_check_field(key)}"
 
 
 def fee_memo(root_hex: str, count: int, key: str) -> str:

@@ -1,8 +1,12 @@
-"""Payout rounds: settled jobs grouped into one transfer per node plus the market's fee.
+"""Payout epochs: settled jobs grouped into one Merkle leaf per node, posted and funded
+through the ``aidp_market`` program, then claimed leaf by leaf; and the market's fee.
 
-Paying per node per round instead of per job keeps fees and transactions few; each
-transfer's memo carries the Merkle root of the receipts it pays, so a node (or anyone)
-can check a payment against the jobs it covers.
+``post_payouts(epoch, root, total)`` moves the epoch's total from the market's deposit
+account into a vault of the program and records the root of its ``(index, node,
+amount)`` leaves. From then on each node is paid by ``claim`` with its leaf and proof,
+submitted by anyone (the market does it for every node; ``aidp-node claim`` does it
+without the market), to the node's associated token account only, once (a bitmap).
+The fee is the market's own money: a plain transfer to the treasury with a memo.
 """
 
 from __future__ import annotations
@@ -14,90 +18,111 @@ from solders.instruction import Instruction
 from solders.pubkey import Pubkey
 
 from chain import spl
+from chain.aidp import program
 from chain.aidp.config import ChainConfig
-from chain.aidp.memo import fee_memo, payout_memo
-from protocol.merkle import merkle_root
+from chain.aidp.deploy import programdata_address
+from chain.aidp.memo import fee_memo
+from chain.ledger.base import Ledger
+from protocol.merkle import ProofStep, inclusion_proof, merkle_root
 
-BPS = 10_000  # fee_bps of the whole price
 EMPTY_ROOT = "00" * 32  # the fee root of a round without jobs
 
 
 @dataclass(frozen=True)
-class NodePayout:
-    owner: str  # node operator's wallet
-    amount: int  # base units, after the market fee
-    root: str  # Merkle root (hex) of the receipts it pays
-    count: int  # number of jobs
-    key: str  # idempotency key
+class PayoutLeaf:
+    index: int
+    node: str  # the operator's key (its associated token account is paid)
+    amount: int
+
+    def leaf_hex(self) -> str:
+        return program.payout_leaf(self.index, Pubkey.from_string(self.node), self.amount).hex()
 
 
 @dataclass(frozen=True)
-class PayoutRound:
-    payouts: list[NodePayout]
-    fee: int
-    fee_root: str
-    job_count: int
-    key: str
+class PayoutEpoch:
+    epoch: int
+    leaves: list[PayoutLeaf]
+
+    @property
+    def total(self) -> int:
+        return sum(leaf.amount for leaf in self.leaves)
+
+    @property
+    def root(self) -> str:
+        return merkle_root([leaf.leaf_hex() for leaf in self.leaves])
+
+    def proof(self, index: int) -> list[ProofStep]:
+        return inclusion_proof([leaf.leaf_hex() for leaf in self.leaves], index)
 
 
-def plan_round(jobs: Iterable[tuple[str, str, int]], fee_bps: int, round_key: str) -> PayoutRound:
-    """Group settled jobs ``(node_owner, receipt_hash_hex, price)`` into one payout per node.
-
-    The market fee is ``price * fee_bps // 10_000`` per job; the node receives the rest.
-    Each payout's memo carries the Merkle root of its receipts (in the given order).
-    """
-    by_node: dict[str, list[tuple[str, int]]] = {}
-    all_hashes: list[str] = []
-    fee = 0
-    for owner, receipt_hash, price in jobs:
-        job_fee = price * fee_bps // BPS
-        fee += job_fee
-        by_node.setdefault(owner, []).append((receipt_hash, price - job_fee))
-        all_hashes.append(receipt_hash)
-    payouts = [
-        _node_payout(owner, items, round_key) for owner, items in sorted(by_node.items())
-    ]
-    root = merkle_root(all_hashes) if all_hashes else EMPTY_ROOT
-    return PayoutRound(payouts, fee, root, len(all_hashes), round_key)
+def plan_epoch(epoch: int, earnings: Iterable[tuple[str, int]]) -> PayoutEpoch:
+    """One leaf per node of the summed ``(node, earning)`` pairs, nodes in key order;
+    nodes owed nothing get no leaf."""
+    by_node: dict[str, int] = {}
+    for node, earning in earnings:
+        by_node[node] = by_node.get(node, 0) + earning
+    owed = [(node, amount) for node, amount in sorted(by_node.items()) if amount > 0]
+    return PayoutEpoch(epoch, [PayoutLeaf(i, node, amount)
+                               for i, (node, amount) in enumerate(owed)])
 
 
-def _node_payout(owner: str, items: list[tuple[str, int]], round_key: str) -> NodePayout:
-    """One node's share of a round: ``items`` are its (receipt hash, earning) pairs."""
-    return NodePayout(
-        owner=owner,
-        amount=sum(p for _, p in items),
-        root=merkle_root([h for h, _ in items]),
-        count=len(items),
-        key=f"{round_key}.{owner}",
-    )
+def post_instructions(cfg: ChainConfig, epoch: PayoutEpoch) -> list[Instruction]:
+    """Fund the epoch's vault from the deposit account and record its root."""
+    pid = cfg.program_pk
+    return [program.instruction(pid, "postPayouts", {
+        "config": cfg.program_config, "authority": cfg.market_pk,
+        "payouts": program.payouts_address(pid, epoch.epoch),
+        "payoutVault": program.payout_vault_address(pid, epoch.epoch),
+        "source": cfg.deposit_pk, "mint": cfg.mint_pk, "tokenProgram": spl.TOKEN_PROGRAM_ID,
+        "systemProgram": program.SYSTEM_PROGRAM_ID, "programData": programdata_address(pid)},
+        epoch=epoch.epoch, root=bytes.fromhex(epoch.root), total=epoch.total,
+        leafCount=len(epoch.leaves))]
 
 
-def payout_instructions(cfg: ChainConfig, payout: NodePayout) -> list[Instruction]:
-    """Deposit account → node's AIDP account (created if needed) + memo with the jobs' root."""
-    owner = Pubkey.from_string(payout.owner)
+def claim_instructions(cfg: ChainConfig, epoch: int, leaf: PayoutLeaf,
+                       proof: list[ProofStep], payer: Pubkey) -> list[Instruction]:
+    """Pay one leaf into the node's associated token account (created by ``payer`` if
+    missing)."""
+    pid, node = cfg.program_pk, Pubkey.from_string(leaf.node)
+    return [spl.create_ata_idempotent(payer, node, cfg.mint_pk),
+            program.instruction(pid, "claim", {
+                "payouts": program.payouts_address(pid, epoch),
+                "payoutVault": program.payout_vault_address(pid, epoch),
+                "destination": cfg.ata(node), "tokenProgram": spl.TOKEN_PROGRAM_ID},
+                index=leaf.index, node=node, amount=leaf.amount,
+                lefts=sum(1 << i for i, step in enumerate(proof) if step.side == "left"),
+                proof=[bytes.fromhex(step.sibling) for step in proof])]
+
+
+def fee_instructions(cfg: ChainConfig, fee: int, root: str, job_count: int,
+                     key: str) -> list[Instruction]:
+    """Deposit account → treasury, the memo naming the receipts' root it is the fee of."""
     return [
-        spl.create_ata_idempotent(cfg.market_pk, owner, cfg.mint_pk),
         spl.transfer_checked(
-            cfg.deposit_pk, cfg.mint_pk, cfg.ata(owner), cfg.market_pk, payout.amount, cfg.decimals
+            cfg.deposit_pk, cfg.mint_pk, cfg.treasury_pk, cfg.market_pk, fee, cfg.decimals
         ),
-        spl.memo(payout_memo(payout.root, payout.count, payout.key), [cfg.market_pk]),
+        spl.memo(fee_memo(root, job_count, key), [cfg.market_pk]),
     ]
 
 
-def fee_instructions(cfg: ChainConfig, rnd: PayoutRound) -> list[Instruction]:
-    return [
-        spl.transfer_checked(
-            cfg.deposit_pk, cfg.mint_pk, cfg.treasury_pk, cfg.market_pk, rnd.fee, cfg.decimals
-        ),
-        spl.memo(fee_memo(rnd.fee_root, rnd.job_count, rnd.key + ".fee"), [cfg.market_pk]),
-    ]
+@dataclass(frozen=True)
+class PostedEpoch:
+    """A ``Payouts`` account: what was posted and what has been claimed."""
+
+    root: str
+    total: int
+    claimed: int
+    leaf_count: int
+    bitmap: bytes
+
+    def is_claimed(self, index: int) -> bool:
+        byte = index // 8
+        return byte < len(self.bitmap) and bool(self.bitmap[byte] >> (index % 8) & 1)
 
 
-def round_transactions(
-    cfg: ChainConfig, rnd: PayoutRound
-) -> list[tuple[str, str, list[Instruction]]]:
-    """(kind, idempotency key, instructions) for every transfer of a round, fee last."""
-    out = [("payout", p.key, payout_instructions(cfg, p)) for p in rnd.payouts if p.amount > 0]
-    if rnd.fee > 0:
-        out.append(("payout", rnd.key + ".fee", fee_instructions(cfg, rnd)))
-    return out
+async def read_epoch(ledger: Ledger, cfg: ChainConfig, epoch: int) -> PostedEpoch | None:
+    account = await ledger.get_account(program.payouts_address(cfg.program_pk, epoch))
+    if account is None or account.owner != cfg.program_pk:
+        return None
+    f = program.decode_account("Payouts", bytes(account.data))
+    return PostedEpoch(f["root"].hex(), f["total"], f["claimed"], f["leafCount"], f["bitmap"])

@@ -4,7 +4,8 @@ LiteSVM executes real SBF programs (SPL Token, ATA, Memo) but has no blocks, no
 history and no disk. ``LocalChain`` adds exactly what a client of a validator sees:
 
 * a clock: one slot every ``slot_ms`` of wall time (400 ms, like mainnet), block
-  height = slot; explicit ``advance()`` for tests;
+  height = slot, the Clock sysvar's unix time 400 ms a slot from genesis; explicit
+  ``advance()`` for tests;
 * blockhashes derived from (genesis seed, slot), each valid for 150 blocks, checked
   here (LiteSVM's own check only knows one blockhash); a transaction with an expired or
   unknown blockhash never lands, which is what makes "unknown and expired" a safe
@@ -107,8 +108,11 @@ class LocalChain:
         self.svm = LiteSVM().with_blockhash_check(False)
         self._svm_slot = -1
         restored = 0
+        # executable accounts last: LiteSVM loads a program when its account is set, and an
+        # upgradeable program's code lives in its programdata account, which must be there
         for pk, lamports, data, owner, executable, rent_epoch in self._db.execute(
-            "SELECT pubkey, lamports, data, owner, executable, rent_epoch FROM accounts"
+            "SELECT pubkey, lamports, data, owner, executable, rent_epoch FROM accounts "
+            "ORDER BY executable"
         ):
             if lamports:
                 self.svm.set_account(
@@ -141,8 +145,18 @@ class LocalChain:
         slot = max(GENESIS_SLOT + max(elapsed, 0) + self._offset, self._svm_slot, self._floor)
         if slot != self._svm_slot:
             self.svm.warp_to_slot(slot)
+            self._set_clock_time(slot)
             self._svm_slot = slot
         return slot
+
+    def _set_clock_time(self, slot: int) -> None:
+        """The Clock sysvar's unix time follows the slots (genesis time plus 400 ms a
+        slot), so programs that keep periods (unbonding, challenge periods) see time pass
+        as on a real cluster, and ``advance`` moves it forward for tests."""
+        clock = self.svm.get_clock()
+        clock.unix_timestamp = int(self._genesis_time
+                                   + (slot - GENESIS_SLOT) * DEFAULT_SLOT_MS / 1000)
+        self.svm.set_clock(clock)
 
     def slot(self) -> int:
         with self._lock:

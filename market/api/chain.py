@@ -5,35 +5,40 @@
   ``{receipt_hash, anchor: {root, tx_signature, slot} | null, proof: [{sibling, side}]}``.
   Leaves are the anchor's receipt hashes sorted ascending, the order the anchoring task
   built the tree in; ``protocol.merkle.verify_inclusion`` (or the explorer's JS) checks it.
-* ``GET /v1/chain`` (no key): where and how to pay — mint, deposit account, memo format.
+* ``GET /v1/chain`` (no key): where and how to pay — mint, deposit account, memo format —
+  and the ``aidp_market`` program settlement runs through.
 * ``POST /v1/chain/allowance`` (API key): ``{"wallet", "signed_at", "signature"}``
   registers the wallet whose ``approve`` to the market funds this account (read from
   chain by the worker). ``signature`` is the wallet's own (base58, ed25519) over
   ``ALLOWANCE_DOMAIN + allowance_message(market, account, wallet, signed_at)``
   (``protocol.keys``; ``aidp-market chain allowance --sign`` makes one): an API key alone
   cannot claim somebody else's approval.
-* ``POST /v1/stake/unbond``, ``POST /v1/stake/withdraw``, ``POST /v1/stake/withdraw/submit``
-  (no key: signed by the node operator's keypair): unbonding and co-signed withdrawal of
-  node stake, see ``market.onchain.unbonding``.
+* ``GET /v1/stake/{pubkey}`` (no key): an operator's stake in the program (the market
+  cannot move it: the operator stakes, unbonds and withdraws with the program directly).
+* ``GET /v1/chain/payouts/{pubkey}`` (no key): a node's unclaimed payout leaves with their
+  proofs, so it can claim from the program without the market.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import dataclasses
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
+from solders.pubkey import Pubkey
 from sqlalchemy.orm import Session
 
+from chain import aidp
 from chain.ledger.base import LedgerError
 from chain.localnet.chain import ChainError
 from market.api.schemas import RequestBody
-from market.errors import NotFound, UpstreamFailed
+from market.errors import BadRequest, NotFound, UpstreamFailed
 from market.gateway.auth import Buyer, authenticate, market_state
-from market.onchain import allowance, unbonding
-from market.onchain.proofs import proof_view
+from market.onchain import allowance
+from market.onchain.proofs import payouts_view, proof_view
 from market.onchain.runtime import ChainNotInitialized, ChainRuntime, load_identity, open_runtime
 
 router = APIRouter()
@@ -49,14 +54,16 @@ async def receipt_proof(receipt_hash: str, request: Request) -> Any:
 async def chain_info(request: Request) -> Any:
     settings = market_state(request).settings
     try:
-        cfg, market, arbiter = load_identity(settings)
+        cfg, market, _verifiers = load_identity(settings)
     except ChainNotInitialized:
         raise NotFound("Chain settlement is not initialized on this market.",
                        code="chain_not_initialized") from None
     return {
         "mint": cfg.mint, "decimals": cfg.decimals, "market": cfg.market,
         "deposit_account": cfg.deposit, "treasury": cfg.treasury,
-        "arbiter": str(arbiter.pubkey()), "rpc_url": settings.chain.explorer_rpc_url,
+        "program": cfg.program, "program_config": str(cfg.program_config),
+        "verifier_quorum": settings.chain.verifier_quorum,
+        "rpc_url": settings.chain.explorer_rpc_url,
         "deposit_memo": "aidp:deposit:v1:<account id>",
         "allowance_delegate": str(market.pubkey()),
     }
@@ -84,35 +91,12 @@ async def register_allowance(body: AllowanceBody, request: Request,
             return await session.run_sync(apply)
 
 
-class UnbondBody(RequestBody):
-    pubkey: str
-    amount: int
-    requested_at: int
-    signature: str
-
-
-class WithdrawBody(RequestBody):
-    pubkey: str
-    issued_at: int
-    signature: str
-
-
-class WithdrawSubmitBody(RequestBody):
-    pubkey: str
-    request_id: int
-    blockhash: str
-    tx_signature: str
-
-
 @contextlib.asynccontextmanager
-async def _stake_runtime(request: Request) -> AsyncIterator[tuple[ChainRuntime, Any]]:
-    """The chain runtime and the sync sessionmaker for a stake call; chain trouble becomes
-    a clear error. These calls are rare (an operator taking stake back) and do short sync
-    DB work on the market's sync engine, like the settlement worker does."""
-    state = market_state(request)
+async def _chain_runtime(request: Request) -> AsyncIterator[ChainRuntime]:
+    """The chain runtime for a read of program state; chain trouble becomes a clear error."""
     try:
-        async with open_runtime(state.settings) as rt:
-            yield rt, state.db.sync_sessions
+        async with open_runtime(market_state(request).settings) as rt:
+            yield rt
     except ChainNotInitialized:
         raise NotFound("Chain settlement is not initialized on this market.",
                        code="chain_not_initialized") from None
@@ -121,26 +105,32 @@ async def _stake_runtime(request: Request) -> AsyncIterator[tuple[ChainRuntime, 
                              code="chain_unavailable") from None
 
 
-async def _stake_call(request: Request, action: Callable[..., Awaitable[Any]],
-                      body: RequestBody) -> Any:
-    """Run one ``market.onchain.unbonding`` step with the body's declared fields as its
-    keyword arguments: each stake body declares exactly the signed parameters of its step
-    (never ``now``, which stays the market's clock)."""
-    fields = {name: getattr(body, name) for name in type(body).model_fields}
-    async with _stake_runtime(request) as (rt, sessions):
-        return await action(rt, sessions, **fields)
+def _pubkey(value: str) -> Pubkey:
+    try:
+        return Pubkey.from_string(value)
+    except ValueError:
+        raise BadRequest(f"{value!r} is not a base58 public key.", param="pubkey",
+                             code="invalid_pubkey") from None
 
 
-@router.post("/v1/stake/unbond")
-async def stake_unbond(body: UnbondBody, request: Request) -> Any:
-    return await _stake_call(request, unbonding.request_unbond, body)
+@router.get("/v1/stake/{pubkey}")
+async def stake_view(pubkey: str, request: Request) -> Any:
+    """A node operator's stake as the program holds it (its vault, bonded, unbonding,
+    open cases); the operator moves it with ``aidp-node stake|unbond|withdraw``."""
+    operator = _pubkey(pubkey)
+    async with _chain_runtime(request) as rt:
+        stake = rt.stake_of(operator)
+        info = await aidp.read_stake(rt.ledger, rt.cfg, operator)
+    body: dict[str, Any] = {"operator": pubkey, "stake_account": stake.address,
+                            "vault": stake.vault, "registered": info is not None}
+    if info is not None:
+        body.update(dataclasses.asdict(info), bonded=info.bonded)
+    return body
 
 
-@router.post("/v1/stake/withdraw")
-async def stake_withdraw(body: WithdrawBody, request: Request) -> Any:
-    return await _stake_call(request, unbonding.prepare_withdraw, body)
-
-
-@router.post("/v1/stake/withdraw/submit")
-async def stake_withdraw_submit(body: WithdrawSubmitBody, request: Request) -> Any:
-    return await _stake_call(request, unbonding.submit_withdraw, body)
+@router.get("/v1/chain/payouts/{pubkey}")
+async def node_payouts(pubkey: str, request: Request) -> Any:
+    """The node's unclaimed payout leaves with their Merkle proofs (``claim`` input)."""
+    node = str(_pubkey(pubkey))
+    async with market_state(request).db.async_sessions() as session:
+        return await session.run_sync(payouts_view, node)

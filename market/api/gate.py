@@ -29,7 +29,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # /v1 paths that need no API key: public, or signed by a node operator's own key
 PUBLIC_PATHS = frozenset({"/v1/chain"})
-PUBLIC_PREFIXES = ("/v1/receipts/", "/v1/stake/", "/v1/node/")
+PUBLIC_PREFIXES = ("/v1/receipts/", "/v1/stake/", "/v1/chain/payouts/", "/v1/node/")
 
 
 def needs_api_key(path: str) -> bool:

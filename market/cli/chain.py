@@ -43,9 +43,9 @@ def _init(args: argparse.Namespace) -> int:
     result = asyncio.run(init(settings, _sessions(), demo_wallets=args.demo_wallets))
     cfg = result.cfg
     print(f"chain ready on {settings.chain.ledger_url}")
-    for label, value in [("mint", f"{cfg.mint} ({cfg.decimals} decimals)"),
-                         ("market", cfg.market), ("arbiter", result.arbiter),
-                         ("deposit", cfg.deposit), ("treasury", cfg.treasury)]:
+    rows = [("mint", f"{cfg.mint} ({cfg.decimals} decimals)"), ("market", cfg.market),
+            ("program", cfg.program), ("deposit", cfg.deposit), ("treasury", cfg.treasury)]
+    for label, value in rows + [("verifier", v) for v in result.verifiers]:
         print(f"  {label:<9} {value}")
     for pubkey, path in result.demo_wallets:
         print(f"  demo      {pubkey} ({path})")
@@ -114,7 +114,8 @@ def _status(args: argparse.Namespace) -> int:
                 "mint": cfg.mint,
                 "market": {"address": cfg.market,
                            "lamports": await rt.ledger.get_balance(cfg.market_pk)},
-                "arbiter": str(rt.arbiter.pubkey()),
+                "program": cfg.program,
+                "verifiers_held": [str(v.pubkey()) for v in rt.verifiers],
                 "deposit": {"address": cfg.deposit,
                             "balance": await rt.ledger.token_balance(cfg.deposit_pk)},
                 "treasury": {"address": cfg.treasury,

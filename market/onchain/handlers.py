@@ -4,12 +4,11 @@ part; joining them here keeps the driver free of imports back up to them."""
 
 from __future__ import annotations
 
-from market.onchain import allowance, bootstrap, settle, unbonding
+from market.onchain import allowance, bootstrap, settle
 from market.onchain.transfers import Handlers
 
 HANDLERS: Handlers = {
     **allowance.HANDLERS,
     **bootstrap.HANDLERS,
     **settle.HANDLERS,
-    **unbonding.HANDLERS,
 }

@@ -3,8 +3,13 @@
 ``chain_transfers`` (in ``market.models``) is the exactly-once record of every on-chain
 movement; these tables say what each movement covers, so nothing is paid or anchored twice:
 
-* ``chain_payout_items`` — receipt → the payout transfer that pays it (a receipt is in
-  at most one: it is the primary key). Written when the round is *planned*.
+* ``chain_payout_items`` — receipt → the ``post_payouts`` transfer of the epoch that pays
+  it (a receipt is in at most one: it is the primary key). Written when the epoch is
+  *planned*.
+* ``chain_payout_epochs`` / ``chain_payout_leaves`` — each epoch's Merkle root of
+  ``(index, node, amount)`` leaves, kept so the market (or the node) can prove a claim.
+* ``chain_verdicts`` — verifiers' signatures on a slash verdict, gathered until the
+  program's quorum is reached (migration ``0009_program``).
 * ``chain_anchor_items`` — receipt → the anchor transfer whose Merkle tree holds it;
   ``receipts.anchor_id`` and the ``anchors`` row are written once that lands.
 * ``chain_deposits`` — every deposit seen on chain, keyed by transaction signature,
@@ -13,7 +18,6 @@ movement; these tables say what each movement covers, so nothing is paid or anch
   ``credited`` is the part of the account's balance that stands for the live on-chain
   allowance (see ``market.onchain.allowance``).
 * ``chain_cursors`` — scan positions (e.g. the newest deposit signature examined).
-* ``unbonding_requests`` — node operators' signed unbond requests (``market.onchain.unbonding``).
 """
 
 from __future__ import annotations
@@ -84,22 +88,43 @@ class ChainCursor(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
-class UnbondingRequest(Base):
-    """A node operator's signed request to take ``amount`` of its stake back (migration
-    ``0004_unbonding``). The market co-signs the withdrawal only once ``available_at``
-    (``requested_at`` + ``settings.chain.unbonding_period_s``) has passed; ``transfer_key`` is
-    the ``chain_transfers`` row that moves it. Unique per (node, requested_at): a replayed
-    request inserts nothing."""
+class ChainPayoutEpoch(Base):
+    """One ``post_payouts``; the program's epoch number is the id of its transfer row."""
 
-    __tablename__ = "unbonding_requests"
-    __table_args__ = (UniqueConstraint("node_id", "requested_at",
-                                       name="uq_unbonding_requests_node_id"),)
+    __tablename__ = "chain_payout_epochs"
+
+    epoch: Mapped[int] = mapped_column(ForeignKey("chain_transfers.id"), primary_key=True,
+                                       autoincrement=False)
+    root: Mapped[str] = mapped_column(String(64))
+    total: Mapped[int] = mapped_column(BigInteger)
+    leaf_count: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ChainPayoutLeaf(Base):
+    """A node's leaf in an epoch; its claim is the ``claim:<epoch>:<index>`` transfer."""
+
+    __tablename__ = "chain_payout_leaves"
+
+    epoch: Mapped[int] = mapped_column(ForeignKey("chain_payout_epochs.epoch"), primary_key=True)
+    leaf_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(64), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+
+
+class ChainVerdict(Base):
+    """One verifier's signature on a receipt's slash verdict (the exact fields signed)."""
+
+    __tablename__ = "chain_verdicts"
+    __table_args__ = (UniqueConstraint("receipt_id", "verifier",
+                                       name="uq_chain_verdicts_receipt_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
+    receipt_id: Mapped[str] = mapped_column(ForeignKey("receipts.id"), index=True)
+    verifier: Mapped[str] = mapped_column(String(64))
     amount: Mapped[int] = mapped_column(BigInteger)
-    requested_at: Mapped[int] = mapped_column(BigInteger)  # unix seconds, as signed
-    available_at: Mapped[datetime] = mapped_column()
-    state: Mapped[str] = mapped_column(String(16), default="requested")  # |withdrawn|cancelled
-    transfer_key: Mapped[str | None] = mapped_column(String(160), nullable=True)
+    refund: Mapped[int] = mapped_column(BigInteger)
+    refund_account: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[int] = mapped_column(BigInteger)
+    signature: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -2,10 +2,13 @@
 moves, compared with the chain to the base unit.
 
 * deposit account and treasury: the sum of confirmed ``chain_transfers`` in minus out
-  (deposits, pulls, backing mints − payouts, fees; fees + slashes) vs the token balance;
-* each node's payouts: confirmed payout rows vs the payouts the chain shows arriving at
-  the node's AIDP account (transactions paid by the market carrying a payout memo);
-* each node's stake: ``nodes.stake`` plus slashes still on their way vs the stake account.
+  (deposits, pulls, backing mints − epoch postings, fees; fees + slashes) vs the token
+  balance;
+* each payout epoch's vault: posted minus confirmed claims vs its balance;
+* each node's payouts: confirmed claim rows vs the leaves the program's claim bitmaps mark
+  paid;
+* each node's stake: ``nodes.stake`` plus slashes still on their way vs what the program
+  holds bonded (and the program's own count vs its vault's balance).
 
 Any difference is a failure (exit status 1).
 """
@@ -17,12 +20,13 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from chain import aidp
 from market.models import ChainTransfer, Node
 from market.money.journal import Balanced
 from market.onchain import stake as stake_mod
+from market.onchain.models import ChainPayoutEpoch
 from market.onchain.runtime import ChainRuntime
-
-PAYOUT_MEMO = "aidp:payout:v1:"
+from market.onchain.settle import load_epoch
 
 
 @dataclass(frozen=True)
@@ -52,40 +56,39 @@ def _flows(session: Session) -> tuple[dict[str, int], dict[str, int]]:
     return ({k: int(v) for k, v in inflow.items()}, {k: int(v) for k, v in outflow.items()})
 
 
-async def chain_payouts(rt: ChainRuntime, account: str) -> int:
-    """Base units the market paid to ``account`` in payout-memo transactions, from history."""
-    from solders.pubkey import Pubkey
-
-    total, before = 0, None
-    while True:
-        page = await rt.ledger.signatures_for_address(Pubkey.from_string(account), before=before)
-        for info in page:
-            if info.err is not None or PAYOUT_MEMO not in (info.memo or ""):
-                continue
-            tx = await rt.ledger.get_transaction(info.signature)
-            if (
-                tx is not None
-                and tx.ok
-                and tx.account_keys[0] == rt.cfg.market  # paid by the market, not a look-alike
-                and any(m.startswith(PAYOUT_MEMO) for m in tx.memos)
-            ):
-                total += tx.token_delta(account)
-        if len(page) < 1000:
-            return total
-        before = page[-1].signature
+async def _claimed_on_chain(rt: ChainRuntime, session: Session) -> tuple[dict[str, int], list[Line]]:
+    """(node → base units the program's bitmaps say were claimed, one line per epoch vault)."""
+    inflow, outflow = _flows(session)
+    claimed: dict[str, int] = {}
+    lines = []
+    for epoch in session.execute(select(ChainPayoutEpoch.epoch).order_by(
+            ChainPayoutEpoch.epoch)).scalars():
+        posted = await aidp.read_epoch(rt.ledger, rt.cfg, epoch)
+        vault = aidp.program.payout_vault_address(rt.cfg.program_pk, epoch)
+        expected = inflow.get(str(vault), 0) - outflow.get(str(vault), 0)
+        balance = await rt.ledger.token_balance(vault)
+        if expected or balance:
+            lines.append(Line(f"epoch {epoch} vault", str(vault), expected, balance))
+        if posted is None:
+            continue
+        for leaf in load_epoch(session, epoch).leaves:
+            if posted.is_claimed(leaf.index):
+                claimed[leaf.node] = claimed.get(leaf.node, 0) + leaf.amount
+    return claimed, lines
 
 
 async def reconcile(rt: ChainRuntime, sessions: sessionmaker[Session]) -> list[Line]:
     cfg = rt.cfg
     with sessions() as session:
         inflow, outflow = _flows(session)
-        payouts = dict(session.execute(
+        paid = dict(session.execute(
             select(ChainTransfer.to_address, func.sum(ChainTransfer.amount))
-            .where(ChainTransfer.state == "confirmed", ChainTransfer.kind == "payout")
+            .where(ChainTransfer.state == "confirmed", ChainTransfer.kind == "claim")
             .group_by(ChainTransfer.to_address)
         ).all())
         nodes = session.execute(select(Node.id, Node.pubkey, Node.stake).order_by(Node.id)).all()
         pending_slashes = stake_mod.unsettled_slashes(session)
+        claimed, epoch_lines = await _claimed_on_chain(rt, session)
 
     def expected(address: str) -> int:
         return inflow.get(address, 0) - outflow.get(address, 0)
@@ -95,18 +98,22 @@ async def reconcile(rt: ChainRuntime, sessions: sessionmaker[Session]) -> list[L
              await rt.ledger.token_balance(cfg.deposit_pk)),
         Line("treasury", cfg.treasury, expected(cfg.treasury),
              await rt.ledger.token_balance(cfg.treasury_pk)),
+        *epoch_lines,
     ]
     for node_id, pubkey, db_stake in nodes:
         account = rt.payout_account(pubkey)
-        db_paid = int(payouts.get(account, 0))
-        chain_paid = await chain_payouts(rt, account)
+        db_paid, chain_paid = int(paid.get(account, 0)), claimed.get(pubkey, 0)
         if db_paid or chain_paid:
             lines.append(Line(f"payouts {node_id}", account, db_paid, chain_paid))
-        st = rt.stake_of(pubkey)
-        chain_stake = await rt.ledger.token_balance(st.account_pk)
+        info = await aidp.read_stake(rt.ledger, cfg, pubkey)
+        chain_stake = info.bonded if info else 0
         db_view = int(db_stake) + pending_slashes.get(node_id, 0)
         if db_view or chain_stake:
-            lines.append(Line(f"stake {node_id}", st.account, db_view, chain_stake))
+            lines.append(Line(f"stake {node_id}", rt.stake_of(pubkey).address, db_view,
+                              chain_stake))
+        if info is not None and info.vault_balance != info.staked:
+            lines.append(Line(f"stake vault {node_id}", rt.stake_of(pubkey).vault,
+                              info.staked, info.vault_balance))
     return lines
 
 

@@ -3,10 +3,11 @@
 ``aidp-market chain init`` writes, under ``<data_dir>/chain/`` (files mode 600):
 
 * ``market.json`` — the market's keypair (fee payer, deposit owner, delegate for
-  allowances, stake co-signer); solana-keygen format;
-* ``arbiter.json`` — the arbiter's keypair (the second stake co-signer for slashes);
-* ``config.json`` — the :class:`chain.aidp.ChainConfig` (mint, decimals,
-  market, deposit and treasury accounts).
+  allowances, the program's authority: anchors, cases, payout roots); solana-keygen format;
+* ``verifier-<n>.json`` — verifier keys of the program's verifier set; a process signs
+  verdicts with those it holds (a public deployment gives each verifier its own host);
+* ``config.json`` — the :class:`chain.aidp.ChainConfig` (mint, decimals, market,
+  deposit and treasury accounts, the program id).
 
 A :class:`ChainRuntime` bundles those with an open :class:`chain.ledger.base.Ledger`.
 """
@@ -48,29 +49,34 @@ class ChainRuntime:
     settings: MarketSettings
     cfg: ChainConfig
     market: Keypair
-    arbiter: Keypair
+    verifiers: list[Keypair]
     ledger: Ledger
 
     def stake_of(self, operator: str | Pubkey) -> Stake:
-        """The 2-of-3 {operator, market, arbiter} stake of a node operator (deterministic)."""
+        """A node operator's stake accounts in the program (PDAs: deterministic)."""
         op = operator if isinstance(operator, Pubkey) else Pubkey.from_string(operator)
-        return stake_for(self.cfg, op, self.arbiter.pubkey())
+        return stake_for(self.cfg, op)
 
     def payout_account(self, owner: str) -> str:
         return str(self.cfg.ata(Pubkey.from_string(owner)))
 
 
-def load_identity(settings: MarketSettings) -> tuple[ChainConfig, Keypair, Keypair]:
-    """(config, market keypair, arbiter keypair); ``ChainNotInitialized`` before init."""
+def verifier_paths(settings: MarketSettings) -> list[Path]:
+    return [chain_dir(settings) / f"verifier-{n}.json"
+            for n in range(1, settings.chain.verifiers + 1)]
+
+
+def load_identity(settings: MarketSettings) -> tuple[ChainConfig, Keypair, list[Keypair]]:
+    """(config, market keypair, the verifier keypairs held here); ``ChainNotInitialized``
+    before init."""
     path = config_path(settings)
     if not path.exists():
         raise ChainNotInitialized(path)
-    base = chain_dir(settings)
-    return (
-        ChainConfig.load(path),
-        load_keypair(base / "market.json"),
-        load_keypair(base / "arbiter.json"),
-    )
+    cfg = ChainConfig.load(path)
+    if not cfg.program:
+        raise ChainNotInitialized(path)
+    held = [load_keypair(p) for p in verifier_paths(settings) if p.exists()]
+    return cfg, load_keypair(chain_dir(settings) / "market.json"), held
 
 
 @contextlib.asynccontextmanager
@@ -80,12 +86,12 @@ async def open_runtime(
     """A runtime on ``ledger`` (left open) or on a ledger opened from the settings (closed
     on exit). With ``ledger_url = "inprocess"`` only one process may hold the chain at a
     time: run ``aidp-ledger serve`` when API, worker and CLI must share it."""
-    cfg, market, arbiter = load_identity(settings)
+    cfg, market, verifiers = load_identity(settings)
     if ledger is not None:
-        yield ChainRuntime(settings, cfg, market, arbiter, ledger)
+        yield ChainRuntime(settings, cfg, market, verifiers, ledger)
         return
     opened = open_ledger(settings.chain.ledger_url, settings.data_dir)
     try:
-        yield ChainRuntime(settings, cfg, market, arbiter, opened)
+        yield ChainRuntime(settings, cfg, market, verifiers, opened)
     finally:
         await opened.close()

@@ -4,8 +4,9 @@ Each step is idempotent and safe to run concurrently with itself: rows are claim
 guarded updates and unique keys, so a second worker finds nothing left to do.
 
 * :func:`funding_step` — deposit scan + allowance sync (every few seconds);
-* :func:`settle_step` — resolve in-flight transfers, on-chain slashes, stake sync,
-  allowance pulls, a payout round;
+* :func:`settle_step` — resolve in-flight transfers, record claims nodes made themselves,
+  sign verdicts, open cases and slash on chain, stake sync, allowance pulls, a payout
+  epoch and its claims;
 * :func:`anchor_step` — resolve the in-flight anchor, anchor new receipts.
 """
 
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy.orm import Session, sessionmaker
 
 from chain.ledger.base import Ledger
-from market.onchain import allowance, deposits, settle, stake, transfers
+from market.onchain import allowance, deposits, settle, stake, transfers, verdicts
 from market.onchain.handlers import HANDLERS
 from market.onchain.runtime import ChainRuntime, open_runtime
 from market.settings import MarketSettings
@@ -34,11 +35,16 @@ async def funding_step(rt: ChainRuntime, sessions: sessionmaker[Session]) -> dic
 
 
 async def settle_step(rt: ChainRuntime, sessions: sessionmaker[Session]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"claimed_elsewhere": await settle.record_claims_made_elsewhere(
+        rt, sessions)}
     with sessions() as session:
         in_flight = transfers.active_ids(session, settle.PAYOUT_KINDS)
     out["resolved"] = (await transfers.drive(rt, sessions, in_flight, HANDLERS)).as_dict()
-    slashes = await settle.plan_slashes(rt, sessions)
+    out["verdicts_signed"] = verdicts.sign_pending(rt, sessions)
+    quorum = rt.settings.chain.verifier_quorum
+    cases = await settle.plan_cases(rt, sessions, quorum)
+    out["cases"] = (await transfers.drive(rt, sessions, cases, HANDLERS)).as_dict()
+    slashes = await settle.plan_slashes(rt, sessions, quorum)
     out["slashes"] = (await transfers.drive(rt, sessions, slashes, HANDLERS)).as_dict()
     out["stakes_changed"] = len(await stake.sync(rt, sessions))
     pulls = await allowance.plan_pulls(rt, sessions)
@@ -46,6 +52,9 @@ async def settle_step(rt: ChainRuntime, sessions: sessionmaker[Session]) -> dict
     with sessions.begin() as session:
         payouts = settle.plan_payout_round(session, rt, limit=rt.settings.chain.batch)
     out["payouts"] = (await transfers.drive(rt, sessions, payouts, HANDLERS)).as_dict()
+    with sessions() as session:  # the epochs just posted planned their claims
+        claims = settle.active_claims(session)
+    out["claims"] = (await transfers.drive(rt, sessions, claims, HANDLERS)).as_dict()
     return out
 
 

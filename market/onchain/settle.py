@@ -1,28 +1,37 @@
-"""Payout rounds, on-chain slashes and proof anchors, planned from the database.
+"""Payout epochs, slashes on evidence and receipt anchors, planned from the database and
+carried out through the ``aidp_market`` program.
 
-* **Payout round** — settled receipts not yet in ``chain_payout_items`` are grouped per
-  node (``chain.aidp.plan_round``): one transfer per node of the sum of its
-  receipts' ``node_earning``, memo ``aidp:payout:v1:<root>:<count>:<key>`` where root is
-  the Merkle root of the receipt hashes it pays, sorted ascending; plus one transfer of
-  the round's market fees (the receipts' ``fee``) to the treasury. The receipts are
-  linked to their payout row in the planning transaction, so no receipt is paid twice.
+* **Payout epoch** — settled receipts not yet in ``chain_payout_items`` are summed per
+  node into the leaves of one epoch (``chain.aidp.plan_epoch``); one ``payout`` row posts
+  the root and moves the total from the deposit account into the epoch's vault
+  (``post_payouts``); the program's epoch number is that row's id. Once it lands, one
+  ``claim`` row per leaf pays the node (the program checks the leaf against the root; a
+  node may also claim by itself, which the market then finds on chain and records). The
+  round's market fees go to the treasury in one ``fee`` row. The receipts are linked to
+  their epoch in the planning transaction, so no receipt is paid twice.
 * **Slash** — each ``slash:<receipt>`` journal entry the verification worker wrote (DB
-  side: buyer refunded, ``nodes.stake`` reduced) becomes one stake → treasury transfer
-  signed by market + arbiter, keyed by the same ``slash:<receipt>`` key.
+  side: buyer refunded, ``nodes.stake`` reduced) needs on chain: the receipt anchored,
+  verdict signatures of a quorum of the verifier set (``market.onchain.verdicts``), a
+  ``case`` row (``open_case``: the node's own signature on the receipt and its Merkle
+  proof) and, once the case is open, the ``slash`` row keyed by the journal key. The
+  buyer's refund is what it paid, which never left the deposit account (a slashed
+  receipt is never paid), so the verdict refunds 0 and the stake taken goes to the
+  treasury.
 * **Anchor** — receipts without an anchor, their hashes sorted ascending (the order the
-  explorer rebuilds proofs in), Merkle root in an ``aidp:anchor:v1:<root>:<count>``
-  memo; the ``anchors`` row and ``receipts.anchor_id`` are written in the same commit
-  that confirms the transaction.
+  explorer rebuilds proofs in): the program stores the root (``anchor_root``) and a memo
+  names it for explorers; the ``anchors`` row and ``receipts.anchor_id`` are written in
+  the same commit that confirms the transaction.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 from typing import Any
 
 from solders.instruction import Instruction
 from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from solders.signature import Signature
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,20 +39,23 @@ from chain import aidp
 from chain.ledger.base import TxStatus
 from market.models import Anchor, ChainTransfer, LedgerEntry, Node, Receipt, utcnow
 from market.onchain import transfers
-from market.onchain.models import ChainAnchorItem, ChainPayoutItem
+from market.onchain.models import (
+    ChainAnchorItem,
+    ChainPayoutEpoch,
+    ChainPayoutItem,
+    ChainPayoutLeaf,
+    ChainVerdict,
+)
 from market.onchain.runtime import ChainRuntime
-from protocol.merkle import merkle_root
+from protocol.merkle import inclusion_proof, merkle_root
 
-PAYOUT_KINDS = ("payout", "fee", "slash", "pull")
+PAYOUT_KINDS = ("payout", "claim", "fee", "case", "slash", "pull")
 
 
 def _journal_once(session: Session, kind: str, key: str, amount: int, **refs: Any) -> None:
     if session.execute(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)).first():
         return
     session.add(LedgerEntry(kind=kind, idempotency_key=key, amount=amount, **refs))
-
-
-# ---- payouts -------------------------------------------------------------------------------
 
 
 def _parse(row: ChainTransfer, kind: str) -> aidp.AidpMemo:
@@ -53,37 +65,93 @@ def _parse(row: ChainTransfer, kind: str) -> aidp.AidpMemo:
     return memo
 
 
-def _payout_of(row: ChainTransfer) -> aidp.NodePayout:
-    root, count, key = _parse(row, "payout").fields
-    return aidp.NodePayout(
-        owner=key.split(".", 1)[1], amount=row.amount, root=root, count=int(count), key=key
-    )
+# ---- payout epochs ---------------------------------------------------------------------------
 
 
-def _build_payout(
-    rt: ChainRuntime, session: Session, row: ChainTransfer
-) -> tuple[list[Instruction], list[Keypair]]:
-    return aidp.payout_instructions(rt.cfg, _payout_of(row)), []
+def load_epoch(session: Session, epoch: int) -> aidp.PayoutEpoch:
+    leaves = session.execute(
+        select(ChainPayoutLeaf).where(ChainPayoutLeaf.epoch == epoch)
+        .order_by(ChainPayoutLeaf.leaf_index)
+    ).scalars().all()
+    return aidp.PayoutEpoch(epoch, [aidp.PayoutLeaf(x.leaf_index, x.node, x.amount)
+                                    for x in leaves])
 
 
-def _confirm_payout(rt: ChainRuntime, session: Session, row: ChainTransfer, st: TxStatus) -> None:
-    node_id = session.execute(
-        select(Node.id).where(Node.pubkey == _payout_of(row).owner)
-    ).scalar_one_or_none()
-    _journal_once(session, "payout", f"chain:{row.idempotency_key}", row.amount, node_id=node_id,
-                  memo=f"on chain {row.signature}")
+def _build_post(rt: ChainRuntime, session: Session,
+                row: ChainTransfer) -> tuple[list[Instruction], list[Keypair]]:
+    return aidp.post_instructions(rt.cfg, load_epoch(session, row.id)), []
 
 
-def _build_fee(
-    rt: ChainRuntime, session: Session, row: ChainTransfer
-) -> tuple[list[Instruction], list[Keypair]]:
+def _confirm_post(rt: ChainRuntime, session: Session, row: ChainTransfer, st: TxStatus) -> None:
+    """The epoch is funded: one claim per leaf, planned in this same commit."""
+    epoch = load_epoch(session, row.id)
+    vault = str(aidp.program.payout_vault_address(rt.cfg.program_pk, row.id))
+    for leaf in epoch.leaves:
+        transfers.plan(session, kind="claim", key=claim_key(row.id, leaf.index),
+                       amount=leaf.amount, from_address=vault,
+                       to_address=rt.payout_account(leaf.node), memo=None)
+
+
+def claim_key(epoch: int, index: int) -> str:
+    return f"claim:{epoch}:{index}"
+
+
+def _claim_leaf(session: Session, row: ChainTransfer) -> tuple[int, aidp.PayoutLeaf]:
+    _, epoch, index = row.idempotency_key.split(":")
+    leaf = session.get(ChainPayoutLeaf, (int(epoch), int(index)))
+    if leaf is None:
+        raise LookupError(f"{row.idempotency_key}: no such payout leaf")
+    return int(epoch), aidp.PayoutLeaf(leaf.leaf_index, leaf.node, leaf.amount)
+
+
+def _build_claim(rt: ChainRuntime, session: Session,
+                 row: ChainTransfer) -> tuple[list[Instruction], list[Keypair]]:
+    epoch, leaf = _claim_leaf(session, row)
+    proof = load_epoch(session, epoch).proof(leaf.index)
+    return aidp.claim_instructions(rt.cfg, epoch, leaf, proof, rt.cfg.market_pk), []
+
+
+def _confirm_claim(rt: ChainRuntime, session: Session, row: ChainTransfer,
+                   st: TxStatus | None) -> None:
+    _epoch, leaf = _claim_leaf(session, row)
+    node_id = session.execute(select(Node.id).where(Node.pubkey == leaf.node)).scalar_one_or_none()
+    _journal_once(session, "payout", f"chain:{row.idempotency_key}", row.amount,
+                  node_id=node_id, memo=f"claimed on chain {row.signature or '(by the node)'}")
+
+
+async def record_claims_made_elsewhere(rt: ChainRuntime, sessions: sessionmaker[Session]) -> int:
+    """Claims a node (or anyone) submitted itself: the program's bitmap says the leaf is
+    paid, so the market's own claim row is confirmed instead of sent (it would fail). The
+    bitmap pays a leaf once whoever sent the claim, so a row of ours in flight (perhaps
+    refused at preflight for that very reason) is confirmed the same way."""
+    with sessions() as session:
+        rows = session.execute(select(ChainTransfer).where(
+            ChainTransfer.kind == "claim",
+            ChainTransfer.state.in_(transfers.ACTIVE))).scalars().all()
+        session.expunge_all()
+    posted: dict[int, aidp.PostedEpoch | None] = {}
+    done = 0
+    for row in rows:
+        _, epoch, index = row.idempotency_key.split(":")
+        if int(epoch) not in posted:
+            posted[int(epoch)] = await aidp.read_epoch(rt.ledger, rt.cfg, int(epoch))
+        on_chain = posted[int(epoch)]
+        if on_chain is not None and on_chain.is_claimed(int(index)):
+            with sessions.begin() as session:
+                if transfers.confirm_elsewhere(session, row, transfers.ACTIVE):
+                    _confirm_claim(rt, session, row, None)
+                    done += 1
+    return done
+
+
+def _build_fee(rt: ChainRuntime, session: Session,
+               row: ChainTransfer) -> tuple[list[Instruction], list[Keypair]]:
     root, count, key = _parse(row, "fee").fields
-    rnd = aidp.PayoutRound([], row.amount, root, int(count), key.removesuffix(".fee"))
-    return aidp.fee_instructions(rt.cfg, rnd), []
+    return aidp.fee_instructions(rt.cfg, row.amount, root, int(count), key), []
 
 
 def plan_payout_round(session: Session, rt: ChainRuntime, *, limit: int) -> list[int]:
-    """Plan one round over up to ``limit`` settled, unpaid receipts; returns transfer ids."""
+    """Plan one epoch over up to ``limit`` settled, unpaid receipts; returns transfer ids."""
     rows = session.execute(
         select(Receipt.id, Receipt.receipt_hash, Receipt.node_earning, Receipt.fee, Node.pubkey)
         .join(Node, Node.id == Receipt.node_id)
@@ -96,57 +164,105 @@ def plan_payout_round(session: Session, rt: ChainRuntime, *, limit: int) -> list
     ).all()
     if not rows:
         return []
-    rows = sorted(rows, key=lambda r: (r.pubkey, r.receipt_hash))
     round_key = f"r{utcnow():%Y%m%d%H%M%S}{secrets.token_hex(4)}"
-    rnd = aidp.plan_round(
-        [(r.pubkey, r.receipt_hash, r.node_earning) for r in rows], 0, round_key
-    )
-    rnd = dataclasses.replace(rnd, fee=sum(r.fee for r in rows))
-    cfg = rt.cfg
-    by_owner: dict[str, int] = {}
-    ids: list[int] = []
-    for p in rnd.payouts:
-        memo = aidp.payout_memo(p.root, p.count, p.key)
+    cfg, ids = rt.cfg, []
+    leaves = aidp.plan_epoch(0, [(r.pubkey, r.node_earning) for r in rows]).leaves
+    # nothing owed (free nodes): the receipts are still marked paid, under a row that
+    # moves nothing
+    post = transfers.plan(
+        session, kind="payout", key=f"payout:{round_key}", amount=sum(x.amount for x in leaves),
+        from_address=cfg.deposit, to_address=None, memo=None,
+        state="planned" if leaves else "confirmed")
+    if leaves:
+        epoch = aidp.PayoutEpoch(post.id, leaves)
+        session.add(ChainPayoutEpoch(epoch=post.id, root=epoch.root, total=epoch.total,
+                                     leaf_count=len(leaves)))
+        session.flush()
+        session.add_all(ChainPayoutLeaf(epoch=post.id, leaf_index=x.index, node=x.node,
+                                        amount=x.amount) for x in leaves)
+        post.to_address = str(aidp.program.payout_vault_address(cfg.program_pk, post.id))
+        ids.append(post.id)
+    session.add_all(ChainPayoutItem(receipt_id=r.id, transfer_id=post.id) for r in rows)
+    fee = sum(r.fee for r in rows)
+    if fee > 0:
+        hashes = sorted(r.receipt_hash for r in rows)
         row = transfers.plan(
-            session, kind="payout", key=f"payout:{p.key}", amount=p.amount,
-            from_address=cfg.deposit, to_address=rt.payout_account(p.owner), memo=memo,
-            # nothing to move (a free node): the receipts are still marked paid
-            state="planned" if p.amount > 0 else "confirmed",
-        )
-        by_owner[p.owner] = row.id
-        if p.amount > 0:
-            ids.append(row.id)
-    for r in rows:
-        session.add(ChainPayoutItem(receipt_id=r.id, transfer_id=by_owner[r.pubkey]))
-    if rnd.fee > 0:
-        fee = transfers.plan(
-            session, kind="fee", key=f"fee:{round_key}", amount=rnd.fee,
+            session, kind="fee", key=f"fee:{round_key}", amount=fee,
             from_address=cfg.deposit, to_address=cfg.treasury,
-            memo=aidp.fee_memo(rnd.fee_root, rnd.job_count, round_key + ".fee"),
+            memo=aidp.fee_memo(merkle_root(hashes), len(hashes), round_key + ".fee"),
         )
-        ids.append(fee.id)
+        ids.append(row.id)
     session.flush()
     return ids
+
+
+def active_claims(session: Session) -> list[int]:
+    return transfers.active_ids(session, ["claim"])
 
 
 # ---- slashes --------------------------------------------------------------------------------
 
 
-def _stake_of_receipt(rt: ChainRuntime, session: Session, receipt_id: str) -> aidp.Stake:
-    pubkey = session.execute(
-        select(Node.pubkey)
-        .join(Receipt, Receipt.node_id == Node.id)
-        .where(Receipt.id == receipt_id)
-    ).scalar_one()
-    return rt.stake_of(pubkey)
+def case_key(receipt_id: str) -> str:
+    return f"case:{receipt_id}"
 
 
-def _build_slash(
-    rt: ChainRuntime, session: Session, row: ChainTransfer
-) -> tuple[list[Instruction], list[Keypair]]:
-    (receipt_id,) = _parse(row, "slash").fields
-    stake = _stake_of_receipt(rt, session, receipt_id)
-    return aidp.slash_instructions(rt.cfg, stake, row.amount, receipt_id), [rt.arbiter]
+def _receipt_id(row: ChainTransfer) -> str:
+    return row.idempotency_key.split(":", 1)[1]
+
+
+def evidence_of(session: Session, receipt_id: str) -> aidp.Evidence:
+    """The node's signed receipt and its proof in the anchor that holds it."""
+    receipt, pubkey = session.execute(
+        select(Receipt, Node.pubkey).join(Node, Node.id == Receipt.node_id)
+        .where(Receipt.id == receipt_id)).one()
+    if receipt.anchor_id is None:
+        raise LookupError(f"receipt {receipt_id} is not anchored yet")
+    anchor = session.get(Anchor, receipt.anchor_id)
+    hashes = sorted(session.execute(
+        select(Receipt.receipt_hash).where(Receipt.anchor_id == receipt.anchor_id)).scalars())
+    return aidp.Evidence(
+        receipt_hash=bytes.fromhex(receipt.receipt_hash), node=Pubkey.from_string(pubkey),
+        node_signature=Signature.from_string(receipt.signature),
+        root=bytes.fromhex(anchor.merkle_root),
+        proof=inclusion_proof(hashes, hashes.index(receipt.receipt_hash)))
+
+
+def _build_case(rt: ChainRuntime, session: Session,
+                row: ChainTransfer) -> tuple[list[Instruction], list[Keypair]]:
+    return aidp.open_case_instructions(rt.cfg, evidence_of(session, _receipt_id(row))), []
+
+
+def verdict_rows(session: Session, receipt_id: str) -> list[ChainVerdict]:
+    return list(session.execute(select(ChainVerdict).where(ChainVerdict.receipt_id == receipt_id)
+                                .order_by(ChainVerdict.id)).scalars())
+
+
+def agreed_verdict(session: Session, receipt_id: str,
+                   quorum: int) -> tuple[aidp.Verdict, list[tuple[Pubkey, Signature]]] | None:
+    """The verdict at least ``quorum`` verifiers signed identically, with ``quorum`` of
+    their signatures (no more: the transaction stays small); None while short."""
+    pubkey, receipt_hash = session.execute(
+        select(Node.pubkey, Receipt.receipt_hash).join(Receipt, Receipt.node_id == Node.id)
+        .where(Receipt.id == receipt_id)).one()
+    groups: dict[tuple[int, int, str, int], list[ChainVerdict]] = {}
+    for v in verdict_rows(session, receipt_id):
+        groups.setdefault((v.amount, v.refund, v.refund_account, v.nonce), []).append(v)
+    for (amount, refund, account, nonce), rows in groups.items():
+        if len(rows) >= quorum:
+            verdict = aidp.Verdict(bytes.fromhex(receipt_hash), Pubkey.from_string(pubkey),
+                                   amount, refund, Pubkey.from_string(account), nonce)
+            return verdict, [(Pubkey.from_string(v.verifier), Signature.from_string(v.signature))
+                             for v in rows[:quorum]]
+    return None
+
+
+def _build_slash(rt: ChainRuntime, session: Session,
+                 row: ChainTransfer) -> tuple[list[Instruction], list[Keypair]]:
+    agreed = agreed_verdict(session, _receipt_id(row), rt.settings.chain.verifier_quorum)
+    if agreed is None:
+        raise LookupError(f"{row.idempotency_key}: the verdict lost its quorum")
+    return aidp.slash_instructions(rt.cfg, *agreed), []
 
 
 def unplanned_slashes(session: Session) -> list[tuple[str, str, int, str]]:
@@ -167,40 +283,71 @@ def unplanned_slashes(session: Session) -> list[tuple[str, str, int, str]]:
     ]
 
 
-async def plan_slashes(rt: ChainRuntime, sessions: sessionmaker[Session]) -> list[int]:
+async def plan_cases(rt: ChainRuntime, sessions: sessionmaker[Session],
+                     quorum: int) -> list[int]:
+    """Open a case for each DB slash whose receipt is anchored and whose verdict has its
+    quorum; a node with nothing staked on chain has nothing to take (recorded as such)."""
     with sessions() as session:
         todo = unplanned_slashes(session)
-    if not todo:
-        return []
-    on_chain: dict[str, int] = {}
-    for _key, _rid, _amount, pubkey in todo:
-        if pubkey not in on_chain:
-            on_chain[pubkey] = await rt.ledger.token_balance(rt.stake_of(pubkey).account_pk)
     ids = []
-    with sessions.begin() as session:
-        # slashes planned earlier that have not landed will still take their share: what
-        # they take is not there for these (else a transfer would be planned that the stake
-        # cannot cover, and retried forever)
-        in_flight = dict(session.execute(
-            select(ChainTransfer.from_address, func.sum(ChainTransfer.amount))
-            .where(ChainTransfer.kind == "slash", ChainTransfer.state.in_(transfers.ACTIVE))
-            .group_by(ChainTransfer.from_address)
-        ).all())
-        for pubkey, balance in list(on_chain.items()):
-            reserved = int(in_flight.get(rt.stake_of(pubkey).account) or 0)
-            on_chain[pubkey] = max(0, balance - reserved)
-        for key, receipt_id, amount, pubkey in todo:
-            stake = rt.stake_of(pubkey)
-            # never more than the stake holds (the DB capped it at nodes.stake already)
-            take = min(amount, on_chain[pubkey])
-            on_chain[pubkey] -= take
-            row = transfers.plan(
-                session, kind="slash", key=key, amount=take,
-                from_address=stake.account, to_address=rt.cfg.treasury,
-                memo=aidp.keyed_memo("slash", receipt_id),
-                state="planned" if take > 0 else "confirmed",
-            )
-            if take > 0:
+    for key, receipt_id, _amount, pubkey in todo:
+        info = await aidp.read_stake(rt.ledger, rt.cfg, pubkey)
+        with sessions.begin() as session:
+            if info is None or info.staked == 0:
+                transfers.plan(session, kind="slash", key=key, amount=0,
+                               from_address=rt.stake_of(pubkey).vault,
+                               to_address=rt.cfg.treasury, memo=None, state="confirmed")
+                continue
+            anchored = session.execute(select(Receipt.anchor_id).where(
+                Receipt.id == receipt_id)).scalar_one()
+            if anchored is None or agreed_verdict(session, receipt_id, quorum) is None:
+                continue  # waits for its anchor and its verdict's quorum
+            row = transfers.plan(session, kind="case", key=case_key(receipt_id), amount=0,
+                                 from_address=None, to_address=rt.stake_of(pubkey).address,
+                                 memo=None)
+            if row.state != "confirmed":
+                ids.append(row.id)
+    return ids
+
+
+def _unlanded_slashes(session: Session, vault: str) -> int:
+    """What slash rows already planned on this vault will take when they land."""
+    return int(session.execute(
+        select(func.coalesce(func.sum(ChainTransfer.amount), 0)).where(
+            ChainTransfer.kind == "slash", ChainTransfer.from_address == vault,
+            ChainTransfer.state.in_(transfers.ACTIVE))).scalar_one())
+
+
+async def plan_slashes(rt: ChainRuntime, sessions: sessionmaker[Session],
+                       quorum: int) -> list[int]:
+    """A slash row for each DB slash whose case is open on chain (its row confirmed), for
+    the agreed verdict's amount or what the stake holds after the slashes still on their
+    way, if less (the program takes no more than the stake holds)."""
+    with sessions() as session:
+        opened = [key.split(":", 1)[1] for key in session.execute(
+            select(ChainTransfer.idempotency_key)
+            .where(ChainTransfer.kind == "case", ChainTransfer.state == "confirmed")).scalars()]
+        planned = set(session.execute(select(ChainTransfer.idempotency_key).where(
+            ChainTransfer.idempotency_key.in_([f"slash:{r}" for r in opened]))).scalars())
+    ids = []
+    for receipt_id in opened:
+        if f"slash:{receipt_id}" in planned:
+            continue
+        with sessions() as session:
+            agreed = agreed_verdict(session, receipt_id, quorum)
+        if agreed is None:
+            continue
+        verdict, _ = agreed
+        info = await aidp.read_stake(rt.ledger, rt.cfg, verdict.node)
+        vault = rt.stake_of(verdict.node).vault
+        with sessions.begin() as session:
+            left = (info.staked if info else 0) - _unlanded_slashes(session, vault)
+            amount = max(0, min(verdict.amount, left))
+            row = transfers.plan(  # nothing left to take: recorded, not sent
+                session, kind="slash", key=f"slash:{receipt_id}", amount=amount,
+                from_address=vault, to_address=rt.cfg.treasury, memo=None,
+                state="planned" if amount else "confirmed")
+            if row.state != "confirmed":
                 ids.append(row.id)
     return ids
 
@@ -212,7 +359,7 @@ def _build_anchor(
     rt: ChainRuntime, session: Session, row: ChainTransfer
 ) -> tuple[list[Instruction], list[Keypair]]:
     root, count = _parse(row, "anchor").fields
-    return aidp.anchor_instructions(rt.market.pubkey(), root, int(count)), []
+    return aidp.anchor_instructions(rt.cfg, root, int(count)), []
 
 
 def _confirm_anchor(rt: ChainRuntime, session: Session, row: ChainTransfer, st: TxStatus) -> None:
@@ -272,8 +419,10 @@ def unpaid_settled(session: Session) -> tuple[int, int]:
 
 #: the transfers this module plans, for ``market.onchain.handlers``
 HANDLERS: transfers.Handlers = {
-    "payout": transfers.Handler(_build_payout, _confirm_payout),
+    "payout": transfers.Handler(_build_post, _confirm_post),
+    "claim": transfers.Handler(_build_claim, _confirm_claim),
     "fee": transfers.Handler(_build_fee),
+    "case": transfers.Handler(_build_case),
     "slash": transfers.Handler(_build_slash),
     "anchor": transfers.Handler(_build_anchor, _confirm_anchor),
 }

@@ -1,7 +1,8 @@
-"""Node stake: an AIDP token account owned by a 2-of-3 SPL multisig {operator, market,
-arbiter} (``chain.aidp.stake_for``; the operator is the node's own key,
-``nodes.pubkey``). The chain is the truth; ``nodes.stake`` mirrors it for routing,
-slashing decisions and the explorer.
+"""Node stake: a vault of the ``aidp_market`` program per operator (``chain.aidp.stake``;
+the operator is the node's own key, ``nodes.pubkey``). The operator stakes, unbonds and
+withdraws with the program directly; the market cannot move it. The chain is the truth;
+``nodes.stake`` mirrors the *bonded* part (staked minus unbonding: what is on its way out
+no longer stands behind new work) for routing, slashing decisions and the explorer.
 
 Registration policy: ``settings.chain.min_stake`` (0 = off, the embedded default). The node
 link server calls, once the node has authenticated and before ``welcome``::
@@ -13,11 +14,10 @@ link server calls, once the node has authenticated and before ``welcome``::
 
 from __future__ import annotations
 
-from solders.pubkey import Pubkey
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from chain.aidp.stake import stake_for
+from chain.aidp.stake import read_stake
 from chain.ledger.base import Ledger
 from chain.ledger.open import open_ledger
 from market.models import ChainTransfer, LedgerEntry, Node
@@ -27,14 +27,15 @@ from market.settings import MarketSettings, get_settings
 
 async def stake_on_chain(node_pubkey: str, settings: MarketSettings, *,
                          ledger: Ledger | None = None) -> int:
-    """Base units in the node's stake account (0 when it has none)."""
-    cfg, _market, arbiter = load_identity(settings)
-    stake = stake_for(cfg, Pubkey.from_string(node_pubkey), arbiter.pubkey())
+    """Base units the node has bonded in the program (0 when it has no stake)."""
+    cfg, _market, _verifiers = load_identity(settings)
     if ledger is not None:
-        return await ledger.token_balance(stake.account_pk)
+        info = await read_stake(ledger, cfg, node_pubkey)
+        return info.bonded if info else 0
     opened = open_ledger(settings.chain.ledger_url, settings.data_dir)
     try:
-        return await opened.token_balance(stake.account_pk)
+        info = await read_stake(opened, cfg, node_pubkey)
+        return info.bonded if info else 0
     finally:
         await opened.close()
 
@@ -66,13 +67,13 @@ def unsettled_slashes(session: Session) -> dict[str, int]:
 async def read_stakes(
     rt: ChainRuntime, sessions: sessionmaker[Session]
 ) -> dict[str, tuple[str, int]]:
-    """node id → (stake account, base units on chain)."""
+    """node id → (stake vault, base units bonded on chain)."""
     with sessions() as session:
         nodes = session.execute(select(Node.id, Node.pubkey)).all()
     out = {}
     for node_id, pubkey in nodes:
-        stake = rt.stake_of(pubkey)
-        out[node_id] = (stake.account, await rt.ledger.token_balance(stake.account_pk))
+        info = await read_stake(rt.ledger, rt.cfg, pubkey)
+        out[node_id] = (rt.stake_of(pubkey).vault, info.bonded if info else 0)
     return out
 
 

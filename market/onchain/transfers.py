@@ -120,6 +120,20 @@ class _Raced(Exception):
     """Another worker moved the row first: this one sends nothing."""
 
 
+def confirm_elsewhere(session: Session, row: ChainTransfer,
+                      states: Sequence[str] = RESENDABLE) -> bool:
+    """Mark a row ``confirmed`` because its effect is already on chain, made by another
+    submitter (a node claiming its own payout). By default only a row that is not
+    ``sent``: one of ours in flight is resolved by its own signature, unless the chain
+    itself records the effect once whoever sent it (a claim bitmap), when the caller may
+    pass ``ACTIVE``. False when the row moved first."""
+    return session.execute(
+        update(ChainTransfer)
+        .where(ChainTransfer.id == row.id, ChainTransfer.state.in_(list(states)))
+        .values(state="confirmed", updated_at=utcnow())
+    ).rowcount == 1
+
+
 def _load(sessions: sessionmaker[Session], ids: Sequence[int]) -> list[ChainTransfer]:
     with sessions() as session:
         rows = session.execute(

@@ -29,6 +29,7 @@ from market.onchain import bootstrap, service
 from market.onchain.runtime import ChainRuntime, load_identity
 from market.settings import MarketSettings, nested
 from tests.support.db import postgres_schema
+from tests.support.program import program_path
 
 
 def registration(wallet: Keypair, account_id: str, market_id: str,
@@ -132,15 +133,14 @@ class World:
             return acct.id
 
     async def node(self, stake: int = 0) -> tuple[str, Keypair]:
-        """A node; with ``stake``: its 2-of-3 stake account bonded with that much AIDP."""
+        """A node; with ``stake``: that much AIDP bonded in its vault of the program, by
+        the operator alone, as ``aidp-node stake`` does."""
         kp = Keypair()
         if stake:
             await aidp.fund_wallet(self.ledger, self.cfg, self.rt.market, kp.pubkey(),
-                                         tokens=stake)
-            st = await aidp.create_stake(self.ledger, self.cfg, self.rt.market,
-                                               kp.pubkey(), self.rt.arbiter.pubkey())
-            await self.ledger.execute(aidp.stake_deposit_instructions(self.cfg, st, stake),
-                                      kp)
+                                   tokens=stake)
+            await self.ledger.execute(
+                aidp.stake_instructions(self.cfg, kp.pubkey(), stake, register=True), kp)
         with self.sessions.begin() as s:
             node = Node(pubkey=str(kp.pubkey()), price_in=1_000_000, price_out=1_000_000,
                         stake=stake)
@@ -149,7 +149,11 @@ class World:
             return node.id, kp
 
     def receipt(self, node_id: str, account_id: str, *, earning: int, fee: int,
-                state: str = "settled") -> Receipt:
+                state: str = "settled", signer: Keypair | None = None) -> Receipt:
+        """A receipt in ``state``; with ``signer``: signed by that node key the way a node
+        signs (what a case on chain checks)."""
+        from protocol.keys import RECEIPT_DOMAIN, sign
+
         now = utcnow()
         with self.sessions.begin() as s:
             job = Job(account_id=account_id, model="m", kind="chat", request={},
@@ -158,7 +162,8 @@ class World:
             s.flush()
             rhash = hashlib.sha256(secrets.token_bytes(16)).hexdigest()
             r = Receipt(job_id=job.id, node_id=node_id, seq=0, receipt={}, receipt_hash=rhash,
-                        signature="sig", cost=earning + fee, node_earning=earning, fee=fee,
+                        signature=sign(signer, RECEIPT_DOMAIN, bytes.fromhex(rhash))
+                        if signer else "sig", cost=earning + fee, node_earning=earning, fee=fee,
                         state=state, window_closes_at=now - timedelta(seconds=1))
             s.add(r)
             s.flush()
@@ -174,6 +179,7 @@ def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> MarketSettin
         "chain__demo_wallets": 0,
         "chain__demo_tokens": 0,
         "chain__confirm_timeout_s": 20.0,
+        "chain__program_path": program_path(),
     }
     values.update(overrides)
     return MarketSettings(**nested(values))
@@ -182,8 +188,9 @@ def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> MarketSettin
 async def make_world(settings: MarketSettings, ledger: Ledger) -> World:
     sessions = sync_session_factory(settings.db.url)
     await bootstrap.init(settings, sessions, ledger=ledger)
-    cfg, market, arbiter = load_identity(settings)
-    return World(settings, sessions, ledger, ChainRuntime(settings, cfg, market, arbiter, ledger))
+    cfg, market, verifiers = load_identity(settings)
+    return World(settings, sessions, ledger,
+                 ChainRuntime(settings, cfg, market, verifiers, ledger))
 
 
 @pytest.fixture(params=["inprocess", "rpc"])

@@ -24,6 +24,7 @@ from market.onchain.models import ChainAllowance
 from market.onchain.runtime import chain_dir
 from protocol.merkle import ProofStep, verify_inclusion
 from tests.chain.conftest import make_settings, registration
+from tests.support.program import program_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,6 +52,7 @@ async def test_proof_endpoint_is_public_and_verifies_on_chain(db_world):
         assert client.get(f"/v1/receipts/{'ab' * 32}/proof").status_code == 404
         info = client.get("/v1/chain").json()
         assert info["deposit_account"] == world.cfg.deposit and info["mint"] == world.cfg.mint
+        assert info["program"] == world.cfg.program and info["verifier_quorum"] == 2
 
         wallet = await world.wallet()
         market_id = settings.market_id
@@ -105,14 +107,14 @@ async def test_init_is_idempotent_and_keys_are_private(tmp_path, db_url):
     finally:
         await ledger.close()
     base = chain_dir(settings)
-    for name in ("market.json", "arbiter.json", "config.json", "demo-1.json"):
+    for name in ("market.json", "verifier-1.json", "verifier-3.json", "config.json", "demo-1.json"):
         assert stat.S_IMODE(os.stat(base / name).st_mode) == 0o600, name
 
 
 def test_cli_init_status_reconcile(tmp_path, db_url):
     env = {**os.environ, "PYTHONPATH": str(REPO), "AIDP_DB__URL": db_url,
            "AIDP_DATA_DIR": str(tmp_path / "data"), "AIDP_CHAIN__LEDGER_URL": "inprocess",
-           "AIDP_CHAIN__DEMO_WALLETS": "1"}
+           "AIDP_CHAIN__DEMO_WALLETS": "1", "AIDP_CHAIN__PROGRAM_PATH": str(program_path())}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "market.cli", "chain", *args], cwd=REPO,
@@ -121,6 +123,7 @@ def test_cli_init_status_reconcile(tmp_path, db_url):
     out = cli("init")
     assert out.returncode == 0, out.stderr
     assert "created:" in out.stdout and "deposit" in out.stdout
+    assert "deployed the aidp_market program" in out.stdout and "immutable" in out.stdout
     again = cli("init")
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout
     assert cli("tick").returncode == 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from chain import aidp
 from chain.ledger.open import open_ledger
 from market.models import ChainTransfer, LedgerEntry
 from market.onchain.handlers import HANDLERS
@@ -72,10 +73,12 @@ async def test_killed_worker_never_pays_twice(backend, request, tmp_path, db_url
         row = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "payout")).scalar_one()
     assert row.state == "sent" and row.signature
     landed = await ledger.signature_statuses([row.signature])
+    vault = aidp.program.payout_vault_address(world.cfg.program_pk, row.id)
     if point == "sent":  # recorded, never broadcast
-        assert landed == [None] and await world.tokens(kp.pubkey()) == 0
-    else:  # landed on chain, the crash lost the confirmation
-        assert landed[0] is not None and await world.tokens(kp.pubkey()) == 3_000
+        assert landed == [None] and await ledger.token_balance(vault) == 0
+    else:  # the epoch was posted on chain, the crash lost the confirmation
+        assert landed[0] is not None and await ledger.token_balance(vault) == 3_000
+    assert await world.tokens(kp.pubkey()) == 0
     if expire:
         await ledger.advance_slots(200)
 
@@ -91,10 +94,11 @@ async def test_killed_worker_never_pays_twice(backend, request, tmp_path, db_url
     assert await world.tokens(kp.pubkey()) == 3_000  # exactly once
     assert await ledger.token_balance(world.cfg.treasury_pk) == 300
     with world.sessions() as s:
-        rows = s.execute(select(ChainTransfer).where(ChainTransfer.kind.in_(["payout", "fee"]))
-                         ).scalars().all()
+        rows = s.execute(select(ChainTransfer).where(
+            ChainTransfer.kind.in_(["payout", "claim", "fee"]))).scalars().all()
         assert sorted((r.kind, r.state, r.amount) for r in rows) == [
-            ("fee", "confirmed", 300), ("payout", "confirmed", 3_000)]
+            ("claim", "confirmed", 3_000), ("fee", "confirmed", 300),
+            ("payout", "confirmed", 3_000)]
         final = next(r for r in rows if r.kind == "payout")
         assert (final.signature != row.signature) == expire  # re-planned only when expired
         journal = s.execute(select(LedgerEntry).where(LedgerEntry.kind == "payout")).scalars()
@@ -107,10 +111,10 @@ async def test_killed_worker_never_pays_twice(backend, request, tmp_path, db_url
 
 
 async def test_a_rejected_send_rebroadcast_by_another_worker_is_paid_once(world):
-    """Worker A records ``sent`` and is refused by preflight (the deposit account is
-    empty); worker B, which read the row as ``sent``, re-broadcasts the same bytes after
-    the account was funded, and they land. The row must still know that signature, or
-    the next round re-plans and pays the node a second time."""
+    """Worker A records an epoch's post as ``sent`` and is refused by preflight (the
+    deposit account is empty); worker B, which read the row as ``sent``, re-broadcasts the
+    same bytes after the account was funded, and they land. The row must still know that
+    signature, or the next round re-plans and funds the epoch a second time."""
     from market.onchain import settle, transfers
 
     buyer = world.account()
@@ -139,11 +143,13 @@ async def test_a_rejected_send_rebroadcast_by_another_worker_is_paid_once(world)
     assert b_row.state == "sent"
     assert await transfers.drive_one(world.rt, world.sessions, b_row, HANDLERS,
                                      timeout=10) == "confirmed"
-    assert await world.tokens(kp.pubkey()) == 1_000
+    vault = aidp.program.payout_vault_address(world.cfg.program_pk, payout_id)
+    assert await world.ledger.token_balance(vault) == 1_000  # the epoch is posted
 
     await world.step("settle")
     await world.step("settle")
-    assert await world.tokens(kp.pubkey()) == 1_000  # once
+    assert await world.tokens(kp.pubkey()) == 1_000  # claimed once
+    assert await world.ledger.token_balance(vault) == 0
     with world.sessions() as s:
         row = s.get(ChainTransfer, payout_id)
         assert row.state == "confirmed" and row.signature == b_row.signature

@@ -1,53 +1,63 @@
-"""Payout rounds, anchors and inclusion proofs, reconcile — on both ledger backends."""
+"""Payout epochs and claims, anchors and inclusion proofs, reconcile — on both ledger
+backends."""
 
 from __future__ import annotations
 
+import pytest
 from solders.pubkey import Pubkey
 from sqlalchemy import func, select
 
 from chain import aidp
+from chain.ledger.base import TransactionFailed
 from market.models import Anchor, ChainTransfer, Receipt
 from market.onchain import reconcile
-from market.onchain.models import ChainPayoutItem
+from market.onchain.models import ChainPayoutEpoch, ChainPayoutItem
 from market.onchain.proofs import proof_view
+from market.onchain.settle import load_epoch
 from protocol.merkle import ProofStep, merkle_root, verify_inclusion
 
 
-async def test_payout_round_pays_each_node_once_with_its_merkle_root(world):
+async def test_a_payout_epoch_pays_each_node_once_against_its_posted_root(world):
     buyer = world.account(balance=0)
     n1, k1 = await world.node()
     n2, k2 = await world.node()
-    r1 = [world.receipt(n1, buyer, earning=900, fee=100) for _ in range(3)]
-    r2 = [world.receipt(n2, buyer, earning=450, fee=50)]
+    [world.receipt(n1, buyer, earning=900, fee=100) for _ in range(3)]
+    world.receipt(n2, buyer, earning=450, fee=50)
     world.receipt(n2, buyer, earning=777, fee=1, state="pending")  # not settled: not paid
     await world.fund_deposit_account(10_000)
 
-    out = await world.step("settle")
-    assert out["settle"]["payouts"] == {"confirmed": 3}  # two nodes + the fee
+    out = (await world.step("settle"))["settle"]
+    assert out["payouts"] == {"confirmed": 2}  # the epoch's post + the fee
+    assert out["claims"] == {"confirmed": 2}  # one per node
     assert await world.tokens(k1.pubkey()) == 2700
     assert await world.tokens(k2.pubkey()) == 450
     assert await world.ledger.token_balance(world.cfg.treasury_pk) == 350
 
-    # the memo of each payout carries the Merkle root of the receipts it pays
+    # the program holds the epoch's root; each node's leaf proves into it, once
     with world.sessions() as s:
-        rows = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "payout")).scalars()
-        by_to = {r.to_address: r for r in rows}
-    row1 = by_to[str(world.cfg.ata(k1.pubkey()))]
-    tx = await world.ledger.get_transaction(row1.signature)
-    assert tx is not None and tx.ok
-    memo = aidp.parse_memo(tx.memos[0])
-    assert memo.kind == "payout"
-    assert memo.fields[0] == merkle_root(sorted(r.receipt_hash for r in r1))
-    assert int(memo.fields[1]) == 3
-    assert tx.token_delta(str(world.cfg.ata(k1.pubkey()))) == 2700
+        epoch = s.execute(select(ChainPayoutEpoch)).scalar_one()
+        planned = load_epoch(s, epoch.epoch)
+    posted = await aidp.read_epoch(world.ledger, world.cfg, epoch.epoch)
+    assert posted.root == epoch.root == planned.root and posted.total == 3150
+    assert posted.claimed == 3150 and all(posted.is_claimed(x.index) for x in planned.leaves)
+    vault = aidp.program.payout_vault_address(world.cfg.program_pk, epoch.epoch)
+    assert await world.ledger.token_balance(vault) == 0
+    for leaf in planned.leaves:
+        assert verify_inclusion(leaf.leaf_hex(), planned.proof(leaf.index), posted.root)
+    assert {leaf.node: leaf.amount for leaf in planned.leaves} == {
+        str(k1.pubkey()): 2700, str(k2.pubkey()): 450}
 
-    # a second round finds nothing to pay
-    out = await world.step("settle")
-    assert out["settle"]["payouts"] == {}
+    # a second step finds nothing to pay, and a replayed claim is refused by the bitmap
+    out = (await world.step("settle"))["settle"]
+    assert out["payouts"] == {} and out["claims"] == {}
+    leaf, anyone = planned.leaves[0], await world.wallet()
+    replay = aidp.claim_instructions(world.cfg, epoch.epoch, leaf, planned.proof(leaf.index),
+                                     anyone.pubkey())
+    with pytest.raises(TransactionFailed):
+        await world.ledger.execute(replay, anyone, preflight=False)
     assert await world.tokens(k1.pubkey()) == 2700
     with world.sessions() as s:
         assert s.scalar(select(func.count()).select_from(ChainPayoutItem)) == 4
-    assert r2  # paid above
 
     lines = await reconcile.reconcile(world.rt, world.sessions)
     assert all(line.ok for line in lines), reconcile.render(lines)
@@ -73,6 +83,9 @@ async def test_anchor_proofs_verify_against_the_on_chain_root(world):
     assert on_chain.root == anchor.merkle_root
     assert on_chain.root == merkle_root(sorted(r.receipt_hash for r in receipts))
     assert on_chain.signer == world.cfg.market
+    # the program holds the root too: what a slash case is checked against
+    stored = await aidp.read_anchor_account(world.ledger, world.cfg, anchor.merkle_root)
+    assert stored is not None and stored[0] == 5
 
     for r in receipts:
         with world.sessions() as s:
@@ -106,13 +119,13 @@ async def test_reconcile_fails_on_a_deliberate_mismatch(world, capsys):
     await world.ledger.execute(
         [spl.mint_to_checked(world.cfg.mint_pk, world.cfg.treasury_pk, world.cfg.market_pk, 1,
                              world.cfg.decimals)], world.rt.market)
-    # and the DB forgets a payout
+    # and the DB forgets part of a claim
     with world.sessions.begin() as s:
-        row = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "payout")).scalar_one()
+        row = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "claim")).scalar_one()
         row.amount -= 7
     lines = await reconcile.reconcile(world.rt, world.sessions)
     bad = {line.item.split()[0]: line.diff for line in lines if not line.ok}
-    assert bad == {"treasury": 1, "payouts": 7, "deposit": -7}, reconcile.render(lines)
+    assert bad == {"treasury": 1, "payouts": 7, "epoch": -7}, reconcile.render(lines)
     text = reconcile.render(lines)
     assert "MISMATCH" in text and "3 mismatches" in text
     assert Pubkey.from_string(world.cfg.treasury)

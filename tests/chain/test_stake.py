@@ -1,18 +1,22 @@
-"""Node stake on chain: slashes (market + arbiter) land once with their memo, nodes.stake
-mirrors the chain, and the min_stake registration policy."""
+"""Node stake in the program: a fraud the verification worker found is slashed on chain
+only with the node's own signed receipt, its anchor and a quorum of verifier signatures;
+once per receipt; nodes.stake mirrors the chain; the min_stake registration policy."""
 
 from __future__ import annotations
 
 import asyncio
 
+from solders.signature import Signature
 from sqlalchemy import select
 
-from market.models import ChainTransfer, Node
+from chain import aidp
+from market.models import ChainTransfer, Node, Receipt
 from market.onchain.handlers import HANDLERS
+from market.onchain.models import ChainVerdict
 from market.verify.window import slash
 
 
-async def test_slash_moves_stake_to_treasury_once_and_stake_is_mirrored(world):
+async def test_slash_on_evidence_moves_stake_to_treasury_once(world):
     await _slash_flow(world)
 
 
@@ -26,32 +30,113 @@ async def _slash_flow(world) -> None:
     await world.step("settle")  # stake sync: nodes.stake = chain
     with world.sessions() as s:
         assert s.get(Node, node_id).stake == 5_000
-    r = world.receipt(node_id, buyer, earning=90, fee=10, state="verifying")
+    r = world.receipt(node_id, buyer, earning=90, fee=10, state="verifying", signer=operator)
     with world.sessions.begin() as s:
         result = slash(s, r.id, world.settings, reason="fraud", verification={"ok": False})
     assert result is not None and result.amount == 1_000  # 10 × cost
 
-    out = await world.step("settle")
-    assert out["settle"]["slashes"] == {"confirmed": 1}
+    # not anchored yet: the verifiers sign, but no case can be opened
+    out = (await world.step("settle"))["settle"]
+    assert out["verdicts_signed"] == 3 and out["cases"] == {} and out["slashes"] == {}
     stake = world.rt.stake_of(operator.pubkey())
-    assert await world.ledger.token_balance(stake.account_pk) == 4_000
+    assert await world.ledger.token_balance(stake.vault_pk) == 5_000
+    with world.sessions() as s:
+        verdicts = s.execute(select(ChainVerdict)).scalars().all()
+        assert {v.amount for v in verdicts} == {1_000} and len(verdicts) == 3
+        assert s.get(Node, node_id).stake == 4_000  # the DB already counts the slash
+
+    await world.step("anchor")
+    out = (await world.step("settle"))["settle"]
+    assert out["verdicts_signed"] == 0  # each verifier signs a receipt once
+    assert out["cases"] == {"confirmed": 1} and out["slashes"] == {"confirmed": 1}
+    assert await world.ledger.token_balance(stake.vault_pk) == 4_000
     assert await world.ledger.token_balance(world.cfg.treasury_pk) == 1_000
+    info = await aidp.read_stake(world.ledger, world.cfg, operator.pubkey())
+    assert (info.staked, info.slashed, info.open_cases) == (4_000, 1_000, 0)
+    case = await aidp.read_case(world.ledger, world.cfg, bytes.fromhex(r.receipt_hash))
+    assert case is not None and case.state == "slashed" and case.amount == 1_000
     with world.sessions() as s:
         row = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "slash")).scalar_one()
         assert row.idempotency_key == f"slash:{r.id}" and row.state == "confirmed"
         assert s.get(Node, node_id).stake == 4_000
+    # the market only paid the fee: the verdict's authority is the verifiers' signatures,
+    # checked by the Ed25519 precompile, not a signer of the transaction
     tx = await world.ledger.get_transaction(row.signature)
-    assert tx.memos == [f"aidp:slash:v1:{r.id}"]
-    assert set(tx.account_keys[:2]) == {world.cfg.market, str(world.rt.arbiter.pubkey())}
+    assert tx.ok and len(tx.transaction.signatures) == 1
+    assert tx.account_keys[0] == world.cfg.market
 
     assert (await world.step("settle"))["settle"]["slashes"] == {}
-    assert await world.ledger.token_balance(stake.account_pk) == 4_000
+    assert await world.ledger.token_balance(stake.vault_pk) == 4_000
 
     from market.onchain import reconcile
 
     lines = await reconcile.reconcile(world.rt, world.sessions)
     assert all(line.ok for line in lines), reconcile.render(lines)
     assert any(line.item.startswith("stake") and line.chain == 4_000 for line in lines)
+
+
+async def test_a_verdict_short_of_its_quorum_never_slashes(db_world):
+    """Held keys below the quorum (a market holding one verifier key of three): the case
+    is never opened and the stake stays whole, however often settlement runs."""
+    world = db_world
+    world.rt.verifiers = world.rt.verifiers[:1]
+    buyer = world.account(balance=10_000)
+    node_id, operator = await world.node(stake=5_000)
+    r = world.receipt(node_id, buyer, earning=90, fee=10, state="verifying", signer=operator)
+    with world.sessions.begin() as s:
+        slash(s, r.id, world.settings, reason="fraud", verification={"ok": False})
+    from market.onchain import service, settle
+
+    await service.anchor_step(world.rt, world.sessions)
+    for _ in range(2):
+        out = await service.settle_step(world.rt, world.sessions)
+        assert out["cases"] == {} and out["slashes"] == {}
+    with world.sessions() as s:
+        assert len(s.execute(select(ChainVerdict)).all()) == 1
+        assert settle.agreed_verdict(s, r.id, world.settings.chain.verifier_quorum) is None
+    assert await world.ledger.token_balance(world.rt.stake_of(operator.pubkey()).vault_pk) == 5_000
+
+
+async def test_a_forged_verdict_or_receipt_is_refused_on_chain(db_world):
+    """What the program checks, seen from the market's side: verifier signatures on
+    another amount, and a receipt signature that is not the node's, both fail."""
+    from chain.ledger.base import TransactionFailed
+    from market.onchain import service, settle
+
+    world = db_world
+    buyer = world.account(balance=10_000)
+    node_id, operator = await world.node(stake=5_000)
+    r = world.receipt(node_id, buyer, earning=90, fee=10, state="verifying", signer=operator)
+    with world.sessions.begin() as s:
+        slash(s, r.id, world.settings, reason="fraud", verification={"ok": False})
+    await service.anchor_step(world.rt, world.sessions)
+    from market.onchain import verdicts
+
+    verdicts.sign_pending(world.rt, world.sessions)
+    with world.sessions() as s:
+        evidence = settle.evidence_of(s, r.id)
+        verdict, signatures = settle.agreed_verdict(s, r.id, 2)
+    import dataclasses
+
+    from solders.keypair import Keypair
+
+    forged = dataclasses.replace(evidence, node_signature=Keypair().sign_message(b"x"))
+    try:
+        await world.ledger.execute(aidp.open_case_instructions(world.cfg, forged),
+                                   world.rt.market, preflight=False)
+        raise AssertionError("a case opened on a forged receipt signature")
+    except TransactionFailed:
+        pass
+    await world.ledger.execute(aidp.open_case_instructions(world.cfg, evidence), world.rt.market)
+    more = dataclasses.replace(verdict, amount=verdict.amount + 1)  # not what they signed
+    try:
+        await world.ledger.execute(aidp.slash_instructions(world.cfg, more, signatures),
+                                   world.rt.market, preflight=False)
+        raise AssertionError("a slash landed on signatures over another verdict")
+    except TransactionFailed:
+        pass
+    assert await world.ledger.token_balance(world.rt.stake_of(operator.pubkey()).vault_pk) == 5_000
+    assert isinstance(signatures[0][1], Signature)
 
 
 async def test_min_stake_policy(db_world):
@@ -69,34 +154,53 @@ async def test_min_stake_policy(db_world):
 
 
 async def test_a_slash_never_counts_on_stake_an_earlier_unlanded_slash_takes(db_world):
-    """Chain stake below the DB's view (e.g. withdrawn meanwhile): the second slash is
-    planned on what the first one leaves, so both land instead of one failing forever."""
+    """Two frauds on one stake: the second slash is planned on what the first leaves (the
+    program takes no more than the stake holds), so the rows match what lands."""
     from market.models import LedgerEntry
-    from market.onchain import settle, transfers
+    from market.onchain import service, settle, transfers, verdicts
 
     world = db_world
     buyer = world.account(balance=10_000)
     node_id, operator = await world.node(stake=1_000)
     stake = world.rt.stake_of(operator.pubkey())
-    receipts = [world.receipt(node_id, buyer, earning=90, fee=10, state="verifying")
-                for _ in range(2)]
-
-    def journal(receipt_id: str) -> None:
-        with world.sessions.begin() as s:
-            s.add(LedgerEntry(kind="slash", idempotency_key=f"slash:{receipt_id}", amount=800,
-                              node_id=node_id, receipt_id=receipt_id))
-
-    journal(receipts[0].id)
-    first = await settle.plan_slashes(world.rt, world.sessions)  # planned, not sent yet
-    journal(receipts[1].id)
-    second = await settle.plan_slashes(world.rt, world.sessions)
+    receipts = [world.receipt(node_id, buyer, earning=90, fee=10, state="slashed",
+                              signer=operator) for _ in range(2)]
+    with world.sessions.begin() as s:
+        for r in receipts:
+            s.add(LedgerEntry(kind="slash", idempotency_key=f"slash:{r.id}", amount=800,
+                              node_id=node_id, receipt_id=r.id))
+    await service.anchor_step(world.rt, world.sessions)
+    verdicts.sign_pending(world.rt, world.sessions)
+    quorum = world.settings.chain.verifier_quorum
+    cases = await settle.plan_cases(world.rt, world.sessions, quorum)
+    assert (await transfers.drive(world.rt, world.sessions, cases, HANDLERS)).counts == {
+        "confirmed": 2}
+    planned = await settle.plan_slashes(world.rt, world.sessions, quorum)  # none sent yet
     with world.sessions() as s:
-        amounts = [s.get(ChainTransfer, i).amount for i in first + second]
-    assert amounts == [800, 200]
-    result = await transfers.drive(world.rt, world.sessions, first + second, HANDLERS)
+        amounts = sorted(s.get(ChainTransfer, i).amount for i in planned)
+    assert amounts == [200, 800]
+    result = await transfers.drive(world.rt, world.sessions, planned, HANDLERS)
     assert result.counts == {"confirmed": 2}
-    assert await world.ledger.token_balance(stake.account_pk) == 0
+    assert await world.ledger.token_balance(stake.vault_pk) == 0
     assert await world.ledger.token_balance(world.cfg.treasury_pk) == 1_000
+
+
+async def test_a_node_with_nothing_staked_has_nothing_to_take(db_world):
+    """A fraud by a node with no stake on chain: the slash is recorded as nothing moved,
+    not retried forever."""
+    world = db_world
+    buyer = world.account(balance=10_000)
+    node_id, operator = await world.node()
+    r = world.receipt(node_id, buyer, earning=90, fee=10, state="verifying", signer=operator)
+    with world.sessions.begin() as s:
+        s.execute(Node.__table__.update().where(Node.id == node_id).values(stake=500))
+        assert slash(s, r.id, world.settings, reason="fraud", verification={}).amount == 500
+    await world.step("anchor")
+    await world.step("settle")
+    with world.sessions() as s:
+        row = s.execute(select(ChainTransfer).where(ChainTransfer.kind == "slash")).scalar_one()
+        assert (row.state, row.amount) == ("confirmed", 0)
+        assert s.get(Receipt, r.id).state == "slashed"
 
 
 async def test_link_rejects_a_node_below_min_stake(request, tmp_path, db_url):

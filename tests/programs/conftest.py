@@ -14,6 +14,7 @@ from chain.aidp.config import ChainConfig, bootstrap, fund_wallet
 from chain.ledger.base import Ledger
 from chain.ledger.open import open_ledger
 from chain.localnet.cli import LedgerProcess
+from tests.support.program import program_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,16 +66,6 @@ async def market(ledger: Ledger) -> Market:
 
 
 @pytest.fixture(scope="session")
-def aidp_program(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """The ``aidp_market`` program built from source (clang-19 and programs/link.py):
-    skipped where clang-19 is missing, except under CI, where make installs it."""
-    import os
-    import shutil
-
-    if not shutil.which("clang-19"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("clang-19 is not installed (make installs it)")
-        pytest.skip("clang-19 is not installed (make programs installs it)")
-    from programs.build import build
-
-    return build("aidp_market", tmp_path_factory.mktemp("programs")).read_bytes()
+def aidp_program() -> bytes:
+    """The ``aidp_market`` program built from source (clang-19 and programs/link.py)."""
+    return program_path().read_bytes()

@@ -28,7 +28,7 @@ async def _activity(led):
     cfg = await aidp.bootstrap(led, market)
     await aidp.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=5_000_000)
     dep = await led.execute(aidp.deposit_instructions(cfg, buyer.pubkey(), 2_000_000, "acct-9"), buyer)
-    anchor = await led.execute(aidp.anchor_instructions(market.pubkey(), "ab" * 32, 42), market)
+    anchor = await led.execute([aidp.anchor_memo_instruction(market.pubkey(), "ab" * 32, 42)], market)
     lamports = await led.get_balance(buyer.pubkey())
     return market, buyer, cfg, dep, anchor, lamports
 
@@ -155,7 +155,7 @@ async def test_browser_reads_an_anchor_cross_origin(ledger_server):
     market = Keypair()
     await led.airdrop(market.pubkey(), 10**9)
     root = "cd" * 32
-    sent = await led.execute(aidp.anchor_instructions(market.pubkey(), root, 7), market)
+    sent = await led.execute([aidp.anchor_memo_instruction(market.pubkey(), root, 7)], market)
     await led.close()
     origin = {"Origin": "http://127.0.0.1:8000"}
     async with httpx.AsyncClient() as http:
