@@ -7,12 +7,16 @@ on a free loopback port) with solana-py, and prints one JSON object:
 
 * ``throughput[backend]``: token transfers per second sent one after another and waited for
   (send + confirm), the same pipelined (sent concurrently, statuses polled in batches), and
-  payouts per second (ATA-create-idempotent + transfer_checked + memo with a Merkle root).
-* ``fees``: lamports the market spends to settle ``--jobs`` jobs of ``--nodes`` nodes when
-  payouts are batched per node per round of ``--round-jobs`` jobs and each round's receipts
-  are anchored in one memo, versus paying and anchoring every job on its own; measured from
-  the fee of every transaction (and rent for the nodes' token accounts, reported apart).
-  Fees do not depend on the backend (same SVM, 5,000 lamports per signature).
+  payouts per second: claims of one posted epoch through the ``aidp_market`` program
+  (ATA-create-idempotent + ``claim`` with the leaf's Merkle proof), one new node each.
+* ``fees``: lamports the market spends to settle ``--jobs`` jobs of ``--nodes`` nodes
+  through the program when a round of ``--round-jobs`` jobs is one epoch (post, a claim per
+  node, the fee, one anchor), versus a round per job; measured from the fee of every
+  transaction (rent for epoch and token accounts reported apart). Fees do not depend on
+  the backend (same SVM, 5,000 lamports per signature). ``bench/program.py`` compares the
+  program with the earlier Memo-and-transfer design.
+
+Needs the program binary (``make programs``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from chain.localnet.cli import LedgerProcess  # noqa: E402
 from protocol.merkle import merkle_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+PROGRAM = REPO / "build" / "programs" / "aidp_market.so"  # make programs
 
 
 async def throughput(led: Ledger, transfers: int, concurrency: int) -> dict[str, float]:
@@ -90,13 +95,14 @@ async def throughput(led: Ledger, transfers: int, concurrency: int) -> dict[str,
         [spl.mint_to_checked(cfg.mint_pk, cfg.deposit_pk, market.pubkey(), 10**12, cfg.decimals)],
         market,
     )
+    cfg = await with_program(led, market, cfg)
+    # one epoch of ``payouts`` nodes, each a new node (its token account is created too)
+    epoch = aidp.plan_epoch(1, [(str(Keypair().pubkey()), 1) for _ in range(payouts)])
+    await led.execute(aidp.post_instructions(cfg, epoch), market)
     t0 = time.perf_counter()
-    for i in range(payouts):
-        node = Keypair().pubkey()  # a new node each time: its token account is created too
-        payout = aidp.NodePayout(
-            str(node), 1, hashlib.sha256(str(i).encode()).hexdigest(), 1, f"bench-{i}"
-        )
-        p = await led.send(aidp.payout_instructions(cfg, payout), market)
+    for leaf in epoch.leaves:
+        ixs = aidp.claim_instructions(cfg, 1, leaf, epoch.proof(leaf.index), market.pubkey())
+        p = await led.send(ixs, market)
         st = await led.confirm(p.signature, p.last_valid_block_height, poll=0.01)
         assert st.state is TxState.CONFIRMED, st
     payouts_per_s = payouts / (time.perf_counter() - t0)
@@ -111,12 +117,21 @@ async def throughput(led: Ledger, transfers: int, concurrency: int) -> dict[str,
     }
 
 
+async def with_program(led: Ledger, market: Keypair, cfg: aidp.ChainConfig) -> aidp.ChainConfig:
+    """``cfg`` with the aidp_market program deployed, initialised and immutable."""
+    params = aidp.ProgramParams(verifiers=[Keypair().pubkey() for _ in range(3)], quorum=2)
+    cfg, _ = await aidp.install(led, market, cfg, params, PROGRAM.read_bytes())
+    return cfg
+
+
 async def settle_jobs(
     led: Ledger, jobs: int, nodes: int, round_jobs: int, batched: bool
 ) -> dict[str, int]:
-    """Settle ``jobs`` jobs; return lamports spent by the market on fees and rent."""
+    """Settle ``jobs`` jobs through the program (per round: the epoch's post, one claim per
+    node, the fee, the receipts' anchor); return lamports spent by the market on fees and
+    on rent (epoch accounts and the nodes' token accounts)."""
     market = Keypair()
-    cfg = await aidp.bootstrap(led, market)
+    cfg = await with_program(led, market, await aidp.bootstrap(led, market))
     buyer = Keypair()
     await aidp.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=10**12)
     await led.execute(aidp.deposit_instructions(cfg, buyer.pubkey(), 10**11, "bench"), buyer)
@@ -137,14 +152,16 @@ async def settle_jobs(
     size = round_jobs if batched else 1
     for r, start in enumerate(range(0, jobs, size)):
         chunk = all_jobs[start : start + size]
-        rnd = aidp.plan_round(chunk, fee_bps=1000, round_key=f"r{r}")
-        for _, _, ixs in aidp.round_transactions(cfg, rnd):
-            await run(ixs)
-        await run(
-            aidp.anchor_instructions(
-                market.pubkey(), merkle_root([h for _, h, _ in chunk]), len(chunk)
-            )
-        )
+        hashes = sorted(h for _, h, _ in chunk)
+        earnings = [(node, amount * 9 // 10) for node, _, amount in chunk]
+        epoch = aidp.plan_epoch(r + 1, earnings)
+        await run(aidp.post_instructions(cfg, epoch))
+        for leaf in epoch.leaves:
+            await run(aidp.claim_instructions(cfg, epoch.epoch, leaf, epoch.proof(leaf.index),
+                                              market.pubkey()))
+        fee = sum(amount for _, _, amount in chunk) - epoch.total
+        await run(aidp.fee_instructions(cfg, fee, merkle_root(hashes), len(hashes), f"r{r}"))
+        await run(aidp.anchor_instructions(cfg, merkle_root(hashes), len(hashes)))
     spent = before - await led.get_balance(market.pubkey())
     return {"transactions": txs, "fee_lamports": fees, "rent_lamports": spent - fees}
 

@@ -22,10 +22,6 @@ RECEIPT_DOMAIN = b"AIDP/receipt/v1\x00"
 VERDICT_DOMAIN = b"AIDP/verdict/v1\x00"
 #: verifiers' acquittal of a receipt a case was opened on (padded to 16 bytes as the rest)
 ACQUIT_DOMAIN = b"AIDP/acquit/v1\x00\x00"
-#: a node operator asking the market to start unbonding part of its stake
-UNBOND_DOMAIN = b"AIDP/stake-unbond/v1\x00"
-#: a node operator asking the market to co-sign the withdrawal of unbonded stake
-WITHDRAW_DOMAIN = b"AIDP/stake-withdraw/v1\x00"
 #: a wallet owner naming the market account its SPL approval funds
 ALLOWANCE_DOMAIN = b"AIDP/allowance-register/v1\x00"
 

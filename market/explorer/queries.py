@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import ColumnElement, Select, String, cast, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import defer, selectinload
+from sqlalchemy.orm import Session, defer, selectinload
 
 from market.models import Anchor, ChainTransfer, Job, Node, Receipt, ReceiptEvent
+from market.onchain.models import ChainPayoutEpoch, ChainPayoutLeaf, ChainVerdict
+from market.onchain.settle import case_key, claim_key, load_epoch
+from protocol.merkle import ProofStep, inclusion_proof, merkle_root
 
 PAGE_SIZE = 25
 T = TypeVar("T")
@@ -111,12 +114,119 @@ async def node_by_ref(session: AsyncSession, ref: str) -> Node | None:
     )
 
 
-def transfers_query(kind: str) -> Select[Any]:
+# ---- payout epochs -----------------------------------------------------------------------
+
+
+def epochs_query() -> Select[Any]:
+    """Epochs with the ``payout`` row that posts them (its id is the program's epoch)."""
     return (
-        select(ChainTransfer)
-        .where(ChainTransfer.kind == kind)
-        .order_by(ChainTransfer.created_at.desc(), ChainTransfer.id.desc())
+        select(ChainPayoutEpoch, ChainTransfer)
+        .join(ChainTransfer, ChainTransfer.id == ChainPayoutEpoch.epoch)
+        .order_by(ChainPayoutEpoch.epoch.desc())
     )
+
+
+def _claim_key_of_leaf() -> ColumnElement[str]:
+    """``claim:<epoch>:<index>`` built in SQL, so claims join their leaves through the
+    unique index on the key instead of a prefix scan of every transfer."""
+    return (literal("claim:") + cast(ChainPayoutLeaf.epoch, String) + literal(":")
+            + cast(ChainPayoutLeaf.leaf_index, String))
+
+
+def claimed_counts_query(epochs: list[int]) -> Select[Any]:
+    return (
+        select(ChainPayoutLeaf.epoch, func.count())
+        .join(ChainTransfer, ChainTransfer.idempotency_key == _claim_key_of_leaf())
+        .where(ChainPayoutLeaf.epoch.in_(epochs), ChainTransfer.kind == "claim",
+               ChainTransfer.state == "confirmed")
+        .group_by(ChainPayoutLeaf.epoch)
+    )
+
+
+async def claimed_counts(session: AsyncSession, epochs: list[int]) -> dict[int, int]:
+    if not epochs:
+        return {}
+    return {int(e): int(n) for e, n in (await session.execute(claimed_counts_query(epochs))).all()}
+
+
+@dataclass
+class EpochLeaf:
+    index: int
+    node: str
+    amount: int
+    leaf: str  # hex of the bytes the program hashes: index u32 LE, node, amount u64 LE
+    proof: list[ProofStep]
+    claim: ChainTransfer | None  # None until the epoch is funded
+
+
+@dataclass
+class EpochView:
+    epoch: ChainPayoutEpoch
+    post: ChainTransfer
+    claimed: int
+    # the root the stored leaves rebuild; differs from ``epoch.root`` only if the table
+    # was altered after posting, and then no proof here would pass on chain
+    rebuilt_root: str | None
+    leaves: Page[EpochLeaf]
+
+
+def epoch_view(session: Session, epoch: int, number: int) -> EpochView | None:
+    """One epoch and a page of its leaves with their proofs. Synchronous because the
+    proofs come from ``load_epoch``, the very function the claims are built from."""
+    row = session.execute(epochs_query().where(ChainPayoutEpoch.epoch == epoch)).first()
+    if row is None:
+        return None
+    full = load_epoch(session, epoch)
+    hexes = [leaf.leaf_hex() for leaf in full.leaves]
+    number = min(max(number, 1), MAX_PAGE)
+    start = (number - 1) * PAGE_SIZE
+    shown = list(enumerate(full.leaves))[start:start + PAGE_SIZE]
+    keys = [claim_key(epoch, leaf.index) for _, leaf in shown]
+    claims = {t.idempotency_key: t for t in session.scalars(
+        select(ChainTransfer).where(ChainTransfer.idempotency_key.in_(keys)))}
+    leaves = [EpochLeaf(leaf.index, leaf.node, leaf.amount, hexes[position],
+                        inclusion_proof(hexes, position), claims.get(key))
+              for (position, leaf), key in zip(shown, keys, strict=True)]
+    counted = dict(session.execute(claimed_counts_query([epoch])).all())
+    return EpochView(epoch=row[0], post=row[1], claimed=int(counted.get(epoch, 0)),
+                     rebuilt_root=merkle_root(hexes) if hexes else None,
+                     leaves=Page(leaves, number, start + PAGE_SIZE < len(hexes)))
+
+
+# ---- slashes ------------------------------------------------------------------------------
+
+
+@dataclass
+class SlashRecord:
+    """What the chain side holds for one slashed receipt; every part may still be missing
+    (a case waits for the receipt's anchor and a quorum of verdict signatures)."""
+
+    case: ChainTransfer | None
+    slash: ChainTransfer | None
+    verdicts: list[ChainVerdict]
+
+    @property
+    def verifiers(self) -> list[str]:
+        return list(dict.fromkeys(v.verifier for v in self.verdicts))
+
+
+async def slash_records(session: AsyncSession, receipt_ids: list[str]) -> dict[str, SlashRecord]:
+    if not receipt_ids:
+        return {}
+    keys = {case_key(r): r for r in receipt_ids} | {f"slash:{r}": r for r in receipt_ids}
+    records = {r: SlashRecord(None, None, []) for r in receipt_ids}
+    for transfer in (await session.scalars(
+            select(ChainTransfer).where(ChainTransfer.idempotency_key.in_(list(keys))))).all():
+        record = records[keys[transfer.idempotency_key]]
+        if transfer.kind == "case":
+            record.case = transfer
+        elif transfer.kind == "slash":
+            record.slash = transfer
+    for verdict in (await session.scalars(
+            select(ChainVerdict).where(ChainVerdict.receipt_id.in_(receipt_ids))
+            .order_by(ChainVerdict.id))).all():
+        records[verdict.receipt_id].verdicts.append(verdict)
+    return records
 
 
 def anchors_query() -> Select[Any]:
@@ -147,5 +257,10 @@ async def resolve_search(session: AsyncSession, query: str) -> str | None:
         return f"anchor:{term}"
     transfer = await session.scalar(select(ChainTransfer).where(ChainTransfer.signature == term))
     if transfer is not None:
+        epoch = {"payout": str(transfer.id),
+                 "claim": transfer.idempotency_key.split(":")[1]}.get(transfer.kind)
+        if (epoch is not None and epoch.isascii() and epoch.isdigit()
+                and await session.get(ChainPayoutEpoch, int(epoch)) is not None):
+            return f"epoch:{epoch}"
         return f"transfer:{transfer.kind}"
     return None

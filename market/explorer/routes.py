@@ -13,14 +13,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from solders.pubkey import Pubkey
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from chain.aidp import program
+from chain.aidp.config import ChainConfig
+from market.errors import NotFound
 from market.explorer import queries
 from market.explorer.charts import bar_chart
 from market.models import Anchor, ChainTransfer, Job, Node, Receipt
+from market.onchain.models import ChainPayoutEpoch
 from market.onchain.proofs import proof_view
+from market.onchain.runtime import config_path
 from market.settings import MarketSettings
 from protocol.receipt import ReceiptBody
 
@@ -52,6 +58,21 @@ async def db_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 def settings_of(request: Request) -> MarketSettings:
     return request.app.state.market.settings
+
+
+def program_id(settings: MarketSettings) -> Pubkey | None:
+    """The program the market settles with, as ``chain init`` recorded it (a file, not the
+    chain: pages never wait on an RPC), else the configured id; None before init, and the
+    pages then leave out the addresses derived from it."""
+    try:
+        recorded = ChainConfig.load(config_path(settings)).program
+    except (OSError, ValueError, TypeError):
+        recorded = ""
+    named = recorded or settings.chain.program_id
+    try:
+        return Pubkey.from_string(named) if named else None
+    except ValueError:
+        return None
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -93,6 +114,18 @@ def when(value: Any) -> dict[str, Any]:
     return text(templates.env.filters["when"](value))
 
 
+def codes(values: list[str]) -> dict[str, Any]:
+    return {"text": "—", "codes": values} if values else {"text": "none yet"}
+
+
+def state(value: str | None) -> dict[str, Any]:
+    return {"text": value, "state": True} if value else {"text": "—"}
+
+
+def aidp(units: int, decimals: int) -> str:
+    return f"{units / 10**decimals:.6f} AIDP"
+
+
 def receipt_row(request: Request, receipt: Receipt, pubkey: str, model: str) -> list[dict[str, Any]]:
     return [
         code(receipt.receipt_hash, str(request.url_for("explorer_receipt", receipt_hash=receipt.receipt_hash))),
@@ -108,7 +141,9 @@ def receipt_row(request: Request, receipt: Receipt, pubkey: str, model: str) -> 
 
 RECEIPT_COLUMNS = ["receipt", "job", "node", "model", "tokens", "state", "anchored", "created"]
 ANCHOR_COLUMNS = ["Merkle root", "receipts", "tx signature", "slot", "anchored at"]
-TRANSFER_COLUMNS = ["kind", "amount", "to", "memo", "state", "tx signature", "at"]
+EPOCH_COLUMNS = ["epoch", "Merkle root", "total", "leaves", "claimed", "post", "tx signature", "at"]
+SLASH_COLUMNS = ["receipt", "node", "case", "case tx", "stake taken", "slash", "slash tx",
+                 "verdict signed by"]
 
 
 def anchor_row(anchor: Anchor) -> list[dict[str, Any]]:
@@ -116,10 +151,33 @@ def anchor_row(anchor: Anchor) -> list[dict[str, Any]]:
             code(anchor.tx_signature, n=16), text(anchor.slot), when(anchor.created_at)]
 
 
-def transfer_row(transfer: ChainTransfer, decimals: int) -> list[dict[str, Any]]:
-    return [text(transfer.kind), text(f"{transfer.amount / 10**decimals:.6f} AIDP"),
-            code(transfer.to_address), text(transfer.memo), {"text": transfer.state, "state": True},
-            code(transfer.signature, n=16), when(transfer.updated_at)]
+def epoch_row(request: Request, epoch: ChainPayoutEpoch, post: ChainTransfer, claimed: int,
+              decimals: int) -> list[dict[str, Any]]:
+    href = str(request.url_for("explorer_epoch", epoch=str(epoch.epoch)))
+    return [text(epoch.epoch, href), code(epoch.root, href, n=16),
+            text(aidp(epoch.total, decimals)), text(epoch.leaf_count),
+            text(f"{claimed} / {epoch.leaf_count}"), state(post.state),
+            code(post.signature, n=16), when(post.updated_at)]
+
+
+def slash_tx(transfer: ChainTransfer | None) -> dict[str, Any]:
+    if transfer is not None and transfer.state == "confirmed" and not transfer.signature:
+        # recorded, never sent: the node had nothing staked on chain left to take
+        return text("nothing to take: not sent")
+    return code(transfer.signature if transfer else None, n=16)
+
+
+def slash_row(request: Request, receipt: Receipt, pubkey: str, record: queries.SlashRecord,
+              decimals: int) -> list[dict[str, Any]]:
+    case, slash = record.case, record.slash
+    receipt_url = request.url_for("explorer_receipt", receipt_hash=receipt.receipt_hash)
+    return [
+        code(receipt.receipt_hash, str(receipt_url)),
+        code(pubkey, str(request.url_for("explorer_node", node_ref=receipt.node_id))),
+        state(case.state if case else None), code(case.signature if case else None, n=16),
+        text(aidp(slash.amount, decimals) if slash else None),
+        state(slash.state if slash else None), slash_tx(slash), codes(record.verifiers),
+    ]
 
 
 # ---- pages ---------------------------------------------------------------------------------
@@ -158,10 +216,14 @@ async def receipt_page(request: Request, receipt_hash: str,
         return not_found(request, "Receipt")
     body = ReceiptBody.model_validate(receipt.receipt["body"])
     anchor = await session.get(Anchor, receipt.anchor_id) if receipt.anchor_id else None
+    slashed = None
+    if receipt.state == "slashed":
+        slashed = (await queries.slash_records(session, [receipt.id]))[receipt.id]
     return render(
         request, "receipt.html", r=receipt, body=body, node_pubkey=receipt.node.pubkey,
         canonical=body.canonical().decode(), anchor=anchor,
         events=await queries.receipt_events(session, receipt.id),
+        slashed=slashed, quorum=settings_of(request).chain.verifier_quorum,
     )
 
 
@@ -208,7 +270,22 @@ async def node_page(request: Request, node_ref: str, page: PageNumber = 1,
     )
     rows = [receipt_row(request, r, pk, m) for r, pk, m in receipts.items]
     return render(request, "node.html", node=node, columns=RECEIPT_COLUMNS, rows=rows,
-                  page=_page(request, receipts))
+                  page=_page(request, receipts),
+                  stake_accounts=stake_accounts(settings_of(request), node.pubkey))
+
+
+def stake_accounts(settings: MarketSettings, pubkey: str) -> dict[str, str] | None:
+    """The operator's stake PDAs, derived rather than read: the page names where the bond
+    lives; a reader asks the chain what it holds."""
+    pid = program_id(settings)
+    try:
+        operator = Pubkey.from_string(pubkey)
+    except ValueError:
+        return None
+    if pid is None:
+        return None
+    return {"account": str(program.stake_address(pid, operator)),
+            "vault": str(program.vault_address(pid, operator))}
 
 
 async def _list(request: Request, session: AsyncSession, title: str, query: Any, page: int,
@@ -254,9 +331,66 @@ async def nodes_page(request: Request, page: PageNumber = 1,
 async def settlements_page(request: Request, page: PageNumber = 1,
                            session: AsyncSession = Depends(db_session)) -> HTMLResponse:
     decimals = settings_of(request).billing.token_decimals
-    return await _list(request, session, "Settlements", queries.transfers_query("payout"), page,
-                       TRANSFER_COLUMNS, lambda t: transfer_row(t, decimals),
-                       "Payout rounds: one transfer per node, its Memo carries the Merkle root of the jobs it pays.")
+    result = await queries.paginate(session, queries.epochs_query(), page)
+    claimed = await queries.claimed_counts(session, [e.epoch for e, _ in result.items])
+    rows = [epoch_row(request, e, post, claimed.get(e.epoch, 0), decimals)
+            for e, post in result.items]
+    return render(
+        request, "table.html", title="Settlements", columns=EPOCH_COLUMNS, rows=rows,
+        page=_page(request, result), empty="No payout epoch posted yet.",
+        intro="Payout epochs: each posts to the aidp_market program the Merkle root of its "
+              "(index, node, amount) leaves and funds the epoch's vault with their total; "
+              "each node is then paid by a claim of its leaf, checked by the program "
+              "against that root.")
+
+
+# an epoch is the id of its ``payout`` row, a 32-bit column: a larger number names none
+# (and would overflow the query on PostgreSQL)
+MAX_EPOCH = 2**31 - 1
+
+
+async def _epoch(session: AsyncSession, ref: str, page: int) -> queries.EpochView | None:
+    if not (ref.isascii() and ref.isdigit()) or int(ref) > MAX_EPOCH:
+        return None
+    return await session.run_sync(lambda s: queries.epoch_view(s, int(ref), page))
+
+
+def payouts_account(request: Request, epoch: int) -> str | None:
+    """Where the program holds the epoch's root, the one a proof must reach."""
+    pid = program_id(settings_of(request))
+    return str(program.payouts_address(pid, epoch)) if pid else None
+
+
+@router.get("/epochs/{epoch}", name="explorer_epoch")
+async def epoch_page(request: Request, epoch: str, page: PageNumber = 1,
+                     session: AsyncSession = Depends(db_session)) -> HTMLResponse:
+    view = await _epoch(session, epoch, page)
+    if view is None:
+        return not_found(request, "Epoch")
+    return render(request, "epoch.html", v=view, page=_page(request, view.leaves),
+                  payouts_account=payouts_account(request, view.epoch.epoch))
+
+
+@router.get("/api/epochs/{epoch}", name="explorer_epoch_api")
+async def epoch_api(request: Request, epoch: str, page: PageNumber = 1,
+                    session: AsyncSession = Depends(db_session)) -> dict[str, Any]:
+    """The epoch page as data: each leaf's bytes and proof, for a script that checks them
+    against the root in the program's ``Payouts`` account (``payouts_account``)."""
+    view = await _epoch(session, epoch, page)
+    if view is None:
+        raise NotFound(f"No payout epoch {epoch!r}.", param="epoch", code="epoch_not_found")
+    return {
+        "epoch": view.epoch.epoch, "root": view.epoch.root, "rebuilt_root": view.rebuilt_root,
+        "total": view.epoch.total, "leaf_count": view.epoch.leaf_count, "claimed": view.claimed,
+        "post": {"state": view.post.state, "signature": view.post.signature},
+        "payouts_account": payouts_account(request, view.epoch.epoch),
+        "page": view.leaves.number, "has_next": view.leaves.has_next,
+        "leaves": [{"index": x.index, "node": x.node, "amount": x.amount, "leaf": x.leaf,
+                    "claim": None if x.claim is None else
+                    {"state": x.claim.state, "signature": x.claim.signature},
+                    "proof": [{"sibling": p.sibling, "side": p.side} for p in x.proof]}
+                   for x in view.leaves.items],
+    }
 
 
 @router.get("/slashes", name="explorer_slashes")
@@ -264,14 +398,13 @@ async def slashes_page(request: Request, page: PageNumber = 1,
                        session: AsyncSession = Depends(db_session)) -> HTMLResponse:
     query = queries.receipts_query().where(Receipt.state == "slashed")
     result = await queries.paginate(session, query, page)
-    transfers = await queries.paginate(session, queries.transfers_query("slash"), page)
-    decimals = settings_of(request).billing.token_decimals
+    records = await queries.slash_records(session, [r.id for r, _, _ in result.items])
+    settings = settings_of(request)
+    decimals = settings.billing.token_decimals
     return render(
-        request, "slashes.html", columns=RECEIPT_COLUMNS,
-        rows=[receipt_row(request, r, pk, m) for r, pk, m in result.items],
-        transfer_columns=TRANSFER_COLUMNS,
-        transfer_rows=[transfer_row(t, decimals) for t in transfers.items],
-        page=_page(request, queries.Page([], page, result.has_next or transfers.has_next)),
+        request, "slashes.html", columns=SLASH_COLUMNS,
+        rows=[slash_row(request, r, pk, records[r.id], decimals) for r, pk, _ in result.items],
+        page=_page(request, result), quorum=settings.chain.verifier_quorum,
     )
 
 
@@ -288,7 +421,8 @@ async def search(request: Request, q: str = "", session: AsyncSession = Depends(
         "receipt": lambda: request.url_for("explorer_receipt", receipt_hash=ref),
         "node": lambda: request.url_for("explorer_node", node_ref=ref),
         "anchor": lambda: request.url_for("explorer_anchors"),
+        "epoch": lambda: request.url_for("explorer_epoch", epoch=ref),
         "transfer": lambda: request.url_for(
-            "explorer_slashes" if ref == "slash" else "explorer_settlements"),
+            "explorer_slashes" if ref in ("case", "slash") else "explorer_settlements"),
     }
     return RedirectResponse(str(urls[kind]()), status_code=303)

@@ -3,6 +3,7 @@ answer, and the command line explains itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -19,13 +20,18 @@ from chain.ledger.open import open_ledger
 from chain.localnet.chain import ChainError, LocalChain
 from chain.localnet.cli import LedgerProcess
 
+from tests.support.program import program_path
+
 from .conftest import REPO
 
 
 async def _activity(led):
-    """Bootstrap, fund, deposit, anchor: returns what a restart must preserve."""
+    """Bootstrap, deploy the program, fund, deposit, anchor: returns what a restart must
+    preserve."""
     market, buyer = Keypair(), Keypair()
     cfg = await aidp.bootstrap(led, market)
+    params = aidp.ProgramParams(verifiers=[Keypair().pubkey()])
+    cfg, _ = await aidp.install(led, market, cfg, params, program_path().read_bytes())
     await aidp.fund_wallet(led, cfg, market, buyer.pubkey(), tokens=5_000_000)
     dep = await led.execute(aidp.deposit_instructions(cfg, buyer.pubkey(), 2_000_000, "acct-9"), buyer)
     anchor = await led.execute([aidp.anchor_memo_instruction(market.pubkey(), "ab" * 32, 42)], market)
@@ -44,8 +50,11 @@ async def _check_preserved(led, market, buyer, cfg, dep, anchor, lamports):
     assert [(d.signature, d.amount, d.account) for d in scan.deposits] == [
         (dep.signature, 2_000_000, "acct-9")
     ]
-    # and the chain keeps working on the restored accounts
-    assert await aidp.bootstrap(led, market) == cfg
+    # and the chain keeps working on the restored accounts, the program included
+    assert await aidp.bootstrap(led, market) == dataclasses.replace(cfg, program="")
+    assert await aidp.read_config(led, cfg) is not None
+    await led.execute(aidp.anchor_instructions(cfg, "cd" * 32, 3), market)
+    assert await aidp.read_anchor_account(led, cfg, "cd" * 32) is not None
     await led.execute(aidp.deposit_instructions(cfg, buyer.pubkey(), 1_000_000, "acct-9"), buyer)
     assert await led.token_balance(cfg.deposit_pk) == 3_000_000
 
