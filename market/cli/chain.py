@@ -1,9 +1,11 @@
-"""``aidp-market chain init|status|reconcile|tick|allowance|claim``: on-chain settlement.
+"""``aidp-market chain init|status|reconcile|tick|allowance|sign-verdicts|claim``: on-chain
+settlement.
 
     aidp-market chain init        # keys, mint, deposit + treasury accounts, demo wallets
     aidp-market chain status      # addresses, balances, transfers by state
     aidp-market chain reconcile   # DB vs chain to the base unit; exit 1 on a difference
     aidp-market chain tick        # run funding, settle and anchor steps once (no Celery)
+    aidp-market chain sign-verdicts --keypair verifier.json   # a verifier host's signatures
 
 The ledger is AIDP_CHAIN__LEDGER_URL: "inprocess" (a chain under AIDP_DATA_DIR/ledger, one
 process at a time) or a JSON-RPC URL such as `aidp-ledger serve`'s.
@@ -186,6 +188,21 @@ def _stake_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sign_verdicts(args: argparse.Namespace) -> int:
+    from chain.aidp import ChainConfig
+    from market.onchain.runtime import config_path
+    from market.onchain.verdicts import sign_with
+    from market.settings import get_settings
+    from protocol.keys import load_keypair
+
+    settings = get_settings()
+    cfg = ChainConfig.load(args.config or config_path(settings))
+    key = load_keypair(args.keypair)
+    signed = sign_with(cfg, settings.chain.max_slash_per_receipt, key, _sessions())
+    print(f"verifier {key.pubkey()} signed {signed} verdict{'s' if signed != 1 else ''}")
+    return 0
+
+
 def _claim(args: argparse.Namespace) -> int:
     from market.onchain.deposits import claim
 
@@ -262,6 +279,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--amount", type=int, required=True, help="AIDP base units to have staked")
     p.add_argument("--wallet", type=int, default=1, help="demo wallet number (default 1)")
     p.set_defaults(func=_guard(_stake_demo))
+
+    p = sub.add_parser(
+        "sign-verdicts", help="sign slash verdicts with one verifier key (no market key needed)",
+        description="Sign, with a verifier key of the program's verifier set, the verdict of "
+        "every receipt the verification worker judged fraudulent and this key has not signed "
+        "yet; the settle step slashes once a quorum signed. Needs the database and the "
+        "public chain config.json only, so a verifier key can live on its own host.")
+    p.add_argument("--keypair", required=True, help="the verifier's keypair file")
+    p.add_argument("--config", default=None,
+                   help="the market's chain config.json (default: AIDP_DATA_DIR/chain/config.json)")
+    p.set_defaults(func=_guard(_sign_verdicts))
 
     p = sub.add_parser("claim", help="credit an unclaimed deposit to an account")
     p.add_argument("signature", help="transaction signature of the deposit (chain_deposits)")

@@ -43,34 +43,37 @@ def _unsigned(session: Session, verifier: str) -> list[tuple[LedgerEntry, str, s
         .order_by(LedgerEntry.id)).all()]
 
 
-def verdict_for(rt: ChainRuntime, entry: LedgerEntry, receipt_hash: str,
-                node: str) -> aidp.Verdict:
+def verdict_for(cfg: aidp.ChainConfig, max_slash: int, entry: LedgerEntry,
+                receipt_hash: str, node: str) -> aidp.Verdict:
     return aidp.Verdict(
         receipt_hash=bytes.fromhex(receipt_hash), node=Pubkey.from_string(node),
-        amount=min(entry.amount, rt.settings.chain.max_slash_per_receipt),
-        refund=0, refund_account=Pubkey.from_string(rt.cfg.deposit), nonce=entry.id)
+        amount=min(entry.amount, max_slash), refund=0,
+        refund_account=Pubkey.from_string(cfg.deposit), nonce=entry.id)
 
 
 def sign_pending(rt: ChainRuntime, sessions: sessionmaker[Session]) -> int:
-    """Sign every unsigned fraudulent receipt with each held verifier key; returns the
-    number of signatures added (a concurrent signer's duplicate loses on the unique key)."""
-    added = 0
-    for key in rt.verifiers:
-        try:
-            added += _sign_with(rt, sessions, key)
-        except IntegrityError:
-            log.info("verifier %s: a concurrent signer got there first", key.pubkey())
-    return added
+    """Sign with every verifier key this market process holds (see :func:`sign_with`)."""
+    return sum(sign_with(rt.cfg, rt.settings.chain.max_slash_per_receipt, key, sessions)
+               for key in rt.verifiers)
 
 
-def _sign_with(rt: ChainRuntime, sessions: sessionmaker[Session], key: Keypair) -> int:
+def sign_with(cfg: aidp.ChainConfig, max_slash: int, key: Keypair,
+              sessions: sessionmaker[Session]) -> int:
+    """Sign every fraudulent receipt ``key`` has not signed yet; returns the signatures
+    added. Needs no market key: a verifier host holds its own key, the public chain
+    config and the database (``aidp-market chain sign-verdicts``). A concurrent signer
+    with the same key loses on the unique (receipt, verifier) pair and adds nothing."""
     verifier = str(key.pubkey())
-    with sessions.begin() as session:
-        todo = _unsigned(session, verifier)
-        for entry, receipt_hash, node in todo:
-            verdict = verdict_for(rt, entry, receipt_hash, node)
-            session.add(ChainVerdict(
-                receipt_id=entry.receipt_id, verifier=verifier, amount=verdict.amount,
-                refund=verdict.refund, refund_account=str(verdict.refund_account),
-                nonce=verdict.nonce, signature=str(key.sign_message(verdict.message(rt.cfg)))))
+    try:
+        with sessions.begin() as session:
+            todo = _unsigned(session, verifier)
+            for entry, receipt_hash, node in todo:
+                verdict = verdict_for(cfg, max_slash, entry, receipt_hash, node)
+                session.add(ChainVerdict(
+                    receipt_id=entry.receipt_id, verifier=verifier, amount=verdict.amount,
+                    refund=verdict.refund, refund_account=str(verdict.refund_account),
+                    nonce=verdict.nonce, signature=str(key.sign_message(verdict.message(cfg)))))
+    except IntegrityError:
+        log.info("verifier %s: a concurrent signer got there first", verifier)
+        return 0
     return len(todo)

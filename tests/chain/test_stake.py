@@ -77,7 +77,8 @@ async def _slash_flow(world) -> None:
 
 async def test_a_verdict_short_of_its_quorum_never_slashes(db_world):
     """Held keys below the quorum (a market holding one verifier key of three): the case
-    is never opened and the stake stays whole, however often settlement runs."""
+    is never opened and the stake stays whole, however often settlement runs, until
+    another verifier signs."""
     world = db_world
     world.rt.verifiers = world.rt.verifiers[:1]
     buyer = world.account(balance=10_000)
@@ -94,7 +95,22 @@ async def test_a_verdict_short_of_its_quorum_never_slashes(db_world):
     with world.sessions() as s:
         assert len(s.execute(select(ChainVerdict)).all()) == 1
         assert settle.agreed_verdict(s, r.id, world.settings.chain.verifier_quorum) is None
-    assert await world.ledger.token_balance(world.rt.stake_of(operator.pubkey()).vault_pk) == 5_000
+    vault = world.rt.stake_of(operator.pubkey()).vault_pk
+    assert await world.ledger.token_balance(vault) == 5_000
+
+    # a second verifier, on its own host with its own key and no market key, signs
+    # (what `aidp-market chain sign-verdicts` runs): the quorum is reached and it lands
+    from market.onchain.runtime import verifier_paths
+    from market.onchain.verdicts import sign_with
+    from protocol.keys import load_keypair
+
+    other = load_keypair(verifier_paths(world.settings)[1])
+    limit = world.settings.chain.max_slash_per_receipt
+    assert sign_with(world.cfg, limit, other, world.sessions) == 1
+    assert sign_with(world.cfg, limit, other, world.sessions) == 0  # once per key
+    out = await service.settle_step(world.rt, world.sessions)
+    assert out["cases"] == {"confirmed": 1} and out["slashes"] == {"confirmed": 1}
+    assert await world.ledger.token_balance(vault) == 4_000
 
 
 async def test_a_forged_verdict_or_receipt_is_refused_on_chain(db_world):
