@@ -198,7 +198,15 @@ def _sign_verdicts(args: argparse.Namespace) -> int:
     settings = get_settings()
     cfg = ChainConfig.load(args.config or config_path(settings))
     key = load_keypair(args.keypair)
-    signed = sign_with(cfg, settings.chain.max_slash_per_receipt, key, _sessions())
+    sessions = _sessions()
+    confirm = None
+    if args.reexecute:
+        from market.verify.service import reproduces_fraud
+
+        def confirm(receipt_id: str) -> bool:
+            return reproduces_fraud(sessions, receipt_id, settings)
+
+    signed = sign_with(cfg, settings.chain.max_slash_per_receipt, key, sessions, confirm)
     print(f"verifier {key.pubkey()} signed {signed} verdict{'s' if signed != 1 else ''}")
     return 0
 
@@ -289,6 +297,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--keypair", required=True, help="the verifier's keypair file")
     p.add_argument("--config", default=None,
                    help="the market's chain config.json (default: AIDP_DATA_DIR/chain/config.json)")
+    p.add_argument("--reexecute", action="store_true",
+                   help="re-execute each receipt on this host's verifier engine "
+                   "(AIDP_VERIFY__ENGINE) and sign only the frauds it reproduces")
     p.set_defaults(func=_guard(_sign_verdicts))
 
     p = sub.add_parser("claim", help="credit an unclaimed deposit to an account")

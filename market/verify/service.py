@@ -151,6 +151,22 @@ def _judge_embedding(inp: window.VerificationInput, signed: SignedReceipt,
     return outcome, {**evidence, **found}, reason
 
 
+def reproduces_fraud(
+    sessions: sessionmaker[Session],
+    receipt_id: str,
+    settings: MarketSettings,
+    engine_for: Callable[[str, MarketSettings], Engine] = get_engine,
+) -> bool:
+    """Whether this process, judging the receipt again on its own engine, also finds it
+    fraudulent: what a verifier checks before it signs a slash verdict, so the quorum the
+    program asks for is that many judgements rather than one repeated. Changes nothing."""
+    with sessions() as session:
+        inp = window.load_input(session, receipt_id)
+    outcome, _evidence, reason = judge_receipt(inp, settings, engine_for)
+    log.info("receipt %s judged again: %s (%s)", receipt_id, outcome, reason)
+    return outcome == "fraud"
+
+
 def verify(
     sessions: sessionmaker[Session],
     receipt_id: str,

@@ -88,6 +88,37 @@ def test_honest_settles_and_cheats_are_slashed(world: World, db_url: str, tmp_pa
     # Re-running is a no-op (idempotent transitions and journal keys).
     _run_until_quiet(world, settings)
     assert world.balance() == before + refunds
+    _independent_verifier_signs_only_what_it_reproduces(world, settings, honest, cheats)
+
+
+def _independent_verifier_signs_only_what_it_reproduces(world, settings, honest, cheats):
+    """A verifier on its own host (``sign-verdicts --reexecute``) judges each slashed
+    receipt again before signing its verdict. A market that writes a slash for honest work
+    (here: the honest receipt forged into ``slashed``) gets no signature for it."""
+    from solders.keypair import Keypair
+
+    from chain.aidp import ChainConfig
+    from market.onchain.models import ChainVerdict
+    from market.onchain.verdicts import sign_with
+
+    with world.sessions.begin() as session:
+        r = session.execute(select(Receipt).where(Receipt.job_id == honest.job_id)).scalar_one()
+        r.state = "slashed"
+        session.add(LedgerEntry(kind="slash", idempotency_key=f"slash:{r.id}", amount=500,
+                                node_id=r.node_id, receipt_id=r.id))
+        honest_receipt = r.id
+    cfg = ChainConfig(mint=str(Keypair().pubkey()), decimals=6, market=str(Keypair().pubkey()),
+                      deposit=str(Keypair().pubkey()), treasury=str(Keypair().pubkey()),
+                      program=str(Keypair().pubkey()))
+
+    def confirm(receipt_id: str) -> bool:
+        return service.reproduces_fraud(world.sessions, receipt_id, settings)
+
+    key = Keypair()
+    assert sign_with(cfg, 10**15, key, world.sessions, confirm) == len(cheats)
+    with world.sessions() as session:
+        signed = set(session.execute(select(ChainVerdict.receipt_id)).scalars())
+    assert honest_receipt not in signed and len(signed) == len(cheats)
 
 
 def test_window_closes_unsampled_receipts(world: World, db_url: str, tmp_path: Path,
