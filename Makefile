@@ -10,6 +10,9 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 CHROMIUM := /usr/bin/chromium
+# anchorpy (the IDL client of programs/audit.py) pins older solana-py and solders than the
+# market's: it gets its own environment
+ANCHORPY := .venv-anchorpy/bin/python
 CLANG    := /usr/bin/clang-19
 PROGRAM  := build/programs/aidp_market.so
 
@@ -47,10 +50,14 @@ $(PROGRAM): $(CLANG) install $(wildcard programs/*.py programs/include/*.h progr
 
 programs: $(PROGRAM)
 
+$(ANCHORPY):
+	$(PYTHON) -m venv .venv-anchorpy
+	$(ANCHORPY) -m pip install -q 'anchorpy==0.21.0'
+
 up: install $(PROGRAM)
 	$(BIN)/aidp-market up
 
-test: install $(CHROMIUM) $(PROGRAM)
+test: install $(CHROMIUM) $(PROGRAM) $(ANCHORPY)
 	$(BIN)/lint-imports  # the dependency rule in pyproject.toml
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 

@@ -105,6 +105,7 @@ _NODE_MARKERS: list[tuple[str, tuple[str, ...]]] = [
     # aidp-ledger through request.getfixturevalue("chain_server")
     ("tests/chain/test_stake.py::test_link_rejects_a_node_below_min_stake", ("services",)),
     ("tests/chain/test_operator.py::*", ("services",)),
+    ("tests/chain/test_audit.py::*", ("services",)),
     # slow without services or weights
     ("tests/adversarial/test_hostile_nodes.py::test_sybils_*", ("slow",)),  # [10.5]
     ("tests/adversarial/test_red_team.py::test_a_nan_in_a_receipt_*", ("slow",)),  # [10.4]

@@ -6,8 +6,8 @@ name>")[:8], account discriminator sha256("account:<Name>")[:8], Borsh little-en
 so the IDL alone says how to talk to the program: this module encodes the IDL's
 argument types and decodes its account types for any instruction or account the IDL
 names, and adds the PDA derivations. (``anchorpy`` 0.21, the IDL client on PyPI, pins
-``construct-typing < 0.6`` while solana-py 0.41, which solders 0.29 needs, pins 0.8: the
-two cannot be installed together.)
+older solana-py and solders than the market's: it cannot be installed beside them, so it
+serves the independent reader ``programs/audit.py`` from an environment of its own.)
 """
 
 from __future__ import annotations

@@ -245,6 +245,12 @@ class LocalChain:
                 return None
             return int(entry["uiTokenAmount"]["amount"]), entry["uiTokenAmount"]["decimals"]
 
+    def program_accounts(self, program_id: Pubkey) -> list[tuple[Pubkey, Account]]:
+        """Every live account ``program_id`` owns (the RPC's getProgramAccounts)."""
+        with self._lock:
+            return [(pk, acc) for pk, acc in self.svm.get_program_accounts(program_id)
+                    if acc.lamports > 0]
+
     def token_accounts_by_owner(
         self, owner: Pubkey, mint: Pubkey | None = None
     ) -> list[tuple[Pubkey, Account]]:

@@ -72,6 +72,33 @@ def _opts(params: list[Any], index: int) -> dict[str, Any]:
     return {}
 
 
+#: the most accounts one getProgramAccounts answer holds (public RPC nodes bound it too)
+MAX_PROGRAM_ACCOUNTS = 10_000
+
+
+def _account_filter(spec: Any) -> Callable[[bytes], bool]:
+    """One getProgramAccounts filter as a test on an account's data."""
+    if not isinstance(spec, dict):
+        raise _invalid("a filter must be an object")
+    if "dataSize" in spec:
+        size = spec["dataSize"]
+        if not isinstance(size, int):
+            raise _invalid("dataSize must be an integer")
+        return lambda data: len(data) == size
+    memcmp = spec.get("memcmp")
+    if not isinstance(memcmp, dict) or not isinstance(memcmp.get("offset"), int):
+        raise _invalid("a filter is {dataSize} or {memcmp: {offset, bytes}}")
+    offset, text = memcmp["offset"], memcmp.get("bytes")
+    if not isinstance(text, str) or len(text) > 1024 or offset < 0:
+        raise _invalid("memcmp.bytes must be a string of at most 1,024 characters")
+    try:
+        want = (base64.b64decode(text, validate=True) if memcmp.get("encoding") == "base64"
+                else b58decode(text))
+    except Exception:
+        raise _invalid("memcmp.bytes is not valid base58/base64") from None
+    return lambda data: data[offset:offset + len(want)] == want
+
+
 class RpcHandler:
     def __init__(self, chain: LocalChain):
         self.chain = chain
@@ -207,6 +234,20 @@ class RpcHandler:
                 for pk, _ in self.chain.token_accounts_by_owner(owner, mint)
             ]
         )
+
+    def rpc_getProgramAccounts(self, params: list[Any]) -> Any:
+        """Accounts a program owns, with ``dataSize`` and ``memcmp`` filters (what
+        anchorpy's ``account[...].all()`` sends: the 8-byte discriminator at offset 0)."""
+        program = _pubkey(params[0] if params else None)
+        opts = _opts(params, 1)
+        enc = opts.get("encoding", "base58")
+        tests = [_account_filter(f) for f in opts.get("filters") or []]
+        found = [{"pubkey": str(pk), "account": self.account_json(pk, enc)}
+                 for pk, acc in self.chain.program_accounts(program)
+                 if all(test(bytes(acc.data)) for test in tests)]
+        if len(found) > MAX_PROGRAM_ACCOUNTS:
+            raise _invalid(f"more than {MAX_PROGRAM_ACCOUNTS} accounts match: add filters")
+        return self.ctx(found) if opts.get("withContext") else found
 
     # -------------------------------------------------------------- transactions
 

@@ -96,6 +96,31 @@ def test_one_process_per_chain_directory(tmp_path):
     LocalChain(tmp_path).close()
 
 
+async def test_program_accounts_are_listed_with_their_filters(ledger_server):
+    """getProgramAccounts (what anchorpy's ``account[...].all()`` sends): a program's
+    accounts, narrowed by size and by bytes at an offset; a malformed filter is a clear
+    invalid-params error."""
+    from solana.rpc.models import MemcmpOpts
+
+    led = open_ledger(ledger_server.url)
+    market, owner = Keypair(), Keypair()
+    cfg = await aidp.bootstrap(led, market)
+    await aidp.fund_wallet(led, cfg, market, owner.pubkey(), tokens=10)
+    await led.close()
+    async with AsyncClient(ledger_server.url) as client:
+        mine = MemcmpOpts(offset=32, bytes=str(owner.pubkey()))  # a token account's owner
+        found = (await client.get_program_accounts(
+            spl.TOKEN_PROGRAM_ID, filters=[spl.TOKEN_ACCOUNT_SIZE, mine])).value
+        assert [str(a.pubkey) for a in found] == [str(cfg.ata(owner.pubkey()))]
+        mints = (await client.get_program_accounts(
+            spl.TOKEN_PROGRAM_ID, filters=[spl.MINT_SIZE])).value
+        assert str(cfg.mint_pk) in {str(a.pubkey) for a in mints}
+    bad = httpx.post(ledger_server.url, json={
+        "jsonrpc": "2.0", "id": 1, "method": "getProgramAccounts",
+        "params": [str(spl.TOKEN_PROGRAM_ID), {"filters": [{"memcmp": {"offset": 0}}]}]})
+    assert bad.json()["error"]["code"] == -32602
+
+
 async def test_solana_py_typed_client_parses_every_answer(ledger_server):
     led = open_ledger(ledger_server.url)
     market, owner = Keypair(), Keypair()
