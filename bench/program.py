@@ -4,7 +4,8 @@ Builds the program from source (clang-19 + programs/link.py), runs each instruct
 success path once (slash: a 3-of-5 and a 4-of-8 verdict; open_case: inclusion proofs of
 depth 3 and 19), and prints one JSON object: compute units per instruction against the
 targets (slash with 3-of-5 verifiers <= 60,000; a claim <= 15,000); and the lamports that
-settling 1,000 receipts of 10 nodes takes, against today's Memo and transfer design.
+settling 1,000 receipts of 10 nodes takes, against the earlier Memo and transfer design,
+before and after the fully claimed epoch is closed (``close_epoch`` returns its rent).
 
     python bench/program.py
 """
@@ -55,6 +56,11 @@ def main() -> None:
     epoch = Epoch(Chain(program), [7] * 1000)  # a 1,000-node epoch: a 10-level proof
     measured["post_payouts_1000"] = units(epoch.post())
     measured["claim_of_1000"] = units(epoch.claim(999))
+    small = Epoch(Chain(program), [7, 8])
+    small.chain.ok(small.post())
+    small.chain.ok(small.claim(0))
+    small.chain.ok(small.claim(1))
+    measured["close_epoch"] = units(small.close())
     lamports = settlement_lamports(program)
     print(json.dumps({"compute_units": measured,
                       "lamports_per_1000_jobs": lamports,
@@ -113,11 +119,17 @@ def settlement_lamports(program: bytes, jobs: int = 1000, nodes: int = 10) -> di
     claims = nodes * 5_000
     rent = epoch.chain.svm.minimum_balance_for_rent_exemption
     locked = rent(57) + rent(70 + (nodes + 7) // 8) + rent(165)  # anchor, payouts, vault
+    # once every leaf is paid the epoch closes: its two accounts' rent comes back
+    closing = spent(epoch.chain, [epoch.chain.authority], lambda: epoch.chain.ok(epoch.close()))
     return {"memo_and_transfers": today, "program_market_side": with_program,
             "program_rent_locked": locked, "program_claims": claims,
             "program_total": with_program + claims,
             "program_vs_memo": round((with_program + claims) / today, 2),
-            "program_fees_only_vs_memo": round((with_program + claims - locked) / today, 2)}
+            "program_fees_only_vs_memo": round((with_program + claims - locked) / today, 2),
+            "close_epoch_returns": -closing,
+            "program_total_after_close": with_program + claims + closing,
+            "program_after_close_vs_memo": round((with_program + claims + closing) / today, 2),
+            "rent_still_locked_after_close": rent(57)}
 
 
 def _case(chain: Chain, leaves: int, quorum: int = 3, verifiers: int = 5) -> Case:

@@ -148,6 +148,14 @@ def associated_token_address(owner: Pubkey, mint: Pubkey) -> Pubkey:
     )[0]
 
 
+def ata_bump(owner: Pubkey, mint: Pubkey) -> int:
+    """The canonical bump of ``owner``'s associated token account (a program checking the
+    address is handed it rather than searching for it)."""
+    return Pubkey.find_program_address(
+        [bytes(owner), bytes(TOKEN_PROGRAM_ID), bytes(mint)], ASSOCIATED_TOKEN_PROGRAM_ID
+    )[1]
+
+
 def create_ata_idempotent(payer: Pubkey, owner: Pubkey, mint: Pubkey) -> Instruction:
     """``CreateIdempotent``: a no-op when the ATA already exists, so retries are safe."""
     metas = [

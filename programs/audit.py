@@ -56,9 +56,10 @@ def pda(program_id: Pubkey, *seeds: bytes) -> Pubkey:
     return Pubkey.find_program_address(list(seeds), program_id)[0]
 
 
-def ata(owner: Pubkey, mint: Pubkey) -> Pubkey:
+def ata(owner: Pubkey, mint: Pubkey) -> tuple[Pubkey, int]:
+    """The owner's associated token account and its bump (``claim`` is handed the bump)."""
     return Pubkey.find_program_address(
-        [bytes(owner), bytes(TOKEN_PROGRAM), bytes(mint)], ASSOCIATED_TOKEN_PROGRAM)[0]
+        [bytes(owner), bytes(TOKEN_PROGRAM), bytes(mint)], ASSOCIATED_TOKEN_PROGRAM)
 
 
 async def fetch(program: Program, name: str, address: Pubkey) -> dict[str, Any]:
@@ -102,12 +103,13 @@ async def claim(program: Program, args: argparse.Namespace) -> dict[str, Any]:
     config = await program.account["MarketConfig"].fetch(pda(pid, b"config"))
     epoch = struct.pack("<Q", args.epoch)
     proof = [list(bytes.fromhex(h)) for h in args.proof.split(",") if h]
+    destination, bump = ata(node, config.mint)
     signature = await program.rpc["claim"](
-        args.index, node, args.amount, args.lefts, proof,
+        args.index, node, args.amount, args.lefts, bump, proof,
         ctx=Context(accounts={
             "payouts": pda(pid, b"payout", epoch),
             "payout_vault": pda(pid, b"payout_vault", epoch),
-            "destination": ata(node, config.mint), "token_program": TOKEN_PROGRAM}))
+            "destination": destination, "token_program": TOKEN_PROGRAM}))
     await program.provider.connection.confirm_transaction(signature, commitment="confirmed")
     return {"claimed": True, "signature": str(signature)}
 

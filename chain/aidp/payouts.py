@@ -91,7 +91,19 @@ def claim_instructions(cfg: ChainConfig, epoch: int, leaf: PayoutLeaf,
                 "destination": cfg.ata(node), "tokenProgram": spl.TOKEN_PROGRAM_ID},
                 index=leaf.index, node=node, amount=leaf.amount,
                 lefts=sum(1 << i for i, step in enumerate(proof) if step.side == "left"),
+                ataBump=spl.ata_bump(node, cfg.mint_pk),
                 proof=[bytes.fromhex(step.sibling) for step in proof])]
+
+
+def close_instructions(cfg: ChainConfig, epoch: int) -> list[Instruction]:
+    """Close a fully claimed epoch: its Payouts account's and vault's rent back to the
+    market (the program refuses while any leaf is unpaid)."""
+    pid = cfg.program_pk
+    return [program.instruction(pid, "closeEpoch", {
+        "config": cfg.program_config, "authority": cfg.market_pk,
+        "payouts": program.payouts_address(pid, epoch),
+        "payoutVault": program.payout_vault_address(pid, epoch),
+        "tokenProgram": spl.TOKEN_PROGRAM_ID})]
 
 
 def fee_instructions(cfg: ChainConfig, fee: int, root: str, job_count: int,

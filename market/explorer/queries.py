@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, defer, selectinload
 
 from market.models import Anchor, ChainTransfer, Job, Node, Receipt, ReceiptEvent
 from market.onchain.models import ChainPayoutEpoch, ChainPayoutLeaf, ChainVerdict
-from market.onchain.settle import case_key, claim_key, load_epoch
+from market.onchain.settle import case_key, claim_key, close_key, load_epoch
 from protocol.merkle import ProofStep, inclusion_proof, merkle_root
 
 PAGE_SIZE = 25
@@ -168,6 +168,9 @@ class EpochView:
     # was altered after posting, and then no proof here would pass on chain
     rebuilt_root: str | None
     leaves: Page[EpochLeaf]
+    # the ``close`` row once every leaf was paid (the program then closed the epoch's
+    # accounts and returned their rent); None while any leaf is unpaid
+    closed: ChainTransfer | None = None
 
 
 def epoch_view(session: Session, epoch: int, number: int) -> EpochView | None:
@@ -188,9 +191,12 @@ def epoch_view(session: Session, epoch: int, number: int) -> EpochView | None:
                         inclusion_proof(hexes, position), claims.get(key))
               for (position, leaf), key in zip(shown, keys, strict=True)]
     counted = dict(session.execute(claimed_counts_query([epoch])).all())
+    closed = session.scalars(select(ChainTransfer).where(
+        ChainTransfer.idempotency_key == close_key(epoch))).first()
     return EpochView(epoch=row[0], post=row[1], claimed=int(counted.get(epoch, 0)),
                      rebuilt_root=merkle_root(hexes) if hexes else None,
-                     leaves=Page(leaves, number, start + PAGE_SIZE < len(hexes)))
+                     leaves=Page(leaves, number, start + PAGE_SIZE < len(hexes)),
+                     closed=closed)
 
 
 # ---- slashes ------------------------------------------------------------------------------

@@ -383,6 +383,8 @@ async def epoch_api(request: Request, epoch: str, page: PageNumber = 1,
         "epoch": view.epoch.epoch, "root": view.epoch.root, "rebuilt_root": view.rebuilt_root,
         "total": view.epoch.total, "leaf_count": view.epoch.leaf_count, "claimed": view.claimed,
         "post": {"state": view.post.state, "signature": view.post.signature},
+        "closed": None if view.closed is None else
+        {"state": view.closed.state, "signature": view.closed.signature},
         "payouts_account": payouts_account(request, view.epoch.epoch),
         "page": view.leaves.number, "has_next": view.leaves.has_next,
         "leaves": [{"index": x.index, "node": x.node, "amount": x.amount, "leaf": x.leaf,

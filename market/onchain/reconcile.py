@@ -6,7 +6,7 @@ moves, compared with the chain to the base unit.
   balance;
 * each payout epoch's vault: posted minus confirmed claims vs its balance;
 * each node's payouts: confirmed claim rows vs the leaves the program's claim bitmaps mark
-  paid;
+  paid (all of a closed epoch's: the program closes one only once every leaf is paid);
 * each node's stake: ``nodes.stake`` plus slashes still on their way vs what the program
   holds bonded (and the program's own count vs its vault's balance).
 
@@ -26,7 +26,7 @@ from market.money.journal import Balanced
 from market.onchain import stake as stake_mod
 from market.onchain.models import ChainPayoutEpoch
 from market.onchain.runtime import ChainRuntime
-from market.onchain.settle import load_epoch
+from market.onchain.settle import closed_epochs, load_epoch
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def _flows(session: Session) -> tuple[dict[str, int], dict[str, int]]:
 async def _claimed_on_chain(rt: ChainRuntime, session: Session) -> tuple[dict[str, int], list[Line]]:
     """(node → base units the program's bitmaps say were claimed, one line per epoch vault)."""
     inflow, outflow = _flows(session)
+    closed = closed_epochs(session)
     claimed: dict[str, int] = {}
     lines = []
     for epoch in session.execute(select(ChainPayoutEpoch.epoch).order_by(
@@ -69,10 +70,10 @@ async def _claimed_on_chain(rt: ChainRuntime, session: Session) -> tuple[dict[st
         balance = await rt.ledger.token_balance(vault)
         if expected or balance:
             lines.append(Line(f"epoch {epoch} vault", str(vault), expected, balance))
-        if posted is None:
+        if posted is None and epoch not in closed:
             continue
-        for leaf in load_epoch(session, epoch).leaves:
-            if posted.is_claimed(leaf.index):
+        for leaf in load_epoch(session, epoch).leaves:  # closed: the program paid them all
+            if posted is None or posted.is_claimed(leaf.index):
                 claimed[leaf.node] = claimed.get(leaf.node, 0) + leaf.amount
     return claimed, lines
 

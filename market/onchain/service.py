@@ -6,7 +6,7 @@ guarded updates and unique keys, so a second worker finds nothing left to do.
 * :func:`funding_step` — deposit scan + allowance sync (every few seconds);
 * :func:`settle_step` — resolve in-flight transfers, record claims nodes made themselves,
   sign verdicts, open cases and slash on chain, stake sync, allowance pulls, a payout
-  epoch and its claims;
+  epoch and its claims, closing fully claimed epochs (their rent back);
 * :func:`anchor_step` — resolve the in-flight anchor, anchor new receipts.
 """
 
@@ -55,6 +55,9 @@ async def settle_step(rt: ChainRuntime, sessions: sessionmaker[Session]) -> dict
     with sessions() as session:  # the epochs just posted planned their claims
         claims = settle.active_claims(session)
     out["claims"] = (await transfers.drive(rt, sessions, claims, HANDLERS)).as_dict()
+    with sessions.begin() as session:  # fully claimed epochs give their rent back
+        closes = settle.plan_closes(session, rt)
+    out["closed"] = (await transfers.drive(rt, sessions, closes, HANDLERS)).as_dict()
     return out
 
 

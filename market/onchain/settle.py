@@ -32,7 +32,7 @@ from solders.instruction import Instruction
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.signature import Signature
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import String, cast, exists, func, literal, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from chain import aidp
@@ -49,7 +49,7 @@ from market.onchain.models import (
 from market.onchain.runtime import ChainRuntime
 from protocol.merkle import inclusion_proof, merkle_root
 
-PAYOUT_KINDS = ("payout", "claim", "fee", "case", "slash", "pull")
+PAYOUT_KINDS = ("payout", "claim", "close", "fee", "case", "slash", "pull")
 
 
 def _journal_once(session: Session, kind: str, key: str, amount: int, **refs: Any) -> None:
@@ -198,6 +198,41 @@ def plan_payout_round(session: Session, rt: ChainRuntime, *, limit: int) -> list
 
 def active_claims(session: Session) -> list[int]:
     return transfers.active_ids(session, ["claim"])
+
+
+def close_key(epoch: int) -> str:
+    return f"close:{epoch}"
+
+
+def plan_closes(session: Session, rt: ChainRuntime) -> list[int]:
+    """A ``close`` row for each epoch whose every leaf's claim is confirmed: the program
+    then returns the epoch's rent (and refuses while a leaf is unpaid)."""
+    epoch_text = cast(ChainPayoutEpoch.epoch, String)
+    confirmed = (
+        select(func.count(ChainTransfer.id))
+        .where(ChainTransfer.kind == "claim", ChainTransfer.state == "confirmed",
+               ChainTransfer.idempotency_key.like(literal("claim:") + epoch_text + ":%"))
+        .scalar_subquery())
+    epochs = session.execute(
+        select(ChainPayoutEpoch.epoch).where(
+            confirmed == ChainPayoutEpoch.leaf_count,
+            ~exists().where(ChainTransfer.idempotency_key == literal("close:") + epoch_text))
+        .order_by(ChainPayoutEpoch.epoch).limit(100)).scalars().all()
+    return [transfers.plan(session, kind="close", key=close_key(epoch), amount=0,
+                           from_address=None, to_address=None, memo=None).id
+            for epoch in epochs]
+
+
+def closed_epochs(session: Session) -> set[int]:
+    """Epochs whose accounts the program closed (so every leaf of them was paid)."""
+    return {int(key.split(":")[1]) for key in session.execute(
+        select(ChainTransfer.idempotency_key).where(
+            ChainTransfer.kind == "close", ChainTransfer.state == "confirmed")).scalars()}
+
+
+def _build_close(rt: ChainRuntime, session: Session,
+                 row: ChainTransfer) -> tuple[list[Instruction], list[Keypair]]:
+    return aidp.close_instructions(rt.cfg, int(row.idempotency_key.split(":")[1])), []
 
 
 # ---- slashes --------------------------------------------------------------------------------
@@ -421,6 +456,7 @@ def unpaid_settled(session: Session) -> tuple[int, int]:
 HANDLERS: transfers.Handlers = {
     "payout": transfers.Handler(_build_post, _confirm_post),
     "claim": transfers.Handler(_build_claim, _confirm_claim),
+    "close": transfers.Handler(_build_close),
     "fee": transfers.Handler(_build_fee),
     "case": transfers.Handler(_build_case),
     "slash": transfers.Handler(_build_slash),

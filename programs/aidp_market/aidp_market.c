@@ -972,7 +972,8 @@ static uint64_t post_payouts(SolParameters *params) {
 
 /* accounts: payouts (w), payout vault (w), destination (w: a token account of the
  * node's, of the mint), token program. data: index u32, node [32], amount u64,
- * lefts u32, proof vec<[u8; 32]>. Anyone may claim for a node: the leaf names it and the
+ * lefts u32, ata_bump u8, proof vec<[u8; 32]>. Anyone may claim for a node: the leaf
+ * names it and the
  * tokens go only to an account it owns; each leaf is paid once. */
 static uint64_t claim(SolParameters *params) {
   if (params->ka_num != 4) return ERR_INVALID_ACCOUNT;
@@ -992,22 +993,27 @@ static uint64_t claim(SolParameters *params) {
   if (sol_create_program_address(vault_seeds, 3, params->program_id, &derived) != 0 ||
       !sol_pubkey_eq(&derived, vault->key) || !sol_pubkey_eq(token_program->key, &TOKEN_PROGRAM))
     return ERR_INVALID_ACCOUNT;
-  if (params->data_len < 8 + 4 + 32 + 8 + 4 + 4) return ERR_INVALID_ARGUMENT;
+  if (params->data_len < 8 + 4 + 32 + 8 + 4 + 1 + 4) return ERR_INVALID_ARGUMENT;
   const uint8_t *leaf = params->data + 8; /* index, node, amount: 44 bytes */
   uint32_t index = get_u32(leaf);
   const uint8_t *node = leaf + 4;
   uint64_t amount = get_u64(leaf + 36);
-  uint32_t lefts = get_u32(leaf + 44), depth = get_u32(leaf + 48);
-  if (depth > 32 || params->data_len != 8 + 52 + 32 * (uint64_t)depth)
+  uint32_t lefts = get_u32(leaf + 44);
+  const uint8_t *ata_bump = leaf + 48;
+  uint32_t depth = get_u32(leaf + 49);
+  if (depth > 32 || params->data_len != 8 + 53 + 32 * (uint64_t)depth)
     return ERR_INVALID_ARGUMENT;
   if (index >= leaves || amount == 0) return ERR_INVALID_ARGUMENT;
   /* the destination is the node's associated token account of the vault's mint (the
-   * account its wallet shows, not one someone else opened in its name) */
+   * account its wallet shows, not one someone else opened in its name). The caller names
+   * the bump: one derivation at a fixed cost instead of a search whose cost depends on
+   * the node's key; a non-canonical bump names an address the associated token program
+   * never creates, so the transfer into it fails. */
   if (vault->data_len != TOKEN_ACCOUNT_SIZE) return ERR_INVALID_ACCOUNT;
   SolPubkey ata;
-  uint8_t ata_bump;
-  SolSignerSeed ata_seeds[3] = {{node, 32}, {TOKEN_PROGRAM.x, 32}, {vault->data, 32}};
-  if (sol_try_find_program_address(ata_seeds, 3, &ASSOCIATED_TOKEN_PROGRAM, &ata, &ata_bump) != 0 ||
+  SolSignerSeed ata_seeds[4] = {{node, 32}, {TOKEN_PROGRAM.x, 32}, {vault->data, 32},
+                                {ata_bump, 1}};
+  if (sol_create_program_address(ata_seeds, 4, &ASSOCIATED_TOKEN_PROGRAM, &ata) != 0 ||
       !sol_pubkey_eq(&ata, destination->key))
     return ERR_INVALID_ACCOUNT;
   uint8_t *bits = d + PAY_BITMAP + index / 8;
@@ -1016,7 +1022,7 @@ static uint64_t claim(SolParameters *params) {
 
   /* the 44 leaf bytes, as protocol.merkle.hash_leaf takes their hex */
   uint8_t root[32];
-  Inclusion inclusion = {leaf, 44, leaf + 52, depth, lefts};
+  Inclusion inclusion = {leaf, 44, leaf + 53, depth, lefts};
   merkle_root_of(&inclusion, root);
   if (!sol_bytes_eq(root, d + PAY_ROOT, 32)) return ERR_NO_EVIDENCE;
   uint64_t claimed = get_u64(d + PAY_CLAIMED);
@@ -1034,6 +1040,58 @@ static uint64_t claim(SolParameters *params) {
   return 0;
 }
 
+/* accounts: config, authority (signer, w: receives the rent), payouts (w), payout vault
+ * (w), token program. Closes an epoch once every leaf is claimed (claimed == total, the
+ * vault empty): the vault by the token program's CloseAccount, signed for by the Payouts
+ * PDA, then the Payouts account itself (its lamports to the authority, its data zeroed:
+ * the runtime drops it at the end of the transaction, so nothing can revive it). A
+ * partly claimed epoch stays open for as long as its nodes take: nobody's claim is lost. */
+static uint64_t close_epoch(SolParameters *params) {
+  if (params->ka_num != 5 || params->data_len != 8) return ERR_INVALID_ARGUMENT;
+  uint64_t result = distinct_accounts(params, 5);
+  if (result) return result;
+  SolAccountInfo *config = &params->ka[0], *authority = &params->ka[1];
+  SolAccountInfo *payouts = &params->ka[2], *vault = &params->ka[3];
+  SolAccountInfo *token_program = &params->ka[4];
+  result = expect_owned(config, params->program_id, DISC_ACCOUNT_MARKET_CONFIG, CONFIG_SIZE);
+  if (result) return result;
+  if (!authority->is_signer || !authority->is_writable ||
+      !sol_bytes_eq(config->data + CFG_AUTHORITY, authority->key->x, 32))
+    return ERR_UNAUTHORIZED;
+  if (!sol_pubkey_eq(payouts->owner, params->program_id) || payouts->data_len < PAY_BITMAP ||
+      !sol_bytes_eq(payouts->data, DISC_ACCOUNT_PAYOUTS, 8) || !payouts->is_writable ||
+      !vault->is_writable || !sol_pubkey_eq(token_program->key, &TOKEN_PROGRAM))
+    return ERR_INVALID_ACCOUNT;
+  uint8_t *d = payouts->data;
+  if (payouts->data_len != PAY_BITMAP + ((uint64_t)get_u32(d + PAY_LEAVES) + 7) / 8)
+    return ERR_INVALID_ACCOUNT;
+  SolPubkey derived;
+  SolSignerSeed vault_seeds[3] = {{SEED_PAYOUT_VAULT, sizeof(SEED_PAYOUT_VAULT) - 1},
+                                  {d + PAY_EPOCH, 8}, {d + PAY_VAULT_BUMP, 1}};
+  if (sol_create_program_address(vault_seeds, 3, params->program_id, &derived) != 0 ||
+      !sol_pubkey_eq(&derived, vault->key) || !is_token_account_of(vault, config->data + CFG_MINT))
+    return ERR_INVALID_ACCOUNT;
+  if (get_u64(d + PAY_CLAIMED) != get_u64(d + PAY_TOTAL) || get_u64(vault->data + 64) != 0)
+    return ERR_INSUFFICIENT; /* a leaf is still unpaid */
+
+  uint8_t data[1] = {9}; /* CloseAccount: its lamports to the authority */
+  SolAccountMeta metas[3] = {{vault->key, true, false}, {authority->key, true, false},
+                             {payouts->key, false, true}};
+  SolInstruction ix = {(SolPubkey *)&TOKEN_PROGRAM, metas, 3, data, 1};
+  SolAccountInfo infos[4] = {*vault, *authority, *payouts, *token_program};
+  SolSignerSeed seeds[3] = {{SEED_PAYOUT, sizeof(SEED_PAYOUT) - 1}, {d + PAY_EPOCH, 8},
+                            {d + PAY_BUMP, 1}};
+  SolSignerSeeds signer = {seeds, 3};
+  result = sol_invoke_signed_c(&ix, infos, 4, &signer, 1);
+  if (result) return result;
+  uint64_t rent = *payouts->lamports;
+  if (*authority->lamports + rent < rent) return ERR_INVALID_ARGUMENT;
+  *authority->lamports += rent;
+  *payouts->lamports = 0;
+  sol_memset_(d, 0, payouts->data_len);
+  return 0;
+}
+
 /* ---- entrypoint --------------------------------------------------------------------------- */
 
 uint64_t entrypoint(const uint8_t *input) {
@@ -1048,6 +1106,7 @@ uint64_t entrypoint(const uint8_t *input) {
   if (sol_bytes_eq(params.data, DISC_WITHDRAW, 8)) return withdraw(&params);
   if (sol_bytes_eq(params.data, DISC_OPEN_CASE, 8)) return open_case(&params);
   if (sol_bytes_eq(params.data, DISC_SLASH, 8)) return slash(&params);
+  if (sol_bytes_eq(params.data, DISC_CLOSE_EPOCH, 8)) return close_epoch(&params);
   if (sol_bytes_eq(params.data, DISC_CLOSE_CASE, 8)) return close_case(&params);
   if (sol_bytes_eq(params.data, DISC_POST_PAYOUTS, 8)) return post_payouts(&params);
   if (sol_bytes_eq(params.data, DISC_CLAIM, 8)) return claim(&params);

@@ -26,33 +26,49 @@ async def test_a_payout_epoch_pays_each_node_once_against_its_posted_root(world)
     world.receipt(n2, buyer, earning=777, fee=1, state="pending")  # not settled: not paid
     await world.fund_deposit_account(10_000)
 
-    out = (await world.step("settle"))["settle"]
-    assert out["payouts"] == {"confirmed": 2}  # the epoch's post + the fee
-    assert out["claims"] == {"confirmed": 2}  # one per node
+    # the epoch's post and the fee, then its claims, one step at a time (the program
+    # holds the root each claim is checked against)
+    from market.onchain import service, settle, transfers
+    from market.onchain.handlers import HANDLERS
+
+    with world.sessions.begin() as s:
+        planned = settle.plan_payout_round(s, world.rt, limit=100)
+    assert (await transfers.drive(world.rt, world.sessions, planned, HANDLERS)).counts == {
+        "confirmed": 2}
+    with world.sessions() as s:
+        epoch = s.execute(select(ChainPayoutEpoch)).scalar_one()
+        planned_epoch = load_epoch(s, epoch.epoch)
+    posted = await aidp.read_epoch(world.ledger, world.cfg, epoch.epoch)
+    assert posted.root == epoch.root == planned_epoch.root and posted.total == 3150
+    assert posted.claimed == 0
+    for leaf in planned_epoch.leaves:
+        assert verify_inclusion(leaf.leaf_hex(), planned_epoch.proof(leaf.index), posted.root)
+    assert {leaf.node: leaf.amount for leaf in planned_epoch.leaves} == {
+        str(k1.pubkey()): 2700, str(k2.pubkey()): 450}
+
+    with world.sessions() as s:
+        claims = settle.active_claims(s)
+    assert (await transfers.drive(world.rt, world.sessions, claims, HANDLERS)).counts == {
+        "confirmed": 2}  # one per node
+    vault = aidp.program.payout_vault_address(world.cfg.program_pk, epoch.epoch)
+    payouts = aidp.program.payouts_address(world.cfg.program_pk, epoch.epoch)
+    rent = sum([(await world.ledger.get_account(a)).lamports for a in (vault, payouts)])
+    lamports = await world.ledger.get_balance(world.cfg.market_pk)
+    out = await service.settle_step(world.rt, world.sessions)
+    assert out["closed"] == {"confirmed": 1}  # every leaf paid: the epoch gives its rent back
+    assert await world.ledger.get_balance(world.cfg.market_pk) == lamports + rent - 5000
     assert await world.tokens(k1.pubkey()) == 2700
     assert await world.tokens(k2.pubkey()) == 450
     assert await world.ledger.token_balance(world.cfg.treasury_pk) == 350
+    assert await aidp.read_epoch(world.ledger, world.cfg, epoch.epoch) is None
+    assert await world.ledger.get_account(vault) is None
 
-    # the program holds the epoch's root; each node's leaf proves into it, once
-    with world.sessions() as s:
-        epoch = s.execute(select(ChainPayoutEpoch)).scalar_one()
-        planned = load_epoch(s, epoch.epoch)
-    posted = await aidp.read_epoch(world.ledger, world.cfg, epoch.epoch)
-    assert posted.root == epoch.root == planned.root and posted.total == 3150
-    assert posted.claimed == 3150 and all(posted.is_claimed(x.index) for x in planned.leaves)
-    vault = aidp.program.payout_vault_address(world.cfg.program_pk, epoch.epoch)
-    assert await world.ledger.token_balance(vault) == 0
-    for leaf in planned.leaves:
-        assert verify_inclusion(leaf.leaf_hex(), planned.proof(leaf.index), posted.root)
-    assert {leaf.node: leaf.amount for leaf in planned.leaves} == {
-        str(k1.pubkey()): 2700, str(k2.pubkey()): 450}
-
-    # a second step finds nothing to pay, and a replayed claim is refused by the bitmap
+    # a second step finds nothing to pay, and a replayed claim finds nothing to pay from
     out = (await world.step("settle"))["settle"]
-    assert out["payouts"] == {} and out["claims"] == {}
-    leaf, anyone = planned.leaves[0], await world.wallet()
-    replay = aidp.claim_instructions(world.cfg, epoch.epoch, leaf, planned.proof(leaf.index),
-                                     anyone.pubkey())
+    assert out["payouts"] == {} and out["claims"] == {} and out["closed"] == {}
+    leaf, anyone = planned_epoch.leaves[0], await world.wallet()
+    replay = aidp.claim_instructions(world.cfg, epoch.epoch, leaf,
+                                     planned_epoch.proof(leaf.index), anyone.pubkey())
     with pytest.raises(TransactionFailed):
         await world.ledger.execute(replay, anyone, preflight=False)
     assert await world.tokens(k1.pubkey()) == 2700

@@ -247,6 +247,19 @@ async def test_settlements_list_epochs_and_an_epoch_proves_each_leaf(market: Mar
         steps = [ProofStep(p["sibling"], p["side"]) for p in data["leaves"][0]["proof"]]
         assert not verify_inclusion(leaves[1].leaf_hex(), steps, epoch.root)
 
+        assert data["closed"] is None and "every leaf was paid" not in page.text
+
+        # every leaf paid and the epoch closed on chain: the page says so, proofs stay
+        close_sig = sig()
+        with market.state.db.session() as session:
+            session.add(ChainTransfer(kind="close", idempotency_key=f"close:{epoch.epoch}",
+                                      amount=0, state="confirmed", signature=close_sig))
+        page = await http.get(f"/explorer/epochs/{epoch.epoch}")
+        assert "every leaf was paid" in page.text and close_sig[:24] in page.text
+        data = (await http.get(f"/explorer/api/epochs/{epoch.epoch}")).json()
+        assert data["closed"] == {"state": "confirmed", "signature": close_sig}
+        assert len(data["leaves"]) == 3
+
         found = await http.get("/explorer/search", params={"q": post_sig})
         assert found.status_code == 303
         assert found.headers["location"].endswith(f"/explorer/epochs/{epoch.epoch}")

@@ -714,7 +714,8 @@ class Epoch:
         return self.chain.send([ix], signer)
 
     def claim(self, index: int, amount: int | None = None, node: Pubkey | None = None,
-              destination: Pubkey | None = None, proof_of: int | None = None) -> Any:
+              destination: Pubkey | None = None, proof_of: int | None = None,
+              bump: int | None = None) -> Any:
         from protocol import merkle
 
         proof = merkle.inclusion_proof(self.leaves, index if proof_of is None else proof_of)
@@ -725,11 +726,45 @@ class Epoch:
             node=node or self.nodes[index].pubkey(),
             amount=self.amounts[index] if amount is None else amount,
             lefts=sum(1 << i for i, step in enumerate(proof) if step.side == "left"),
+            ataBump=spl.ata_bump(node or self.nodes[index].pubkey(), self.chain.mint)
+            if bump is None else bump,
             proof=[bytes.fromhex(step.sibling) for step in proof])
         return self.chain.send([ix], self.chain.funded())  # anyone may submit it
 
     def tokens(self, account: Pubkey) -> int:
         return spl.parse_token_account(self.chain.data(account)).amount
+
+    def close(self, signer: Keypair | None = None, vault: Pubkey | None = None) -> Any:
+        signer = signer or self.chain.authority
+        ix = client.instruction(self.chain.program_id, "closeEpoch", {
+            "config": self.chain.config, "authority": signer.pubkey(),
+            "payouts": self.payouts, "payoutVault": vault or self.vault,
+            "tokenProgram": spl.TOKEN_PROGRAM_ID})
+        return self.chain.send([ix], signer)
+
+
+def test_a_fully_claimed_epoch_closes_and_returns_its_rent(chain: Chain) -> None:
+    """Not while a leaf is unpaid (no node loses its claim), not by anyone but the
+    authority, not with another vault; once every leaf is paid, both accounts close and
+    their rent goes back to the authority."""
+    epoch = Epoch(chain, [100, 200])
+    chain.ok(epoch.post())
+    chain.ok(epoch.claim(0))
+    assert chain.code(epoch.close()) == ERRORS["Insufficient"]  # leaf 1 is unpaid
+    chain.ok(epoch.claim(1))
+    assert chain.code(epoch.close(signer=chain.funded())) == ERRORS["Unauthorized"]
+    assert chain.code(epoch.close(vault=epoch.source)) == ERRORS["InvalidAccount"]
+    rent = chain.svm.get_account(epoch.payouts).lamports + chain.svm.get_account(
+        epoch.vault).lamports
+    before = chain.svm.get_balance(chain.authority.pubkey())
+    result = chain.ok(epoch.close())
+    assert chain.svm.get_account(epoch.payouts) is None or chain.svm.get_account(
+        epoch.payouts).lamports == 0
+    assert chain.svm.get_account(epoch.vault) is None or chain.svm.get_account(
+        epoch.vault).lamports == 0
+    assert chain.svm.get_balance(chain.authority.pubkey()) == before + rent - 5000
+    assert result.compute_units_consumed() < 15_000
+    assert chain.code(epoch.claim(0)) == ERRORS["InvalidAccount"]  # nothing left to claim from
 
 
 def test_each_node_claims_its_payout_once_without_the_market(chain: Chain) -> None:
@@ -761,6 +796,8 @@ def test_a_claim_must_be_the_leaf_as_posted(chain: Chain) -> None:
     assert chain.code(epoch.claim(1, destination=thief_account)) == ERRORS["InvalidAccount"]
     planted = chain.token_account(chain.mint, epoch.nodes[1].pubkey())
     assert chain.code(epoch.claim(1, destination=planted)) == ERRORS["InvalidAccount"]
+    canonical = spl.ata_bump(epoch.nodes[1].pubkey(), chain.mint)
+    assert chain.code(epoch.claim(1, bump=canonical - 1)) == ERRORS["InvalidAccount"]
     assert chain.code(epoch.claim(7, proof_of=0, node=epoch.nodes[0].pubkey(), amount=100,
                                   destination=epoch.accounts[0])) == ERRORS["InvalidArgument"]
     chain.ok(epoch.claim(1))
